@@ -1,0 +1,44 @@
+# koala-trt: `make test` and `make demo` set everything up on a fresh machine (a .venv at the root).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-cpu
+OUT    ?= out
+DEMO_MODEL ?= random:tiny
+TORCH  := torch==2.13.0
+
+.PHONY: install install-gpu test test-gpu demo bench clean
+
+install: $(STAMP)
+
+# torch first, from the pinned version (a CPU build here), so nothing pulls a CUDA build of several GB.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test]'
+	@touch $@
+
+# On a GPU machine: onnxruntime-gpu and TensorRT instead of the CPU onnxruntime (never both).
+install-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	-$(BIN)/python -m pip uninstall -q -y onnxruntime
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,gpu,test]'
+	@touch $(VENV)/.installed-gpu
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-gpu:
+	$(BIN)/python -m pytest -q -m gpu -rs
+
+demo: install
+	$(BIN)/python scripts/demo.py --model $(DEMO_MODEL) --out $(OUT)
+
+bench: install
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache build *.egg-info

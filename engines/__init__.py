@@ -1,0 +1,1 @@
+"""GPU profiles, memory planner, TensorRT build, runtime backends, sampler, validation, bench."""

@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX: model sources and presets, component specs, export, checks, manifest."""

@@ -1,0 +1,154 @@
+"""`koala-trt export`: every component to ONNX, each checked against PyTorch, into one folder."""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from exporter.check import FP32_TOLERANCE, compare, onnx_outputs, torch_outputs
+from exporter.manifest import FORMAT, FORMAT_VERSION, Manifest
+from exporter.metrics import Tolerance
+from exporter.sources import ModelSource
+from exporter.specs import DEFAULT_COMPONENTS, ComponentSpec, default_range, specs_from_configs
+from koala_trt.atomic import staged_dir
+from koala_trt.errors import CheckFailed, UsageError
+from koala_trt.meter import Meter, process_peak_rss_mb
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExportOptions:
+    components: list[str] = field(default_factory=lambda: list(DEFAULT_COMPONENTS))
+    opset: int = 18
+    batch: int = 2
+    height: int | None = None  # default: the model's native size (U-Net sample_size x VAE factor)
+    width: int | None = None
+    check: bool = True
+    tolerance: Tolerance = FP32_TOLERANCE
+    force: bool = False
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("koala-trt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: ExportOptions) -> tuple[int, int]:
+    height = opts.height or source.default_size
+    width = opts.width or source.default_size
+    if opts.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    if not 7 <= opts.opset <= 23:
+        raise UsageError(f"--opset {opts.opset} is outside what the exporter supports (7..23; 17+ recommended)")
+    for name in opts.components:
+        specs[name].check_size(height, width)
+    return height, width
+
+
+def copy_runtime_files(source: ModelSource, out: Path) -> None:
+    """Tokenizers (with tokenizer.json, which the torch-free runtime reads) and the scheduler config."""
+    from transformers import CLIPTokenizer
+
+    for src, name in zip(source.tokenizer_dirs(), ("tokenizer", "tokenizer_2")):
+        if (Path(src) / "tokenizer.json").is_file() and source.kind == "preset":
+            shutil.copytree(src, out / name)
+        else:  # re-save through transformers so tokenizer.json exists
+            CLIPTokenizer.from_pretrained(str(src)).save_pretrained(str(out / name))
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(source.scheduler_config, indent=2) + "\n")
+
+
+def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print) -> Manifest:
+    from exporter.onnx_export import export_onnx
+    from exporter.wrappers import wrap
+
+    specs = specs_from_configs(source.configs)
+    height, width = _validate(source, specs, opts)
+    trace_batch = max(2, opts.batch)  # torch.export specializes a batch of 1: trace with 2
+    started = time.perf_counter()
+    components: dict[str, Any] = {}
+    failed: list[str] = []
+    with staged_dir(out, force=opts.force) as stage:
+        by_module: dict[str, list[str]] = {}
+        for name in opts.components:
+            by_module.setdefault(specs[name].module, []).append(name)
+        step = 0
+        for module_name, names in by_module.items():
+            with Meter() as load:
+                module = source.build(module_name)
+            params = sum(p.numel() for p in module.parameters())
+            log(f"loaded {module_name} ({params / 1e6:,.1f}M parameters) in {load.seconds:.1f} s")
+            references: dict[str, tuple[dict, dict]] = {}
+            for name in names:
+                step += 1
+                spec = specs[name]
+                rng = default_range(spec, opts.batch, height, width)
+                path = stage / name / "model.onnx"
+                log(f"[{step}/{len(opts.components)}] {name}: exporting (opset {opts.opset}, batch {rng.batch[0]}..{rng.batch[2]}"
+                    + (f", {rng.height[0]}..{rng.height[2]} x {rng.width[0]}..{rng.width[2]} px" if spec.spatial else "") + ")")
+                with Meter() as m:
+                    stats = export_onnx(spec, module, path, trace_batch, height, width, rng, opts.opset)
+                log(f"      {stats.nodes_after:,} nodes ({stats.nodes_before:,} before cleanup), {stats.bytes / 2**20:,.1f} MiB"
+                    + (" with external data" if stats.external_data else "") + f", {m.seconds:.1f} s, peak RSS {m.peak_rss_mb / 1024:.2f} GiB")
+                components[name] = {
+                    "file": f"{name}/model.onnx", "precision": "fp32", "spec": spec.to_json(), "shape_range": rng.to_json(),
+                    "parameters": params,
+                    "export": {"batch": opts.batch, "height": height, "width": width, "opset": opts.opset,
+                               "nodes_before_cleanup": stats.nodes_before, "nodes": stats.nodes_after,
+                               "external_data": stats.external_data, "bytes": stats.bytes,
+                               "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)},
+                }
+                if opts.check:
+                    feeds = spec.dummy_inputs(opts.batch, height, width, seed=2)
+                    with Meter() as m:
+                        references[name] = (feeds, torch_outputs(spec, wrap(spec, module), feeds))
+                    components[name]["check"] = {"torch_seconds": round(m.seconds, 2)}
+            del module
+            gc.collect()
+            for name, (feeds, ref) in references.items():
+                spec = specs[name]
+                with Meter() as m:
+                    result = compare(spec, ref, onnx_outputs(spec, stage / name / "model.onnx", feeds), feeds, opts.tolerance)
+                gc.collect()
+                components[name]["check"].update(result.to_json(), ort_seconds=round(m.seconds, 2), peak_rss_mb=round(m.peak_rss_mb, 1))
+                if result.passed:
+                    log(f"      {name}: ONNX Runtime matches PyTorch ({result.summary()})")
+                else:
+                    log(f"      {name}: MISMATCH: {result.failure_message()}")
+                    failed.append(result.failure_message())
+        if failed:
+            raise CheckFailed("export check failed: " + "; ".join(failed))
+        copy_runtime_files(source, stage)
+        manifest = Manifest(stage, {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"model": source.ref, "kind": source.kind, "description": source.description,
+                       "config_sha256": source.config_sha256()},
+            "configs": {k: source.configs[k] for k in ("unet", "vae")},
+            "sampler": {"steps": source.sampler.steps, "guidance": source.sampler.guidance,
+                        "height": source.default_size, "width": source.default_size},
+            "vae": {"scaling_factor": float(source.configs["vae"].get("scaling_factor", 0.18215)),
+                    "scale_factor": source.vae_scale_factor},
+            "tokenizers": ["tokenizer", "tokenizer_2"], "scheduler": "scheduler/scheduler_config.json",
+            "opset": opts.opset, "versions": tool_versions(),
+            "components": components,
+            "export": {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(process_peak_rss_mb(), 1)},
+        })
+        manifest.rehash()
+        manifest.save()
+    manifest.root = out
+    return manifest

@@ -1,0 +1,251 @@
+"""Model sources: a hub id, a local diffusers folder, or a built-in `random:<preset>`.
+
+A source knows each component's config without loading weights; `build(component)` makes the
+PyTorch module (random weights seeded per component for presets, so every process builds the same
+model; weights from disk for folders and hub snapshots).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from koala_trt.errors import KoalaError, UsageError
+
+MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
+PRESET_PREFIX = "random:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What the sampler needs from a snapshot besides weights.
+HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """How the model is meant to be sampled (KOALA base: 25 steps; Lightning: 10 steps, 3.5)."""
+
+    steps: int
+    guidance: float
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"missing file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _config_files() -> Any:
+    return resources.files("exporter").joinpath("configs")
+
+
+def preset_names() -> list[str]:
+    return [k for k in json.loads(_config_files().joinpath("presets.json").read_text()) if not k.startswith("_")]
+
+
+def _seed(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+
+
+@dataclass
+class ModelSource:
+    """Where a pipeline comes from, and each component's config."""
+
+    ref: str
+    kind: str  # "preset" | "folder" | "hub"
+    configs: dict[str, dict[str, Any]]
+    sampler: SamplerDefaults
+    root: Path | None = None
+    description: str = ""
+    _tokenizers: tuple[Path, Path] | None = field(default=None, repr=False)
+
+    # ----- what the exporter and the reference need -------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.ref[len(PRESET_PREFIX):] if self.kind == "preset" else self.ref
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.configs["scheduler"]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.configs["unet"]["sample_size"]) * self.vae_scale_factor
+
+    def config_sha256(self) -> dict[str, str]:
+        return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest() for k, v in self.configs.items()}
+
+    def tokenizer_dirs(self) -> tuple[Path, Path]:
+        if self._tokenizers is None:
+            assert self.root is not None
+            self._tokenizers = (self.root / "tokenizer", self.root / "tokenizer_2")
+        return self._tokenizers
+
+    def build(self, module: str, device: str = "cpu") -> Any:
+        """The PyTorch module for `module` (one of MODULES), in float32 eval mode."""
+        import torch
+
+        if module not in MODULES:
+            raise UsageError(f"unknown module {module!r}; expected one of {', '.join(MODULES)}")
+        cls = _module_class(module)
+        if self.kind == "preset" or device == "meta":
+            torch.manual_seed(_seed(f"{self.ref}/{module}"))
+            with torch.device(device):
+                model = _from_config(cls, module, self.configs[module])
+        else:
+            model = _from_folder(cls, module, self.root)
+        return model.eval().requires_grad_(False)
+
+    def parameter_count(self, module: str) -> int:
+        """Parameters of `module`, counted on the meta device (no weights allocated)."""
+        model = self.build(module, device="meta")
+        return sum(p.numel() for p in model.parameters())
+
+    def pipeline(self) -> Any:
+        """diffusers' StableDiffusionXLPipeline over the same components (the PyTorch reference)."""
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+        from transformers import CLIPTokenizer
+
+        tok1, tok2 = self.tokenizer_dirs()
+        return StableDiffusionXLPipeline(
+            vae=self.build("vae"),
+            text_encoder=self.build("text_encoder"),
+            text_encoder_2=self.build("text_encoder_2"),
+            tokenizer=CLIPTokenizer.from_pretrained(str(tok1)),
+            tokenizer_2=CLIPTokenizer.from_pretrained(str(tok2)),
+            unet=self.build("unet"),
+            scheduler=EulerDiscreteScheduler.from_config(self.scheduler_config),
+        )
+
+
+def _module_class(module: str) -> Any:
+    if module == "unet":
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+    if module == "vae":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return CLIPTextModel if module == "text_encoder" else CLIPTextModelWithProjection
+
+
+def _from_config(cls: Any, module: str, config: dict[str, Any]) -> Any:
+    if module.startswith("text_encoder"):
+        from transformers import CLIPTextConfig
+
+        cfg = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+        cfg._attn_implementation = "sdpa"
+        return cls(cfg)
+    return cls.from_config(config)
+
+
+def _from_folder(cls: Any, module: str, root: Path | None) -> Any:
+    import torch
+
+    assert root is not None
+    try:
+        if module.startswith("text_encoder"):
+            return cls.from_pretrained(str(root), subfolder=module, torch_dtype=torch.float32)
+        try:
+            return cls.from_pretrained(str(root), subfolder=module, torch_dtype=torch.float32)
+        except (OSError, EnvironmentError):
+            return cls.from_pretrained(str(root), subfolder=module, variant="fp16", torch_dtype=torch.float32)
+    except (OSError, EnvironmentError) as e:
+        raise KoalaError(f"cannot load the {module} weights from {root / module}: {str(e).splitlines()[0]}") from None
+
+
+# ----- resolving --model ------------------------------------------------------------------------
+
+def _preset(ref: str) -> ModelSource:
+    name = ref[len(PRESET_PREFIX):]
+    presets = json.loads(_config_files().joinpath("presets.json").read_text())
+    if name not in presets or name.startswith("_"):
+        raise UsageError(f"unknown preset {ref!r}; built-in presets: {', '.join(PRESET_PREFIX + n for n in preset_names())}")
+    entry = presets[name]
+    configs: dict[str, dict[str, Any]] = {}
+    needs_tokenizer = False
+    for key in (*MODULES, "scheduler"):
+        part = entry[key]
+        cfg = json.loads(_config_files().joinpath(part["base"]).read_text())
+        cfg.update(part.get("override", {}))
+        needs_tokenizer |= cfg.get("vocab_size") == "tokenizer"
+        configs[key] = cfg
+    source = ModelSource(ref=ref, kind="preset", configs=configs, sampler=SamplerDefaults(**entry["sampler"]),
+                         description=entry.get("description", ""))
+    from exporter.tokenizer_gen import preset_tokenizers, vocab_size
+
+    source._tokenizers = preset_tokenizers()
+    if needs_tokenizer:
+        size = vocab_size(source._tokenizers[0])
+        for key in ("text_encoder", "text_encoder_2"):
+            if configs[key].get("vocab_size") == "tokenizer":
+                configs[key]["vocab_size"] = size
+    return source
+
+
+def _sampler_for(root: Path, ref: str, scheduler: dict[str, Any]) -> SamplerDefaults:
+    # KOALA-Lightning ships with trailing spacing and is sampled in 10 steps at guidance 3.5.
+    lightning = "lightning" in ref.lower() or scheduler.get("timestep_spacing") == "trailing"
+    return SamplerDefaults(steps=10, guidance=3.5) if lightning else SamplerDefaults(steps=25, guidance=5.0)
+
+
+def _folder(root: Path, ref: str, kind: str) -> ModelSource:
+    if not root.is_dir():
+        raise UsageError(f"model path {root} is not a folder")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise UsageError(f"{root} is not a diffusers model folder (no model_index.json)")
+    model_index = _read_json(index)
+    configs: dict[str, dict[str, Any]] = {}
+    for key in MODULES:
+        if key not in model_index:
+            raise UsageError(f"{root} has no {key} in model_index.json: not an SDXL/KOALA pipeline")
+        configs[key] = _read_json(root / key / "config.json")
+    sched = root / "scheduler" / "scheduler_config.json"
+    configs["scheduler"] = _read_json(sched)
+    for tok in ("tokenizer", "tokenizer_2"):
+        if not (root / tok).is_dir():
+            raise UsageError(f"{root} has no {tok}/ folder")
+    return ModelSource(ref=ref, kind=kind, configs=configs, sampler=_sampler_for(root, ref, configs["scheduler"]), root=root)
+
+
+def _hub(ref: str) -> ModelSource:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsageError("loading a hub id needs huggingface_hub (pip install 'koala-trt[export]')") from None
+    try:
+        root = Path(snapshot_download(ref, allow_patterns=HUB_PATTERNS + ["*/*.safetensors"]))
+    except Exception as e:  # offline, unknown repo, gated: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KoalaError(
+            f"cannot download {ref!r} from the Hugging Face Hub ({reason[:160]}); "
+            f"download it where the network allows and pass the local diffusers folder instead: --model /path/to/{ref.split('/')[-1]}"
+        ) from None
+    return _folder(root, ref, kind="hub")
+
+
+def resolve(ref: str) -> ModelSource:
+    """Resolve --model: `random:<preset>`, an existing diffusers folder, or a hub id."""
+    if ref.startswith(PRESET_PREFIX):
+        return _preset(ref)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _folder(path.resolve(), ref, kind="folder")
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return _hub(ref)
+    raise UsageError(f"model {ref!r} not found: not a folder, not a hub id, not a preset (try random:tiny)")

@@ -1,0 +1,283 @@
+"""Component specs: the one source of truth for input/output names, dtypes, axes, shape ranges and
+dummy inputs (in the manner of Optimum's ONNX export configs).
+
+Export, precision conversion, the engine build plan, validation and the sampler all read these
+specs, or the manifest written from them; nothing else declares a tensor name or a shape.
+This module imports numpy only, so the torch-free runtime can use it.
+
+Symbolic dims: `batch` (the tensor's batch, CFG doubled where the U-Net sees it), `height`/`width`
+(pixels), `latent_height`/`latent_width` (pixels / the VAE scale factor). Every other dim is fixed
+by the model's config and written as an integer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from koala_trt.errors import UsageError
+
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+NUMPY_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+MAX_BATCH = 8  # default upper end of every batch range: 4 images with classifier-free guidance
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["dims"]))
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """min/opt/max of the batch and of the image size in pixels, as a TensorRT profile takes them."""
+
+    batch: tuple[int, int, int]
+    height: tuple[int, int, int]
+    width: tuple[int, int, int]
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "ShapeRange":
+        return cls(tuple(d["batch"]), tuple(d["height"]), tuple(d["width"]))  # type: ignore[arg-type]
+
+    def contains(self, batch: int, height: int, width: int) -> bool:
+        return all(lo <= v <= hi for v, (lo, _, hi) in ((batch, self.batch), (height, self.height), (width, self.width)))
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """What one exported graph takes and returns. Subclasses fill it in from the model's configs."""
+
+    name: str
+    module: str  # the pipeline module it wraps: text_encoder, text_encoder_2, unet or vae
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    latent_factor: int = 8  # pixels per latent cell (the VAE scale factor)
+    size_multiple: int = 8  # granularity of height and width, in pixels
+    spatial: bool = True  # does the graph depend on the image size?
+    extra: dict[str, Any] = field(default_factory=dict)  # config facts dummy inputs need
+
+    kind: ClassVar[str] = ""
+
+    # ----- shapes ---------------------------------------------------------------------------
+    def sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
+        return {"batch": batch, "height": height, "width": width,
+                "latent_height": height // self.latent_factor, "latent_width": width // self.latent_factor}
+
+    def input_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        s = self.sizes(batch, height, width)
+        return {t.name: t.shape(s) for t in self.inputs}
+
+    def output_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        s = self.sizes(batch, height, width)
+        return {t.name: t.shape(s) for t in self.outputs}
+
+    def profile_shapes(self, r: ShapeRange) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Per input: (min, opt, max) shapes, as a TensorRT optimization profile takes them."""
+        lo, opt, hi = (self.input_shapes(r.batch[i], r.height[i], r.width[i]) for i in range(3))
+        return {n: (lo[n], opt[n], hi[n]) for n in lo}
+
+    def check_size(self, height: int, width: int) -> None:
+        if self.spatial and (height % self.size_multiple or width % self.size_multiple):
+            raise UsageError(f"{self.name}: height and width must be multiples of {self.size_multiple} (got {height}x{width})")
+
+    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Names, dtypes and fixed dims of `feeds` against the spec: one clear error, not a runtime's."""
+        missing = [t.name for t in self.inputs if t.name not in feeds]
+        if missing:
+            raise UsageError(f"{self.name}: missing input(s) {', '.join(missing)}")
+        for t in self.inputs:
+            a = feeds[t.name]
+            if a.dtype != NUMPY_DTYPES[t.dtype]:
+                raise UsageError(f"{self.name}.{t.name}: dtype {a.dtype}, expected {t.dtype}")
+            if a.ndim != len(t.dims) or any(isinstance(d, int) and d != n for d, n in zip(t.dims, a.shape)):
+                raise UsageError(f"{self.name}.{t.name}: shape {tuple(a.shape)}, expected {_pretty(t.dims)}")
+
+    # ----- dummy inputs ---------------------------------------------------------------------
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    # ----- (de)serialization for the manifest ----------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "module": self.module,
+                "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
+                "latent_factor": self.latent_factor, "size_multiple": self.size_multiple,
+                "spatial": self.spatial, "extra": self.extra}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "ComponentSpec":
+        cls = _KINDS[d["kind"]]
+        return cls(name=d["name"], module=d["module"],
+                   inputs=tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+                   outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+                   latent_factor=d["latent_factor"], size_multiple=d["size_multiple"],
+                   spatial=d["spatial"], extra=dict(d.get("extra", {})))
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+def _pretty(dims: tuple[int | str, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ")"
+
+
+class TextEncoderSpec(ComponentSpec):
+    """CLIP text encoder: token ids in; SDXL's penultimate hidden states (and the projected pooled
+    embedding for text_encoder_2) out."""
+
+    kind = "text_encoder"
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any], with_projection: bool) -> "TextEncoderSpec":
+        seq = int(cfg["max_position_embeddings"])
+        outputs = [TensorSpec("hidden_states", "float32", ("batch", seq, int(cfg["hidden_size"])))]
+        if with_projection:
+            outputs.append(TensorSpec("text_embeds", "float32", ("batch", int(cfg["projection_dim"]))))
+        return cls(name=name, module=name, inputs=(TensorSpec("input_ids", "int32", ("batch", seq)),),
+                   outputs=tuple(outputs), spatial=False, size_multiple=1,
+                   extra={"vocab_size": int(cfg["vocab_size"])})
+
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        # Token ids below the end token (the highest id), a prompt of random length, end, padding.
+        rng = np.random.default_rng(seed)
+        seq = self.inputs[0].dims[1]
+        vocab = self.extra["vocab_size"]
+        ids = rng.integers(1, min(vocab, 1 << 16) - 2, size=(batch, seq), dtype=np.int64)
+        for row in ids:
+            n = int(rng.integers(3, seq - 1))
+            row[0], row[n], row[n + 1:] = vocab - 2, vocab - 1, 0
+        return {"input_ids": ids.astype(np.int32)}
+
+
+class UNetSpec(ComponentSpec):
+    """The denoising U-Net, inputs named as diffusers' UNet2DConditionModel.forward takes them."""
+
+    kind = "unet"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], vae_scale_factor: int, seq_len: int = 77) -> "UNetSpec":
+        c_in, c_out, ctx = int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["cross_attention_dim"])
+        time_dim = 6  # micro-conditioning: original (h, w), crop top-left (y, x), target (h, w)
+        text_dim = int(cfg["projection_class_embeddings_input_dim"]) - time_dim * int(cfg["addition_time_embed_dim"])
+        down = 2 ** (len(cfg["block_out_channels"]) - 1)
+        return cls(
+            name="unet", module="unet",
+            inputs=(TensorSpec("sample", "float32", ("batch", c_in, "latent_height", "latent_width")),
+                    TensorSpec("timestep", "float32", ("batch",)),
+                    TensorSpec("encoder_hidden_states", "float32", ("batch", seq_len, ctx)),
+                    TensorSpec("text_embeds", "float32", ("batch", text_dim)),
+                    TensorSpec("time_ids", "float32", ("batch", time_dim))),
+            outputs=(TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width")),),
+            latent_factor=vae_scale_factor, size_multiple=vae_scale_factor * down, extra={"downsample": down})
+
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        shapes = self.input_shapes(batch, height, width)
+        time_ids = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (batch, 1))
+        return {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
+                "timestep": np.full((batch,), float(rng.integers(1, 1000)), np.float32),
+                "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
+                "text_embeds": rng.standard_normal(shapes["text_embeds"], dtype=np.float32),
+                "time_ids": time_ids}
+
+
+class VaeDecoderSpec(ComponentSpec):
+    """VAE decoder: latents already divided by the scaling factor in (as `vae.decode` takes them),
+    the image in [-1, 1] out."""
+
+    kind = "vae_decoder"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], vae_scale_factor: int) -> "VaeDecoderSpec":
+        return cls(name="vae_decoder", module="vae",
+                   inputs=(TensorSpec("latent_sample", "float32", ("batch", int(cfg["latent_channels"]), "latent_height", "latent_width")),),
+                   outputs=(TensorSpec("sample", "float32", ("batch", int(cfg["out_channels"]), "height", "width")),),
+                   latent_factor=vae_scale_factor, size_multiple=vae_scale_factor,
+                   extra={"scaling_factor": float(cfg.get("scaling_factor", 0.18215))})
+
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        shape = self.input_shapes(batch, height, width)["latent_sample"]
+        return {"latent_sample": rng.standard_normal(shape, dtype=np.float32) / np.float32(self.extra["scaling_factor"])}
+
+
+class VaeEncoderSpec(ComponentSpec):
+    """VAE encoder: an image in [-1, 1] in; the latent distribution's mean and log-variance out."""
+
+    kind = "vae_encoder"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], vae_scale_factor: int) -> "VaeEncoderSpec":
+        return cls(name="vae_encoder", module="vae",
+                   inputs=(TensorSpec("sample", "float32", ("batch", int(cfg["in_channels"]), "height", "width")),),
+                   outputs=(TensorSpec("latent_parameters", "float32", ("batch", 2 * int(cfg["latent_channels"]), "latent_height", "latent_width")),),
+                   latent_factor=vae_scale_factor, size_multiple=vae_scale_factor,
+                   extra={"scaling_factor": float(cfg.get("scaling_factor", 0.18215))})
+
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        shape = self.input_shapes(batch, height, width)["sample"]
+        return {"sample": rng.uniform(-1, 1, shape).astype(np.float32)}
+
+
+_KINDS: dict[str, type[ComponentSpec]] = {c.kind: c for c in (TextEncoderSpec, UNetSpec, VaeDecoderSpec, VaeEncoderSpec)}
+
+
+def specs_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, ComponentSpec]:
+    """Every component's spec, from the pipeline's configs (text_encoder, text_encoder_2, unet, vae)."""
+    f = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    return {
+        "text_encoder": TextEncoderSpec.from_config("text_encoder", configs["text_encoder"], with_projection=False),
+        "text_encoder_2": TextEncoderSpec.from_config("text_encoder_2", configs["text_encoder_2"], with_projection=True),
+        "unet": UNetSpec.from_config(configs["unet"], f, int(configs["text_encoder"]["max_position_embeddings"])),
+        "vae_decoder": VaeDecoderSpec.from_config(configs["vae"], f),
+        "vae_encoder": VaeEncoderSpec.from_config(configs["vae"], f),
+    }
+
+
+def default_range(spec: ComponentSpec, batch: int, height: int, width: int) -> ShapeRange:
+    """The shape range an export claims: batch 1..MAX_BATCH, each side from half to twice the export
+    size (at most 2048 px, in the spec's granularity), opt at the export size."""
+    m = spec.size_multiple
+
+    def side(v: int) -> tuple[int, int, int]:
+        return (max(m, (v // 2) // m * m), v, max(v, min(2048, 2 * v) // m * m))
+
+    return ShapeRange((1, batch, max(MAX_BATCH, batch)), side(height), side(width))
+
+
+def parse_components(names: tuple[str, ...] | list[str] | None, default: tuple[str, ...] = DEFAULT_COMPONENTS) -> list[str]:
+    """Validate a --components list (comma-separated or repeated)."""
+    if not names:
+        return list(default)
+    out: list[str] = []
+    for item in names:
+        for n in str(item).split(","):
+            n = n.strip()
+            if not n:
+                continue
+            if n not in COMPONENTS:
+                raise UsageError(f"unknown component {n!r}; expected one of {', '.join(COMPONENTS)}")
+            if n not in out:
+                out.append(n)
+    return out

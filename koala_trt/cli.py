@@ -1,0 +1,91 @@
+"""The `koala-trt` command line: thin wrappers that parse, call one function and print.
+
+Commands live in koala_trt/commands/<name>.py and are imported only when invoked, so
+`koala-trt --help` stays instant and the ONNX Runtime path never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from typing import Sequence
+
+import click
+
+from koala_trt import __version__
+from koala_trt.errors import KoalaError
+
+# name -> (module, attribute, one-line help). Add a command by adding a line here.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "inspect": ("koala_trt.commands.inspect", "inspect_cmd", "Components, parameter counts and configs of a model or artifacts folder."),
+    "export": ("koala_trt.commands.export", "export_cmd", "Export every component to ONNX, each checked against PyTorch."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="koala-trt")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Export KOALA text-to-image models to ONNX and strongly typed TensorRT engines, check every
+    artifact against PyTorch, and sample 1024x1024 images without torch at run time."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if debug:
+        os.environ["KOALA_TRT_DEBUG"] = "1"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("KOALA_TRT_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name="koala-trt", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return int(e.exit_code or 0)
+    except click.ClickException as e:
+        e.show()
+        return 2 if isinstance(e, click.UsageError) else e.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("Interrupted: nothing was left half-written.", err=True)
+        return 130
+    except KoalaError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: {e}", err=True)
+        return e.exit_code
+    except MemoryError:
+        click.echo("Error: out of memory (try a smaller --height/--width or fewer components at a time)", err=True)
+        return 1
+    except Exception as e:  # a bug or an unforeseen library failure: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"Error: {type(e).__name__}: {msg[:300]} (run with --debug for the traceback)", err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from koala_trt.commands.common import components_option, log, print_json, table
+
+
+@click.command("export")
+@click.option("--model", "-m", required=True, help="Hub id, local diffusers folder, or random:<preset> (e.g. random:tiny).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifacts folder to write.")
+@components_option("default: text_encoder,text_encoder_2,unet,vae_decoder")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset.")
+@click.option("--batch", default=2, show_default=True, help="Batch to trace and check at (2 = one image with CFG).")
+@click.option("--height", type=int, help="Image height to trace and check at [default: the model's native size].")
+@click.option("--width", type=int, help="Image width to trace and check at [default: the model's native size].")
+@click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (not recommended).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest's component summary as JSON.")
+def export_cmd(model: str, out: Path, components: tuple[str, ...], opset: int, batch: int, height: int | None,
+               width: int | None, no_check: bool, force: bool, as_json: bool) -> None:
+    """Export a KOALA/SDXL pipeline's components to ONNX, each checked in ONNX Runtime against PyTorch."""
+    from exporter.export import ExportOptions, export
+    from exporter.sources import resolve
+    from exporter.specs import parse_components
+
+    opts = ExportOptions(components=parse_components(components), opset=opset, batch=batch, height=height,
+                         width=width, check=not no_check, force=force)
+    source = resolve(model)
+    log(f"exporting {source.ref} ({', '.join(opts.components)}) to {out}")
+    manifest = export(source, out, opts, log=log)
+    comps = manifest.components
+    if as_json:
+        print_json({"artifacts": str(out), "export": manifest.data["export"],
+                    "components": {k: {"export": v["export"], "check": v.get("check")} for k, v in comps.items()}})
+        return
+    rows = []
+    for name, c in comps.items():
+        e, chk = c["export"], c.get("check") or {}
+        worst = max((o["rel_l2"] for o in chk.get("outputs", {}).values()), default=float("nan"))
+        rows.append([name, f"{c['parameters'] / 1e6:,.1f}M", f"{e['nodes']:,}", f"{e['seconds']:.1f}",
+                     f"{e['peak_rss_mb'] / 1024:.2f}", f"{worst:.1e}" if chk else "skipped"])
+    click.echo(table(rows, ["component", "params", "nodes", "export s", "peak GiB", "rel L2 vs torch"]))
+    click.echo(f"artifacts: {out}  ({manifest.data['export']['seconds']:.1f} s, peak RSS "
+               f"{manifest.data['export']['peak_rss_mb'] / 1024:.2f} GiB)")

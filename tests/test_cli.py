@@ -1,0 +1,90 @@
+"""The CLI's contract: fast help, one-line errors, exit codes (2 usage, 1 failure)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+def test_help_is_instant_and_imports_no_torch() -> None:
+    code = ("import sys; from koala_trt.cli import main; rc = main(['--help']); "
+            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime') if m in sys.modules]; "
+            "print('heavy:', bad); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    assert "heavy: []" in r.stdout
+    assert "export" in r.stdout and "inspect" in r.stdout
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, *needles: str) -> None:
+    assert code == expected_code, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
+def test_unknown_preset(tmp_path: Path) -> None:
+    code, _, err = run_cli("export", "--model", "random:nope", "--out", tmp_path / "a")
+    assert_one_line_error(code, err, 2, "unknown preset", "random:tiny")
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    code, _, err = run_cli("inspect", str(tmp_path / "no" / "such" / "model"))
+    assert_one_line_error(code, err, 2, "not found")
+
+
+def test_folder_that_is_no_diffusers_model(tmp_path: Path) -> None:
+    (tmp_path / "junk").mkdir()
+    code, _, err = run_cli("export", "--model", tmp_path / "junk", "--out", tmp_path / "a")
+    assert_one_line_error(code, err, 2, "model_index.json")
+
+
+def test_unknown_component(tmp_path: Path) -> None:
+    code, _, err = run_cli("export", "--model", "random:tiny", "--out", tmp_path / "a", "--components", "unet,vea")
+    assert_one_line_error(code, err, 2, "unknown component 'vea'")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_non_root(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    code, _, err = run_cli("export", "--model", "random:tiny", "--out", ro / "a", "-c", "text_encoder")
+    assert_one_line_error(code, err, 2, "not a writable folder")
+
+
+def test_unwritable_output(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where a folder should be: unwritable for root too
+    code, _, err = run_cli("export", "--model", "random:tiny", "--out", blocker / "a", "-c", "text_encoder")
+    assert_one_line_error(code, err, 2, "not a writable folder")
+
+
+def test_existing_output_needs_force(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    code, _, err = run_cli("export", "--model", "random:tiny", "--out", tmp_path / "a", "-c", "text_encoder")
+    assert_one_line_error(code, err, 2, "--force")
+
+
+def test_bad_size(tmp_path: Path) -> None:
+    code, _, err = run_cli("export", "--model", "random:tiny", "--out", tmp_path / "a", "--height", "250")
+    assert_one_line_error(code, err, 2, "multiples of")
+
+
+def test_hub_id_offline_names_the_local_folder_alternative(tmp_path: Path) -> None:
+    code, _, err = run_cli("inspect", "etri-vilab/koala-700m")
+    assert_one_line_error(code, err, 1, "local diffusers folder", "--model")
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    code, _, err = run_cli("--debug", "inspect", str(tmp_path / "missing"))
+    assert code == 2
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("Error:")

@@ -31,6 +31,7 @@ class ExportOptions:
     height: int | None = None  # default: the model's native size (U-Net sample_size x VAE factor)
     width: int | None = None
     check: bool = True
+    check_size: int | None = None  # image side the spatial components are checked at [min(export size, 512)]
     tolerance: Tolerance = FP32_TOLERANCE
     force: bool = False
 
@@ -57,6 +58,16 @@ def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: Export
     for name in opts.components:
         specs[name].check_size(height, width)
     return height, width
+
+
+def check_size(spec: ComponentSpec, height: int, width: int, side: int | None) -> tuple[int, int]:
+    """Where a spatial component is checked: at most 512 px a side by default (a 1024x1024 VAE decode
+    takes minutes on a CPU; `validate` checks at full resolution), in the spec's granularity."""
+    m = spec.size_multiple
+    if side is None:
+        return (min(height, 512) // m * m or m, min(width, 512) // m * m or m)
+    spec.check_size(side, side)
+    return side, side
 
 
 def copy_runtime_files(source: ModelSource, out: Path) -> None:
@@ -113,7 +124,8 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
                                "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)},
                 }
                 if opts.check:
-                    feeds = spec.dummy_inputs(opts.batch, height, width, seed=2)
+                    ch, cw = check_size(spec, height, width, opts.check_size)
+                    feeds = spec.dummy_inputs(opts.batch, ch, cw, seed=2)
                     with Meter() as m:
                         references[name] = (feeds, torch_outputs(spec, wrap(spec, module), feeds))
                     components[name]["check"] = {"torch_seconds": round(m.seconds, 2)}

@@ -21,6 +21,18 @@ def check_writable_parent(out: Path) -> None:
         raise UsageError(f"cannot write {out}: {probe} is not a writable folder")
 
 
+def _remove_stale(out: Path) -> None:
+    """Remove staging leftovers of `out` from processes that were killed (SIGKILL, power loss)."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # still running: leave it alone
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass
+
+
 @contextmanager
 def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh staging folder beside `out`; on success rename it to `out` (replacing an old
@@ -30,6 +42,7 @@ def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
         raise UsageError(f"{out} already exists; pass --force to replace it")
     check_writable_parent(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     if stage.exists():
         shutil.rmtree(stage)

@@ -53,9 +53,22 @@ def cli(ctx: click.Context, debug: bool) -> None:
         os.environ["KOALA_TRT_DEBUG"] = "1"
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so staged folders are cleaned up."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _terminate_as_interrupt()
     debug = "--debug" in args or os.environ.get("KOALA_TRT_DEBUG") == "1"
     try:
         cli.main(args=args, prog_name="koala-trt", standalone_mode=False)

@@ -15,7 +15,7 @@ from exporter.check import FP32_TOLERANCE, compare, onnx_outputs, torch_outputs
 from exporter.manifest import FORMAT, FORMAT_VERSION, Manifest
 from exporter.metrics import Tolerance
 from exporter.sources import ModelSource
-from exporter.specs import DEFAULT_COMPONENTS, ComponentSpec, default_range, specs_from_configs
+from exporter.specs import DEFAULT_COMPONENTS, ComponentSpec, ShapeRange, default_range, specs_from_configs
 from koala_trt.atomic import staged_dir
 from koala_trt.errors import CheckFailed, UsageError
 from koala_trt.meter import Meter, process_peak_rss_mb
@@ -34,6 +34,7 @@ class ExportOptions:
     check_size: int | None = None  # image side the spatial components are checked at [min(export size, 512)]
     tolerance: Tolerance = FP32_TOLERANCE
     force: bool = False
+    static: bool = False  # fixed shapes (batch, height, width): faster to export, runs at that shape only
 
 
 def tool_versions() -> dict[str, str]:
@@ -89,7 +90,7 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
 
     specs = specs_from_configs(source.configs)
     height, width = _validate(source, specs, opts)
-    trace_batch = max(2, opts.batch)  # torch.export specializes a batch of 1: trace with 2
+    trace_batch = opts.batch if opts.static else max(2, opts.batch)  # torch.export specializes a batch of 1
     started = time.perf_counter()
     components: dict[str, Any] = {}
     failed: list[str] = []
@@ -108,23 +109,25 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
                 step += 1
                 spec = specs[name]
                 rng = default_range(spec, opts.batch, height, width)
+                if opts.static:
+                    rng = ShapeRange(*(((v,) * 3) for v in (opts.batch, height, width)))
                 path = stage / name / "model.onnx"
                 log(f"[{step}/{len(opts.components)}] {name}: exporting (opset {opts.opset}, batch {rng.batch[0]}..{rng.batch[2]}"
                     + (f", {rng.height[0]}..{rng.height[2]} x {rng.width[0]}..{rng.width[2]} px" if spec.spatial else "") + ")")
                 with Meter() as m:
-                    stats = export_onnx(spec, module, path, trace_batch, height, width, rng, opts.opset)
+                    stats = export_onnx(spec, module, path, trace_batch, height, width, rng, opts.opset, opts.static)
                 log(f"      {stats.nodes_after:,} nodes ({stats.nodes_before:,} before cleanup), {stats.bytes / 2**20:,.1f} MiB"
                     + (" with external data" if stats.external_data else "") + f", {m.seconds:.1f} s, peak RSS {m.peak_rss_mb / 1024:.2f} GiB")
                 components[name] = {
                     "file": f"{name}/model.onnx", "precision": "fp32", "spec": spec.to_json(), "shape_range": rng.to_json(),
                     "parameters": params,
-                    "export": {"batch": opts.batch, "height": height, "width": width, "opset": opts.opset,
+                    "export": {"batch": opts.batch, "height": height, "width": width, "opset": opts.opset, "static": opts.static,
                                "nodes_before_cleanup": stats.nodes_before, "nodes": stats.nodes_after,
                                "external_data": stats.external_data, "bytes": stats.bytes,
                                "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)},
                 }
                 if opts.check:
-                    ch, cw = check_size(spec, height, width, opts.check_size)
+                    ch, cw = (height, width) if opts.static else check_size(spec, height, width, opts.check_size)
                     feeds = spec.dummy_inputs(opts.batch, ch, cw, seed=2)
                     with Meter() as m:
                         references[name] = (feeds, torch_outputs(spec, wrap(spec, module), feeds))

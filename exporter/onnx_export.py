@@ -65,8 +65,9 @@ def _name_dims(model: Any, spec: ComponentSpec) -> None:
 
 
 def export_onnx(spec: ComponentSpec, module: torch.nn.Module, path: Path, batch: int, height: int, width: int,
-                shape_range: ShapeRange, opset: int) -> ExportStats:
-    """Export `module` (wrapped to the spec's signature) to `path`, dynamic over `shape_range`."""
+                shape_range: ShapeRange, opset: int, static: bool = False) -> ExportStats:
+    """Export `module` (wrapped to the spec's signature) to `path`, dynamic over `shape_range`
+    (or with every shape fixed at batch x height x width when `static`)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
     wrapper = wrap(spec, module)
     dummy = spec.dummy_inputs(batch, height, width, seed=1)
@@ -76,12 +77,13 @@ def export_onnx(spec: ComponentSpec, module: torch.nn.Module, path: Path, batch:
         program = torch.onnx.export(
             wrapper, args, dynamo=True, optimize=False, verbose=False,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=_dynamic_shapes(spec, shape_range), opset_version=opset, report=False,
+            dynamic_shapes=None if static else _dynamic_shapes(spec, shape_range), opset_version=opset, report=False,
         )
     before = _count_nodes(program.model.graph)
     program.optimize()  # onnxscript: constant folding, dead code and redundant op removal
     after = _count_nodes(program.model.graph)
-    _name_dims(program.model, spec)
+    if not static:
+        _name_dims(program.model, spec)
     size = sum(int(v.const_value.nbytes) for v in program.model.graph.initializers.values() if v.const_value is not None)
     external = size >= TWO_GB - (64 << 20)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,17 +17,18 @@ from koala_trt.commands.common import components_option, log, print_json, table
 @click.option("--width", type=int, help="Image width to trace and check at [default: the model's native size].")
 @click.option("--check-size", type=int, help="Image side (px) to check U-Net and VAE at [default: min(export size, 512)].")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (not recommended).")
+@click.option("--static", is_flag=True, help="Fixed shapes (batch x height x width): faster export; the graphs run at that shape only.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's component summary as JSON.")
 def export_cmd(model: str, out: Path, components: tuple[str, ...], opset: int, batch: int, height: int | None,
-               width: int | None, check_size: int | None, no_check: bool, force: bool, as_json: bool) -> None:
+               width: int | None, check_size: int | None, no_check: bool, static: bool, force: bool, as_json: bool) -> None:
     """Export a KOALA/SDXL pipeline's components to ONNX, each checked in ONNX Runtime against PyTorch."""
     from exporter.export import ExportOptions, export
     from exporter.sources import resolve
     from exporter.specs import parse_components
 
     opts = ExportOptions(components=parse_components(components), opset=opset, batch=batch, height=height,
-                         width=width, check=not no_check, check_size=check_size, force=force)
+                         width=width, check=not no_check, check_size=check_size, force=force, static=static)
     source = resolve(model)
     log(f"exporting {source.ref} ({', '.join(opts.components)}) to {out}")
     manifest = export(source, out, opts, log=log)

@@ -5,6 +5,13 @@ import click
 from koala_trt.commands.common import print_json, table
 
 
+_SHORT = {"batch": "B", "height": "H", "width": "W", "latent_height": "h", "latent_width": "w"}
+
+
+def _dims(t: dict) -> str:
+    return f"{t['name']}[{','.join(_SHORT.get(str(d), str(d)) for d in t['dims'])}]"
+
+
 @click.command("inspect")
 @click.argument("target", metavar="MODEL_OR_ARTIFACTS")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -18,11 +25,15 @@ def inspect_cmd(target: str, as_json: bool) -> None:
         return
     if "artifacts" in info:
         click.echo(f"artifacts {info['artifacts']}: from {info['source']['model']} (opset {info['opset']})")
-        rows = [[n, c.get("precision", "fp32"), f"{c.get('parameters', 0) / 1e6:,.1f}M",
-                 ", ".join(f"{t['name']}{tuple(t['dims'])}" for t in c["spec"]["inputs"]),
-                 "x".join(str(v) for v in (c["shape_range"]["height"][0], c["shape_range"]["height"][2]))]
-                for n, c in info["components"].items()]
-        click.echo(table(rows, ["component", "precision", "params", "inputs", "height range"]))
+        rows = []
+        for n, c in info["components"].items():
+            spec, r = c["spec"], c["shape_range"]
+            size = f"{r['height'][0]}..{r['height'][2]} x {r['width'][0]}..{r['width'][2]}" if spec["spatial"] else "-"
+            rows.append([n, c.get("precision", "fp32"), f"{c.get('parameters', 0) / 1e6:,.1f}M",
+                         " ".join(_dims(t) for t in spec["inputs"]), " ".join(_dims(t) for t in spec["outputs"]),
+                         f"{r['batch'][0]}..{r['batch'][2]}", size])
+        click.echo(table(rows, ["component", "precision", "params", "inputs", "outputs", "batch", "pixels (h x w)"]))
+        click.echo("dims: B batch, H/W image pixels, h/w latent cells")
         click.echo(f"{len(info.get('files', {}))} files with sha256 in manifest.json")
         return
     click.echo(f"{info['model']} ({info['kind']}){': ' + info['description'] if info['description'] else ''}")

@@ -152,6 +152,7 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"model": source.ref, "kind": source.kind, "description": source.description,
+                       "vae": str(source.vae_path) if source.vae_path else None,
                        "config_sha256": source.config_sha256()},
             "configs": {k: source.configs[k] for k in ("unet", "vae")},
             "sampler": {"steps": source.sampler.steps, "guidance": source.sampler.guidance,

@@ -64,6 +64,7 @@ class ModelSource:
     sampler: SamplerDefaults
     root: Path | None = None
     description: str = ""
+    vae_path: Path | None = None  # a separate VAE folder (e.g. an fp16-safe SDXL VAE) replacing the pipeline's
     _tokenizers: tuple[Path, Path] | None = field(default=None, repr=False)
 
     # ----- what the exporter and the reference need -------------------------------------------
@@ -99,6 +100,8 @@ class ModelSource:
         if module not in MODULES:
             raise UsageError(f"unknown module {module!r}; expected one of {', '.join(MODULES)}")
         cls = _module_class(module)
+        if module == "vae" and self.vae_path is not None and device != "meta":
+            return _from_folder(cls, "vae", self.vae_path, subfolder=None).eval().requires_grad_(False)
         if device == "meta":
             with torch.device("meta"):
                 model = _from_config(cls, module, self.configs[module])
@@ -211,19 +214,39 @@ def _from_config(cls: Any, module: str, config: dict[str, Any]) -> Any:
     return cls.from_config(config)
 
 
-def _from_folder(cls: Any, module: str, root: Path | None) -> Any:
+def _from_folder(cls: Any, module: str, root: Path | None, subfolder: str | None = "") -> Any:
+    """Weights from a diffusers folder (fp32, or the fp16 variant upcast to fp32)."""
     import torch
 
     assert root is not None
+    sub = module if subfolder == "" else subfolder
+    kwargs: dict[str, Any] = {"torch_dtype": torch.float32}
+    if sub:
+        kwargs["subfolder"] = sub
     try:
-        if module.startswith("text_encoder"):
-            return cls.from_pretrained(str(root), subfolder=module, torch_dtype=torch.float32)
         try:
-            return cls.from_pretrained(str(root), subfolder=module, torch_dtype=torch.float32)
+            return cls.from_pretrained(str(root), **kwargs)
         except (OSError, EnvironmentError):
-            return cls.from_pretrained(str(root), subfolder=module, variant="fp16", torch_dtype=torch.float32)
+            if module.startswith("text_encoder"):
+                raise
+            return cls.from_pretrained(str(root), variant="fp16", **kwargs)
     except (OSError, EnvironmentError) as e:
-        raise KoalaError(f"cannot load the {module} weights from {root / module}: {str(e).splitlines()[0]}") from None
+        where = root / sub if sub else root
+        raise KoalaError(f"cannot load the {module} weights from {where}: {str(e).splitlines()[0]}") from None
+
+
+def with_vae(source: ModelSource, vae: Path | str) -> ModelSource:
+    """The same source with its VAE replaced by a separate AutoencoderKL folder (config.json + weights),
+    e.g. a local copy of madebyollin/sdxl-vae-fp16-fix."""
+    vae = Path(vae).expanduser().resolve()
+    if not (vae / "config.json").is_file():
+        raise UsageError(f"--vae {vae}: not an AutoencoderKL folder (no config.json)")
+    cfg = _read_json(vae / "config.json")
+    if cfg.get("_class_name") not in (None, "AutoencoderKL"):
+        raise UsageError(f"--vae {vae}: config is a {cfg.get('_class_name')}, not an AutoencoderKL")
+    configs = dict(source.configs, vae=cfg)
+    return ModelSource(ref=source.ref, kind=source.kind, configs=configs, sampler=source.sampler, root=source.root,
+                       description=source.description, vae_path=vae, _tokenizers=source._tokenizers)
 
 
 # ----- resolving --model ------------------------------------------------------------------------

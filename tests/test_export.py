@@ -154,3 +154,25 @@ def test_dummy_inputs_follow_the_specs(tiny_source) -> None:
         for t in spec.inputs:
             assert feeds[t.name].shape == spec.input_shapes(2, 256, 256)[t.name]
             assert np.isfinite(feeds[t.name]).all()
+
+
+def test_separate_vae_folder(tmp_path: Path, tiny_source) -> None:
+    """--vae replaces the pipeline's VAE (as with an fp16-safe SDXL VAE): weights and config from the folder."""
+    import torch
+
+    vae = tiny_source.build("vae")
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(0.5)
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(str(tmp_path / "vae-fix"))
+    from exporter.sources import with_vae
+
+    loaded = with_vae(tiny_source, tmp_path / "vae-fix").build("vae")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), vae.parameters()))
+    code, _, err = run_cli("export", "--model", "random:tiny", "--vae", tmp_path / "vae-fix", "--out", tmp_path / "a", "-c", "vae_decoder")
+    assert code == 0, err
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["source"]["vae"].endswith("vae-fix") and m["components"]["vae_decoder"]["check"]["passed"]
+    code, _, err = run_cli("export", "--model", "random:tiny", "--vae", tmp_path / "nothing", "--out", tmp_path / "b")
+    assert code == 2 and "not an AutoencoderKL folder" in err

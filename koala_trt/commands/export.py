@@ -11,6 +11,7 @@ from koala_trt.commands.common import components_option, log, print_json, table
 @click.option("--model", "-m", required=True, help="Hub id, local diffusers folder, or random:<preset> (e.g. random:tiny).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifacts folder to write.")
 @components_option("default: text_encoder,text_encoder_2,unet,vae_decoder")
+@click.option("--vae", "vae_path", type=click.Path(path_type=Path), help="A separate AutoencoderKL folder to use instead of the pipeline's VAE (e.g. an fp16-safe SDXL VAE).")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset.")
 @click.option("--batch", default=2, show_default=True, help="Batch to trace and check at (2 = one image with CFG).")
 @click.option("--height", type=int, help="Image height to trace and check at [default: the model's native size].")
@@ -20,16 +21,18 @@ from koala_trt.commands.common import components_option, log, print_json, table
 @click.option("--static", is_flag=True, help="Fixed shapes (batch x height x width): faster export; the graphs run at that shape only.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's component summary as JSON.")
-def export_cmd(model: str, out: Path, components: tuple[str, ...], opset: int, batch: int, height: int | None,
+def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Path | None, opset: int, batch: int, height: int | None,
                width: int | None, check_size: int | None, no_check: bool, static: bool, force: bool, as_json: bool) -> None:
     """Export a KOALA/SDXL pipeline's components to ONNX, each checked in ONNX Runtime against PyTorch."""
     from exporter.export import ExportOptions, export
-    from exporter.sources import resolve
+    from exporter.sources import resolve, with_vae
     from exporter.specs import parse_components
 
     opts = ExportOptions(components=parse_components(components), opset=opset, batch=batch, height=height,
                          width=width, check=not no_check, check_size=check_size, force=force, static=static)
     source = resolve(model)
+    if vae_path is not None:
+        source = with_vae(source, vae_path)
     log(f"exporting {source.ref} ({', '.join(opts.components)}) to {out}")
     manifest = export(source, out, opts, log=log)
     comps = manifest.components

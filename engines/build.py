@@ -145,7 +145,7 @@ def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_byte
         "inputs": {n: {"min": list(a), "opt": list(b), "max": list(x)} for n, (a, b, x) in c.profile_shapes.items()},
         "static": c.static, "io_dtypes": io_dtypes, "device_memory_bytes": device_memory_bytes, "layers": layers,
         "source": {"artifacts": str(c.manifest.root), "onnx": str(c.onnx_path), "onnx_sha256": c.onnx_sha256,
-                   "onnx_bytes": c.onnx_bytes},
+                   "onnx_bytes": c.onnx_bytes, "files": c.onnx_files},
         "stripped": stripped, "build_seconds": round(seconds, 2),
     }
 

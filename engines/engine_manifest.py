@@ -117,14 +117,17 @@ def check_compatible(m: EnginesManifest, device: DeviceInfo, trt_version: str) -
         problems.append(f"built with TensorRT {built_trt}{' (version compatible)' if vc else ''} but this "
                         f"machine has TensorRT {trt_version}")
     if problems:
-        profile = None
+        profile, note = None, ""
         if not device_allowed(built_cc, hc, device.compute_capability):
             from engines.profile import profile_for_device
 
             match = profile_for_device(device.name, device.compute_capability)
-            profile = match.name if match else f"PROFILE.toml  # a profile with compute_capability = \"{device.compute_capability}\""
+            profile = match.name if match else f"sm{device.sm}.toml"
+            if not match:
+                note = (f" (no built-in profile fits this GPU: write sm{device.sm}.toml with [gpu] compute_capability = "
+                        f"\"{device.compute_capability}\", starting from `koala-trt profiles show rtx3060ti`)")
         raise KoalaError(f"engines in {m.root} cannot run here: {'; '.join(problems)}. Rebuild them on this "
-                         f"machine: {m.rebuild_command(profile)}")
+                         f"machine: {m.rebuild_command(profile)}{note}")
     warnings = []
     if hc == "none" and gpu.get("name") and gpu.get("name") != device.name:
         warnings.append(f"engines in {m.root} were built on {gpu['name']}, this GPU is {device.name} (same "

@@ -96,26 +96,34 @@ class TensorRTBackend:
 
     # ----- loading ----------------------------------------------------------------------------
     def _plan_bytes(self, component: str) -> bytes:
-        if component not in self._plans:
-            entry, path = self.manifest.entry(component), self.manifest.engine_path(component)
-            if not path.is_file():
-                raise KoalaError(f"{path} is missing; rebuild: {self.manifest.rebuild_command()}")
-            data = path.read_bytes()
-            if len(data) != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-                raise KoalaError(f"{path} does not match its sha256 in the engines manifest (changed or corrupt); "
-                                 f"rebuild: {self.manifest.rebuild_command()}")
+        """The plan file, checked against its sha256; kept in host memory only in sequential mode
+        (where it is loaded again and again)."""
+        if component in self._plans:
+            return self._plans[component]
+        entry, path = self.manifest.entry(component), self.manifest.engine_path(component)
+        if not path.is_file():
+            raise KoalaError(f"{path} is missing; rebuild: {self.manifest.rebuild_command()}")
+        data = path.read_bytes()
+        if len(data) != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise KoalaError(f"{path} does not match its sha256 in the engines manifest (changed or corrupt); "
+                             f"rebuild: {self.manifest.rebuild_command()}")
+        if self.residency == "sequential":
             self._plans[component] = data
-        return self._plans[component]
+        return data
 
     def _refit_source(self, component: str) -> Path | None:
         entry = self.manifest.entry(component)
         if not entry.get("stripped"):
             return None
         src = entry["source"]
-        onnx = Path(src["onnx"])
-        if not onnx.is_file() or sha256_file(onnx) != src["onnx_sha256"]:
-            raise KoalaError(f"{component}: the weight-stripped engine is refitted from {onnx}, which is missing or "
-                             f"no longer the file it was built from; rebuild: {self.manifest.rebuild_command()}")
+        onnx, root = Path(src["onnx"]), Path(src["artifacts"])
+        # REFIT_IDENTICAL needs the very weights the engine was built with: every file (graph and
+        # external data) must match the sha256 recorded at build time.
+        for rel, meta in src.get("files", {}).items():
+            p = root / rel
+            if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+                raise KoalaError(f"{component}: the weight-stripped engine is refitted from {onnx}, but {p} is missing "
+                                 f"or no longer the file it was built from; rebuild: {self.manifest.rebuild_command()}")
         return onnx
 
     def _bind_activations(self) -> None:

@@ -2,7 +2,8 @@
 
 Build: NVIDIA's own path for diffusion models, through Polygraphy's Python API:
 network_from_onnx_path(..., strongly_typed=True) -> CreateConfig(profiles=..., ...) ->
-engine_from_network(..., save_timing_cache=...). Networks are always strongly typed, so the same code
+engine_bytes_from_network(..., save_timing_cache=...) (engine_from_network's serializing twin, so a
+weight-stripped plan is written exactly as the builder made it). Networks are always strongly typed, so the same code
 builds on TensorRT 10 and 11: the precision is the ONNX graph's, never BuilderFlag.FP16/INT8 or a
 calibrator (removed in 11). Flags are set by name (STRONGLY_TYPED's integer changed between 10 and
 11). Refittable engines use REFIT_IDENTICAL with STRIP_PLAN, never bare REFIT (wrong results in 11.3).
@@ -74,8 +75,8 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
     """One strongly typed engine from an ONNX file with one optimization profile (min/opt/max per
     input). `flags` is BuildPlan.flags."""
     import tensorrt as trt
-    from polygraphy.backend.trt import (CreateConfig, PostprocessConfig, Profile, bytes_from_engine,
-                                        engine_from_network, network_from_onnx_path)
+    from polygraphy.backend.trt import (CreateConfig, PostprocessConfig, Profile, engine_bytes_from_network,
+                                        engine_from_bytes, network_from_onnx_path)
     from polygraphy.exception import PolygraphyException
 
     parser_flags = [getattr(trt.OnnxParserFlag, f) for f in PARSER_FLAGS if hasattr(trt.OnnxParserFlag, f)]
@@ -83,6 +84,8 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
     for name, (lo, opt, hi) in profile_shapes.items():
         profile.add(name, min=list(lo), opt=list(opt), max=list(hi))
     hc = flags.get("hardware_compatibility", "none")
+    if hc != "none" and not hasattr(trt.HardwareCompatibilityLevel, hc.upper()):
+        raise KoalaError(f"TensorRT {trt.__version__} has no hardware compatibility level {hc.upper()}")
     stripped = flags.get("refit") == "REFIT_IDENTICAL+STRIP_PLAN"
     config = CreateConfig(
         profiles=[profile],
@@ -99,9 +102,11 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
     try:
         with _quiet(verbose):
             network = network_from_onnx_path(str(onnx_path), flags=parser_flags or None, strongly_typed=True)
-            engine = engine_from_network(network, config=config,
-                                         save_timing_cache=str(timing_cache) if timing_cache else None)
-            data = bytes(bytes_from_engine(engine))
+            # The builder's serialized plan as is (a weight-stripped plan stays stripped), then deserialized
+            # once to read what the engine needs at run time.
+            data = bytes(engine_bytes_from_network(network, config=config,
+                                                   save_timing_cache=str(timing_cache) if timing_cache else None))
+            engine = engine_from_bytes(data)
     except PolygraphyException as e:
         raise KoalaError(f"TensorRT could not build {onnx_path}: {str(e).strip().splitlines()[-1][:300]}") from None
     io = {}

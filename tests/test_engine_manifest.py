@@ -147,3 +147,38 @@ def test_tensorrt_backend_without_tensorrt_says_what_is_missing(tiny_artifacts: 
 
     with pytest.raises(KoalaError, match="missing: TensorRT"):
         TensorRTBackend(_engines_dir(tiny_artifacts, tmp_path / "e"))
+
+
+def test_build_refuses_a_gpu_of_another_compute_capability(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from engines.build import check_device
+
+    prof = load_profile("rtx3060ti").with_overrides(height=256, width=256, precision="fp32")
+    plan = make_build_plan([tiny_artifacts], prof, tmp_path / "e", None, TRT, estimate=False)
+    notes: list[str] = []
+    check_device(plan, RTX3060TI, notes.append)
+    assert notes == []
+    with pytest.raises(UsageError, match=r"profile rtx3060ti targets sm_86 but this GPU is NVIDIA GeForce RTX 4090 \(sm_89\)"):
+        check_device(plan, RTX4090, notes.append)
+    a10 = DeviceInfo("NVIDIA A10", "8.6", 24 << 30)
+    check_device(plan, a10, notes.append)  # same sm_86, another model: allowed, noted
+    assert len(notes) == 1 and "NVIDIA A10" in notes[0]
+    portable = replace(prof, build=replace(prof.build, hardware_compatibility="ampere_plus"))
+    plan = make_build_plan([tiny_artifacts], portable, tmp_path / "e", None, TRT, estimate=False)
+    check_device(plan, RTX4090, notes.append)  # AMPERE_PLUS engines may be built on any sm_80+ GPU
+    with pytest.raises(UsageError, match="sm_75"):
+        check_device(plan, RTX2080TI, notes.append)
+
+
+def test_timing_cache_is_reused_only_for_the_same_card_tensorrt_and_cuda(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from engines.build import _reuse_timing_cache
+
+    old = _engines_dir(tiny_artifacts, tmp_path / "e")
+    (old / "timing.cache").write_bytes(b"cache")
+    for device, trt, reused in ((RTX4090, TRT, True), (RTX4090, "10.9.0.34", False), (L4, TRT, False),
+                                (DeviceInfo(RTX4090.name, "8.9", RTX4090.memory_bytes, "12.8", "12.9"), TRT, False)):
+        stage = tmp_path / f"stage-{device.name}-{device.runtime}-{trt}".replace(" ", "_")
+        stage.mkdir()
+        _reuse_timing_cache(old, stage, device, trt, lambda m: None)
+        assert (stage / "timing.cache").is_file() is reused

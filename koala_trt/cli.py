@@ -21,6 +21,9 @@ from koala_trt.errors import KoalaError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("koala_trt.commands.inspect", "inspect_cmd", "Components, parameter counts and configs of a model or artifacts folder."),
     "export": ("koala_trt.commands.export", "export_cmd", "Export every component to ONNX, each checked against PyTorch."),
+    "profiles": ("koala_trt.commands.profiles", "profiles_cmd", "GPU profiles (list, show): what to build per card."),
+    "plan": ("koala_trt.commands.plan", "plan_cmd", "Device-memory plan and fit verdict of a model on a GPU profile."),
+    "build": ("koala_trt.commands.build", "build_cmd", "Build strongly typed TensorRT engines for a GPU profile (--dry-run: the plan)."),
 }
 
 

@@ -38,3 +38,10 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code, stdout, stderr = run_cli("export", "--model", "random:tiny", "--out", out)
     assert code == 0, stderr
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`koala-trt --debug` run in-process sets KOALA_TRT_DEBUG for the whole process; undo it after
+    each test so later tests see one-line errors, not tracebacks."""
+    monkeypatch.delenv("KOALA_TRT_DEBUG", raising=False)

@@ -1,0 +1,234 @@
+"""Device-memory planner: will a model's engines fit a card at the profile's largest shapes?
+
+Per component c, at the profile's precision and the largest shapes of its range:
+
+    weights(c)     = sum over parameters of bytes per parameter: fp32 4, fp16 2; int8: 1 for the
+                     weights of Conv/Linear layers outside NVIDIA's SDXL exclusion list, 2 (fp16) for
+                     every other parameter. From an artifacts folder: the bytes of its ONNX files.
+    activations(c) = peak bytes of live intermediate tensors of one forward pass, traced on the meta
+                     device (engines/activations.py): eager execution order, every tensor freed after
+                     its last use, fused attention for heads up to 128 wide.
+    io(c)          = bytes of the component's inputs and outputs at the largest shapes (the runtime
+                     keeps these device buffers between calls).
+
+and for the whole pipeline:
+
+    overhead       = RUNTIME_OVERHEAD (CUDA context, TensorRT runtime and kernels: 512 MiB assumed)
+    resident peak  = overhead + sum_c (weights(c) + io(c)) + max_c activations(c)
+                     (all engines loaded; one activation buffer shared by the components, which run
+                     one after another: what TensorRTBackend does)
+    one at a time  = overhead + max_c (weights(c) + io(c) + activations(c))
+    build peak     = overhead + max_c (weights(c) + activations(c)) + workspace cap (rough: tactics are
+                     timed with scratch memory up to the cap, one component at a time)
+    usable         = gpu.memory - gpu.reserved (display, ECC, OS: from the profile)
+    fits           = peak (resident by default, or the profile's residency) <= usable; margin = usable - peak
+
+What this leaves out, and why it is still a fair verdict: TensorRT fuses element-wise layers into
+their producers, so its activation memory is usually below the eager trace (the estimate errs
+high); tactic scratch at run time is bounded by the workspace cap but usually far smaller, so it is
+not added to the run-time peaks; the sampler's own host-side arrays do not live on the device
+(except on Jetson, whose reserve covers them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engines.profile import GIB, GpuProfile
+from exporter.specs import NUMPY_DTYPES, ComponentSpec, specs_from_configs
+
+MIB = 1 << 20
+RUNTIME_OVERHEAD_BYTES = 512 * MIB
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
+# NVIDIA's SDXL INT8 recipe keeps these layers out of quantization (TensorRT diffusion demo).
+INT8_EXCLUDED = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding",
+                 "norm_out", "proj_out")
+# The parts of the VAE each VAE component runs.
+VAE_PARTS = {"vae_decoder": ("decoder", "post_quant_conv"), "vae_encoder": ("encoder", "quant_conv")}
+
+
+@dataclass
+class ComponentMemory:
+    component: str
+    precision: str
+    parameters: int
+    weights_bytes: int
+    weights_from: str  # "parameters" or "onnx files"
+    activations_bytes: int | None
+    io_bytes: int
+    max_shapes: dict[str, tuple[int, ...]]
+    peak_op: str = ""
+    note: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + (self.activations_bytes or 0) + self.io_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"precision": self.precision, "parameters": self.parameters, "weights_bytes": self.weights_bytes,
+                "weights_from": self.weights_from, "activations_bytes": self.activations_bytes,
+                "io_bytes": self.io_bytes, "total_bytes": self.total_bytes,
+                "max_shapes": {k: list(v) for k, v in self.max_shapes.items()}, "activation_peak_at": self.peak_op,
+                **({"note": self.note} if self.note else {})}
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    profile: GpuProfile
+    mode: str  # resident | sequential: which peak the verdict uses
+    components: dict[str, ComponentMemory] = field(default_factory=dict)
+    overhead_bytes: int = RUNTIME_OVERHEAD_BYTES
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.profile.gpu.usable_bytes
+
+    @property
+    def workspace_bytes(self) -> int:
+        return int(self.profile.build.workspace_gib * GIB)
+
+    @property
+    def resident_peak(self) -> int:
+        c = self.components.values()
+        return (self.overhead_bytes + sum(m.weights_bytes + m.io_bytes for m in c)
+                + max((m.activations_bytes or 0 for m in c), default=0))
+
+    @property
+    def sequential_peak(self) -> int:
+        return self.overhead_bytes + max((m.total_bytes for m in self.components.values()), default=0)
+
+    @property
+    def build_peak(self) -> int:
+        return (self.overhead_bytes + self.workspace_bytes
+                + max((m.weights_bytes + (m.activations_bytes or 0) for m in self.components.values()), default=0))
+
+    @property
+    def peak(self) -> int:
+        return self.resident_peak if self.mode == "resident" else self.sequential_peak
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.usable_bytes
+
+    @property
+    def margin_bytes(self) -> int:
+        return self.usable_bytes - self.peak
+
+    @property
+    def complete(self) -> bool:
+        """False when some component's activations could not be estimated (then peaks are lower bounds)."""
+        return all(m.activations_bytes is not None for m in self.components.values())
+
+    def verdict(self) -> dict[str, Any]:
+        return {"fits": self.fits, "mode": self.mode, "peak_bytes": self.peak, "usable_bytes": self.usable_bytes,
+                "margin_bytes": self.margin_bytes, "margin_gib": round(self.margin_bytes / GIB, 2),
+                "margin_percent": round(100.0 * self.margin_bytes / self.usable_bytes, 1),
+                "complete": self.complete}
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.profile
+        return {"model": self.model, "profile": p.name,
+                "gpu": {"compute_capability": p.gpu.compute_capability, "memory_gib": p.gpu.memory_gib,
+                        "reserved_gib": p.gpu.reserved_gib, "usable_bytes": self.usable_bytes},
+                "shapes": {"batch": list(p.shapes.batch), "height": list(p.shapes.height),
+                           "width": list(p.shapes.width), "guidance": p.shapes.guidance},
+                "components": {k: v.to_json() for k, v in self.components.items()},
+                "overhead_bytes": self.overhead_bytes, "workspace_bytes": self.workspace_bytes,
+                "resident_peak_bytes": self.resident_peak, "sequential_peak_bytes": self.sequential_peak,
+                "build_peak_bytes": self.build_peak, **self.verdict()}
+
+
+# ----- the parts ------------------------------------------------------------------------------
+
+def _weight_bytes(module: Any, component: str, precision: str) -> tuple[int, int]:
+    """(parameters, bytes) of the parameters `component` runs, on the meta module."""
+    import torch
+
+    parts = VAE_PARTS.get(component)
+    named = [(n, p) for n, p in module.named_parameters() if parts is None or n.split(".")[0] in parts]
+    params = sum(p.numel() for _, p in named)
+    if precision in BYTES_PER_PARAM:
+        return params, params * BYTES_PER_PARAM[precision]
+    quantizable = set()
+    for name, m in module.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not any(x in name for x in INT8_EXCLUDED):
+            quantizable.add(f"{name}.weight")
+    return params, sum(p.numel() * (1 if n in quantizable else 2) for n, p in named)
+
+
+_CACHE: dict[tuple[Any, ...], tuple[int, int, Any]] = {}
+
+
+def measure_component(source: Any, spec: ComponentSpec, precision: str, batch: int, height: int,
+                      width: int) -> tuple[int, int, Any]:
+    """(parameters, weight bytes, ActivationTrace) for one component at one shape, cached per process."""
+    key = (source.ref, spec.name, precision, batch, height, width)
+    if key not in _CACHE:
+        import torch
+
+        from engines.activations import meta_inputs, trace_activations
+        from exporter.wrappers import wrap
+
+        module = source.build(spec.module, device="meta")
+        params, wbytes = _weight_bytes(module, spec.name, precision)
+        dtype = torch.float32 if precision == "fp32" else torch.float16  # int8 graphs compute in fp16 between Q/DQ
+        wrapper = wrap(spec, module).to(dtype)
+        trace = trace_activations(wrapper, meta_inputs(spec, batch, height, width, dtype))
+        _CACHE[key] = (params, wbytes, trace)
+    return _CACHE[key]
+
+
+def io_bytes(spec: ComponentSpec, batch: int, height: int, width: int) -> int:
+    total = 0
+    for tensors, shapes in ((spec.inputs, spec.input_shapes(batch, height, width)),
+                            (spec.outputs, spec.output_shapes(batch, height, width))):
+        for t in tensors:
+            n = 1
+            for d in shapes[t.name]:
+                n *= d
+            total += n * NUMPY_DTYPES[t.dtype]().itemsize
+    return total
+
+
+def plan_memory(source: Any, profile: GpuProfile, components: list[str] | None = None, mode: str | None = None,
+                specs: dict[str, ComponentSpec] | None = None, precisions: dict[str, str] | None = None,
+                weights_override: dict[str, int] | None = None) -> MemoryPlan:
+    """The memory plan of `source` (a ModelSource) on `profile`'s card. `specs`, `precisions` and
+    `weights_override` (bytes of ONNX files) come from an artifacts folder when planning a build."""
+    specs = specs or specs_from_configs(source.configs)
+    plan = MemoryPlan(model=source.ref, profile=profile, mode=mode or profile.runtime.residency)
+    for name in components or profile.components():
+        spec = specs[name]
+        precision = (precisions or {}).get(name) or profile.precision_for(name)
+        rng = profile.shape_range(spec.kind)
+        b, h, w = rng.batch[2], rng.height[2], rng.width[2]
+        params, wbytes, trace = measure_component(source, spec, precision, b, h, w)
+        note = ""
+        if trace.unfused_attention_calls:
+            note = (f"{trace.unfused_attention_calls} attention call(s) with heads wider than 128 counted "
+                    "with their full score matrices")
+        weights_from = "parameters"
+        if weights_override and name in weights_override:
+            wbytes, weights_from = weights_override[name], "onnx files"
+        plan.components[name] = ComponentMemory(
+            component=name, precision=precision, parameters=params, weights_bytes=wbytes, weights_from=weights_from,
+            activations_bytes=trace.peak_bytes, io_bytes=io_bytes(spec, b, h, w),
+            max_shapes=spec.input_shapes(b, h, w), peak_op=trace.peak_op, note=note)
+    return plan
+
+
+def weights_only_plan(model: str, profile: GpuProfile, specs: dict[str, ComponentSpec], precisions: dict[str, str],
+                      weights: dict[str, int], parameters: dict[str, int], reason: str) -> MemoryPlan:
+    """A plan without activations (torch missing, or the source model cannot be resolved):
+    its peaks are lower bounds and `complete` is False."""
+    plan = MemoryPlan(model=model, profile=profile, mode=profile.runtime.residency)
+    for name, spec in specs.items():
+        rng = profile.shape_range(spec.kind)
+        b, h, w = rng.batch[2], rng.height[2], rng.width[2]
+        plan.components[name] = ComponentMemory(
+            component=name, precision=precisions[name], parameters=parameters.get(name, 0),
+            weights_bytes=weights[name], weights_from="onnx files", activations_bytes=None,
+            io_bytes=io_bytes(spec, b, h, w), max_shapes=spec.input_shapes(b, h, w), note=reason)
+    return plan

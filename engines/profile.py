@@ -1,0 +1,376 @@
+"""GPU profiles: one TOML file per card (engines/profiles/*.toml) saying what to build for it and how
+much device memory it offers. A user's own TOML file works the same way (pass its path).
+
+Schema (every field is checked; an error names the field):
+
+    name = "rtx3060ti"                       # required: [a-z0-9][a-z0-9._-]*
+    description = "..."                      # optional
+    [gpu]
+    names = ["NVIDIA GeForce RTX 3060 Ti"]   # as CUDA reports them (a build on another model warns)
+    compute_capability = "8.6"               # required, "major.minor"
+    memory_gib = 8                           # required: device memory
+    reserved_gib = 0.5                       # memory not available to koala-trt (display, ECC, OS)
+    unified_memory = false                   # Jetson: device memory is the system's RAM
+    [precision]                              # fp32 | fp16 | int8 per component
+    text_encoder = "fp16"
+    text_encoder_2 = "fp16"
+    unet = "fp16"
+    [vae]                                    # the VAE policy
+    precision = "fp32"                       # SDXL's VAE overflows in FP16: fp16 needs fp16_safe = true
+    fp16_safe = false                        # true only with an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)
+    encoder = false                          # also build vae_encoder
+    [shapes]                                 # a value (static) or [min, opt, max]
+    batch = 1                                # images per call
+    height = 1024                            # pixels
+    width = 1024
+    guidance = true                          # classifier-free guidance doubles the U-Net's batch
+    [build]
+    workspace_gib = 2                        # TensorRT workspace (tactic scratch) cap
+    optimization_level = 3                   # builder optimization level 0..5
+    hardware_compatibility = "none"          # none | ampere_plus | same_compute_capability
+    version_compatible = false               # VERSION_COMPATIBLE engines (run on later TensorRT)
+    refit = "none"                           # none | identical (REFIT_IDENTICAL + STRIP_PLAN)
+    timing_cache = true                      # keep a timing cache in the engines folder
+    [runtime]
+    residency = "resident"                   # resident | sequential (one component at a time)
+    cuda_graphs = true                       # replay CUDA graphs for engines with static shapes
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from exporter.specs import COMPONENTS, ShapeRange
+from koala_trt.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PRECISIONS = ("fp32", "fp16", "int8")
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+REFIT = ("none", "identical")
+RESIDENCY = ("resident", "sequential")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+GIB = 1 << 30
+
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    compute_capability: str
+    memory_gib: float
+    reserved_gib: float = 0.0
+    names: tuple[str, ...] = ()
+    unified_memory: bool = False
+
+    @property
+    def sm(self) -> str:
+        """"8.6" -> "86", as in sm_86."""
+        return self.compute_capability.replace(".", "")
+
+    @property
+    def usable_bytes(self) -> int:
+        return int((self.memory_gib - self.reserved_gib) * GIB)
+
+
+@dataclass(frozen=True)
+class VaePolicy:
+    precision: str = "fp32"
+    fp16_safe: bool = False
+    encoder: bool = False
+
+
+@dataclass(frozen=True)
+class Shapes:
+    batch: Triple = (1, 1, 1)
+    height: Triple = (1024, 1024, 1024)
+    width: Triple = (1024, 1024, 1024)
+    guidance: bool = True
+
+    @property
+    def static(self) -> bool:
+        return all(t[0] == t[2] for t in (self.batch, self.height, self.width))
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    workspace_gib: float = 2.0
+    optimization_level: int = 3
+    hardware_compatibility: str = "none"
+    version_compatible: bool = False
+    refit: str = "none"
+    timing_cache: bool = True
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    residency: str = "resident"
+    cuda_graphs: bool = True
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    name: str
+    gpu: GpuSpec
+    precision: dict[str, str]
+    vae: VaePolicy = VaePolicy()
+    shapes: Shapes = Shapes()
+    build: BuildOptions = BuildOptions()
+    runtime: RuntimeOptions = RuntimeOptions()
+    description: str = ""
+    source: str = ""  # "builtin" or the TOML file's path
+    data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the TOML as read
+
+    # ----- what the build and the planner ask ----------------------------------------------
+    def components(self) -> list[str]:
+        """The components a pipeline on this card runs (vae_encoder only when the VAE policy asks)."""
+        return [c for c in COMPONENTS if c != "vae_encoder" or self.vae.encoder]
+
+    def precision_for(self, component: str) -> str:
+        if component.startswith("vae"):
+            return self.vae.precision
+        return self.precision[component]
+
+    def shape_range(self, kind: str) -> ShapeRange:
+        """The tensor shape range of a component of `kind` (a ComponentSpec.kind). With guidance the
+        U-Net sees negative and positive prompts in one batch; text encoders are given either one
+        prompt set per call or both at once, so their batch spans both; the VAE sees the images."""
+        b, g = self.shapes.batch, 2 if self.shapes.guidance else 1
+        if kind == "unet":
+            batch = (b[0] * g, b[1] * g, b[2] * g)
+        elif kind == "text_encoder":
+            batch = (b[0], b[1] * g, b[2] * g)
+        else:
+            batch = b
+        return ShapeRange(batch, self.shapes.height, self.shapes.width)
+
+    def with_overrides(self, batch: int | None = None, height: int | None = None, width: int | None = None,
+                       precision: str | None = None) -> "GpuProfile":
+        """This profile with static shapes or a precision for every non-VAE component set from the
+        command line (the VAE keeps its policy)."""
+        shapes = self.shapes
+        if batch is not None:
+            shapes = replace(shapes, batch=_static("--batch", batch))
+        if height is not None:
+            shapes = replace(shapes, height=_static("--height", height))
+        if width is not None:
+            shapes = replace(shapes, width=_static("--width", width))
+        prec = dict(self.precision)
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+            prec = {k: precision for k in prec}
+        return replace(self, shapes=shapes, precision=prec)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("data")
+        d["gpu"]["names"] = list(self.gpu.names)
+        d["shapes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["shapes"].items()}
+        return d
+
+
+def _static(flag: str, v: int) -> Triple:
+    if v < 1:
+        raise UsageError(f"{flag} must be positive (got {v})")
+    return (v, v, v)
+
+
+# ----- loading and validation -----------------------------------------------------------------
+
+class _Fields:
+    """Reads one TOML table, naming each field in its errors, and rejects unknown keys."""
+
+    def __init__(self, where: str, table: Any, prefix: str) -> None:
+        if not isinstance(table, Mapping):
+            raise UsageError(f"{where}: field {prefix.rstrip('.') or 'top level'} must be a table")
+        self.where, self.table, self.prefix, self.used = where, table, prefix, set()
+
+    def err(self, key: str, what: str) -> UsageError:
+        return UsageError(f"{self.where}: field {self.prefix}{key} {what}")
+
+    def get(self, key: str, default: Any = None, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if required:
+                raise self.err(key, "is required")
+            return default
+        return self.table[key]
+
+    def string(self, key: str, default: str | None = None, choices: tuple[str, ...] | None = None,
+               required: bool = False) -> str:
+        v = self.get(key, default, required)
+        if not isinstance(v, str):
+            raise self.err(key, f"must be a string (got {v!r})")
+        if choices and v not in choices:
+            raise self.err(key, f"must be one of {', '.join(choices)} (got {v!r})")
+        return v
+
+    def boolean(self, key: str, default: bool) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            raise self.err(key, f"must be true or false (got {v!r})")
+        return v
+
+    def number(self, key: str, default: float | None = None, lo: float = 0.0, required: bool = False,
+               positive: bool = False) -> float:
+        v = self.get(key, default, required)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.err(key, f"must be a number (got {v!r})")
+        if v < lo or (positive and v <= 0):
+            raise self.err(key, f"must be {'positive' if positive else f'at least {lo}'} (got {v!r})")
+        return float(v)
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        v = self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self.err(key, f"must be an integer {lo}..{hi} (got {v!r})")
+        return v
+
+    def triple(self, key: str, default: Triple, multiple: int = 1) -> Triple:
+        v = self.get(key, default)
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = (v, v, v)
+        if (not isinstance(v, (list, tuple)) or len(v) != 3
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in v)):
+            raise self.err(key, f"must be an integer or a list [min, opt, max] of integers (got {v!r})")
+        lo, opt, hi = v
+        if lo < 1 or not lo <= opt <= hi:
+            raise self.err(key, f"must satisfy 1 <= min <= opt <= max (got {list(v)})")
+        if any(x % multiple for x in v):
+            raise self.err(key, f"must be multiples of {multiple} (got {list(v)})")
+        return (lo, opt, hi)
+
+    def table_of(self, key: str) -> "_Fields":
+        return _Fields(self.where, self.get(key, {}), f"{self.prefix}{key}.")
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.err(unknown[0], "is not a known field (check its spelling)")
+
+
+def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> GpuProfile:
+    """Validate a parsed TOML document; every error names the offending field."""
+    top = _Fields(where, data, "")
+    top.get("schema", 1)
+    name = top.string("name", required=True)
+    if not NAME_RE.match(name):
+        raise top.err("name", f"must match [a-z0-9][a-z0-9._-]* (got {name!r})")
+    description = top.string("description", "")
+
+    g = top.table_of("gpu")
+    cc_raw = g.get("compute_capability", required=True)
+    cc = str(cc_raw) if isinstance(cc_raw, (str, float)) and not isinstance(cc_raw, bool) else ""
+    if not re.match(r"^\d+\.\d$", cc):
+        raise g.err("compute_capability", f"must be a string like \"8.6\" (got {cc_raw!r})")
+    memory = g.number("memory_gib", required=True, positive=True)
+    reserved = g.number("reserved_gib", 0.0)
+    if reserved >= memory:
+        raise g.err("reserved_gib", f"must be less than gpu.memory_gib ({reserved} >= {memory})")
+    names = g.get("names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise g.err("names", f"must be a list of strings (got {names!r})")
+    gpu = GpuSpec(cc, memory, reserved, tuple(names), g.boolean("unified_memory", False))
+    g.done()
+
+    p = top.table_of("precision")
+    precision = {c: p.string(c, "fp16", PRECISIONS) for c in ("text_encoder", "text_encoder_2", "unet")}
+    p.done()
+
+    v = top.table_of("vae")
+    vae = VaePolicy(v.string("precision", "fp32", ("fp32", "fp16")), v.boolean("fp16_safe", False),
+                    v.boolean("encoder", False))
+    if vae.precision == "fp16" and not vae.fp16_safe:
+        raise v.err("precision", "= \"fp16\" needs vae.fp16_safe = true: SDXL's VAE overflows in FP16 "
+                    "(NaN, black images); use an fp16-safe VAE such as sdxl-vae-fp16-fix, or keep \"fp32\"")
+    v.done()
+
+    s = top.table_of("shapes")
+    shapes = Shapes(s.triple("batch", (1, 1, 1)), s.triple("height", (1024,) * 3, 8),
+                    s.triple("width", (1024,) * 3, 8), s.boolean("guidance", True))
+    s.done()
+
+    b = top.table_of("build")
+    build = BuildOptions(b.number("workspace_gib", 2.0, positive=True), b.integer("optimization_level", 3, 0, 5),
+                         b.string("hardware_compatibility", "none", HARDWARE_COMPATIBILITY),
+                         b.boolean("version_compatible", False), b.string("refit", "none", REFIT),
+                         b.boolean("timing_cache", True))
+    if build.hardware_compatibility == "ampere_plus" and int(cc.split(".")[0]) < 8:
+        raise b.err("hardware_compatibility", f"= \"ampere_plus\" needs an Ampere or newer GPU (sm_80+); "
+                    f"this profile's GPU is sm_{gpu.sm}")
+    if build.hardware_compatibility == "ampere_plus" and gpu.unified_memory:
+        raise b.err("hardware_compatibility", "= \"ampere_plus\" is not supported on Jetson (JetPack)")
+    if build.workspace_gib >= memory:
+        raise b.err("workspace_gib", f"must be less than gpu.memory_gib ({build.workspace_gib} >= {memory})")
+    b.done()
+
+    r = top.table_of("runtime")
+    runtime = RuntimeOptions(r.string("residency", "resident", RESIDENCY), r.boolean("cuda_graphs", True))
+    r.done()
+    top.done()
+    return GpuProfile(name=name, gpu=gpu, precision=precision, vae=vae, shapes=shapes, build=build,
+                      runtime=runtime, description=description, source=source, data=dict(data))
+
+
+def _builtin_dir() -> Any:
+    return resources.files("engines").joinpath("profiles")
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def _parse(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{where} is not valid TOML ({e})") from None
+
+
+def load_profile(ref: str | Path) -> GpuProfile:
+    """A built-in profile by name (`rtx3060ti`) or a TOML file by path."""
+    s = str(ref)
+    path = Path(s).expanduser()
+    if s.endswith(".toml") or path.exists() or "/" in s:
+        if not path.is_file():
+            raise UsageError(f"profile file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read profile {path}: {e}") from None
+        return profile_from_dict(_parse(text, str(path)), str(path), source=str(path.resolve()))
+    res = _builtin_dir().joinpath(f"{s}.toml")
+    if not res.is_file():
+        raise UsageError(f"unknown GPU profile {s!r}; built-in profiles: {', '.join(builtin_names())} "
+                         "(or pass the path of your own .toml)")
+    return profile_from_dict(_parse(res.read_text(encoding="utf-8"), f"profile {s}"), f"profile {s}", source="builtin")
+
+
+def list_profiles() -> list[GpuProfile]:
+    return [load_profile(n) for n in builtin_names()]
+
+
+def profile_sha256(profile: GpuProfile) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(profile.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def profile_for_device(name: str, compute_capability: str) -> GpuProfile | None:
+    """The built-in profile for a local GPU: by its CUDA name, else the only one with its compute capability."""
+    profiles = list_profiles()
+    for p in profiles:
+        if name in p.gpu.names:
+            return p
+    same_cc = [p for p in profiles if p.gpu.compute_capability == compute_capability]
+    return same_cc[0] if len(same_cc) == 1 else None

@@ -1,0 +1,231 @@
+"""The TensorRT runtime backend: engines from a `koala-trt build` folder behind the Backend protocol
+of engines/runtime.py. No torch, no diffusers: numpy, cuda-python (engines/cuda.py) and TensorRT
+(engines/trt.py, the only module that calls it).
+
+- ENGINES/manifest.json gives each component's spec (names, dtypes, shapes) and its engine's
+  optimization profile; loading refuses engines built for another GPU or TensorRT version, with the
+  exact rebuild command.
+- Device buffers persist between calls: each I/O tensor has one buffer, allocated once and grown only
+  when a larger shape arrives. An input equal to the previous call's (the prompt embeddings across
+  the denoising steps) is not copied again.
+- One activation buffer is shared by all engines (they run one after another on one stream), sized
+  for the largest: the memory planner's resident case.
+- Engines whose shapes are static may replay a CUDA graph captured on their first call.
+- residency "sequential" keeps one engine on the device at a time (for cards where all do not fit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from engines.engine_manifest import EnginesManifest, check_compatible, load_engines_manifest
+from exporter.manifest import sha256_file
+from exporter.specs import NUMPY_DTYPES, ComponentSpec
+from koala_trt.errors import KoalaError, UsageError
+
+
+def _log_stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def check_feed_shapes(manifest: EnginesManifest, component: str, feeds: dict[str, np.ndarray]) -> None:
+    """Inputs must lie inside the engine's optimization profile: one error naming the input and limit."""
+    for name, (lo, _, hi) in manifest.profile_shapes(component).items():
+        shape = tuple(feeds[name].shape)
+        if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+            r = manifest.shape_range(component)
+            bad = next((i for i, (s, a, b) in enumerate(zip(shape, lo, hi)) if s < a or s > b), 0)
+            limit = f"dim {bad} must be {lo[bad]}..{hi[bad]}" if len(shape) == len(lo) else f"rank must be {len(lo)}"
+            raise UsageError(
+                f"{component}.{name}: shape {shape} is outside the engine's profile ({limit}; min {lo}, max {hi}; "
+                f"built for batch {r.batch[0]}..{r.batch[2]}, {r.height[0]}..{r.height[2]} x {r.width[0]}..{r.width[2]} px "
+                f"in {manifest.root}); rebuild with --batch/--height/--width or a profile whose [shapes] cover it")
+
+
+@dataclass
+class _Session:
+    engine: Any  # engines.trt.Engine
+    static: bool
+    buffers: dict[str, Any] = field(default_factory=dict)  # name -> cuda.DeviceBuffer
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input shapes set on the context
+    last: dict[str, np.ndarray] = field(default_factory=dict)  # host copy of each input last uploaded
+    graph: Any = None  # cuda.Graph for static shapes
+
+
+class TensorRTBackend:
+    """Runs pipeline components from an engines folder: TensorRTBackend(engines_dir)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engines_dir: Path | str, cuda_graphs: bool | None = None, residency: str | None = None,
+                 verbose: bool = False, log: Callable[[str], None] = _log_stderr) -> None:
+        self.manifest: EnginesManifest = load_engines_manifest(engines_dir)
+        self.specs: dict[str, ComponentSpec] = self.manifest.specs()
+        from engines.build import missing_requirements
+
+        missing = missing_requirements()
+        if missing:
+            raise KoalaError(f"the TensorRT backend cannot run on this machine, missing: {'; '.join(missing)} "
+                             "(the onnxruntime backend runs the same pipeline without them)")
+        from engines import cuda, trt
+
+        self._cuda, self._trt, self.verbose, self.log = cuda, trt, verbose, log
+        self.device = cuda.device_info()
+        self.trt_version = trt.version()
+        for warning in check_compatible(self.manifest, self.device, self.trt_version):
+            log(f"warning: {warning}")
+        runtime = self.manifest.data.get("profile", {}).get("runtime", {})
+        self.cuda_graphs = bool(runtime.get("cuda_graphs", False)) if cuda_graphs is None else cuda_graphs
+        self.residency = residency or runtime.get("residency", "resident")
+        if self.residency not in ("resident", "sequential"):
+            raise UsageError(f"residency must be resident or sequential (got {self.residency!r})")
+        self.stream = cuda.stream_create()
+        self._activations = cuda.DeviceBuffer()
+        self._sessions: dict[str, _Session] = {}
+        self._plans: dict[str, bytes] = {}
+        self.uploads = self.uploads_skipped = self.graph_launches = 0
+        if self.residency == "resident":
+            for component in self.specs:
+                self._session(component)
+
+    # ----- loading ----------------------------------------------------------------------------
+    def _plan_bytes(self, component: str) -> bytes:
+        """The plan file, checked against its sha256; kept in host memory only in sequential mode
+        (where it is loaded again and again)."""
+        if component in self._plans:
+            return self._plans[component]
+        entry, path = self.manifest.entry(component), self.manifest.engine_path(component)
+        if not path.is_file():
+            raise KoalaError(f"{path} is missing; rebuild: {self.manifest.rebuild_command()}")
+        data = path.read_bytes()
+        if len(data) != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise KoalaError(f"{path} does not match its sha256 in the engines manifest (changed or corrupt); "
+                             f"rebuild: {self.manifest.rebuild_command()}")
+        if self.residency == "sequential":
+            self._plans[component] = data
+        return data
+
+    def _refit_source(self, component: str) -> Path | None:
+        entry = self.manifest.entry(component)
+        if not entry.get("stripped"):
+            return None
+        src = entry["source"]
+        onnx, root = Path(src["onnx"]), Path(src["artifacts"])
+        # REFIT_IDENTICAL needs the very weights the engine was built with: every file (graph and
+        # external data) must match the sha256 recorded at build time.
+        for rel, meta in src.get("files", {}).items():
+            p = root / rel
+            if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+                raise KoalaError(f"{component}: the weight-stripped engine is refitted from {onnx}, but {p} is missing "
+                                 f"or no longer the file it was built from; rebuild: {self.manifest.rebuild_command()}")
+        return onnx
+
+    def _bind_activations(self) -> None:
+        for s in self._sessions.values():
+            s.engine.set_device_memory(self._activations.ptr, self._activations.nbytes)
+            s.graph = self._drop_graph(s.graph)
+
+    def _session(self, component: str) -> _Session:
+        if component in self._sessions:
+            return self._sessions[component]
+        if self.residency == "sequential":
+            for other in list(self._sessions):
+                self._unload(other)
+        engine = self._trt.Engine(self._plan_bytes(component), self._refit_source(component), verbose=self.verbose)
+        engine.create_context()
+        entry = self.manifest.entry(component)
+        session = _Session(engine=engine, static=bool(entry.get("static")))
+        self._sessions[component] = session
+        if self._activations.ensure(engine.device_memory_bytes):
+            self._bind_activations()
+        else:
+            engine.set_device_memory(self._activations.ptr, self._activations.nbytes)
+        return session
+
+    def _drop_graph(self, graph: Any) -> None:
+        if graph is not None:
+            graph.destroy()
+        return None
+
+    def _unload(self, component: str) -> None:
+        s = self._sessions.pop(component)
+        s.graph = self._drop_graph(s.graph)
+        for b in s.buffers.values():
+            b.release()
+        s.engine.close()
+
+    # ----- running ----------------------------------------------------------------------------
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if component not in self.specs:
+            raise UsageError(f"{self.manifest.root} has no {component} engine (it holds {', '.join(self.specs)})")
+        spec = self.specs[component]
+        spec.check_inputs(feeds)
+        check_feed_shapes(self.manifest, component, feeds)
+        cuda, s = self._cuda, self._session(component)
+        eng = s.engine
+        changed = False
+        for name in eng.inputs:
+            a = np.ascontiguousarray(feeds[name], dtype=eng.dtypes[name])
+            if s.shapes.get(name) != a.shape:
+                eng.set_input_shape(name, a.shape)
+                s.shapes[name], changed = a.shape, True
+            buf = s.buffers.setdefault(name, cuda.DeviceBuffer())
+            if buf.ensure(a.nbytes):
+                eng.set_address(name, buf.ptr)
+                s.last.pop(name, None)
+                changed = True
+            prev = s.last.get(name)
+            if prev is not None and prev.shape == a.shape and np.array_equal(prev, a):
+                self.uploads_skipped += 1
+            else:
+                cuda.copy_htod(buf.ptr, a, self.stream)
+                s.last[name] = a.copy()
+                self.uploads += 1
+        out_shapes = {}
+        for name in eng.outputs:
+            shape = eng.tensor_shape(name)
+            buf = s.buffers.setdefault(name, cuda.DeviceBuffer())
+            if buf.ensure(int(np.prod(shape)) * eng.dtypes[name].itemsize):
+                eng.set_address(name, buf.ptr)
+                changed = True
+            out_shapes[name] = shape
+        if changed:
+            s.graph = self._drop_graph(s.graph)
+        handle = cuda.stream_handle(self.stream)
+        if self.cuda_graphs and s.static:
+            if s.graph is None:
+                eng.execute(handle)  # TensorRT needs one run before capture; its outputs are this call's
+                s.graph = cuda.Graph(self.stream, lambda stream: eng.execute(cuda.stream_handle(stream)))
+            else:
+                s.graph.launch(self.stream)
+                self.graph_launches += 1
+        else:
+            eng.execute(handle)
+        outputs = {}
+        for name, shape in out_shapes.items():
+            host = np.empty(shape, dtype=eng.dtypes[name])
+            cuda.copy_dtoh(host, s.buffers[name].ptr, self.stream)
+            outputs[name] = host
+        cuda.stream_sync(self.stream)
+        return {t.name: outputs[t.name].astype(NUMPY_DTYPES[t.dtype], copy=False) for t in spec.outputs}
+
+    def close(self) -> None:
+        for component in list(getattr(self, "_sessions", {})):
+            self._unload(component)
+        if getattr(self, "_activations", None) is not None:
+            self._activations.release()
+        if getattr(self, "stream", None) is not None:
+            self._cuda.stream_destroy(self.stream)
+            self.stream = None
+
+    def __enter__(self) -> "TensorRTBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,188 @@
+"""Every TensorRT call koala-trt makes lives in this module.
+
+Build: NVIDIA's own path for diffusion models, through Polygraphy's Python API:
+network_from_onnx_path(..., strongly_typed=True) -> CreateConfig(profiles=..., ...) ->
+engine_bytes_from_network(..., save_timing_cache=...) (engine_from_network's serializing twin, so a
+weight-stripped plan is written exactly as the builder made it). Networks are always strongly typed, so the same code
+builds on TensorRT 10 and 11: the precision is the ONNX graph's, never BuilderFlag.FP16/INT8 or a
+calibrator (removed in 11). Flags are set by name (STRONGLY_TYPED's integer changed between 10 and
+11). Refittable engines use REFIT_IDENTICAL with STRIP_PLAN, never bare REFIT (wrong results in 11.3).
+
+Run: Engine wraps a deserialized engine and one execution context through TensorRT 10's name-based
+I/O API (set_input_shape, set_tensor_address, execute_async_v3). Device memory comes from the
+caller (engines/cuda.py), so the activation memory can be shared between engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from koala_trt.errors import KoalaError
+
+# ONNX parser flag: TensorRT's native InstanceNormalization (the default; needed for hardware- and
+# version-compatible engines, where the plugin is unavailable).
+PARSER_FLAGS = ("NATIVE_INSTANCENORM",)
+
+
+def version() -> str:
+    import tensorrt
+
+    return str(tensorrt.__version__)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Polygraphy and TensorRT log to stdout: send it to stderr (stdout stays clean for --json)."""
+    from polygraphy.logger import G_LOGGER
+
+    old = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.WARNING
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        G_LOGGER.module_severity = old
+
+
+def _numpy_dtype(trt_dtype: Any) -> np.dtype:
+    import tensorrt as trt
+
+    table = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT32: np.int32,
+             trt.DataType.INT8: np.int8, trt.DataType.BOOL: np.bool_, trt.DataType.UINT8: np.uint8}
+    if hasattr(trt.DataType, "INT64"):
+        table[trt.DataType.INT64] = np.int64
+    if trt_dtype not in table:
+        raise KoalaError(f"engine I/O of TensorRT type {trt_dtype} has no numpy equivalent")
+    return np.dtype(table[trt_dtype])
+
+
+@dataclass
+class BuiltEngine:
+    data: bytes
+    device_memory_bytes: int
+    layers: int
+    io: dict[str, dict[str, Any]]  # name -> {"mode": "input"|"output", "dtype": numpy dtype name}
+
+
+def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...], ...]], flags: dict[str, Any],
+                 timing_cache: Path | None, verbose: bool = False) -> BuiltEngine:
+    """One strongly typed engine from an ONNX file with one optimization profile (min/opt/max per
+    input). `flags` is BuildPlan.flags."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import (CreateConfig, PostprocessConfig, Profile, engine_bytes_from_network,
+                                        engine_from_bytes, network_from_onnx_path)
+    from polygraphy.exception import PolygraphyException
+
+    parser_flags = [getattr(trt.OnnxParserFlag, f) for f in PARSER_FLAGS if hasattr(trt.OnnxParserFlag, f)]
+    profile = Profile()
+    for name, (lo, opt, hi) in profile_shapes.items():
+        profile.add(name, min=list(lo), opt=list(opt), max=list(hi))
+    hc = flags.get("hardware_compatibility", "none")
+    if hc != "none" and not hasattr(trt.HardwareCompatibilityLevel, hc.upper()):
+        raise KoalaError(f"TensorRT {trt.__version__} has no hardware compatibility level {hc.upper()}")
+    stripped = flags.get("refit") == "REFIT_IDENTICAL+STRIP_PLAN"
+    config = CreateConfig(
+        profiles=[profile],
+        tf32=bool(flags.get("tf32", False)),
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(flags["workspace_bytes"])},
+        builder_optimization_level=int(flags["builder_optimization_level"]),
+        hardware_compatibility_level=getattr(trt.HardwareCompatibilityLevel, hc.upper()) if hc != "none" else None,
+        version_compatible=bool(flags.get("version_compatible")) or None,
+        strip_plan=stripped or None,
+        load_timing_cache=str(timing_cache) if timing_cache and timing_cache.is_file() else None,
+    )
+    if stripped:  # REFIT_IDENTICAL, set by name; CreateConfig's `refittable` would set bare REFIT
+        config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT_IDENTICAL))
+    try:
+        with _quiet(verbose):
+            network = network_from_onnx_path(str(onnx_path), flags=parser_flags or None, strongly_typed=True)
+            # The builder's serialized plan as is (a weight-stripped plan stays stripped), then deserialized
+            # once to read what the engine needs at run time.
+            data = bytes(engine_bytes_from_network(network, config=config,
+                                                   save_timing_cache=str(timing_cache) if timing_cache else None))
+            engine = engine_from_bytes(data)
+    except PolygraphyException as e:
+        raise KoalaError(f"TensorRT could not build {onnx_path}: {str(e).strip().splitlines()[-1][:300]}") from None
+    io = {}
+    for i in range(engine.num_io_tensors):
+        n = engine.get_tensor_name(i)
+        io[n] = {"mode": "input" if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else "output",
+                 "dtype": _numpy_dtype(engine.get_tensor_dtype(n)).name}
+    mem = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", 0)
+    return BuiltEngine(data=data, device_memory_bytes=int(mem), layers=int(engine.num_layers), io=io)
+
+
+class Engine:
+    """A deserialized engine and its one execution context; activation memory supplied by the caller."""
+
+    def __init__(self, data: bytes, refit_onnx: Path | None = None, verbose: bool = False) -> None:
+        import tensorrt as trt
+        from polygraphy.backend.trt import engine_from_bytes
+        from polygraphy.exception import PolygraphyException
+
+        self._trt = trt
+        try:
+            with _quiet(verbose):
+                self.engine = engine_from_bytes(data)  # also allows version-compatible host code
+        except PolygraphyException as e:
+            raise KoalaError(f"TensorRT could not load the engine: {str(e).strip().splitlines()[-1][:300]}") from None
+        if refit_onnx is not None:
+            self._refit(refit_onnx)
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in self.names if n not in self.inputs]
+        self.dtypes = {n: _numpy_dtype(self.engine.get_tensor_dtype(n)) for n in self.names}
+        self.device_memory_bytes = int(getattr(self.engine, "device_memory_size_v2", None)
+                                       or getattr(self.engine, "device_memory_size", 0))
+        self.context: Any = None
+
+    def _refit(self, onnx_path: Path) -> None:
+        """Weight-stripped plans get their weights back from the identical ONNX file they were built from."""
+        trt = self._trt
+        logger = trt.Logger(trt.Logger.WARNING)
+        refitter = trt.Refitter(self.engine, logger)
+        parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+        if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+            raise KoalaError(f"could not refit the weight-stripped engine from {onnx_path}")
+
+    def create_context(self) -> None:
+        """An execution context whose activation memory the caller provides (set_device_memory)."""
+        trt = self._trt
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        if strategy is not None:
+            self.context = self.engine.create_execution_context(strategy.USER_MANAGED)
+        else:  # pragma: no cover - TensorRT < 10
+            self.context = self.engine.create_execution_context_without_device_memory()
+        if self.context is None:
+            raise KoalaError("TensorRT could not create an execution context (out of device memory?)")
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        if hasattr(self.context, "set_device_memory"):
+            self.context.set_device_memory(ptr, size)
+        else:  # TensorRT 10.0
+            self.context.device_memory = ptr
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, tuple(shape)):
+            raise KoalaError(f"TensorRT rejected shape {tuple(shape)} for input {name}")
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.context.get_tensor_shape(name))
+
+    def set_address(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):
+            raise KoalaError(f"TensorRT rejected the device address of {name}")
+
+    def execute(self, stream_handle: int) -> None:
+        if not self.context.execute_async_v3(stream_handle):
+            raise KoalaError("TensorRT execution failed (see the log above)")
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from koala_trt.commands.common import components_option, log, print_json, table
+
+GIB = 1 << 30
+
+
+def _ranges(profile_shapes: dict) -> str:
+    out = []
+    for name, (lo, opt, hi) in profile_shapes.items():
+        dims = "x".join(str(a) if a == c else f"{a}..{c}" for a, c in zip(lo, hi))
+        out.append(f"{name}[{dims}]")
+    return " ".join(out)
+
+
+def print_plan(plan: object, dry_run: bool) -> None:
+    p = plan  # BuildPlan
+    mem = p.memory  # type: ignore[attr-defined]
+    rows = []
+    for name, c in p.components.items():  # type: ignore[attr-defined]
+        m = mem.components.get(name) if mem else None
+        est = "?" if m is None else (f"{m.total_bytes / GIB:.2f}" if m.activations_bytes is not None
+                                     else f">={m.total_bytes / GIB:.2f}")
+        rows.append([name, c.precision, str(c.onnx_path), _ranges(c.profile_shapes), est, c.engine])
+    prof = p.profile  # type: ignore[attr-defined]
+    click.echo(f"{'build plan (dry run: nothing built, TensorRT not imported)' if dry_run else 'build plan'} for "
+               f"{prof.name} (sm_{prof.gpu.sm}, TensorRT {p.trt_version or 'not installed'}) -> {p.out}")  # type: ignore[attr-defined]
+    click.echo(table(rows, ["component", "precision", "onnx", "input shapes (min..max)", "est. GiB", "engine"]))
+    f = p.flags  # type: ignore[attr-defined]
+    click.echo(f"flags: strongly typed; builder optimization level {f['builder_optimization_level']}; workspace "
+               f"{f['workspace_bytes'] / GIB:g} GiB; hardware compatibility {f['hardware_compatibility']}; version "
+               f"compatible {str(f['version_compatible']).lower()}; refit {f['refit']}; timing cache "
+               f"{f['timing_cache'] or 'off'}; TF32 off")
+    if mem:
+        v = mem.verdict()
+        note = "" if v["complete"] else " (weights only: activations not estimated)"
+        click.echo(f"memory ({v['mode']}): peak {v['peak_bytes'] / GIB:.2f} GiB of {v['usable_bytes'] / GIB:.2f} GiB usable: "
+                   f"{'fits' if v['fits'] else 'DOES NOT FIT'}, margin {v['margin_gib']:+.2f} GiB{note}; engine build peak "
+                   f"{mem.build_peak / GIB:.2f} GiB")
+
+
+@click.command("build")
+@click.option("--onnx", "onnx_dirs", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Artifacts folder (repeat to combine precisions, e.g. an fp16 and an int8 folder).")
+@click.option("--profile", "-p", "profile_ref", required=True, help="GPU profile name or TOML path.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Engines folder to write.")
+@components_option("default: the profile's pipeline (text_encoder,text_encoder_2,unet,vae_decoder)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Precision of the text encoders and U-Net instead of the profile's (the VAE keeps its policy).")
+@click.option("--batch", type=int, help="Images per call (static), instead of the profile's range.")
+@click.option("--height", type=int, help="Image height in px (static), instead of the profile's range.")
+@click.option("--width", type=int, help="Image width in px (static), instead of the profile's range.")
+@click.option("--dry-run", is_flag=True, help="Print the whole build plan; build nothing, import no TensorRT.")
+@click.option("--no-estimate", is_flag=True, help="Skip the memory estimate (it traces the model on the meta device).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--verbose", is_flag=True, help="Show TensorRT's and Polygraphy's build log.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, components: tuple[str, ...],
+              precision: str | None, batch: int | None, height: int | None, width: int | None, dry_run: bool,
+              no_estimate: bool, force: bool, verbose: bool, as_json: bool) -> None:
+    """Build one strongly typed TensorRT engine per component for a GPU profile, from the artifacts
+    folder(s) holding the precision the profile asks for; --dry-run prints the plan only."""
+    from engines.buildplan import installed_trt_version, make_build_plan
+    from engines.profile import load_profile
+    from exporter.specs import parse_components
+
+    profile = load_profile(profile_ref).with_overrides(batch, height, width, precision)
+    comps = parse_components(components, default=tuple(profile.components())) if components else None
+    args = {"onnx": [str(Path(d).resolve()) for d in onnx_dirs],
+            "profile": profile_ref if not Path(profile_ref).exists() else str(Path(profile_ref).resolve()),
+            "components": comps, "precision": precision, "batch": batch, "height": height, "width": width}
+    if dry_run:
+        plan = make_build_plan(list(onnx_dirs), profile, out, comps, installed_trt_version(), not no_estimate, args)
+        if as_json:
+            print_json({"dry_run": True, **plan.to_json()})
+        else:
+            print_plan(plan, dry_run=True)
+        return
+    from engines.build import missing_requirements, run_build
+    from koala_trt.errors import KoalaError
+
+    missing = missing_requirements()
+    if missing:
+        raise KoalaError(f"cannot build engines on this machine, missing: {'; '.join(missing)}. "
+                         "`koala-trt build --dry-run` shows the plan without them")
+    from engines import trt
+
+    plan = make_build_plan(list(onnx_dirs), profile, out, comps, trt.version(), not no_estimate, args)
+    if not as_json:
+        print_plan(plan, dry_run=False)
+    data = run_build(plan, force=force, verbose=verbose, log=log)
+    if as_json:
+        print_json({"dry_run": False, "engines": str(out), **{k: data[k] for k in ("gpu", "tensorrt", "cuda", "flags", "engines", "build")}})
+        return
+    rows = [[n, e["precision"], f"{e['bytes'] / 2**20:,.1f}", f"{e['device_memory_bytes'] / 2**20:,.1f}",
+             f"{e['build_seconds']:.1f}", e["file"]] for n, e in data["engines"].items()]
+    click.echo(table(rows, ["component", "precision", "engine MiB", "activations MiB", "build s", "file"]))
+    click.echo(f"engines: {out} ({data['gpu']['name']}, sm_{data['gpu']['compute_capability'].replace('.', '')}, "
+               f"TensorRT {data['tensorrt']}, {data['build']['seconds']:.1f} s)")

@@ -1,0 +1,113 @@
+"""The memory planner: the activation tracer on hand-countable modules, and the KOALA paper's verdicts
+at 1024x1024 (KOALA-700M fits the 8 GB RTX 3060 Ti, SDXL-Base does not; both fit the 24 GB RTX 4090)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+
+GIB = 1 << 30
+
+
+def test_tracer_counts_live_intermediates_only() -> None:
+    from engines.activations import trace_activations
+
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(10, 1000), torch.nn.ReLU(), torch.nn.Linear(1000, 10))
+        x = torch.empty(4, 10)
+    t = trace_activations(net, {"input": x})
+    # Linear1's output (4x1000 fp32) and ReLU's output live together; weights and the input are not counted.
+    assert t.peak_bytes == 2 * 4 * 1000 * 4
+    half = trace_activations(net.half(), {"input": x.half()})
+    assert half.peak_bytes == t.peak_bytes // 2
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        b, n, _ = q.shape
+        q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_fused_attention_is_counted_without_the_score_matrix() -> None:
+    from engines.activations import FUSED_ATTENTION_MAX_HEAD_DIM, trace_activations
+
+    tokens = 1024
+    small = trace_activations(_Attention(8, 64), {"q": torch.empty(1, tokens, 512, device="meta")})
+    assert small.fused_attention_calls == 1 and small.unfused_attention_calls == 0
+    assert small.peak_bytes < tokens * tokens * 4  # no tokens x tokens matrix
+    wide = trace_activations(_Attention(1, 512), {"q": torch.empty(1, tokens, 512, device="meta")})
+    assert 512 > FUSED_ATTENTION_MAX_HEAD_DIM and wide.unfused_attention_calls == 1
+    assert wide.peak_bytes >= tokens * tokens * 4  # the score matrix is materialized
+
+
+@pytest.fixture(scope="module")
+def paper_plans() -> dict:
+    from engines.planner import plan_memory
+    from engines.profile import load_profile
+    from exporter.sources import resolve
+
+    out = {}
+    for model in ("koala-700m", "koala-1b", "sdxl-base"):
+        source = resolve(f"random:{model}")
+        for card in ("rtx3060ti", "rtx4090"):
+            out[model, card] = plan_memory(source, load_profile(card))
+    return out
+
+
+def test_paper_finding_at_1024(paper_plans: dict) -> None:
+    assert paper_plans["koala-700m", "rtx3060ti"].fits
+    assert not paper_plans["sdxl-base", "rtx3060ti"].fits
+    for model in ("koala-700m", "koala-1b", "sdxl-base"):
+        assert paper_plans[model, "rtx4090"].fits
+    # Verdicts come with their margin, resident case by default.
+    v = paper_plans["sdxl-base", "rtx3060ti"].verdict()
+    assert v["mode"] == "resident" and v["margin_bytes"] < 0 and v["complete"]
+
+
+def test_plan_components_and_peaks(paper_plans: dict) -> None:
+    p = paper_plans["koala-700m", "rtx3060ti"]
+    c = p.components
+    assert list(c) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    assert abs(c["unet"].parameters - 782e6) / 782e6 < 0.01  # the paper's 782M
+    assert c["unet"].weights_bytes == 2 * c["unet"].parameters  # fp16
+    assert c["vae_decoder"].weights_bytes == 4 * c["vae_decoder"].parameters  # fp32 VAE policy
+    assert c["unet"].max_shapes["sample"] == (2, 4, 128, 128)  # CFG batch at 1024x1024
+    assert p.sequential_peak < p.resident_peak
+    assert p.resident_peak == p.overhead_bytes + sum(m.weights_bytes + m.io_bytes for m in c.values()) + max(
+        m.activations_bytes for m in c.values())
+    # SDXL-Base's U-Net alone outweighs KOALA-700M's by its parameter ratio.
+    s = paper_plans["sdxl-base", "rtx3060ti"].components["unet"]
+    assert s.weights_bytes / c["unet"].weights_bytes == pytest.approx(s.parameters / c["unet"].parameters)
+
+
+def test_int8_weights_sit_between_one_and_two_bytes() -> None:
+    from engines.planner import plan_memory
+    from engines.profile import load_profile
+    from exporter.sources import resolve
+
+    p = plan_memory(resolve("random:koala-700m"), load_profile("rtx3060ti").with_overrides(precision="int8"),
+                    components=["unet"])
+    u = p.components["unet"]
+    assert u.parameters < u.weights_bytes < 1.1 * u.parameters
+
+
+def test_plan_cli_json_and_sequential_verdict() -> None:
+    code, out, err = run_cli("plan", "--model", "random:sdxl-base", "--profile", "rtx3060ti", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["fits"] is False and d["mode"] == "resident"
+    assert d["resident_peak_bytes"] > d["usable_bytes"] >= d["sequential_peak_bytes"]
+    code, out, _ = run_cli("plan", "--model", "random:sdxl-base", "--profile", "rtx3060ti", "--residency", "sequential", "--json")
+    assert json.loads(out)["fits"] is True  # one component at a time, SDXL-Base fits the 8 GB card
+    code, out, _ = run_cli("plan", "--model", "random:koala-700m", "--profile", "rtx3060ti")
+    assert code == 0 and "verdict (resident): FITS" in out

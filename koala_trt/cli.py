@@ -21,6 +21,9 @@ from koala_trt.errors import KoalaError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("koala_trt.commands.inspect", "inspect_cmd", "Components, parameter counts and configs of a model or artifacts folder."),
     "export": ("koala_trt.commands.export", "export_cmd", "Export every component to ONNX, each checked against PyTorch."),
+    "calibrate": ("koala_trt.commands.calibrate", "calibrate_cmd", "Record U-Net inputs along denoising trajectories for INT8 calibration."),
+    "convert": ("koala_trt.commands.convert", "convert_cmd", "Make an FP16 artifacts folder (FP32 islands where ranges demand them)."),
+    "quantize": ("koala_trt.commands.quantize", "quantize_cmd", "Make an INT8 artifacts folder (explicit Q/DQ U-Net) from a calibration set."),
 }
 
 

@@ -106,6 +106,8 @@ def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any
     chosen = {n.name: n for n in model.graph.node if n.name in set(plan.candidates)}
     names = activation_inputs(model, QUANT_OPS)
     names = [t for t in names if any(t in chosen[n].input for n in chosen)]
+    # ONNX Runtime's QDQ layout also quantizes the outputs of the layers it quantizes.
+    names += [o for n in chosen.values() for o in n.output if o not in set(names)]
     key = hashlib.sha256(json.dumps([sha256_file(unet), names, opts.max_samples,
                                      [s["sha256"] for s in calib.shards]]).encode()).hexdigest()[:16]
     cache = calib.root / f"ranges-{key}.json"
@@ -137,7 +139,9 @@ def _linked_copy(src: Path, tmp: Path) -> Path:
     return tmp / src.name
 
 
-def _tensorrt(src_path: Path, plan: Plan, ranges: Ranges, spec: Any, tmp: Path, big: bool) -> Any:
+def _tensorrt(src_path: Path, plan: Plan, ranges: Ranges, dry_run: dict[str, np.ndarray], tmp: Path, big: bool) -> Any:
+    """ModelOpt's quantizer. It runs its own calibration (and its GEMV detection) on `dry_run`, one
+    real calibration sample; the activation scales are then replaced by the cached ranges."""
     try:
         from modelopt.onnx.quantization import quantize as mo_quantize
     except ImportError as e:
@@ -146,18 +150,18 @@ def _tensorrt(src_path: Path, plan: Plan, ranges: Ranges, spec: Any, tmp: Path, 
 
     cache = tmp / "calibration.cache"
     ranges.write_trt_cache(cache)
-    m = spec.size_multiple
-    dry_run = spec.dummy_inputs(2, m, m, seed=5)  # ModelOpt's own calibration pass: scales replaced from the cache
     out = tmp / "out" / "model.onnx"
     out.parent.mkdir()
     mo_quantize(str(_linked_copy(src_path, tmp)), quantize_mode="int8", calibration_data=dry_run, calibration_method="max",
                 calibration_cache_path=str(cache), calibration_eps=["cpu"], op_types_to_quantize=list(QUANT_OPS),
-                nodes_to_exclude=list(plan.excluded), disable_mha_qdq=not _any_attention(plan),
+                nodes_to_exclude=[f"^{re.escape(n)}$" for n in plan.excluded],  # ModelOpt reads regexes
+                disable_mha_qdq=not _any_attention(plan),
                 high_precision_dtype="fp32", use_external_data_format=big, output_path=str(out), log_level="WARNING")
     return onnx.load(str(out))
 
 
 def _any_attention(plan: Plan) -> bool:
+    """True when attention's activation x activation MatMuls are to be quantized (--quantize-attention)."""
     return not any(v["reason"].startswith("attention") for v in plan.excluded.values())
 
 
@@ -179,13 +183,20 @@ def _onnxruntime(src_path: Path, plan: Plan, ranges: Ranges, tmp: Path, big: boo
 
 
 def qdq_census(model: Any, plan: Plan) -> dict[str, Any]:
-    """Which nodes actually take dequantized inputs (the quantized layers), and the Q/DQ counts."""
+    """Which layers the quantizer really quantized (weight input, or both inputs of an activation x
+    activation MatMul, fed by DequantizeLinear), and the Q/DQ counts."""
     dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    quantized = [n.name for n in model.graph.node if n.op_type in QUANT_OPS and any(i in dq_out for i in n.input)]
+    quantized = []
+    for n in model.graph.node:
+        if n.op_type not in QUANT_OPS or len(n.input) < 2:
+            continue
+        if n.input[1] in dq_out and (plan.excluded.get(n.name) is None or n.input[0] in dq_out):
+            quantized.append(n.name)
     q = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
     dq = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
-    not_chosen = [n for n in plan.candidates if n not in set(quantized)]
-    return {"quantize_linear": q, "dequantize_linear": dq, "quantized": quantized, "left_float_by_quantizer": not_chosen}
+    done = set(quantized)
+    return {"quantize_linear": q, "dequantize_linear": dq, "quantized": quantized,
+            "left_float_by_quantizer": [n for n in plan.candidates if n not in done]}
 
 
 def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options, log: Log = print, check: Check | None = None,
@@ -224,7 +235,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
         log(f"[2/2] unet: inserting Q/DQ for {opts.target} ({len(plan.candidates)} candidate layers, {len(plan.excluded)} excluded)")
         with tempfile.TemporaryDirectory(prefix="koala-int8-") as tmp, Meter() as m, quiet_library():
             if opts.target == "tensorrt":
-                model = _tensorrt(unet, plan, ranges, spec, Path(tmp), big)
+                model = _tensorrt(unet, plan, ranges, next(calib.samples(spec, limit=1)), Path(tmp), big)
             else:
                 model = _onnxruntime(unet, plan, ranges, Path(tmp), big)
             census = qdq_census(model, plan)

@@ -72,15 +72,25 @@ class CalibrationSet:
     def save(self) -> None:
         write_json(self.root / CALIB_MANIFEST, self.data)
 
-    def load_shard(self, entry: dict[str, Any], spec: ComponentSpec | None = None) -> dict[str, np.ndarray]:
-        """One shard's arrays, checked against its sha256, its recorded shapes and (when given) the
-        U-Net spec; any problem is one clear error naming the shard."""
+    def verify(self) -> None:
+        """Every shard present and matching its sha256 (one clear error for the first that is not)."""
+        for entry in self.shards:
+            self._check_file(entry)
+
+    def _check_file(self, entry: dict[str, Any]) -> Path:
         path = self.root / entry["file"]
         where = f"calibration shard {path}"
         if not path.is_file():
             raise KoalaError(f"{where} is missing (re-run `koala-trt calibrate` to resume)")
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise KoalaError(f"{where} is corrupt: its sha256 does not match the calibration manifest (delete it and re-run `koala-trt calibrate` to recapture it)")
+        return path
+
+    def load_shard(self, entry: dict[str, Any], spec: ComponentSpec | None = None) -> dict[str, np.ndarray]:
+        """One shard's arrays, checked against its sha256, its recorded shapes and (when given) the
+        U-Net spec; any problem is one clear error naming the shard."""
+        path = self._check_file(entry)
+        where = f"calibration shard {path}"
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}

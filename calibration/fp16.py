@@ -83,6 +83,19 @@ def _precision_census(model: Any) -> dict[str, Any]:
     return {"fp16_nodes": fp16, "fp32_nodes": sum(fp32.values()), "fp32_islands_by_op": dict(fp32.most_common())}
 
 
+def _check_finite(src: Manifest, name: str, path: Path, samples: list[dict[str, np.ndarray]]) -> None:
+    from koala_trt.ort import make_session
+
+    spec = src.spec(name)
+    session = make_session(path, providers=["CPUExecutionProvider"])
+    for feeds in samples:
+        for t, out in zip(spec.outputs, session.run(None, {i.name: feeds[i.name] for i in spec.inputs})):
+            bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+            if bad:
+                raise KoalaError(f"{name} in FP16 gives {bad} non-finite values in {t.name}: this VAE overflows in FP16 "
+                                 "(keep it FP32, or export an fp16-safe VAE such as sdxl-vae-fp16-fix)")
+
+
 def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Options, log: Log) -> dict[str, Any]:
     """AutoCast one component's graph to FP16; returns what the manifest records about it."""
     try:
@@ -107,6 +120,8 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
     if census["fp16_nodes"] == 0:
         raise KoalaError(f"{name}: AutoCast left every node in FP32; nothing was converted")
     onnx.checker.check_model(str(out_path))
+    if name == "vae_decoder":  # SDXL's VAE overflows in FP16: a non-finite decode fails the conversion
+        _check_finite(src, name, out_path, samples)
     shape = {k: list(v.shape) for k, v in samples[0].items()}
     return {"tool": "modelopt.onnx.autocast", "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1),
             "range_inputs": {"samples": len(samples), "shapes": shape,

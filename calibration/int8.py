@@ -77,6 +77,7 @@ class Plan:
     candidates: list[str]  # nodes that may get Q/DQ (weighted Conv/MatMul/Gemm, not excluded)
     excluded: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> {module, reason}
     modules: dict[str, str] = field(default_factory=dict)  # node -> module path
+    attention: set[str] = field(default_factory=set)  # activation x activation MatMuls
 
 
 def plan_nodes(model: Any, opts: Int8Options) -> Plan:
@@ -89,6 +90,8 @@ def plan_nodes(model: Any, opts: Int8Options) -> Plan:
         mod = module_path(node)
         plan.modules[node.name] = mod
         weighted = len(node.input) > 1 and node.input[1] in consts
+        if not weighted:
+            plan.attention.add(node.name)
         hit = next((p.pattern for p in patterns if p.search(mod) or p.search(node.name)), None)
         if hit:
             plan.excluded[node.name] = {"module": mod, "reason": f"matches {hit!r}"}
@@ -156,7 +159,7 @@ def _tensorrt(src_path: Path, plan: Plan, ranges: Ranges, dry_run: dict[str, np.
                 calibration_cache_path=str(cache), calibration_eps=["cpu"], op_types_to_quantize=list(QUANT_OPS),
                 nodes_to_exclude=[f"^{re.escape(n)}$" for n in plan.excluded],  # ModelOpt reads regexes
                 disable_mha_qdq=not _any_attention(plan),
-                high_precision_dtype="fp32", use_external_data_format=big, output_path=str(out), log_level="WARNING")
+                high_precision_dtype="fp32", dq_only=True, use_external_data_format=big, output_path=str(out), log_level="WARNING")
     return onnx.load(str(out))
 
 
@@ -186,12 +189,9 @@ def qdq_census(model: Any, plan: Plan) -> dict[str, Any]:
     """Which layers the quantizer really quantized (weight input, or both inputs of an activation x
     activation MatMul, fed by DequantizeLinear), and the Q/DQ counts."""
     dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    quantized = []
-    for n in model.graph.node:
-        if n.op_type not in QUANT_OPS or len(n.input) < 2:
-            continue
-        if n.input[1] in dq_out and (plan.excluded.get(n.name) is None or n.input[0] in dq_out):
-            quantized.append(n.name)
+    chosen = set(plan.candidates)
+    quantized = [n.name for n in model.graph.node if n.name in chosen and len(n.input) > 1 and n.input[1] in dq_out
+                 and (n.input[0] in dq_out or n.op_type != "MatMul" or n.name not in plan.attention)]
     q = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
     dq = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
     done = set(quantized)
@@ -219,7 +219,8 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
         raise UsageError(f"calibration set {calib_dir} was recorded with a different U-Net ({calib.settings['model']}) "
                          f"than {onnx_dir} holds ({src.data['source']['model']})")
     spec = src.spec("unet")
-    calib.load_shard(calib.shards[0], spec)  # fail early and clearly on a shard that does not fit
+    calib.verify()  # fail early and clearly on a missing or corrupt shard
+    calib.load_shard(calib.shards[0], spec)  # ... or on one that does not fit this U-Net
     unet = src.onnx_path("unet")
     big = any(p.name != unet.name for p in unet.parent.iterdir() if p.is_file())
     structure = onnx.load(str(unet), load_external_data=False)

@@ -38,3 +38,13 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code, stdout, stderr = run_cli("export", "--model", "random:tiny", "--out", out)
     assert code == 0, stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny calibration set of random:tiny: 2 prompts x 3 denoising steps at 128x128 (16x16 latents)."""
+    out = tmp_path_factory.mktemp("calibration") / "calib"
+    code, stdout, stderr = run_cli("calibrate", "--model", "random:tiny", "--out", out, "--num", "2", "--steps", "3",
+                                   "--height", "128", "--width", "128")
+    assert code == 0, stderr
+    return out

@@ -46,6 +46,18 @@ def copy_artifacts(src: Manifest, stage: Path) -> Manifest:
     return Manifest(stage, data)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (same filesystem), else copy it. Not a symlink: ONNX Runtime refuses
+    external data that resolves outside the model's folder (onnx.load refuses hard links too, so
+    this is only for graphs ONNX Runtime alone reads)."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def save_onnx(model: Any, path: Path) -> None:
     """Write `model` to `path` (replacing the component's old graph and weights), with external
     data in model.onnx.data only when the protobuf would pass 2 GB."""

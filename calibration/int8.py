@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -102,7 +102,8 @@ def plan_nodes(model: Any, opts: Int8Options) -> Plan:
     return plan
 
 
-def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any, opts: Int8Options, log: Log) -> tuple[Ranges, dict[str, Any]]:
+def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any, opts: Int8Options, log: Log,
+            scratch: Path) -> tuple[Ranges, dict[str, Any]]:
     """Phase 1, cached in the calibration folder under a key of the graph, tensors and samples."""
     from tqdm import tqdm
 
@@ -127,18 +128,19 @@ def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any
     bar = tqdm(total=len(samples), unit="sample", desc="ranges", file=sys.stderr, disable=None, mininterval=1.0)
     try:
         with Meter() as m:
-            ranges = collect_ranges(unet, names, iter(samples), threads=opts.threads, progress=bar.update)
+            ranges = collect_ranges(unet, names, iter(samples), threads=opts.threads, progress=bar.update, scratch=scratch)
     finally:
         bar.close()
     write_json(cache, ranges.to_json())
     return ranges, {"cached": False, "file": cache.name, "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)}
 
 
-def _linked_copy(src: Path, tmp: Path) -> Path:
-    """The graph and its weight files linked into a scratch folder (quantizers write beside their input)."""
+def _scratch_copy(src: Path, tmp: Path) -> Path:
+    """The graph and its weight files copied into a scratch folder: the quantizers write beside
+    their input, and onnx/ONNX Runtime refuse symlinked and hard-linked external data."""
     for f in src.parent.iterdir():
         if f.is_file():
-            os.symlink(f.resolve(), tmp / f.name)
+            shutil.copy2(f, tmp / f.name)
     return tmp / src.name
 
 
@@ -155,7 +157,7 @@ def _tensorrt(src_path: Path, plan: Plan, ranges: Ranges, dry_run: dict[str, np.
     ranges.write_trt_cache(cache)
     out = tmp / "out" / "model.onnx"
     out.parent.mkdir()
-    mo_quantize(str(_linked_copy(src_path, tmp)), quantize_mode="int8", calibration_data=dry_run, calibration_method="max",
+    mo_quantize(str(_scratch_copy(src_path, tmp)), quantize_mode="int8", calibration_data=dry_run, calibration_method="max",
                 calibration_cache_path=str(cache), calibration_eps=["cpu"], op_types_to_quantize=list(QUANT_OPS),
                 nodes_to_exclude=[f"^{re.escape(n)}$" for n in plan.excluded],  # ModelOpt reads regexes
                 disable_mha_qdq=not _any_attention(plan),
@@ -177,7 +179,7 @@ def _onnxruntime(src_path: Path, plan: Plan, ranges: Ranges, tmp: Path, big: boo
     save_tensors_data(ranges.to_ort(), cache)
     out = tmp / "out" / "model.onnx"
     out.parent.mkdir()
-    quantize_static(str(_linked_copy(src_path, tmp)), str(out), calibration_data_reader=None, calibration_cache_path=str(cache),
+    quantize_static(str(_scratch_copy(src_path, tmp)), str(out), calibration_data_reader=None, calibration_cache_path=str(cache),
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANT_OPS), per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_quantize=plan.candidates, nodes_to_exclude=list(plan.excluded), use_external_data_format=big,
@@ -231,10 +233,12 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
     with staged_dir(out, force=opts.force) as stage:
         manifest = copy_artifacts(src, stage)
         log(f"[1/2] unet: activation ranges from {calib_dir}")
-        ranges, range_info = _ranges(unet, structure, plan, calib, spec, opts, log)
+        scratch = stage / ".scratch"  # beside the output, removed before the folder is hashed
+        scratch.mkdir()
+        ranges, range_info = _ranges(unet, structure, plan, calib, spec, opts, log, scratch)
         del structure
         log(f"[2/2] unet: inserting Q/DQ for {opts.target} ({len(plan.candidates)} candidate layers, {len(plan.excluded)} excluded)")
-        with tempfile.TemporaryDirectory(prefix="koala-int8-") as tmp, Meter() as m, quiet_library():
+        with tempfile.TemporaryDirectory(prefix="koala-int8-", dir=scratch) as tmp, Meter() as m, quiet_library():
             if opts.target == "tensorrt":
                 model = _tensorrt(unet, plan, ranges, next(calib.samples(spec, limit=1)), Path(tmp), big)
             else:
@@ -242,6 +246,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
             census = qdq_census(model, plan)
             save_onnx(model, stage / src.component("unet")["file"])
             del model
+        shutil.rmtree(scratch)
         if not census["quantized"]:
             raise KoalaError("the quantizer inserted no Q/DQ in front of any layer: the result would be an FP32 graph")
         onnx.checker.check_model(str(stage / src.component("unet")["file"]))

@@ -12,7 +12,6 @@ amax = max(|min|, |max|) and scale = amax / 127 (TensorRT's explicit-quantizatio
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,17 +91,20 @@ def _with_outputs(src: Path, names: list[str], tmp: Path) -> Path:
     for n in names:
         if n not in have:
             model.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    from calibration.artifacts import link_or_copy
+
     path = tmp / src.name
     for f in src.parent.iterdir():  # external data files, referenced by relative location
         if f.is_file() and f.name != src.name:
-            os.symlink(f.resolve(), tmp / f.name)
+            link_or_copy(f, tmp / f.name)
     onnx.save_model(model, str(path))
     return path
 
 
-def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str, np.ndarray]], total: int | None = None,
-                   threads: int | None = None, progress: Callable[[int], None] | None = None) -> Ranges:
-    """Run the graph on every sample and keep each named tensor's running min and max."""
+def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str, np.ndarray]], threads: int | None = None,
+                   progress: Callable[[int], None] | None = None, scratch: Path | None = None) -> Ranges:
+    """Run the graph on every sample and keep each named tensor's running min and max. `scratch`:
+    where the augmented graph is written (best on the weights' filesystem, so they are hard-linked)."""
     from koala_trt.ort import make_session
 
     if not names:
@@ -110,7 +112,7 @@ def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
     count = 0
-    with tempfile.TemporaryDirectory(prefix="koala-ranges-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="koala-ranges-", dir=scratch) as tmp:
         session = make_session(_with_outputs(Path(onnx_path), names, Path(tmp)), providers=["CPUExecutionProvider"], threads=threads)
         inputs = [i.name for i in session.get_inputs()]
         for feeds in samples:

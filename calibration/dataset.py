@@ -123,6 +123,15 @@ class CalibrationSet:
                 yield step_feeds(arrays, s)
 
 
+def check_same_unet(calib: CalibrationSet, manifest: Any) -> None:
+    """The calibration set must come from the U-Net the artifacts folder was exported from."""
+    want = manifest.data.get("source", {}).get("config_sha256", {}).get("unet")
+    got = calib.settings.get("config_sha256", {}).get("unet")
+    if want and got and want != got:
+        raise UsageError(f"calibration set {calib.root} was recorded with a different U-Net ({calib.settings['model']}) "
+                         f"than {manifest.root} holds ({manifest.data['source']['model']})")
+
+
 def step_feeds(arrays: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
     return {k: (v[step] if k in PER_STEP else v) for k, v in arrays.items()}
 

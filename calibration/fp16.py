@@ -54,9 +54,11 @@ def _range_inputs(src: Manifest, name: str, opts: Fp16Options) -> list[dict[str,
 
         return [token_ids(src, name, load_prompts()[:8])]
     if name == "unet" and opts.calib is not None:
-        from calibration.dataset import load_calibration
+        from calibration.dataset import check_same_unet, load_calibration
 
-        return unet_samples(load_calibration(opts.calib), spec, opts.samples)
+        calib = load_calibration(opts.calib)
+        check_same_unet(calib, src)
+        return unet_samples(calib, spec, opts.samples)
     exp = src.component(name)["export"]
     side = lambda v: max(spec.size_multiple, min(v, RANGE_SIDE) // spec.size_multiple * spec.size_multiple)  # noqa: E731
     return [spec.dummy_inputs(2, side(exp["height"]), side(exp["width"]), seed=10 + i) for i in range(min(opts.samples, 2))]

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from calibration.artifacts import Check, check_io_types, copy_artifacts, finish, load_fp32_source, quiet_library, save_onnx
-from calibration.dataset import CalibrationSet, load_calibration
+from calibration.dataset import CalibrationSet, check_same_unet, load_calibration
 from calibration.inputs import unet_samples
 from calibration.ranges import QUANT_OPS, Ranges, activation_inputs, collect_ranges
 from exporter.manifest import Manifest, sha256_file, write_json
@@ -215,11 +215,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
     if "unet" not in src.components:
         raise UsageError(f"{onnx_dir} has no unet to quantize")
     calib = load_calibration(calib_dir)
-    want = src.data.get("source", {}).get("config_sha256", {}).get("unet")
-    got = calib.settings.get("config_sha256", {}).get("unet")
-    if want and got and want != got:
-        raise UsageError(f"calibration set {calib_dir} was recorded with a different U-Net ({calib.settings['model']}) "
-                         f"than {onnx_dir} holds ({src.data['source']['model']})")
+    check_same_unet(calib, src)
     spec = src.spec("unet")
     calib.verify()  # fail early and clearly on a missing or corrupt shard
     calib.load_shard(calib.shards[0], spec)  # ... or on one that does not fit this U-Net

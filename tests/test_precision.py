@@ -180,8 +180,8 @@ def _check_int8(folder: Path, source: Path, activation_dtype: type) -> dict:
     assert len(q_nodes) > 20 and len(dq_by_output) >= len(q_nodes)
     for n in [*q_nodes, *dq_by_output.values()]:  # symmetric weights and TensorRT activations: int8, zero point 0
         zp = inits.get(n.input[2]) if len(n.input) > 2 else None
-        assert zp is not None and zp.dtype in (np.int8, np.uint8)
-        if zp.dtype == np.int8:
+        assert zp is not None and zp.dtype in (np.int8, np.uint8, np.int32)  # int32: a bias (ONNX Runtime layout)
+        if zp.dtype != np.uint8:
             assert not zp.any()
     weighted = 0
     for node in model.graph.node:

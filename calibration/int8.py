@@ -36,7 +36,7 @@ import numpy as np
 from calibration.artifacts import Check, check_io_types, copy_artifacts, finish, load_fp32_source, quiet_library, save_onnx
 from calibration.dataset import CalibrationSet, check_same_unet, load_calibration
 from calibration.inputs import unet_samples
-from calibration.ranges import QUANT_OPS, Ranges, activation_inputs, collect_ranges
+from calibration.ranges import QUANT_OPS, Ranges, SampleRanges, activation_inputs, collect_ranges
 from exporter.manifest import Manifest, sha256_file, write_json
 from koala_trt.atomic import staged_dir
 from koala_trt.errors import KoalaError, UsageError
@@ -55,6 +55,7 @@ class Int8Options:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes searched in each node's module path
     quantize_attention: bool = False  # also Q/DQ the activation x activation MatMuls of attention
     max_samples: int = 64  # calibration samples for the ranges, spread over prompts and steps
+    method: str = "mean"  # how per-sample ranges are reduced: "max" or "mean" (calibration/ranges.py)
     threads: int | None = None
     force: bool = False
 
@@ -117,10 +118,10 @@ def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any
     cache = calib.root / f"ranges-{key}.json"
     if cache.is_file():
         try:
-            ranges = Ranges.from_json(json.loads(cache.read_text()))
-            log(f"      activation ranges: reusing {cache.name} ({len(names)} tensors, {ranges.samples} samples)")
-            return ranges, {"cached": True, "file": cache.name, "seconds": 0.0, "peak_rss_mb": 0.0}
-        except (json.JSONDecodeError, KeyError, ValueError):
+            per_sample = SampleRanges.from_json(json.loads(cache.read_text()))
+            log(f"      activation ranges: reusing {cache.name} ({len(names)} tensors, {per_sample.samples} samples)")
+            return per_sample.reduce(opts.method), {"cached": True, "file": cache.name, "seconds": 0.0, "peak_rss_mb": 0.0}
+        except (json.JSONDecodeError, KeyError, ValueError, TypeError):
             log(f"      {cache.name} is unreadable: computing the ranges again")
     samples = unet_samples(calib, spec, opts.max_samples)
     log(f"      activation ranges: {len(names)} tensors over {len(samples)} calibration samples "
@@ -128,11 +129,11 @@ def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any
     bar = tqdm(total=len(samples), unit="sample", desc="ranges", file=sys.stderr, disable=None, mininterval=1.0)
     try:
         with Meter() as m:
-            ranges = collect_ranges(unet, names, iter(samples), threads=opts.threads, progress=bar.update, scratch=scratch)
+            per_sample = collect_ranges(unet, names, iter(samples), threads=opts.threads, progress=bar.update, scratch=scratch)
     finally:
         bar.close()
-    write_json(cache, ranges.to_json())
-    return ranges, {"cached": False, "file": cache.name, "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)}
+    write_json(cache, per_sample.to_json())
+    return per_sample.reduce(opts.method), {"cached": False, "file": cache.name, "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)}
 
 
 def _scratch_copy(src: Path, tmp: Path) -> Path:
@@ -209,6 +210,8 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
 
     if opts.target not in TARGETS:
         raise UsageError(f"unknown --target {opts.target!r}; expected one of {', '.join(TARGETS)}")
+    if opts.method not in ("max", "mean"):
+        raise UsageError(f"unknown --calib-method {opts.method!r}; expected max or mean")
     if opts.max_samples < 1:
         raise UsageError("--samples must be at least 1")
     src = load_fp32_source(onnx_dir)
@@ -250,7 +253,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
         c["precision"] = "int8"
         c["conversion"] = {
             "tool": "modelopt.onnx.quantization" if opts.target == "tensorrt" else "onnxruntime.quantization.quantize_static",
-            "target": opts.target, "calibration": {"folder": str(Path(calib_dir).resolve()), "method": "max",
+            "target": opts.target, "calibration": {"folder": str(Path(calib_dir).resolve()), "method": opts.method,
                                                    "samples": ranges.samples, "tensors": len(ranges.lowest), **range_info},
             "weights": "int8 symmetric, per-channel (output-channel axis)",
             "activations": "int8 symmetric, per-tensor" if opts.target == "tensorrt" else "uint8 asymmetric, per-tensor",

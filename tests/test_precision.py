@@ -229,9 +229,11 @@ def test_int8_tensorrt_layout(tiny_artifacts: Path, tiny_calibration: Path, tmp_
 def test_int8_onnxruntime_layout(tiny_artifacts: Path, tiny_calibration: Path, tmp_path: Path) -> None:
     out = tmp_path / "int8-ort"
     code, stdout, err = run_cli("quantize", "--onnx", tiny_artifacts, "--calib", tiny_calibration, "--out", out,
-                                "--target", "onnxruntime", *FAST_ACCURACY)
+                                "--target", "onnxruntime", "--calib-method", "max", *FAST_ACCURACY)
     assert code == 0, err
     _check_int8(out, tiny_artifacts, np.uint8)
+    conv = json.loads((out / "manifest.json").read_text())["components"]["unet"]["conversion"]
+    assert conv["calibration"]["method"] == "max" and conv["target"] == "onnxruntime"
 
 
 def test_quantizer_that_leaves_fp32_fails(tiny_artifacts: Path, tiny_calibration: Path, tmp_path: Path, monkeypatch) -> None:

@@ -16,19 +16,21 @@ from koala_trt.commands.common import log, print_json
               help="Q/DQ layout: TensorRT's (int8 symmetric, ModelOpt) or ONNX Runtime CPU's (uint8 activations).")
 @click.option("--exclude", help="Comma-separated regexes of module paths kept in float [default: NVIDIA's SDXL list].")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize attention's activation x activation MatMuls.")
+@click.option("--calib-method", type=click.Choice(["max", "mean"]), default="mean", show_default=True,
+              help="Reduce per-sample ranges by max, or by mean (NVIDIA's min-mean collection, percentile 100).")
 @click.option("--samples", type=int, default=64, show_default=True, help="Calibration samples for the activation ranges (spread over prompts and steps).")
 @click.option("--threads", type=int, help="ONNX Runtime threads for the range pass.")
 @accuracy_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
-def quantize_cmd(onnx_dir: Path, calib: Path, out: Path, target: str, exclude: str | None, quantize_attention: bool, samples: int,
+def quantize_cmd(onnx_dir: Path, calib: Path, out: Path, target: str, exclude: str | None, quantize_attention: bool, calib_method: str, samples: int,
                  threads: int | None, heldout: Path | None, heldout_num: int, accuracy_steps: int, accuracy_size: int | None,
                  no_accuracy: bool, no_gate: bool, force: bool, as_json: bool) -> None:
     """Make an INT8 artifacts folder: the U-Net with explicit Q/DQ, calibrated on recorded trajectories."""
     from calibration.int8 import DEFAULT_EXCLUDE, Int8Options, quantize_int8
 
     patterns = tuple(s.strip() for s in exclude.split(",") if s.strip()) if exclude is not None else DEFAULT_EXCLUDE
-    opts = Int8Options(target=target, exclude=patterns, quantize_attention=quantize_attention, max_samples=samples,
+    opts = Int8Options(target=target, exclude=patterns, quantize_attention=quantize_attention, max_samples=samples, method=calib_method,
                        threads=threads, force=force)
     check = make_check(onnx_dir, heldout, heldout_num, accuracy_steps, accuracy_size, no_accuracy)
     log(f"quantizing the U-Net of {onnx_dir} to INT8 ({target} layout) with {calib} -> {out}")

@@ -1,9 +1,16 @@
 """`koala-trt convert --precision fp16`: FP16 graphs with FP32 islands, by NVIDIA ModelOpt AutoCast
 (modelopt.onnx.autocast.convert_to_mixed_precision).
 
-AutoCast runs the FP32 graph in ONNX Runtime on calibration inputs and keeps in FP32 every node
-whose inputs or outputs exceed `data_max` in magnitude, and every initializer above `init_max`;
-we also keep normalization ops in FP32 (their reductions are what overflow first). Graph inputs and
+AutoCast keeps in FP32 every node whose inputs or outputs exceed `data_max` in magnitude on
+calibration data, and every initializer above `init_max`; we also keep normalization ops in FP32
+(their reductions are what overflow first).
+
+Memory: AutoCast's own reference runner copies the model, marks every tensor as an output and
+keeps all of them for every sample: 20.1 GiB peak on the full KOALA-700M U-Net with a single
+256 px sample. So the activation ranges are measured here instead (calibration/ranges.py: every
+float tensor's per-sample min/max, reduced at once) and handed to AutoCast as a custom node rule
+with the same semantics as its IORangeRule; AutoCast then runs without its reference runner
+(data_max=inf). Graph inputs and
 outputs keep their FP32 types (keep_io_types), so callers do not change. The VAE decoder stays FP32
 unless asked: SDXL's VAE overflows in FP16 (use an fp16-safe VAE such as sdxl-vae-fp16-fix).
 """
@@ -20,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from calibration.artifacts import Check, check_io_types, copy_artifacts, finish, load_fp32_source, quiet_library, save_onnx
-from calibration.inputs import token_ids, unet_samples, write_npz_dir
+from calibration.inputs import token_ids, unet_samples
 from exporter.manifest import Manifest
 from koala_trt.atomic import staged_dir
 from koala_trt.errors import KoalaError, UsageError
@@ -41,7 +48,7 @@ class Fp16Options:
     components: list[str] = field(default_factory=lambda: list(FP16_COMPONENTS))
     vae_fp16: bool = False
     calib: Path | None = None
-    samples: int = 4  # calibration samples AutoCast runs (each keeps every intermediate tensor)
+    samples: int = 4  # calibration samples the FP32 graph runs on for the ranges
     keep_fp32_ops: tuple[str, ...] = KEEP_FP32_OPS
     data_max: float = DATA_MAX
     force: bool = False
@@ -98,7 +105,43 @@ def _check_finite(src: Manifest, name: str, path: Path, samples: list[dict[str, 
                                  "(keep it FP32, or export an fp16-safe VAE such as sdxl-vae-fp16-fix)")
 
 
-def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Options, log: Log) -> dict[str, Any]:
+def _float_tensors(model: Any) -> list[str]:
+    """Every float32 tensor a node reads or writes (graph inputs and node outputs; no weights)."""
+    import onnx
+
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    inits = {t.name for t in model.graph.initializer}
+    names: list[str] = []
+    seen: set[str] = set()
+    for v in model.graph.input:
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name not in inits:
+            names.append(v.name)
+            seen.add(v.name)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        for o in node.output:
+            if o and o not in seen and types.get(o) == onnx.TensorProto.FLOAT:
+                names.append(o)
+                seen.add(o)
+    return names
+
+
+def _range_rule(absmax: dict[str, float], data_max: float) -> Any:
+    """An AutoCast node rule: keep a node FP32 when an input or output exceeded `data_max` in
+    magnitude on the calibration samples (the semantics of AutoCast's IORangeRule)."""
+    from modelopt.onnx.autocast.nodeclassifier import NodeRuleBase
+
+    class MeasuredRangeRule(NodeRuleBase):
+        def _check_inner(self, node: Any) -> bool:
+            if node.op_type == "Constant":
+                return False
+            return any(absmax.get(t, 0.0) > data_max for t in (*node.input, *node.output) if t)
+
+    return MeasuredRangeRule()
+
+
+def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Options, log: Log, scratch: Path | None = None) -> dict[str, Any]:
     """AutoCast one component's graph to FP16; returns what the manifest records about it."""
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision
@@ -106,12 +149,21 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
         raise UsageError(f"FP16 conversion needs NVIDIA ModelOpt's ONNX tools ({e}); install them with: pip install 'koala-trt[precision]'") from None
     import onnx
 
+    from calibration.ranges import collect_ranges
+
     samples = _range_inputs(src, name, opts)
-    with tempfile.TemporaryDirectory(prefix="koala-fp16-") as tmp, Meter() as m, quiet_library():
-        data = str(write_npz_dir(samples, Path(tmp) / "calib"))
+    path = src.onnx_path(name)
+    with Meter() as mr, tempfile.TemporaryDirectory(prefix="koala-fp16-", dir=scratch) as tmp:
+        names = _float_tensors(onnx.load(str(path), load_external_data=False))
+        per_sample = collect_ranges(path, names, iter(samples), scratch=Path(tmp))
+        ranges = per_sample.reduce("max")
+        absmax = {n: ranges.amax(n) for n in names}
+    out_of_range = sum(v > opts.data_max for v in absmax.values())
+    with Meter() as m, quiet_library():
         model = convert_to_mixed_precision(
-            str(src.onnx_path(name)), low_precision_type="fp16", keep_io_types=True, calibration_data=data,
-            op_types_to_exclude=list(opts.keep_fp32_ops), data_max=opts.data_max, init_max=INIT_MAX, providers=["cpu"])
+            str(path), low_precision_type="fp16", keep_io_types=True, data_max=np.inf,
+            custom_rule=_range_rule(absmax, opts.data_max),
+            op_types_to_exclude=list(opts.keep_fp32_ops), init_max=INIT_MAX, providers=["cpu"])
         census = _precision_census(model)
         # AutoCast leaves value_info shapes specialised to the calibration inputs; ONNX Runtime then
         # fails at other sizes ("shape mismatch attempting to re-use buffer"). Infer them afresh.
@@ -125,7 +177,11 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
     if name == "vae_decoder":  # SDXL's VAE overflows in FP16: a non-finite decode fails the conversion
         _check_finite(src, name, out_path, samples)
     shape = {k: list(v.shape) for k, v in samples[0].items()}
-    return {"tool": "modelopt.onnx.autocast", "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1),
+    return {"tool": "modelopt.onnx.autocast", "seconds": round(mr.seconds + m.seconds, 2),
+            "peak_rss_mb": round(max(mr.peak_rss_mb, m.peak_rss_mb), 1),
+            "ranges": {"tensors": len(absmax), "above_data_max": out_of_range, "seconds": round(mr.seconds, 2),
+                       "peak_rss_mb": round(mr.peak_rss_mb, 1)},
+            "autocast": {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)},
             "range_inputs": {"samples": len(samples), "shapes": shape,
                              "from": "calibration set" if name == "unet" and opts.calib else ("prompts" if "text" in name else "spec dummy inputs")},
             "data_max": opts.data_max, "keep_fp32_ops": list(opts.keep_fp32_ops), **census}
@@ -150,7 +206,7 @@ def convert_fp16(onnx_dir: Path, out: Path, opts: Fp16Options, log: Log = print,
         manifest = copy_artifacts(src, stage)
         for i, name in enumerate(names, 1):
             log(f"[{i}/{len(names)}] {name}: FP16 with FP32 islands (ModelOpt AutoCast)")
-            info = convert_component(src, name, stage / src.component(name)["file"], opts, log)
+            info = convert_component(src, name, stage / src.component(name)["file"], opts, log, scratch=stage.parent)
             c = manifest.component(name)
             c["precision"] = "fp16"
             c["conversion"] = info

@@ -3,7 +3,6 @@ inputs from a calibration set, or spec dummy inputs where nothing better is give
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,11 +45,3 @@ def unet_samples(calib: Any, spec: ComponentSpec, limit: int) -> list[dict[str, 
         steps = spread(list(range(arrays["sample"].shape[0])), per)
         out += [step_feeds(arrays, s) for s in steps]
     return out[:limit]
-
-
-def write_npz_dir(samples: list[dict[str, np.ndarray]], folder: Path) -> Path:
-    """One .npz per sample, as ModelOpt AutoCast's reference runner reads a calibration folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, s in enumerate(samples):
-        np.savez(folder / f"sample-{i:04d}.npz", **s)
-    return folder

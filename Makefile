@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision]'
 	@touch $@
 
 # On a GPU machine: onnxruntime-gpu and TensorRT instead of the CPU onnxruntime (never both).

@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "profiles": ("koala_trt.commands.profiles", "profiles_cmd", "GPU profiles (list, show): what to build per card."),
     "plan": ("koala_trt.commands.plan", "plan_cmd", "Device-memory plan and fit verdict of a model on a GPU profile."),
     "build": ("koala_trt.commands.build", "build_cmd", "Build strongly typed TensorRT engines for a GPU profile (--dry-run: the plan)."),
+    "calibrate": ("koala_trt.commands.calibrate", "calibrate_cmd", "Record U-Net inputs along denoising trajectories for INT8 calibration."),
+    "convert": ("koala_trt.commands.convert", "convert_cmd", "Make an FP16 artifacts folder (FP32 islands where ranges demand them)."),
+    "quantize": ("koala_trt.commands.quantize", "quantize_cmd", "Make an INT8 artifacts folder (explicit Q/DQ U-Net) from a calibration set."),
 }
 
 
@@ -52,8 +55,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     artifact against PyTorch, and sample 1024x1024 images without torch at run time."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    if debug:
-        os.environ["KOALA_TRT_DEBUG"] = "1"
 
 
 def _terminate_as_interrupt() -> None:

@@ -40,8 +40,11 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _no_debug_leak(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`koala-trt --debug` run in-process sets KOALA_TRT_DEBUG for the whole process; undo it after
-    each test so later tests see one-line errors, not tracebacks."""
-    monkeypatch.delenv("KOALA_TRT_DEBUG", raising=False)
+@pytest.fixture(scope="session")
+def tiny_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny calibration set of random:tiny: 2 prompts x 3 denoising steps at 128x128 (16x16 latents)."""
+    out = tmp_path_factory.mktemp("calibration") / "calib"
+    code, stdout, stderr = run_cli("calibrate", "--model", "random:tiny", "--out", out, "--num", "2", "--steps", "3",
+                                   "--height", "128", "--width", "128")
+    assert code == 0, stderr
+    return out

@@ -1,0 +1,246 @@
+"""Precision variants of random:tiny: calibration capture, FP16 (ModelOpt AutoCast) and INT8 Q/DQ
+(TensorRT layout by ModelOpt, ONNX Runtime layout by onnxruntime.quantization), each a complete
+artifacts folder checked by onnx.checker, run in ONNX Runtime and compared with PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import run_cli
+
+# Small accuracy runs: one held-out prompt, two steps, 128 px.
+FAST_ACCURACY = ("--heldout-num", "1", "--accuracy-steps", "2", "--accuracy-size", "128")
+
+
+def _needs_modelopt() -> None:
+    pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt's ONNX tools are not installed (pip install 'koala-trt[precision]')")
+
+
+def _ort_run(folder: Path, component: str, height: int = 192, width: int = 160) -> dict[str, np.ndarray]:
+    from engines.runtime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(folder)
+    spec = backend.specs[component]
+    return backend.run(component, spec.dummy_inputs(2, height, width, seed=7))
+
+
+def _check_folder(folder: Path, source: Path, precisions: dict[str, str]) -> None:
+    """A complete, intact artifacts folder whose graphs keep the manifest's interface."""
+    from calibration.artifacts import graph_io_types
+    from exporter.manifest import load_manifest
+
+    m = load_manifest(folder)
+    src = load_manifest(source)
+    assert list(m.verify()) == []
+    assert set(m.components) == set(src.components)
+    assert {n: m.precision(n) for n in m.components} == precisions
+    for rel in ("tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json", "accuracy.json"):
+        assert (folder / rel).is_file(), rel
+    for name in m.components:
+        onnx.checker.check_model(str(m.onnx_path(name)))
+        spec = m.spec(name)
+        assert graph_io_types(m.onnx_path(name)) == {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)}
+        if precisions[name] == "fp32":  # copied unchanged
+            assert m.data["files"][m.component(name)["file"]]["sha256"] == src.data["files"][src.component(name)["file"]]["sha256"]
+
+
+# ----- calibration --------------------------------------------------------------------------------
+
+def test_calibration_set_records_cfg_batches(tiny_calibration: Path, tiny_source) -> None:
+    from calibration.dataset import load_calibration
+    from exporter.specs import specs_from_configs
+
+    spec = specs_from_configs(tiny_source.configs)["unet"]
+    cs = load_calibration(tiny_calibration)
+    assert cs.complete and len(cs.shards) == 2 and cs.num_samples == 6
+    for entry in cs.shards:
+        assert entry["shapes"]["sample"] == [3, 2, 4, 16, 16]  # steps, CFG batch, latent channels, 128/8
+        assert entry["timesteps"] == sorted(entry["timesteps"], reverse=True)
+        assert entry["prompt"] and entry["sha256"]
+    feeds = list(cs.samples(spec))
+    assert len(feeds) == 6
+    for f in feeds:
+        spec.check_inputs(f)
+        assert f["timestep"].shape == (2,) and f["timestep"][0] == f["timestep"][1]
+        assert not np.allclose(f["encoder_hidden_states"][0], f["encoder_hidden_states"][1])  # negative (zeros) vs prompt
+    assert not np.allclose(feeds[0]["sample"], feeds[1]["sample"])  # a trajectory, not one step repeated
+
+
+def test_calibrate_resumes_and_refuses_other_settings(tiny_calibration: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib"
+    shutil.copytree(tiny_calibration, calib)
+    data = json.loads((calib / "manifest.json").read_text())
+    dropped = data["shards"].pop()  # as if interrupted before the last prompt
+    (calib / dropped["file"]).unlink()
+    (calib / "manifest.json").write_text(json.dumps(data))
+    code, out, err = run_cli("calibrate", "--model", "random:tiny", "--out", calib, "--num", "2", "--steps", "3",
+                             "--height", "128", "--width", "128")
+    assert code == 0, err
+    assert "resuming" in err and "1/2 prompts already recorded" in err
+    again = json.loads((calib / "manifest.json").read_text())["shards"][-1]
+    assert again["sha256"] == dropped["sha256"]  # per-prompt seeds: identical to the uninterrupted run
+
+    code, out, err = run_cli("calibrate", "--model", "random:tiny", "--out", calib, "--num", "2", "--steps", "4",
+                             "--height", "128", "--width", "128")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("Error: ") and "different settings (steps)" in err
+
+
+def test_corrupt_shard_fails_cleanly(tiny_artifacts: Path, tiny_calibration: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib"
+    shutil.copytree(tiny_calibration, calib)
+    shard = calib / "shard-00001.npz"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    out = tmp_path / "int8"
+    code, stdout, err = run_cli("quantize", "--onnx", tiny_artifacts, "--calib", calib, "--out", out, "--target", "onnxruntime")
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("Error: calibration shard") and "shard-00001.npz is corrupt" in err
+    assert not out.exists() and not list(tmp_path.glob(".int8.partial-*"))
+
+
+# ----- FP16 ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tiny_artifacts: Path, tiny_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    _needs_modelopt()
+    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
+    code, stdout, err = run_cli("convert", "--onnx", tiny_artifacts, "--precision", "fp16", "--out", out,
+                                "--calib", tiny_calibration, *FAST_ACCURACY)
+    assert code == 0, err
+    return out, stdout
+
+
+def test_fp16_folder(tiny_fp16: tuple[Path, str], tiny_artifacts: Path) -> None:
+    from calibration.accuracy import TOLERANCES
+
+    folder, stdout = tiny_fp16
+    _check_folder(folder, tiny_artifacts, {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32"})
+    unet = onnx.load(str(folder / "unet" / "model.onnx"))
+    inits = [t.data_type for t in unet.graph.initializer]
+    assert inits.count(onnx.TensorProto.FLOAT16) > inits.count(onnx.TensorProto.FLOAT)  # not an FP32 graph in disguise
+    conv = json.loads((folder / "manifest.json").read_text())["components"]["unet"]["conversion"]
+    assert conv["fp16_nodes"] > 0 and conv["fp32_islands_by_op"].get("LayerNormalization", 0) > 0
+    # runs at a size other than the calibration's, outputs as the spec says
+    out = _ort_run(folder, "unet")["out_sample"]
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    report = json.loads((folder / "accuracy.json").read_text())
+    tol = TOLERANCES["fp16"]
+    assert report["passed"] and set(report["components"]) == {"text_encoder", "text_encoder_2", "unet"}
+    for comp in report["components"].values():
+        for s in comp["outputs"].values():
+            assert 0 < s["rel_l2"] <= tol.rel_l2 and s["cosine"] > 0.999
+    assert np.isfinite(report["end_to_end"]["latents"]["rel_l2"])
+    assert "unet" in stdout and "end-to-end" in stdout and "rel L2" in stdout  # the printed table
+
+
+def test_vae_decoder_stays_fp32_unless_asked(tiny_artifacts: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli("convert", "--onnx", tiny_artifacts, "--out", tmp_path / "x", "-c", "unet,vae_decoder", "--no-accuracy")
+    assert code == 2 and "--vae-fp16" in err
+    _needs_modelopt()
+    out = tmp_path / "vae16"
+    code, _, err = run_cli("convert", "--onnx", tiny_artifacts, "--out", out, "-c", "vae_decoder", "--vae-fp16", "--no-accuracy")
+    assert code == 0, err  # the conversion itself decodes in FP16 and fails on non-finite values
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["components"]["vae_decoder"]["precision"] == "fp16" and m["components"]["unet"]["precision"] == "fp32"
+    vae = onnx.load(str(out / "vae_decoder" / "model.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in vae.graph.initializer)
+    assert np.isfinite(_ort_run(out, "vae_decoder")["sample"]).all()
+
+
+def test_variant_is_not_converted_again(tiny_fp16: tuple[Path, str], tmp_path: Path) -> None:
+    code, _, err = run_cli("convert", "--onnx", tiny_fp16[0], "--out", tmp_path / "again", "--no-accuracy")
+    assert code == 2 and "already a precision variant" in err
+
+
+# ----- INT8 ---------------------------------------------------------------------------------------
+
+def _qdq(model: onnx.ModelProto) -> tuple[dict[str, onnx.NodeProto], dict[str, np.ndarray]]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    dq_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return dq_by_output, inits
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def _check_int8(folder: Path, source: Path, activation_dtype: type) -> dict:
+    from calibration.accuracy import TOLERANCES
+
+    _check_folder(folder, source, {"text_encoder": "fp32", "text_encoder_2": "fp32", "unet": "int8", "vae_decoder": "fp32"})
+    model = onnx.load(str(folder / "unet" / "model.onnx"))
+    dq_by_output, inits = _qdq(model)
+    q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q_nodes) > 20 and len(dq_by_output) >= len(q_nodes)
+    for n in [*q_nodes, *dq_by_output.values()]:  # symmetric weights and TensorRT activations: int8, zero point 0
+        zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+        assert zp is not None and zp.dtype in (np.int8, np.uint8, np.int32)  # int32: a bias (ONNX Runtime layout)
+        if zp.dtype != np.uint8:
+            assert not zp.any()
+    weighted = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or node.input[1] not in dq_by_output:
+            continue
+        dq = dq_by_output[node.input[1]]
+        w = inits.get(dq.input[0])
+        if w is None:
+            continue  # an activation input (attention)
+        weighted += 1
+        assert w.dtype == np.int8  # int8 weights, not a float graph in disguise
+        scale = inits[dq.input[1]]
+        out_axis = {"Conv": 0, "MatMul": 1, "Gemm": 0}[node.op_type]
+        assert scale.ndim == 1 and scale.shape[0] == w.shape[out_axis] > 1 and _axis(dq) == out_axis  # per channel
+    assert weighted > 20
+    act_zps = [inits[n.input[2]] for n in q_nodes if n.input[0] not in inits]
+    assert act_zps and all(z.dtype == activation_dtype and z.ndim == 0 for z in act_zps)  # per-tensor activations
+    report = json.loads((folder / "accuracy.json").read_text())
+    excluded = {e["module"] for e in report["layers"]["excluded"]}
+    assert any(m.endswith("conv_in") for m in excluded) and any("time_embedding" in m for m in excluded)
+    quantized = {q["node"] for q in report["layers"]["quantized"]}
+    names_excluded = {e["node"] for e in report["layers"]["excluded"]}
+    assert quantized and not quantized & names_excluded
+    for node in model.graph.node:  # the excluded layers really stayed float
+        if node.name in names_excluded and node.op_type == "Conv":
+            assert node.input[1] not in dq_by_output
+    s = report["components"]["unet"]["outputs"]["out_sample"]
+    assert report["passed"] and 0 < s["rel_l2"] <= TOLERANCES["int8"].rel_l2
+    assert np.isfinite(_ort_run(folder, "unet")["out_sample"]).all()
+    return report
+
+
+def test_int8_tensorrt_layout(tiny_artifacts: Path, tiny_calibration: Path, tmp_path: Path) -> None:
+    _needs_modelopt()
+    out = tmp_path / "int8"
+    code, stdout, err = run_cli("quantize", "--onnx", tiny_artifacts, "--calib", tiny_calibration, "--out", out, *FAST_ACCURACY)
+    assert code == 0, err
+    report = _check_int8(out, tiny_artifacts, np.int8)
+    conv = json.loads((out / "manifest.json").read_text())["components"]["unet"]["conversion"]
+    assert conv["target"] == "tensorrt" and conv["tool"] == "modelopt.onnx.quantization"
+    assert "quantized" in stdout or "unet" in stdout
+    assert report["layers"]["quantized"]
+
+
+def test_int8_onnxruntime_layout(tiny_artifacts: Path, tiny_calibration: Path, tmp_path: Path) -> None:
+    out = tmp_path / "int8-ort"
+    code, stdout, err = run_cli("quantize", "--onnx", tiny_artifacts, "--calib", tiny_calibration, "--out", out,
+                                "--target", "onnxruntime", "--calib-method", "max", *FAST_ACCURACY)
+    assert code == 0, err
+    _check_int8(out, tiny_artifacts, np.uint8)
+    conv = json.loads((out / "manifest.json").read_text())["components"]["unet"]["conversion"]
+    assert conv["calibration"]["method"] == "max" and conv["target"] == "onnxruntime"
+
+
+def test_quantizer_that_leaves_fp32_fails(tiny_artifacts: Path, tiny_calibration: Path, tmp_path: Path, monkeypatch) -> None:
+    import calibration.int8 as int8
+
+    monkeypatch.setattr(int8, "_onnxruntime", lambda src, *a, **k: onnx.load(str(src)))  # a "quantizer" that does nothing
+    out = tmp_path / "fake"
+    code, _, err = run_cli("quantize", "--onnx", tiny_artifacts, "--calib", tiny_calibration, "--out", out,
+                           "--target", "onnxruntime", "--no-accuracy")
+    assert code == 1 and "would be an FP32 graph" in err and not out.exists()

@@ -21,6 +21,7 @@ from koala_trt.errors import KoalaError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("koala_trt.commands.inspect", "inspect_cmd", "Components, parameter counts and configs of a model or artifacts folder."),
     "export": ("koala_trt.commands.export", "export_cmd", "Export every component to ONNX, each checked against PyTorch."),
+    "generate": ("koala_trt.commands.generate", "generate_cmd", "Text to PNG with the numpy sampler on onnxruntime, tensorrt or torch."),
 }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from engines.scheduler_euler import EulerDiscreteScheduler
 from engines.tokenize import ClipTokenizer
 from exporter.manifest import Manifest
-from exporter.specs import ComponentSpec, ShapeRange
+from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange
 from koala_trt.errors import UsageError
 
 F32 = np.float32
@@ -267,10 +267,13 @@ class Sampler:
 
     # ----- the loop -----------------------------------------------------------------------------
     def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """backend.run with the feeds in the spec's dtypes (fp16 I/O graphs or engines) and float32 back."""
+        spec = self.specs[component]
+        feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False) for k, v in feeds.items()}
         t0 = time.perf_counter()
         out = self.backend.run(component, feeds)
         timings.add(component, time.perf_counter() - t0)
-        return out
+        return {k: v.astype(F32, copy=False) for k, v in out.items()}
 
     def encode_prompt(self, plan: Plan, timings: Timings, warn: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
         """(encoder_hidden_states, text_embeds) for the U-Net batch: SDXL's penultimate hidden states
@@ -301,8 +304,10 @@ class Sampler:
         return (np.concatenate([np.repeat(neg_h, n, 0), np.repeat(pos_h, n, 0)]),
                 np.concatenate([np.repeat(neg_p, n, 0), np.repeat(pos_p, n, 0)]))
 
-    def sample(self, plan: Plan, progress: bool = True, warn: Callable[[str], None] | None = None) -> tuple[np.ndarray, Timings]:
-        """Run `plan`; returns (images float32 [batch, height, width, 3] in [0, 1], timings)."""
+    def sample(self, plan: Plan, progress: bool = True, warn: Callable[[str], None] | None = None,
+               decode: bool = True) -> tuple[np.ndarray, Timings]:
+        """Run `plan`; returns (images float32 [batch, height, width, 3] in [0, 1], timings), or with
+        decode=False the final latents as diffusers' output_type="latent" gives them."""
         from tqdm import tqdm  # imported before the clock starts
 
         warn = warn or (lambda msg: None)
@@ -335,8 +340,13 @@ class Sampler:
                 timings.add("step", time.perf_counter() - t0)
         finally:
             bar.close()
+        if not decode:
+            timings.add("sample", time.perf_counter() - start)
+            return latents, timings
         latents = self.unscale_latents(latents)
         image = self._run(timings, "vae_decoder", {"latent_sample": latents})["sample"]
+        if not np.isfinite(image).all():
+            warn("the VAE decoder returned NaN/inf (an fp16 SDXL VAE overflows; keep the decoder in fp32)")
         t0 = time.perf_counter()
         images = np.clip(image / F32(2) + F32(0.5), 0, 1).transpose(0, 2, 3, 1).astype(F32, copy=False)
         timings.add("postprocess", time.perf_counter() - t0)

@@ -19,6 +19,12 @@ SMALL = ["--height", "128", "--width", "128", "--steps", "2", "--no-progress"]
 LONG_PROMPT = " ".join(["a fluffy koala"] * 40)
 
 
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-line errors are what is tested: an earlier in-process `--debug` run must not leak tracebacks in."""
+    monkeypatch.delenv("KOALA_TRT_DEBUG", raising=False)
+
+
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 

@@ -312,32 +312,12 @@ class Sampler:
 
         warn = warn or (lambda msg: None)
         timings = Timings()
+        # The progress bar is made before the clock starts (tqdm's first bar sets up a multiprocessing
+        # lock, ~50 ms once per process); its per-step updates are timed with the step.
+        bar = tqdm(total=plan.steps, desc="denoising", unit="step", disable=not progress, leave=False, dynamic_ncols=True)
         start = time.perf_counter()
-        hidden, pooled = self.encode_prompt(plan, timings, warn)
-        ub = hidden.shape[0]
-        # Micro-conditioning (Podell et al. 2023, SDXL, sec. 2.2): original size, crop top-left, target size.
-        time_ids = np.tile(np.array([plan.height, plan.width, 0, 0, plan.height, plan.width], F32), (ub, 1))
-        sched = self.scheduler
-        sched.set_timesteps(plan.steps)
-        assert sched.timesteps is not None
-        latents = (plan.noise * sched.init_noise_sigma).astype(F32, copy=False)
-        g = F32(plan.guidance)
-        n = plan.batch
-        bar = tqdm(total=len(sched.timesteps), desc="denoising", unit="step", disable=not progress, leave=False, dynamic_ncols=True)
         try:
-            for i, t in enumerate(sched.timesteps):
-                t0 = time.perf_counter()
-                x = sched.scale_model_input(latents, i)  # elementwise, so scaling before the CFG copy is the same
-                x = np.concatenate([x, x]) if plan.cfg else x
-                feeds = {"sample": x, "timestep": np.full((ub,), t, F32), "encoder_hidden_states": hidden,
-                         "text_embeds": pooled, "time_ids": time_ids}
-                eps = self._run(timings, "unet", feeds)["out_sample"]
-                if plan.cfg:  # Ho & Salimans 2022, eq. 6: eps_uncond + w (eps_cond - eps_uncond)
-                    uncond, cond = eps[:n], eps[n:]
-                    eps = uncond + g * (cond - uncond)
-                latents = sched.step(eps, i, latents)
-                bar.update()
-                timings.add("step", time.perf_counter() - t0)
+            latents = self._denoise(plan, timings, warn, bar)
         finally:
             bar.close()
         if not decode:
@@ -352,6 +332,34 @@ class Sampler:
         timings.add("postprocess", time.perf_counter() - t0)
         timings.add("sample", time.perf_counter() - start)
         return images, timings
+
+    def _denoise(self, plan: Plan, timings: Timings, warn: Callable[[str], None], bar: Any) -> np.ndarray:
+        """Encode the prompts, then the Euler loop with CFG from the plan's noise; the final latents."""
+        hidden, pooled = self.encode_prompt(plan, timings, warn)
+        ub = hidden.shape[0]
+        # Micro-conditioning (Podell et al. 2023, SDXL, sec. 2.2): original size, crop top-left, target size.
+        time_ids = np.tile(np.array([plan.height, plan.width, 0, 0, plan.height, plan.width], F32), (ub, 1))
+        sched = self.scheduler
+        sched.set_timesteps(plan.steps)
+        assert sched.timesteps is not None
+        bar.reset(total=len(sched.timesteps))  # trailing spacing gives one extra step for some counts, as in diffusers
+        latents = (plan.noise * sched.init_noise_sigma).astype(F32, copy=False)
+        g = F32(plan.guidance)
+        n = plan.batch
+        for i, t in enumerate(sched.timesteps):
+            t0 = time.perf_counter()
+            x = sched.scale_model_input(latents, i)  # elementwise, so scaling before the CFG copy is the same
+            x = np.concatenate([x, x]) if plan.cfg else x
+            feeds = {"sample": x, "timestep": np.full((ub,), t, F32), "encoder_hidden_states": hidden,
+                     "text_embeds": pooled, "time_ids": time_ids}
+            eps = self._run(timings, "unet", feeds)["out_sample"]
+            if plan.cfg:  # Ho & Salimans 2022, eq. 6: eps_uncond + w (eps_cond - eps_uncond)
+                uncond, cond = eps[:n], eps[n:]
+                eps = uncond + g * (cond - uncond)
+            latents = sched.step(eps, i, latents)
+            bar.update()
+            timings.add("step", time.perf_counter() - t0)
+        return latents
 
     def unscale_latents(self, latents: np.ndarray) -> np.ndarray:
         """Latents back to the VAE's space (Rombach et al. 2022's scaling factor, SDXL's 0.13025)."""

@@ -74,11 +74,11 @@ class ClipTokenizer:
         self._tok.enable_padding(length=self.max_length, pad_id=pad_id, pad_token=pad)
 
     def __call__(self, prompts: list[str]) -> Tokenized:
-        encodings = self._tok.encode_batch(list(prompts))
-        ids = np.array([e.ids for e in encodings], dtype=np.int32)
+        # One encode per prompt: a CFG batch holds one or two, too few for encode_batch's thread pool to pay.
+        ids = np.array([self._tok.encode(p).ids for p in prompts], dtype=np.int32)
         truncated = []
-        for prompt, enc in zip(prompts, self._full.encode_batch(list(prompts))):
-            full = enc.ids
+        for prompt in prompts:
+            full = self._full.encode(prompt).ids
             # As diffusers reports it: the tokens between position max_length-1 and the final end token.
             dropped = self._full.decode(full[self.max_length - 1:-1]) if len(full) > self.max_length else ""
             truncated.append(" ".join(dropped.replace("</w>", " ").split()))

@@ -70,6 +70,18 @@ def test_lightning_settings() -> None:
     assert lead.timesteps is not None and lead.timesteps[0] == 961.0 and lead.timesteps[-1] == 1.0  # steps_offset 1
 
 
+def test_trailing_float_quirk_is_reproduced() -> None:
+    """np.arange(1000, 0, -1000/61) has 62 entries, so diffusers runs 62 steps, the last at t = -1; so do we."""
+    from diffusers import EulerDiscreteScheduler as Reference
+
+    cfg = {**SDXL, "timestep_spacing": "trailing"}
+    ref, ours = Reference.from_config(cfg), EulerDiscreteScheduler.from_config(cfg)
+    ref.set_timesteps(61)
+    ours.set_timesteps(61)
+    assert ours.timesteps is not None and len(ours.timesteps) == len(ref.timesteps) == 62
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+
+
 def test_rejects_what_it_cannot_do() -> None:
     with pytest.raises(UsageError, match="timestep_spacing"):
         EulerDiscreteScheduler.from_config({**SDXL, "timestep_spacing": "sideways"})

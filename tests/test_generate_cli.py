@@ -112,8 +112,9 @@ def broken_copy(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) 
     (["--latents", "{tmp}/not_npy.npy"], 2, "is not a readable .npy file"),
     (["--backend", "tensorrt", "--engines", "{tmp}"], 1, "tensorrt backend is not available"),
     (["--backend", "torch"], 2, "--backend torch needs --model"),
+    (["--seed", "1", "--latents", "{tmp}/wrong_shape.npy"], 2, "--seed and --latents both set the initial noise"),
 ], ids=["height-not-8", "height-not-32", "outside-range", "batch-range", "steps", "guidance", "latents-shape",
-        "latents-dtype", "latents-not-npy", "tensorrt-missing", "torch-without-model"])
+        "latents-dtype", "latents-not-npy", "tensorrt-missing", "torch-without-model", "seed-and-latents"])
 def test_bad_inputs_fail_cleanly(args: list[str], code: int, message: str, tiny_artifacts: Path, tmp_path: Path) -> None:
     if any("tensorrt" == a for a in args):
         try:

@@ -93,6 +93,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     started = time.perf_counter()
     # ----- everything is checked before a network runs -------------------------------------------
     _check_out(out)
+    if seed is not None and latents is not None:
+        raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
     if backend in ("onnxruntime", "tensorrt") and artifacts is None:
         raise UsageError(f"--backend {backend} needs --artifacts DIR (from `koala-trt export`)")

@@ -207,9 +207,16 @@ class Sampler:
 
     # ----- validation -----------------------------------------------------------------------------
     def _range(self, component: str) -> ShapeRange | None:
+        """The sizes the backend can run `component` at: its own `shape_range`, else its manifest's (an
+        engines folder records each engine's profile), else the artifacts' export range."""
         probe: Callable[[str], ShapeRange | None] | None = getattr(self.backend, "shape_range", None)
+        if probe is None:
+            probe = getattr(getattr(self.backend, "manifest", None), "shape_range", None)
         if probe is not None:
-            return probe(component)
+            try:
+                return probe(component)
+            except (KeyError, UsageError):
+                pass
         return self.assets.shape_ranges.get(component)
 
     def plan(self, req: Request) -> Plan:

@@ -110,19 +110,11 @@ def broken_copy(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) 
     (["--latents", "{tmp}/wrong_shape.npy"], 2, "--latents: shape (1, 4, 8, 8), expected (1, 4, 16, 16)"),
     (["--latents", "{tmp}/wrong_dtype.npy"], 2, "--latents: dtype float64, expected float32"),
     (["--latents", "{tmp}/not_npy.npy"], 2, "is not a readable .npy file"),
-    (["--backend", "tensorrt", "--engines", "{tmp}"], 1, "tensorrt backend is not available"),
     (["--backend", "torch"], 2, "--backend torch needs --model"),
     (["--seed", "1", "--latents", "{tmp}/wrong_shape.npy"], 2, "--seed and --latents both set the initial noise"),
 ], ids=["height-not-8", "height-not-32", "outside-range", "batch-range", "steps", "guidance", "latents-shape",
-        "latents-dtype", "latents-not-npy", "tensorrt-missing", "torch-without-model", "seed-and-latents"])
+        "latents-dtype", "latents-not-npy", "torch-without-model", "seed-and-latents"])
 def test_bad_inputs_fail_cleanly(args: list[str], code: int, message: str, tiny_artifacts: Path, tmp_path: Path) -> None:
-    if any("tensorrt" == a for a in args):
-        try:
-            import tensorrt  # noqa: F401
-
-            pytest.skip("TensorRT is installed here: the missing-TensorRT error cannot happen")
-        except ImportError:
-            pass
     np.save(tmp_path / "wrong_shape.npy", np.zeros((1, 4, 8, 8), np.float32))
     np.save(tmp_path / "wrong_dtype.npy", np.zeros((1, 4, 16, 16), np.float64))
     (tmp_path / "not_npy.npy").write_text("hello")
@@ -135,6 +127,23 @@ def test_bad_inputs_fail_cleanly(args: list[str], code: int, message: str, tiny_
     lines = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
     assert len(lines) == 1 and message in lines[0], stderr
     assert "Traceback" not in stderr and not out.exists() and _leftovers(out.parent) == []
+
+
+def test_tensorrt_backend_unavailable(tiny_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where engines.runtime_trt (or TensorRT under it) cannot be imported: one line, exit 1, no PNG.
+    With the module present, a folder that is not an engines folder, or a machine without TensorRT,
+    is refused by the backend itself, also in one line."""
+    out = tmp_path / "out" / "x.png"
+    args = ["generate", "--artifacts", tiny_artifacts, "--backend", "tensorrt", "--engines", tmp_path, "--prompt", "a koala",
+            "--height", "128", "--width", "128", "--out", out]
+    code, _, stderr = run_cli(*args)
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
+    assert code in (1, 2) and len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert any(m in errors[0] for m in ("tensorrt backend is not available", "not a koala-trt engines folder", "cannot run on this machine"))
+    monkeypatch.setitem(sys.modules, "engines.runtime_trt", None)  # `import` now raises ImportError
+    code, _, stderr = run_cli(*args)
+    assert code == 1 and "Error: the tensorrt backend is not available here" in stderr and "Traceback" not in stderr, stderr
+    assert not out.exists() and _leftovers(out.parent) == []
 
 
 def test_missing_and_corrupt_artifacts(tiny_artifacts: Path, broken_copy: Path, tmp_path: Path) -> None:

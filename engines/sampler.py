@@ -52,11 +52,27 @@ class PipelineAssets:
     def from_manifest(cls, m: Manifest) -> "PipelineAssets":
         """From an artifacts folder: the manifest's specs, shape ranges, "sampler" and "vae" entries,
         plus tokenizer/, tokenizer_2/ and the scheduler config beside it."""
-        d = m.data
-        missing = [k for k in ("sampler", "vae", "scheduler", "tokenizers") if k not in d]
+        specs = m.specs()
+        return cls._from_folder(m.root, m.data, specs, {n: m.shape_range(n) for n in specs if "shape_range" in m.components[n]},
+                                "re-export the artifacts with `koala-trt export`")
+
+    @classmethod
+    def from_engines(cls, root: Path, data: Mapping[str, Any], specs: dict[str, ComponentSpec],
+                     shape_ranges: dict[str, ShapeRange]) -> "PipelineAssets":
+        """From a `koala-trt build` folder: its manifest carries the artifacts' "sampler" and "vae"
+        entries and the build copies the tokenizers and the scheduler config, so no artifacts folder
+        is needed; the shape ranges are the engines' optimization profiles."""
+        if not data.get("tokenizers") or not data.get("scheduler"):
+            raise UsageError(f"{root} holds no tokenizers or scheduler config; pass --artifacts DIR (the folder the engines were built from)")
+        return cls._from_folder(root, data, specs, shape_ranges, "pass --artifacts DIR (the folder the engines were built from)")
+
+    @classmethod
+    def _from_folder(cls, root: Path, d: Mapping[str, Any], specs: dict[str, ComponentSpec],
+                     shape_ranges: dict[str, ShapeRange], fix: str) -> "PipelineAssets":
+        missing = [k for k in ("sampler", "vae", "scheduler", "tokenizers") if not d.get(k)]
         if missing:
-            raise UsageError(f"{m.root}/manifest.json lacks {', '.join(missing)}: re-export the artifacts with `koala-trt export`")
-        sched_path = m.root / d["scheduler"]
+            raise UsageError(f"{root}/manifest.json lacks {', '.join(missing)}: {fix}")
+        sched_path = root / d["scheduler"]
         if not sched_path.is_file():
             raise UsageError(f"missing scheduler config {sched_path}")
         try:
@@ -65,17 +81,15 @@ class PipelineAssets:
             raise UsageError(f"{sched_path} is corrupt: {e}") from None
         vae_cfg = d.get("configs", {}).get("vae", {})
         s = d["sampler"]
-        toks = tuple(m.root / t for t in d["tokenizers"])
+        toks = tuple(root / t for t in d["tokenizers"])
         if len(toks) != 2:
-            raise UsageError(f"{m.root}/manifest.json: expected two tokenizers, found {len(toks)}")
-        specs = m.specs()
+            raise UsageError(f"{root}/manifest.json: expected two tokenizers, found {len(toks)}")
         return cls(specs=specs, tokenizer_dirs=toks, scheduler_config=sched,  # type: ignore[arg-type]
                    scaling_factor=float(d["vae"]["scaling_factor"]), steps=int(s["steps"]), guidance=float(s["guidance"]),
-                   height=int(s.get("height", 1024)), width=int(s.get("width", 1024)),
-                   shape_ranges={n: m.shape_range(n) for n in specs if "shape_range" in m.components[n]},
+                   height=int(s.get("height", 1024)), width=int(s.get("width", 1024)), shape_ranges=shape_ranges,
                    latents_mean=_tuple(vae_cfg.get("latents_mean")), latents_std=_tuple(vae_cfg.get("latents_std")),
                    force_zeros_for_empty_prompt=bool(s.get("force_zeros_for_empty_prompt", True)),
-                   origin=f"{m.root} ({d.get('source', {}).get('model', '?')})")
+                   origin=f"{root} ({d.get('source', {}).get('model', '?')})")
 
     @classmethod
     def from_source(cls, source: Any) -> "PipelineAssets":

@@ -134,3 +134,32 @@ def test_output_paths_are_numbered() -> None:
     assert output_paths(Path("o/x.png"), 1) == [Path("o/x.png")]
     assert output_paths(Path("o/x.png"), 3) == [Path("o/x-0.png"), Path("o/x-1.png"), Path("o/x-2.png")]
     assert output_paths(Path("o/x.png"), 12)[0] == Path("o/x-00.png")
+
+
+def test_assets_from_an_engines_folder(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """A `koala-trt build` folder is self-contained for the sampler (tokenizers, scheduler config and the
+    manifest's sampler/vae entries are copied there), so --backend tensorrt needs no --artifacts.
+    Only the reading is tested here: there is no TensorRT on CPU machines."""
+    import shutil
+
+    from exporter.specs import ShapeRange
+
+    m = load_manifest(tiny_artifacts)
+    for rel in ("tokenizer", "tokenizer_2", "scheduler"):
+        shutil.copytree(tiny_artifacts / rel, tmp_path / rel)
+    data = {k: m.data[k] for k in ("source", "sampler", "vae")}
+    data.update(tokenizers=["tokenizer", "tokenizer_2"], scheduler="scheduler/scheduler_config.json")
+    profile = ShapeRange((1, 2, 2), (128, 128, 128), (128, 128, 128))  # a static 128x128 engine profile
+    assets = PipelineAssets.from_engines(tmp_path, data, m.specs(), {c: profile for c in m.specs()})
+    ref = PipelineAssets.from_manifest(m)
+    assert (assets.steps, assets.guidance, assets.scaling_factor, assets.scheduler_config) == \
+        (ref.steps, ref.guidance, ref.scaling_factor, ref.scheduler_config)
+    sampler = Sampler(OnnxRuntimeBackend(m), assets)
+    sampler.backend.shape_range = lambda c: profile  # type: ignore[method-assign]  # as an engines backend reports
+    from koala_trt.errors import UsageError
+
+    with pytest.raises(UsageError, match="outside the sizes unet was exported for"):
+        sampler.plan(Request(PROMPT, height=256, width=256))
+    assert sampler.plan(Request(PROMPT, height=128, width=128, seed=0)).noise.shape == (1, 4, 16, 16)
+    with pytest.raises(UsageError, match="pass --artifacts"):
+        PipelineAssets.from_engines(tmp_path, {**data, "tokenizers": []}, m.specs(), {})

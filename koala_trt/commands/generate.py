@@ -57,7 +57,8 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
               help="Artifacts folder from `koala-trt export` (tokenizers, scheduler, specs; the ONNX graphs for onnxruntime).")
 @click.option("--backend", "-b", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
               help="What runs the networks.")
-@click.option("--engines", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` (--backend tensorrt).")
+@click.option("--engines", type=click.Path(path_type=Path),
+              help="Engines folder from `koala-trt build` (--backend tensorrt); it carries tokenizers and scheduler, so --artifacts is optional.")
 @click.option("--model", "-m", help="PyTorch reference for --backend torch: hub id, diffusers folder or random:<preset>.")
 @click.option("--prompt", "-p", required=True, help="What to draw.")
 @click.option("--negative-prompt", "-n", default="", help="What to steer away from [default: none; zero embeddings as SDXL's force_zeros_for_empty_prompt].")
@@ -96,8 +97,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
-    if backend in ("onnxruntime", "tensorrt") and artifacts is None:
-        raise UsageError(f"--backend {backend} needs --artifacts DIR (from `koala-trt export`)")
+    if backend == "onnxruntime" and artifacts is None:
+        raise UsageError("--backend onnxruntime needs --artifacts DIR (from `koala-trt export`)")
     if backend != "torch" and model is not None:
         raise UsageError("--model is for --backend torch; onnxruntime and tensorrt read --artifacts / --engines")
     if backend != "tensorrt" and engines is not None:
@@ -112,15 +113,20 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         checked = check_files(manifest, prefixes, full_hash=not no_verify)
         log(f"artifacts {artifacts}: {checked / 2**20:,.1f} MiB {'size-checked' if no_verify else 'verified (sha256)'} "
             f"in {time.perf_counter() - t0:.1f} s")
-    else:
+    elif backend == "torch":
         from exporter.sources import resolve
 
-        assets = PipelineAssets.from_source(resolve(model)) if model else None  # type: ignore[arg-type]
-        if assets is None:
+        if model is None:
             raise UsageError("--backend torch needs --model (and optionally --artifacts for its tokenizers and defaults)")
+        assets = PipelineAssets.from_source(resolve(model))
+    else:
+        assets = None  # tensorrt without --artifacts: the engines folder carries tokenizers, scheduler and defaults
     verify_s = time.perf_counter() - t0
     runtime = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads)
     try:
+        if assets is None:
+            em = runtime.manifest
+            assets = PipelineAssets.from_engines(em.root, em.data, runtime.specs, {c: em.shape_range(c) for c in runtime.specs})
         if backend == "torch" and manifest is not None:
             _warn_if_other_model(runtime, manifest)
         sampler = Sampler(runtime, assets)

@@ -11,12 +11,15 @@ onnxruntime and tensorrt never import torch or diffusers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from exporter.manifest import Manifest, load_manifest
-from exporter.specs import ComponentSpec
+from exporter.specs import ComponentSpec, ShapeRange
+from koala_trt.errors import KoalaError, UsageError
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
 class Backend(Protocol):
@@ -33,8 +36,15 @@ class Backend(Protocol):
         ...
 
 
+# Optional members a backend may have (looked up with getattr, so a backend need not define them):
+#   load(components: list[str]) -> None      open everything first, so a bad file fails before any run
+#   shape_range(component) -> ShapeRange | None   the sizes it can run (an engine's profile)
+#   describe() -> str                         one line for logs (providers, device)
+
+
 class OnnxRuntimeBackend:
-    """ONNX Runtime over an artifacts folder; sessions are created on first use and kept."""
+    """ONNX Runtime over an artifacts folder; sessions are created on first use (or by `load`) and kept.
+    The CUDA execution provider is used where onnxruntime-gpu offers it, else the CPU one."""
 
     name = "onnxruntime"
 
@@ -51,6 +61,17 @@ class OnnxRuntimeBackend:
             self._sessions[component] = make_session(self.manifest.onnx_path(component), self.providers, self.threads)
         return self._sessions[component]
 
+    def load(self, components: list[str]) -> None:
+        for name in components:
+            self.session(name)
+
+    def shape_range(self, component: str) -> ShapeRange | None:
+        return self.manifest.shape_range(component) if component in self.manifest.components else None
+
+    def describe(self) -> str:
+        used = sorted({p for s in self._sessions.values() for p in s.get_providers()})  # type: ignore[attr-defined]
+        return f"onnxruntime ({', '.join(used) or 'no sessions yet'})"
+
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component] if component in self.specs else self.manifest.spec(component)
         spec.check_inputs(feeds)
@@ -60,3 +81,32 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def open_backend(name: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
+                 manifest: Manifest | None = None, threads: int | None = None) -> Any:
+    """The backend `name` over its inputs: onnxruntime <- artifacts, tensorrt <- engines, torch <- model.
+    tensorrt and torch are imported here, only when asked for."""
+    if name == "onnxruntime":
+        if artifacts is None and manifest is None:
+            raise UsageError("--backend onnxruntime needs --artifacts DIR")
+        return OnnxRuntimeBackend(manifest or load_manifest(artifacts), threads=threads)  # type: ignore[arg-type]
+    if name == "tensorrt":
+        if engines is None:
+            raise UsageError("--backend tensorrt needs --engines DIR (a `koala-trt build` folder)")
+        if not Path(engines).is_dir():
+            raise UsageError(f"engines folder {engines} does not exist")
+        try:
+            from engines.runtime_trt import TensorRTBackend
+
+            return TensorRTBackend(Path(engines))
+        except ImportError as e:  # engines/runtime_trt.py, tensorrt or cuda-python is missing
+            raise KoalaError(f"the tensorrt backend is not available here ({e}); "
+                             "it needs the [gpu] extra on a machine with an NVIDIA GPU") from None
+    if name == "torch":
+        if model is None:
+            raise UsageError("--backend torch needs --model (the PyTorch reference: hub id, folder or random:<preset>)")
+        from engines.runtime_torch import TorchBackend
+
+        return TorchBackend(model, specs=manifest.specs() if manifest is not None else None)
+    raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

@@ -1,0 +1,68 @@
+"""The `torch` backend: the PyTorch reference modules of --model, run through the same spec-shaped
+wrappers that were exported (exporter/wrappers.py), numpy in and out like every other backend.
+
+Only this backend imports torch; the sampler cannot tell it from onnxruntime or tensorrt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from exporter.specs import ComponentSpec, ShapeRange
+
+
+class TorchBackend:
+    """Runs components with PyTorch (float32, CPU by default, CUDA with device="cuda"). Modules are
+    built on first use (a pipeline module such as the VAE is built once for all its components)."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, specs: dict[str, ComponentSpec] | None = None, device: str = "cpu") -> None:
+        from exporter.sources import ModelSource, resolve
+        from exporter.specs import specs_from_configs
+
+        self.source: ModelSource = model if isinstance(model, ModelSource) else resolve(str(model))
+        self.specs = dict(specs) if specs is not None else specs_from_configs(self.source.configs)
+        self.device = device
+        self._modules: dict[str, Any] = {}
+        self._wrapped: dict[str, Any] = {}
+
+    def _wrapper(self, component: str) -> Any:
+        if component not in self._wrapped:
+            from exporter.wrappers import wrap
+
+            spec = self.specs[component]
+            if spec.module not in self._modules:
+                self._modules[spec.module] = self.source.build(spec.module, device=self.device)
+            self._wrapped[component] = wrap(spec, self._modules[spec.module])
+        return self._wrapped[component]
+
+    def load(self, components: list[str]) -> None:
+        for name in components:
+            self._wrapper(name)
+
+    def shape_range(self, component: str) -> ShapeRange | None:
+        return None  # PyTorch runs any size the spec's granularity allows
+
+    def describe(self) -> str:
+        import torch
+
+        return f"torch {torch.__version__} ({self.device}, {self.source.ref})"
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        spec = self.specs[component]
+        spec.check_inputs(feeds)
+        module = self._wrapper(component)
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device) for t in spec.inputs]
+        with torch.inference_mode():
+            out = module(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {t.name: o.detach().to("cpu", torch.float32).numpy() for t, o in zip(spec.outputs, outs)}
+
+    def close(self) -> None:
+        self._wrapped.clear()
+        self._modules.clear()

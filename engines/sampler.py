@@ -1,0 +1,424 @@
+"""The text-to-image loop in numpy over any backend: tokenize, encode, denoise with classifier-free
+guidance, decode. It does what diffusers' StableDiffusionXLPipeline.__call__ does (default
+arguments: no clip skip, no guidance rescale, original size = target size, crop (0, 0)), so the
+same components and the same initial latents give the same image.
+
+No torch, no diffusers: numpy, `tokenizers` and the backend (engines/runtime.py) only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from engines.scheduler_euler import EulerDiscreteScheduler
+from engines.tokenize import ClipTokenizer
+from exporter.manifest import Manifest
+from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange
+from koala_trt.errors import UsageError
+
+F32 = np.float32
+SAMPLER_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+# ----- what the loop needs besides the networks ---------------------------------------------------
+
+@dataclass(frozen=True)
+class PipelineAssets:
+    """Everything the sampler reads besides the networks: specs, tokenizers, scheduler config, VAE
+    scaling, the model's sampling defaults and the sizes the components were exported for."""
+
+    specs: dict[str, ComponentSpec]
+    tokenizer_dirs: tuple[Path, Path]
+    scheduler_config: dict[str, Any]
+    scaling_factor: float
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    shape_ranges: dict[str, ShapeRange] = field(default_factory=dict)
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL base's pipeline config (and KOALA's)
+    origin: str = ""
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> "PipelineAssets":
+        """From an artifacts folder: the manifest's specs, shape ranges, "sampler" and "vae" entries,
+        plus tokenizer/, tokenizer_2/ and the scheduler config beside it."""
+        specs = m.specs()
+        return cls._from_folder(m.root, m.data, specs, {n: m.shape_range(n) for n in specs if "shape_range" in m.components[n]},
+                                "re-export the artifacts with `koala-trt export`")
+
+    @classmethod
+    def from_engines(cls, root: Path, data: Mapping[str, Any], specs: dict[str, ComponentSpec],
+                     shape_ranges: dict[str, ShapeRange]) -> "PipelineAssets":
+        """From a `koala-trt build` folder: its manifest carries the artifacts' "sampler" and "vae"
+        entries and the build copies the tokenizers and the scheduler config, so no artifacts folder
+        is needed; the shape ranges are the engines' optimization profiles."""
+        if not data.get("tokenizers") or not data.get("scheduler"):
+            raise UsageError(f"{root} holds no tokenizers or scheduler config; pass --artifacts DIR (the folder the engines were built from)")
+        return cls._from_folder(root, data, specs, shape_ranges, "pass --artifacts DIR (the folder the engines were built from)")
+
+    @classmethod
+    def _from_folder(cls, root: Path, d: Mapping[str, Any], specs: dict[str, ComponentSpec],
+                     shape_ranges: dict[str, ShapeRange], fix: str) -> "PipelineAssets":
+        missing = [k for k in ("sampler", "vae", "scheduler", "tokenizers") if not d.get(k)]
+        if missing:
+            raise UsageError(f"{root}/manifest.json lacks {', '.join(missing)}: {fix}")
+        sched_path = root / d["scheduler"]
+        if not sched_path.is_file():
+            raise UsageError(f"missing scheduler config {sched_path}")
+        try:
+            sched = json.loads(sched_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{sched_path} is corrupt: {e}") from None
+        vae_cfg = d.get("configs", {}).get("vae", {})
+        s = d["sampler"]
+        toks = tuple(root / t for t in d["tokenizers"])
+        if len(toks) != 2:
+            raise UsageError(f"{root}/manifest.json: expected two tokenizers, found {len(toks)}")
+        return cls(specs=specs, tokenizer_dirs=toks, scheduler_config=sched,  # type: ignore[arg-type]
+                   scaling_factor=float(d["vae"]["scaling_factor"]), steps=int(s["steps"]), guidance=float(s["guidance"]),
+                   height=int(s.get("height", 1024)), width=int(s.get("width", 1024)), shape_ranges=shape_ranges,
+                   latents_mean=_tuple(vae_cfg.get("latents_mean")), latents_std=_tuple(vae_cfg.get("latents_std")),
+                   force_zeros_for_empty_prompt=bool(s.get("force_zeros_for_empty_prompt", True)),
+                   origin=f"{root} ({d.get('source', {}).get('model', '?')})")
+
+    @classmethod
+    def from_source(cls, source: Any) -> "PipelineAssets":
+        """From a model source (the torch backend without an artifacts folder): configs only, no weights."""
+        from exporter.specs import specs_from_configs
+
+        vae = source.configs["vae"]
+        size = source.default_size
+        return cls(specs=specs_from_configs(source.configs), tokenizer_dirs=tuple(source.tokenizer_dirs()),  # type: ignore[arg-type]
+                   scheduler_config=dict(source.scheduler_config), scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+                   steps=source.sampler.steps, guidance=source.sampler.guidance, height=size, width=size,
+                   latents_mean=_tuple(vae.get("latents_mean")), latents_std=_tuple(vae.get("latents_std")),
+                   origin=source.ref)
+
+
+def _tuple(v: Any) -> tuple[float, ...] | None:
+    return None if v is None else tuple(float(x) for x in v)
+
+
+# ----- one request ------------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    """What `koala-trt generate` asks for; None means the model's default (manifest "sampler")."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    batch: int | None = None
+    latents: np.ndarray | None = None  # initial noise as diffusers' `latents=` takes it (before * init_noise_sigma)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request: every number resolved, the initial noise made."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    seed: int | None
+    height: int
+    width: int
+    batch: int
+    noise: np.ndarray  # float32 [batch, C, height/f, width/f]
+
+    @property
+    def cfg(self) -> bool:
+        # Classifier-free guidance (Ho & Salimans 2022) only when it changes anything, as diffusers decides.
+        return self.guidance > 1.0
+
+    @property
+    def encode_negative(self) -> bool:
+        return self.cfg and bool(self.negative_prompt)
+
+
+def initial_noise(seed: int, batch: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The initial latents for --seed: image i is standard normal noise from numpy's PCG64 seeded with
+    seed + i, so every backend starts from the same noise and image i of a batch equals a batch-1
+    run with seed + i. (This is not torch's generator: diffusers' `generator=` gives other noise;
+    pass it with --latents to compare.)"""
+    return np.stack([np.random.default_rng(seed + i).standard_normal(shape, dtype=F32) for i in range(batch)])
+
+
+# ----- timings ----------------------------------------------------------------------------------
+
+@dataclass
+class Timings:
+    """Seconds per stage; `unet` and `step` hold one entry per denoising step (step = the whole loop
+    iteration, so step - unet is the sampler's own work: scaling, CFG, the scheduler update)."""
+
+    stages: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages.setdefault(stage, []).append(seconds)
+
+    def total(self, stage: str) -> float:
+        return float(sum(self.stages.get(stage, [])))
+
+    def model_seconds(self) -> float:
+        return sum(self.total(c) for c in SAMPLER_COMPONENTS)
+
+    def step_overheads(self) -> list[float]:
+        return [s - u for s, u in zip(self.stages.get("step", []), self.stages.get("unet", []))]
+
+    def summary(self) -> dict[str, Any]:
+        """Per stage: calls, total and per-call ms, and the non-model overhead (all of `sample`
+        except time inside backend.run; per denoising step: the loop's own work)."""
+        rows: dict[str, Any] = {}
+        for k in ("tokenize", *SAMPLER_COMPONENTS, "postprocess"):
+            v = self.stages.get(k, [])
+            if v:
+                rows[k] = {"calls": len(v), "total_ms": 1e3 * sum(v), "per_call_ms": 1e3 * sum(v) / len(v)}
+        over = self.step_overheads()
+        sample = self.total("sample")
+        unet = self.stages.get("unet", [])
+        per_step = 1e3 * sum(over) / len(over) if over else 0.0
+        unet_step = 1e3 * sum(unet) / len(unet) if unet else 0.0
+        return {
+            "stages": rows,
+            "overhead": {"total_ms": 1e3 * (sample - self.model_seconds()),
+                         "per_step_ms": per_step, "per_step_max_ms": 1e3 * max(over, default=0.0),
+                         "per_step_pct_of_unet": 100.0 * per_step / unet_step if unet_step else 0.0},
+            "total_ms": 1e3 * sample,
+        }
+
+
+# ----- the sampler ------------------------------------------------------------------------------
+
+class Sampler:
+    """SDXL/KOALA text-to-image over `backend` (any object with the runtime.Backend interface)."""
+
+    def __init__(self, backend: Any, assets: PipelineAssets) -> None:
+        self.backend, self.assets = backend, assets
+        specs = dict(assets.specs)
+        specs.update(getattr(backend, "specs", {}) or {})
+        missing = [c for c in SAMPLER_COMPONENTS if c not in specs]
+        if missing:
+            raise UsageError(f"{assets.origin or 'the backend'} has no {', '.join(missing)}: the sampler needs {', '.join(SAMPLER_COMPONENTS)}")
+        self.specs = specs
+        self.unet, self.vae = specs["unet"], specs["vae_decoder"]
+        self.seq_len = int(specs["text_encoder"].input("input_ids").dims[1])
+        self.tokenizers = tuple(ClipTokenizer(d, max_length=self.seq_len) for d in assets.tokenizer_dirs)
+        self.scheduler = EulerDiscreteScheduler.from_config(assets.scheduler_config)
+
+    # ----- validation -----------------------------------------------------------------------------
+    def _range(self, component: str) -> ShapeRange | None:
+        """The sizes the backend can run `component` at: its own `shape_range`, else its manifest's (an
+        engines folder records each engine's profile), else the artifacts' export range."""
+        probe: Callable[[str], ShapeRange | None] | None = getattr(self.backend, "shape_range", None)
+        if probe is None:
+            probe = getattr(getattr(self.backend, "manifest", None), "shape_range", None)
+        if probe is not None:
+            try:
+                return probe(component)
+            except (KeyError, UsageError):
+                pass
+        return self.assets.shape_ranges.get(component)
+
+    def plan(self, req: Request) -> Plan:
+        """Resolve defaults and check everything a model run could trip on; raises UsageError."""
+        a = self.assets
+        steps = a.steps if req.steps is None else int(req.steps)
+        guidance = a.guidance if req.guidance is None else float(req.guidance)
+        if not 1 <= steps <= self.scheduler.num_train_timesteps:
+            raise UsageError(f"--steps must be between 1 and {self.scheduler.num_train_timesteps} (got {steps})")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise UsageError(f"--guidance must be a finite number >= 0 (got {guidance})")
+        lat = req.latents
+        c_in = int(self.unet.input("sample").dims[1])
+        f = self.unet.latent_factor
+        if lat is not None and lat.ndim == 4:  # sizes default to the latents' own
+            height = req.height or int(lat.shape[2]) * f
+            width = req.width or int(lat.shape[3]) * f
+            batch = req.batch or int(lat.shape[0])
+        else:
+            height, width, batch = req.height or a.height, req.width or a.width, req.batch or 1
+        if batch < 1:
+            raise UsageError(f"--batch must be at least 1 (got {batch})")
+        if height <= 0 or width <= 0 or height % 8 or width % 8:
+            raise UsageError(f"--height and --width must be positive multiples of 8 (got {height}x{width})")
+        for spec in (self.unet, self.vae):
+            if height % spec.size_multiple or width % spec.size_multiple:
+                raise UsageError(f"{spec.name}: --height and --width must be multiples of {spec.size_multiple} for this model (got {height}x{width})")
+        prompts = 2 if (guidance > 1.0 and (req.negative_prompt or not a.force_zeros_for_empty_prompt)) else 1
+        unet_batch = 2 * batch if guidance > 1.0 else batch
+        for comp, b in (("text_encoder", prompts), ("text_encoder_2", prompts), ("unet", unet_batch), ("vae_decoder", batch)):
+            r = self._range(comp)
+            if r is None:
+                continue
+            if not r.batch[0] <= b <= r.batch[2]:
+                what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp == "unet" and unet_batch != batch else "")
+                raise UsageError(f"{comp} was exported for batch {r.batch[0]}..{r.batch[2]}, not {what}; lower --batch")
+            if self.specs[comp].spatial and not (r.height[0] <= height <= r.height[2] and r.width[0] <= width <= r.width[2]):
+                raise UsageError(f"{height}x{width} is outside the sizes {comp} was exported for "
+                                 f"(height {r.height[0]}..{r.height[2]}, width {r.width[0]}..{r.width[2]}); "
+                                 "re-export with --height/--width near the size you want")
+        shape = (batch, c_in, height // f, width // f)
+        if lat is not None:
+            if lat.dtype != np.float32:
+                raise UsageError(f"--latents: dtype {lat.dtype}, expected float32")
+            if tuple(lat.shape) != shape:
+                raise UsageError(f"--latents: shape {tuple(lat.shape)}, expected {shape} (batch, channels, height/{f}, width/{f})")
+            if not np.isfinite(lat).all():
+                raise UsageError("--latents: contains NaN or infinite values")
+            noise, seed = np.ascontiguousarray(lat), None
+        else:
+            if req.seed < 0:
+                raise UsageError(f"--seed must be >= 0 (got {req.seed})")
+            noise, seed = initial_noise(int(req.seed), batch, shape[1:]), int(req.seed)
+        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise)
+
+    # ----- the loop -----------------------------------------------------------------------------
+    def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """backend.run with the feeds in the spec's dtypes (fp16 I/O graphs or engines) and float32 back."""
+        spec = self.specs[component]
+        feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False) for k, v in feeds.items()}
+        t0 = time.perf_counter()
+        out = self.backend.run(component, feeds)
+        timings.add(component, time.perf_counter() - t0)
+        return {k: v.astype(F32, copy=False) for k, v in out.items()}
+
+    def encode_prompt(self, plan: Plan, timings: Timings, warn: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+        """(encoder_hidden_states, text_embeds) for the U-Net batch: SDXL's penultimate hidden states
+        of both encoders concatenated, and text_encoder_2's projected pooled output; negatives first
+        (zeros for an empty negative prompt, force_zeros_for_empty_prompt), each repeated per image."""
+        prompts = [plan.negative_prompt, plan.prompt] if plan.encode_negative else [plan.prompt]
+        if plan.cfg and not plan.negative_prompt and not self.assets.force_zeros_for_empty_prompt:
+            prompts = ["", plan.prompt]
+        t0 = time.perf_counter()
+        tok = [t(prompts) for t in self.tokenizers]
+        timings.add("tokenize", time.perf_counter() - t0)
+        for name, tk in zip(("text_encoder", "text_encoder_2"), tok):
+            for text, dropped in zip(prompts, tk.truncated):
+                if dropped:
+                    warn(f"prompt truncated to {self.seq_len} tokens for {name} (CLIP's limit); dropped: {dropped!r}")
+        h1 = self._run(timings, "text_encoder", {"input_ids": tok[0].ids})["hidden_states"]
+        o2 = self._run(timings, "text_encoder_2", {"input_ids": tok[1].ids})
+        hidden = np.concatenate([h1, o2["hidden_states"]], axis=-1).astype(F32, copy=False)
+        pooled = o2["text_embeds"].astype(F32, copy=False)
+        pos_h, pos_p = hidden[-1:], pooled[-1:]
+        n = plan.batch
+        if not plan.cfg:
+            return np.repeat(pos_h, n, 0), np.repeat(pos_p, n, 0)
+        if len(prompts) == 2:
+            neg_h, neg_p = hidden[:1], pooled[:1]
+        else:
+            neg_h, neg_p = np.zeros_like(pos_h), np.zeros_like(pos_p)
+        return (np.concatenate([np.repeat(neg_h, n, 0), np.repeat(pos_h, n, 0)]),
+                np.concatenate([np.repeat(neg_p, n, 0), np.repeat(pos_p, n, 0)]))
+
+    def sample(self, plan: Plan, progress: bool = True, warn: Callable[[str], None] | None = None,
+               decode: bool = True) -> tuple[np.ndarray, Timings]:
+        """Run `plan`; returns (images float32 [batch, height, width, 3] in [0, 1], timings), or with
+        decode=False the final latents as diffusers' output_type="latent" gives them."""
+        from tqdm import tqdm  # imported before the clock starts
+
+        warn = warn or (lambda msg: None)
+        timings = Timings()
+        # The progress bar is made before the clock starts (tqdm's first bar sets up a multiprocessing
+        # lock, ~50 ms once per process); its per-step updates are timed with the step.
+        bar = tqdm(total=plan.steps, desc="denoising", unit="step", disable=not progress, leave=False, dynamic_ncols=True,
+                   mininterval=0.5)  # a redraw costs ~0.3 ms: at most two a second
+        start = time.perf_counter()
+        try:
+            latents = self._denoise(plan, timings, warn, bar)
+        finally:
+            bar.close()
+        if not decode:
+            timings.add("sample", time.perf_counter() - start)
+            return latents, timings
+        latents = self.unscale_latents(latents)
+        image = self._run(timings, "vae_decoder", {"latent_sample": latents})["sample"]
+        if not np.isfinite(image).all():
+            warn("the VAE decoder returned NaN/inf (an fp16 SDXL VAE overflows; keep the decoder in fp32)")
+        t0 = time.perf_counter()
+        images = np.clip(image / F32(2) + F32(0.5), 0, 1).transpose(0, 2, 3, 1).astype(F32, copy=False)
+        timings.add("postprocess", time.perf_counter() - t0)
+        timings.add("sample", time.perf_counter() - start)
+        return images, timings
+
+    def _denoise(self, plan: Plan, timings: Timings, warn: Callable[[str], None], bar: Any) -> np.ndarray:
+        """Encode the prompts, then the Euler loop with CFG from the plan's noise; the final latents."""
+        hidden, pooled = self.encode_prompt(plan, timings, warn)
+        ub = hidden.shape[0]
+        # Micro-conditioning (Podell et al. 2023, SDXL, sec. 2.2): original size, crop top-left, target size.
+        time_ids = np.tile(np.array([plan.height, plan.width, 0, 0, plan.height, plan.width], F32), (ub, 1))
+        sched = self.scheduler
+        sched.set_timesteps(plan.steps)
+        assert sched.timesteps is not None
+        bar.reset(total=len(sched.timesteps))  # trailing spacing gives one extra step for some counts, as in diffusers
+        latents = (plan.noise * sched.init_noise_sigma).astype(F32, copy=False)
+        g = F32(plan.guidance)
+        n = plan.batch
+        for i, t in enumerate(sched.timesteps):
+            t0 = time.perf_counter()
+            x = sched.scale_model_input(latents, i)  # elementwise, so scaling before the CFG copy is the same
+            x = np.concatenate([x, x]) if plan.cfg else x
+            feeds = {"sample": x, "timestep": np.full((ub,), t, F32), "encoder_hidden_states": hidden,
+                     "text_embeds": pooled, "time_ids": time_ids}
+            eps = self._run(timings, "unet", feeds)["out_sample"]
+            if plan.cfg:  # Ho & Salimans 2022, eq. 6: eps_uncond + w (eps_cond - eps_uncond)
+                uncond, cond = eps[:n], eps[n:]
+                eps = uncond + g * (cond - uncond)
+            latents = sched.step(eps, i, latents)
+            bar.update()
+            timings.add("step", time.perf_counter() - t0)
+        return latents
+
+    def unscale_latents(self, latents: np.ndarray) -> np.ndarray:
+        """Latents back to the VAE's space (Rombach et al. 2022's scaling factor, SDXL's 0.13025)."""
+        a = self.assets
+        sf = F32(a.scaling_factor)
+        if a.latents_mean is not None and a.latents_std is not None:
+            mean = np.asarray(a.latents_mean, F32).reshape(1, -1, 1, 1)
+            std = np.asarray(a.latents_std, F32).reshape(1, -1, 1, 1)
+            return (latents * std / sf + mean).astype(F32)
+        return (latents / sf).astype(F32)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] float images to 8-bit, rounded as diffusers' numpy_to_pil does."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def save_pngs(images: np.ndarray, paths: list[Path], metadata: Mapping[str, str] | None = None) -> None:
+    """Write each image as PNG, each under a temporary name renamed into place when complete."""
+    from contextlib import ExitStack
+
+    from PIL import Image, PngImagePlugin
+
+    from koala_trt.atomic import staged_file
+
+    info = PngImagePlugin.PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(k, v)
+    with ExitStack() as stack:
+        for img, path in zip(to_uint8(images), paths):
+            tmp = stack.enter_context(staged_file(path))
+            Image.fromarray(img).save(tmp, format="PNG", pnginfo=info)
+
+
+def output_paths(out: Path, batch: int) -> list[Path]:
+    """--out for one image; numbered names (out-0.png, out-1.png, ...) for several."""
+    if batch == 1:
+        return [out]
+    width = len(str(batch - 1))
+    return [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix or '.png'}") for i in range(batch)]

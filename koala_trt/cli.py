@@ -21,6 +21,10 @@ from koala_trt.errors import KoalaError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("koala_trt.commands.inspect", "inspect_cmd", "Components, parameter counts and configs of a model or artifacts folder."),
     "export": ("koala_trt.commands.export", "export_cmd", "Export every component to ONNX, each checked against PyTorch."),
+    "pack": ("koala_trt.commands.bundle", "pack_cmd", "Pack artifacts (and engines) into one archive with sha256s and runtime requirements."),
+    "unpack": ("koala_trt.commands.bundle", "unpack_cmd", "Unpack a bundle safely, checking every file as it is written."),
+    "verify": ("koala_trt.commands.bundle", "verify_cmd", "Check a bundle's hashes, completeness and, for engines, this machine's GPU/TensorRT."),
+    "triton": ("koala_trt.commands.triton", "triton_cmd", "Write a Triton model repository: one model per component plus a sampler model."),
 }
 
 

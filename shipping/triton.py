@@ -147,6 +147,12 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
         if unknown:
             raise UsageError(f"{engines} has engines for {', '.join(unknown)}, which {artifacts} does not hold")
     files = m.data.get("files") or {}
+    for comp in m.components:  # everything present before anything is written
+        if info is None or comp not in info.engines:
+            lacking = [rel for rel in _graph_files(m, comp) if not (m.root / rel).is_file()]
+            if lacking:
+                raise UsageError(f"{comp}: {lacking[0]} is missing from {artifacts} (a bundle packed with --no-graphs? "
+                                 "pass its engines with --engines)")
     result = RepoResult(Path(out))
     graph_files: set[str] = set()
     layout: dict[str, dict[str, Any]] = {}

@@ -302,6 +302,15 @@ def test_engine_bundle_on_a_machine_without_that_gpu(tiny_artifacts: Path, tmp_p
     with tarfile.open(slim) as tar:
         assert "unet/model.onnx" not in tar.getnames() and "engines/unet.fp32.sm89.plan" in tar.getnames()
 
+    # the unpacked slim bundle feeds `triton` with its own engines folder, and says why not without it
+    us = tmp_path / "us"
+    assert run_cli("unpack", slim, "--out", us)[0] == 0
+    code, _, err = run_cli("triton", "--artifacts", us, "--out", tmp_path / "r1")
+    assert code == 2 and "unet: unet/model.onnx is missing" in last_error(err) and not (tmp_path / "r1").exists()
+    code, out, err = run_cli("triton", "--artifacts", us, "--engines", us / "engines", "--out", tmp_path / "r2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["models"]["koala_unet"]["platform"] == "tensorrt_plan"
+
 
 def test_engine_requirements_against_given_devices() -> None:
     """The comparison rules, on device descriptions (not on this machine's hardware)."""

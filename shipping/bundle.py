@@ -428,6 +428,8 @@ class _Scan:
             if c.get("file") not in self.files and comps.get(comp, {}).get("backend") != "tensorrt":
                 self.fail(f"{comp}: its graph {c.get('file')} is not in the bundle and no engine replaces it")
         if req.get("backend") != "tensorrt":
+            if ENGINES_MANIFEST in self.files or any(c.get("backend") == "tensorrt" for c in comps.values()):
+                self.fail(f"{BUNDLE_MANIFEST} says backend {req.get('backend')!r} but the bundle carries engines")
             return
         if ENGINES_MANIFEST not in self.blobs:
             self.fail(f"the bundle requires TensorRT but has no {ENGINES_MANIFEST}")

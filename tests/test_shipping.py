@@ -286,6 +286,14 @@ def test_engine_bundle_on_a_machine_without_that_gpu(tiny_artifacts: Path, tmp_p
     assert code == 0, err
     assert "device check skipped" in out
 
+    # a bundle.json edited to drop the device requirement is caught by its own engines
+    entries = members(b)
+    head = json.loads(entries[0][1])  # type: ignore[arg-type]
+    head["requirements"]["backend"] = "onnxruntime"
+    edited = write_tar(tmp_path / "edited.tar.gz", [reg("bundle.json", json.dumps(head).encode()), *entries[1:]])
+    code, _, err = run_cli("verify", edited)
+    assert code == 1 and "says backend 'onnxruntime' but the bundle carries engines" in last_error(err)
+
     u = tmp_path / "u"
     code, out, err = run_cli("unpack", b, "--out", u)
     assert code == 0, err

@@ -31,7 +31,7 @@ def _requirements_line(req: dict) -> str:
 @click.option("--graphs/--no-graphs", default=True, show_default=True,
               help="With --engines: keep (default) or leave out the ONNX graphs of components that have an engine.")
 @click.option("--level", default=1, show_default=True, type=click.IntRange(0, 9),
-              help="gzip level; weights barely compress (about 7%), 0 stores them and packs ~20x faster.")
+              help="gzip level; weights barely compress (about 7%): 0 stores them and packed ~8x faster here.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pack_cmd(artifacts: Path, engines: Path | None, out: Path, graphs: bool, level: int, force: bool, as_json: bool) -> None:

@@ -290,7 +290,9 @@ class _Scan:
             self.fail(f"{where}: {BUNDLE_MANIFEST} is corrupt ({e})")
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             self.fail(f"{where}: {BUNDLE_MANIFEST} is not a koala-trt bundle manifest (format {data.get('format') if isinstance(data, dict) else None!r})")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        if not isinstance(data.get("format_version", 0), int):
+            self.fail(f"{where}: {BUNDLE_MANIFEST} has a malformed format_version")
+        if data.get("format_version", 0) > FORMAT_VERSION:
             self.fail(f"{where} was packed by a newer koala-trt (bundle format {data['format_version']}); upgrade koala-trt")
         files = data.get("files")
         if not isinstance(files, dict) or not files or not isinstance(data.get("requirements"), dict):

@@ -31,6 +31,13 @@ TRITONCLIENT = "tritonclient==2.73.0"  # ships tritonclient/grpc/model_config_pb
 FAKE_PLAN_NOTE = "bytes standing in for a TensorRT plan: packing and verifying never parse plans"
 
 
+@pytest.fixture(autouse=True)
+def _no_debug_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`koala-trt --debug` sets KOALA_TRT_DEBUG=1 in os.environ, and test_cli runs it in-process:
+    without this, every later in-process error here would come with a traceback."""
+    monkeypatch.delenv("KOALA_TRT_DEBUG", raising=False)
+
+
 def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 

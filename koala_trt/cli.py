@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("koala_trt.commands.convert", "convert_cmd", "Make an FP16 artifacts folder (FP32 islands where ranges demand them)."),
     "quantize": ("koala_trt.commands.quantize", "quantize_cmd", "Make an INT8 artifacts folder (explicit Q/DQ U-Net) from a calibration set."),
     "generate": ("koala_trt.commands.generate", "generate_cmd", "Text to PNG with the numpy sampler on onnxruntime, tensorrt or torch."),
+    "pack": ("koala_trt.commands.bundle", "pack_cmd", "Pack artifacts (and engines) into one archive with sha256s and runtime requirements."),
+    "unpack": ("koala_trt.commands.bundle", "unpack_cmd", "Unpack a bundle safely, checking every file as it is written."),
+    "verify": ("koala_trt.commands.bundle", "verify_cmd", "Check a bundle's hashes, completeness and, for engines, this machine's GPU/TensorRT."),
+    "triton": ("koala_trt.commands.triton", "triton_cmd", "Write a Triton model repository: one model per component plus a sampler model."),
 }
 
 

@@ -1,0 +1,532 @@
+"""Bundles: one .tar.gz that carries an artifacts folder (manifest, ONNX graphs, tokenizers,
+scheduler config), optionally the engines of a `koala-trt build` folder, and `bundle.json`: the
+runtime requirements and the sha256 of every file.
+
+Layout (inside the archive and after `unpack`; the root is an ordinary artifacts folder):
+
+    bundle.json            first member: format, requirements, files {path: {sha256, bytes}}
+    manifest.json          the artifacts manifest, verbatim
+    text_encoder/model.onnx, unet/model.onnx(.data), tokenizer/..., scheduler/...
+    engines/manifest.json  the engines manifest, verbatim (engine bundles only)
+    engines/<plan files>
+
+Everything streams: files are hashed and copied in chunks, never read whole, so GB-sized external
+data and engines need no more memory than a small file. Archives are read with Python's tarfile in
+stream mode; unpack accepts regular files with safe relative names only, applies tarfile's `data`
+extraction filter on top, checks each file's size and sha256 as it writes it, and renames the
+folder into place only when everything checked out.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Callable, Iterator
+
+from exporter.manifest import MANIFEST, load_manifest
+from koala_trt import __version__
+from koala_trt.atomic import staged_dir, staged_file
+from koala_trt.errors import KoalaError, UsageError
+from shipping import engines_manifest as em
+from shipping.device import DeviceInfo, detect, engine_problems
+
+BUNDLE_MANIFEST = "bundle.json"
+FORMAT = "koala-trt/bundle"
+FORMAT_VERSION = 1
+ENGINES_DIR = "engines"
+ENGINES_MANIFEST = f"{ENGINES_DIR}/{em.MANIFEST}"
+CHUNK = 4 << 20
+IO_BLOCK = 1 << 20  # tarfile's stream block: equal read/write sizes keep its buffer slicing linear
+MAX_JSON_BYTES = 64 << 20  # bundle.json and the two manifests are read into memory: bound them
+LOUD_BYTES = 256 << 20  # files at least this big get a progress line
+
+Log = Callable[[str], None]
+
+
+class BundleProblem(KoalaError):
+    """The bundle is corrupt, incomplete, unsafe or not meant for this machine (exit 1)."""
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------------------------
+# pack
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    name: str  # path in the bundle
+    src: Path
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class PackResult:
+    path: Path
+    archive_bytes: int
+    archive_sha256: str
+    files: int
+    data_bytes: int
+    requirements: dict[str, Any]
+    omitted: list[str] = field(default_factory=list)
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads a file in chunks for tarfile while hashing what passes through."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        b = self.f.read(size if size is not None and size >= 0 else CHUNK)
+        self.h.update(b)
+        self.n += len(b)
+        return b
+
+
+class _HashingWriter(io.RawIOBase):
+    """Writes the archive to disk while hashing it, so its sha256 costs no second read."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _graph_files(files: dict[str, Any], graph: str) -> list[str]:
+    """A component's graph and its external data: every listed file in the graph's folder."""
+    folder = PurePosixPath(graph).parent.as_posix()
+    if folder in ("", "."):
+        return [graph]
+    return [rel for rel in files if rel.startswith(folder + "/")]
+
+
+def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> tuple[dict[str, Any], list[_Item]]:
+    """bundle.json's content and the files to pack, checked for completeness (names and sizes)
+    before anything is written; hashes come from the manifests and are re-checked while packing."""
+    m = load_manifest(artifacts)
+    files: dict[str, dict[str, Any]] = m.data.get("files") or {}
+    if not files:
+        raise UsageError(f"{artifacts}/{MANIFEST} lists no files; re-export the folder")
+    manifest_raw = (artifacts / MANIFEST).read_bytes()
+    items = [_Item(MANIFEST, artifacts / MANIFEST, _sha256_bytes(manifest_raw), len(manifest_raw))]
+
+    info, engines_raw = (em.load_engines_manifest(engines) if engines is not None else (None, b""))
+    if info is not None:
+        unknown = [c for c in info.engines if c not in m.components]
+        if unknown:
+            raise UsageError(f"{engines} has engines for {', '.join(unknown)}, which {artifacts} does not hold: "
+                             "pack engines with the artifacts they were built from")
+    omitted: list[str] = []
+    if not graphs:
+        if info is None:
+            raise UsageError("--no-graphs needs --engines: without engines the graphs are what runs")
+        for comp in info.engines:
+            omitted += _graph_files(files, m.component(comp)["file"])
+
+    for rel, meta in files.items():
+        if not em.safe_relpath(rel) or rel in (BUNDLE_MANIFEST, MANIFEST) or rel.split("/")[0] == ENGINES_DIR:
+            raise UsageError(f"{artifacts}/{MANIFEST} lists {rel!r}, which cannot go into a bundle "
+                             f"(unsafe path, or a name the bundle reserves: {BUNDLE_MANIFEST}, {ENGINES_DIR}/)")
+        if rel in omitted:
+            continue
+        p = artifacts / rel
+        if not p.is_file():
+            raise UsageError(f"{artifacts} is incomplete: {rel} (listed in {MANIFEST}) is missing")
+        if p.stat().st_size != int(meta["bytes"]):
+            raise UsageError(f"{artifacts}/{rel} has {p.stat().st_size} bytes, {MANIFEST} says {meta['bytes']} (changed or corrupt)")
+        items.append(_Item(rel, p, str(meta["sha256"]), int(meta["bytes"])))
+
+    comps: dict[str, dict[str, Any]] = {}
+    for name in m.components:
+        comps[name] = {"backend": "onnxruntime", "precision": m.precision(name), "file": m.component(name)["file"]}
+    requirements: dict[str, Any] = {"backend": "onnxruntime", "components": comps, "onnx_opset": m.data.get("opset"),
+                                    "onnxruntime_checked_with": (m.data.get("versions") or {}).get("onnxruntime")}
+    if info is not None:
+        items.append(_Item(ENGINES_MANIFEST, engines / em.MANIFEST, _sha256_bytes(engines_raw), len(engines_raw)))  # type: ignore[operator]
+        for comp, e in info.engines.items():
+            p = info.root / e.file
+            if not p.is_file():
+                raise UsageError(f"{info.root} is incomplete: engine {e.file} of {comp} is missing")
+            if p.stat().st_size != e.bytes:
+                raise UsageError(f"{p} has {p.stat().st_size} bytes, the engines manifest says {e.bytes} (changed or corrupt)")
+            name = f"{ENGINES_DIR}/{e.file}"
+            items.append(_Item(name, p, e.sha256, e.bytes))
+            comps[comp] = {"backend": "tensorrt", "precision": m.precision(comp), "file": name}
+        requirements.update(backend="tensorrt",
+                            gpu={"name": info.gpu_name, "compute_capability": info.compute_capability},
+                            tensorrt_version=info.tensorrt_version)
+
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "koala_trt_version": __version__,
+            "source": {"model": (m.data.get("source") or {}).get("model"), "artifacts_manifest_sha256": items[0].sha256},
+            "requirements": requirements, "omitted": omitted,
+            "files": {it.name: {"sha256": it.sha256, "bytes": it.bytes} for it in items}}
+    return data, items
+
+
+def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.type = size, int(mtime), 0o644, tarfile.REGTYPE
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def pack(artifacts: Path, out: Path, engines: Path | None = None, graphs: bool = True, level: int = 1,
+         force: bool = False, log: Log = _quiet) -> PackResult:
+    """Write BUNDLE.tar.gz from an artifacts folder (and an engines folder); atomic: the archive
+    appears only when every file was streamed and matched its manifest's sha256."""
+    if Path(out).exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    if Path(out).is_dir():
+        raise UsageError(f"{out} is a folder; --out names the archive file to write (BUNDLE.tar.gz)")
+    if not 0 <= level <= 9:
+        raise UsageError(f"--level must be 0..9 (got {level})")
+    data, items = plan_bundle(Path(artifacts), Path(engines) if engines else None, graphs)
+    header = (json.dumps(data, indent=2) + "\n").encode()
+    total = sum(it.bytes for it in items)
+    log(f"packing {len(items)} files ({_gb(total)}) into {out}")
+    with staged_file(Path(out)) as tmp:
+        with open(tmp, "wb") as raw:
+            sink = _HashingWriter(raw)
+            with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=level, mtime=0) as gz:  # type: ignore[arg-type]
+                with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT, bufsize=IO_BLOCK) as tar:
+                    tar.copybufsize = IO_BLOCK  # tarfile's defaults (10-16 KiB) cost a Python call per block
+                    tar.addfile(_tarinfo(BUNDLE_MANIFEST, len(header), time.time()), io.BytesIO(header))
+                    for it in items:
+                        if it.bytes >= LOUD_BYTES:
+                            log(f"  {it.name} ({_gb(it.bytes)})")
+                        with open(it.src, "rb") as f:
+                            reader = _HashingReader(f)
+                            tar.addfile(_tarinfo(it.name, it.bytes, it.src.stat().st_mtime), reader)  # type: ignore[arg-type]
+                        if reader.n != it.bytes or reader.h.hexdigest() != it.sha256:
+                            raise UsageError(f"{it.src} does not match the sha256 its manifest records (changed or corrupt); "
+                                             "nothing was written")
+            raw.flush()
+            os.fsync(raw.fileno())
+    return PackResult(Path(out), sink.n, sink.h.hexdigest(), len(items) + 1, total, data["requirements"], data["omitted"])
+
+
+# ----------------------------------------------------------------------------------------------
+# reading: one pass over an archive (stream) or an unpacked folder, stopping at the first problem
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    path: Path
+    kind: str  # "archive" | "folder"
+    ok: bool = False
+    problem: str | None = None
+    files: int = 0
+    data_bytes: int = 0
+    requirements: dict[str, Any] = field(default_factory=dict)
+    device_checked: bool = False
+    device: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bundle": str(self.path), "kind": self.kind, "ok": self.ok, "problem": self.problem,
+                "files": self.files, "data_bytes": self.data_bytes, "requirements": self.requirements,
+                "device_checked": self.device_checked, "device": self.device, "warnings": self.warnings}
+
+
+class _Scan:
+    """Checks entries in order: bundle.json first, then each file's name, type, size and sha256;
+    at the end completeness and the consistency of bundle.json with the two manifests."""
+
+    def __init__(self, report: Report, dest: Path | None, device_check: bool, device: DeviceInfo | None, log: Log) -> None:
+        self.report, self.dest, self.device_check, self.device, self.log = report, dest, device_check, device, log
+        self.bundle: dict[str, Any] | None = None
+        self.files: dict[str, dict[str, Any]] = {}
+        self.seen: set[str] = set()
+        self.blobs: dict[str, bytes] = {}
+
+    def fail(self, msg: str) -> None:
+        raise BundleProblem(msg)
+
+    # --- bundle.json -----------------------------------------------------------------------
+    def header(self, name: str, size: int, reader: IO[bytes]) -> None:
+        where = self.report.path
+        if name != BUNDLE_MANIFEST:
+            self.fail(f"{where} is not a koala-trt bundle: its first entry is {name!r}, expected {BUNDLE_MANIFEST}")
+        if size > MAX_JSON_BYTES:
+            self.fail(f"{where}: {BUNDLE_MANIFEST} is {size} bytes, too large to be a bundle manifest")
+        raw = reader.read(size + 1)
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.fail(f"{where}: {BUNDLE_MANIFEST} is corrupt ({e})")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            self.fail(f"{where}: {BUNDLE_MANIFEST} is not a koala-trt bundle manifest (format {data.get('format') if isinstance(data, dict) else None!r})")
+        if not isinstance(data.get("format_version", 0), int):
+            self.fail(f"{where}: {BUNDLE_MANIFEST} has a malformed format_version")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            self.fail(f"{where} was packed by a newer koala-trt (bundle format {data['format_version']}); upgrade koala-trt")
+        files = data.get("files")
+        if not isinstance(files, dict) or not files or not isinstance(data.get("requirements"), dict):
+            self.fail(f"{where}: {BUNDLE_MANIFEST} has no files or no requirements")
+        for rel, meta in files.items():
+            if not em.safe_relpath(rel) or rel == BUNDLE_MANIFEST:
+                self.fail(f"{where}: {BUNDLE_MANIFEST} lists {rel!r}, a path that escapes the bundle folder: refused")
+            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("bytes"), int):
+                self.fail(f"{where}: {BUNDLE_MANIFEST} entry {rel!r} lacks sha256/bytes")
+        self.bundle, self.files = data, files
+        self.report.requirements = data["requirements"]
+        self.report.data_bytes = sum(int(m["bytes"]) for m in files.values())
+        if self.dest is not None:
+            free = shutil.disk_usage(self.dest).free
+            if self.report.data_bytes > free:
+                self.fail(f"unpacking needs {_gb(self.report.data_bytes)} but {self.dest.parent} has {_gb(free)} free")
+            (self.dest / BUNDLE_MANIFEST).write_bytes(raw)
+        self.check_device()
+
+    def check_device(self) -> None:
+        req = self.report.requirements
+        if req.get("backend") != "tensorrt" or not self.device_check:
+            return
+        device = self.device or detect()
+        self.report.device = device.to_json()
+        try:
+            problems, warnings = engine_problems(req["gpu"], str(req["tensorrt_version"]), device)
+        except (KeyError, TypeError, ValueError):
+            self.fail(f"{self.report.path}: {BUNDLE_MANIFEST} requirements lack gpu.compute_capability or tensorrt_version")
+        self.report.warnings += warnings
+        if problems:
+            self.fail(problems[0])
+        self.report.device_checked = True
+
+    # --- every other entry -------------------------------------------------------------------
+    def entry(self, name: str, kind: str, size: int, reader: IO[bytes] | None, member: tarfile.TarInfo | None = None) -> None:
+        if self.bundle is None:
+            if kind != "file" or reader is None:
+                self.fail(f"{self.report.path} is not a koala-trt bundle: its first entry {name!r} is not {BUNDLE_MANIFEST}")
+            return self.header(name, size, reader)  # type: ignore[arg-type]
+        if not em.safe_relpath(name.rstrip("/") if kind == "dir" else name):
+            self.fail(f"entry {name!r} escapes the target folder (absolute path or `..`): refused")
+        if kind == "dir":
+            return None
+        if kind != "file":
+            self.fail(f"entry {name!r} is a {kind}: bundles hold regular files only; refused")
+        meta = self.files.get(name)
+        if meta is None:
+            self.fail(f"unexpected entry {name!r}: it is not listed in {BUNDLE_MANIFEST}")
+        if name in self.seen:
+            self.fail(f"entry {name!r} appears twice")
+        if size != meta["bytes"]:
+            self.fail(f"{name} has {size} bytes, {BUNDLE_MANIFEST} says {meta['bytes']} (changed or corrupt)")
+        if size >= LOUD_BYTES:
+            self.log(f"  {name} ({_gb(size)})")
+        keep = name in (MANIFEST, ENGINES_MANIFEST)
+        if keep and size > MAX_JSON_BYTES:
+            self.fail(f"{name} is {size} bytes, too large to be a manifest")
+        h, n, chunks = hashlib.sha256(), 0, []
+        out = self._open_dest(name, member) if self.dest is not None else None
+        try:
+            while b := reader.read(CHUNK):  # type: ignore[union-attr]
+                h.update(b)
+                n += len(b)
+                if keep:
+                    chunks.append(b)
+                if out is not None:
+                    out.write(b)
+        finally:
+            if out is not None:
+                out.close()
+        if n != size:
+            self.fail(f"{name} ends after {n} of {size} bytes (truncated)")
+        if h.hexdigest() != meta["sha256"]:
+            self.fail(f"{name} does not match its sha256 in {BUNDLE_MANIFEST} (changed or corrupt)")
+        if keep:
+            self.blobs[name] = b"".join(chunks)
+        self.seen.add(name)
+        self.report.files += 1
+        return None
+
+    def _open_dest(self, name: str, member: tarfile.TarInfo | None) -> IO[bytes]:
+        assert self.dest is not None
+        if member is not None and hasattr(tarfile, "data_filter"):
+            try:  # the standard library's verdict on top of ours (PEP 706)
+                tarfile.data_filter(member, str(self.dest))
+            except tarfile.FilterError as e:
+                self.fail(f"entry {name!r} refused by tarfile's data filter: {e}")
+        target = (self.dest / name).resolve()
+        if not target.is_relative_to(self.dest.resolve()):
+            self.fail(f"entry {name!r} escapes the target folder: refused")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return open(target, "xb")
+
+    # --- the end -----------------------------------------------------------------------------
+    def finish(self) -> None:
+        where = self.report.path
+        if self.bundle is None:
+            self.fail(f"{where} is empty: no {BUNDLE_MANIFEST}")
+        missing = [n for n in self.files if n not in self.seen]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            what = "the archive is truncated or was packed partially" if self.report.kind == "archive" else "the folder is incomplete"
+            self.fail(f"{missing[0]}{more} is missing: {what}")
+        self.consistency()
+        self.report.files += 1  # bundle.json
+        self.report.ok = True
+
+    def consistency(self) -> None:
+        """bundle.json against the manifests it carries: every graph, tokenizer, scheduler file and
+        engine the manifests name is in the bundle with the same sha256."""
+        assert self.bundle is not None
+        try:
+            art = json.loads(self.blobs[MANIFEST])
+        except KeyError:
+            self.fail(f"the bundle has no {MANIFEST} (artifacts manifest)")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.fail(f"{MANIFEST} is corrupt ({e})")
+        if not isinstance(art, dict) or art.get("format") != "koala-trt/artifacts":
+            self.fail(f"{MANIFEST} is not a koala-trt artifacts manifest")
+        omitted = set(self.bundle.get("omitted") or [])
+        for rel, meta in (art.get("files") or {}).items():
+            if rel in omitted:
+                continue
+            if rel not in self.files:
+                self.fail(f"{rel} (listed in {MANIFEST}) is not in the bundle")
+            if self.files[rel]["sha256"] != meta.get("sha256"):
+                self.fail(f"{rel}: {BUNDLE_MANIFEST} and {MANIFEST} disagree on its sha256")
+        for rel in [*(f"{t}/" for t in art.get("tokenizers") or []), art.get("scheduler")]:
+            if rel and not any(f == rel or (rel.endswith("/") and f.startswith(rel)) for f in self.files):
+                self.fail(f"{rel} (tokenizer or scheduler config named in {MANIFEST}) is not in the bundle")
+        req = self.bundle["requirements"]
+        comps = req.get("components") or {}
+        for comp, c in (art.get("components") or {}).items():
+            if c.get("file") not in self.files and comps.get(comp, {}).get("backend") != "tensorrt":
+                self.fail(f"{comp}: its graph {c.get('file')} is not in the bundle and no engine replaces it")
+        if req.get("backend") != "tensorrt":
+            if ENGINES_MANIFEST in self.files or any(c.get("backend") == "tensorrt" for c in comps.values()):
+                self.fail(f"{BUNDLE_MANIFEST} says backend {req.get('backend')!r} but the bundle carries engines")
+            return
+        if ENGINES_MANIFEST not in self.blobs:
+            self.fail(f"the bundle requires TensorRT but has no {ENGINES_MANIFEST}")
+        try:
+            info = em.parse_engines_manifest(json.loads(self.blobs[ENGINES_MANIFEST]), Path(ENGINES_DIR), ENGINES_MANIFEST)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.fail(f"{ENGINES_MANIFEST} is corrupt ({e})")
+        except UsageError as e:
+            self.fail(str(e))
+        if em.normalize_cc(req["gpu"]["compute_capability"]) != info.compute_capability or str(req["tensorrt_version"]) != info.tensorrt_version:
+            self.fail(f"{BUNDLE_MANIFEST} and {ENGINES_MANIFEST} disagree on the GPU or the TensorRT version")
+        for comp, e in info.engines.items():
+            name = f"{ENGINES_DIR}/{e.file}"
+            if name not in self.files:
+                self.fail(f"engine {name} of {comp} (listed in {ENGINES_MANIFEST}) is not in the bundle")
+            if self.files[name]["sha256"] != e.sha256:
+                self.fail(f"{name}: {BUNDLE_MANIFEST} and {ENGINES_MANIFEST} disagree on its sha256")
+
+
+_KINDS = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
+          tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO", tarfile.CONTTYPE: "contiguous file"}
+
+
+def _member_kind(m: tarfile.TarInfo) -> str:
+    if m.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        return "file"
+    if m.isdir():
+        return "dir"
+    return _KINDS.get(m.type, f"tar entry of type {m.type!r}")
+
+
+def _scan_archive(path: Path, scan: _Scan) -> None:
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw  # type: ignore[assignment]
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=IO_BLOCK) as tar:
+                for member in tar:
+                    kind = _member_kind(member)
+                    reader = tar.extractfile(member) if kind == "file" else None
+                    scan.entry(member.name, kind, member.size, reader, member)
+            # tarfile stops at the end-of-archive blocks; reading on to the end makes gzip check
+            # its trailer (CRC-32 and length), which catches a cut or altered tail.
+            while stream.read(CHUNK):
+                pass
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise BundleProblem(f"{path} is truncated or corrupt: {e}") from None
+    scan.finish()
+
+
+def _scan_folder(root: Path, scan: _Scan) -> None:
+    head = root / BUNDLE_MANIFEST
+    if not head.is_file():
+        hint = " (it is an artifacts folder; pack it with `koala-trt pack`)" if (root / MANIFEST).is_file() else ""
+        raise UsageError(f"{root} is not a bundle: no {BUNDLE_MANIFEST}{hint}")
+    with open(head, "rb") as f:
+        scan.entry(BUNDLE_MANIFEST, "file", head.stat().st_size, f)
+    for rel in scan.files:
+        p = root / rel
+        if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(root.resolve())):
+            scan.fail(f"{rel} is a symbolic link or lies outside {root}: bundles hold regular files only")
+        if p.is_file():
+            with open(p, "rb") as f:
+                scan.entry(rel, "file", p.stat().st_size, f)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in sorted(filenames) + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            rel = (Path(dirpath) / n).relative_to(root).as_posix()
+            if rel != BUNDLE_MANIFEST and rel not in scan.files:
+                scan.fail(f"unexpected file {rel} in {root}: it is not listed in {BUNDLE_MANIFEST}")
+    scan.finish()
+
+
+def verify(target: Path, device_check: bool = True, device: DeviceInfo | None = None, log: Log = _quiet) -> Report:
+    """Check a bundle archive or an unpacked bundle folder; the report names the first problem."""
+    target = Path(target)
+    if not target.exists():
+        raise UsageError(f"{target} does not exist")
+    report = Report(target, "folder" if target.is_dir() else "archive")
+    scan = _Scan(report, None, device_check, device, log)
+    try:
+        (_scan_folder if target.is_dir() else _scan_archive)(target, scan)
+    except BundleProblem as e:
+        report.problem = str(e)
+    return report
+
+
+def unpack(bundle: Path, out: Path, force: bool = False, log: Log = _quiet) -> Report:
+    """Extract a bundle archive into OUT, checking every entry as it is written; OUT appears only
+    when the whole archive checked out (no device check: unpack anywhere, verify on the target)."""
+    bundle = Path(bundle)
+    if not bundle.is_file():
+        raise UsageError(f"{bundle} is not a file" if bundle.exists() else f"{bundle} does not exist")
+    report = Report(bundle, "archive")
+    with staged_dir(Path(out), force) as stage:
+        _scan_archive(bundle, _Scan(report, stage, False, None, log))
+    return report
+

@@ -1,0 +1,121 @@
+"""KOALA text-to-image as a Triton Python-backend model, written by `koala-trt triton`.
+
+Text prompt in, uint8 image [height, width, 3] out. The denoising loop runs here; every network
+(text encoders, U-Net, VAE decoder) is a separate model in this repository, called through Triton's
+business-logic scripting (BLS), so Triton batches concurrent requests' U-Net steps together.
+
+Requirements in the Python backend's environment: numpy and the koala-trt package (it provides the
+component specs, the tokenizers' wrapper, the scheduler and the sampler loop); install it into the
+Triton image (`pip install koala-trt`) or point EXECUTION_ENV_PATH at a packed environment that has it.
+
+The folder `pipeline/` beside this file holds the artifacts manifest (specs, sampler defaults),
+the tokenizers, the scheduler config and `triton.json` (component -> Triton model name, batching).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
+
+
+class BlsBackend:
+    """koala-trt's runtime `Backend` protocol (engines/runtime.py) over BLS calls to the component models."""
+
+    name = "triton"
+
+    def __init__(self, specs: dict, models: dict) -> None:
+        from shipping.triton_io import from_triton, to_triton
+
+        self.specs, self.models = specs, models
+        self._to, self._from = to_triton, from_triton
+
+    def run(self, component: str, feeds: dict) -> dict:
+        spec, info = self.specs[component], self.models[component]
+        spec.check_inputs(feeds)
+        batched = bool(info["batched"])
+        inputs = [pb_utils.Tensor(t.name, np.ascontiguousarray(self._to(t, feeds[t.name], batched))) for t in spec.inputs]
+        kwargs = {}
+        if hasattr(pb_utils, "PreferredMemory"):  # Triton >= 23.04: outputs in host memory, as numpy needs
+            kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        request = pb_utils.InferenceRequest(model_name=info["model"], requested_output_names=[t.name for t in spec.outputs],
+                                            inputs=inputs, **kwargs)
+        response = request.exec()
+        if response.has_error():
+            raise pb_utils.TritonModelException(f"{info['model']}: {response.error().message()}")
+        out = {}
+        for t in spec.outputs:
+            tensor = pb_utils.get_output_tensor_by_name(response, t.name)
+            if not tensor.is_cpu():
+                raise pb_utils.TritonModelException(f"{info['model']}.{t.name} came back in GPU memory; this model needs host tensors")
+            out[t.name] = self._from(t, tensor.as_numpy(), batched)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def make_sampler(backend: BlsBackend, pipeline_dir: Path):
+    """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`.
+
+    This is the one place that names the sampler's API (engines/sampler.py); adapt it here if that API changes."""
+    from engines.sampler import Sampler  # koala-trt, installed in this environment
+
+    return Sampler(backend, pipeline_dir)
+
+
+def to_uint8_hwc(image) -> np.ndarray:
+    """An image as uint8 [H, W, 3]: from a PIL image, a uint8 HWC array, or a float array in [-1, 1]
+    shaped [1, 3, H, W] / [3, H, W] (the VAE decoder's output)."""
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        return a[0] if a.ndim == 4 else a
+    a = a[0] if a.ndim == 4 else a
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (3, 4):
+        a = np.transpose(a, (1, 2, 0))
+    return np.clip((a.astype(np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _scalar(request, name: str, kind):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return None
+    v = t.as_numpy().reshape(-1)[0]
+    if kind is str:
+        return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    return kind(v)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        from exporter.manifest import load_manifest
+
+        pipeline_dir = Path(__file__).resolve().parent / "pipeline"
+        layout = json.loads((pipeline_dir / "triton.json").read_text(encoding="utf-8"))
+        manifest = load_manifest(pipeline_dir)
+        specs = {c: manifest.spec(c) for c in layout["models"]}
+        self.backend = BlsBackend(specs, layout["models"])
+        self.sampler = make_sampler(self.backend, pipeline_dir)
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                kwargs = {k: v for k, v in {
+                    "negative_prompt": _scalar(request, "negative_prompt", str),
+                    "seed": _scalar(request, "seed", int),
+                    "steps": _scalar(request, "steps", int),
+                    "guidance": _scalar(request, "guidance", float),
+                    "height": _scalar(request, "height", int),
+                    "width": _scalar(request, "width", int),
+                }.items() if v is not None}
+                image = self.sampler(_scalar(request, "prompt", str), **kwargs)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", to_uint8_hwc(image))]))
+            except Exception as e:  # one bad request must not take the model down
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"{type(e).__name__}: {e}")))
+        return responses
+
+    def finalize(self) -> None:
+        self.backend.close()

@@ -1,0 +1,203 @@
+"""A Triton Inference Server model repository from an artifacts folder (and an engines folder).
+
+    REPO/
+      koala_text_encoder/config.pbtxt   1/model.onnx            platform onnxruntime_onnx
+      koala_text_encoder_2/...
+      koala_unet/config.pbtxt           1/model.onnx(+.data) or 1/model.plan (platform tensorrt_plan)
+      koala_vae_decoder/...
+      koala/config.pbtxt                backend python: prompt in, image out
+      koala/1/model.py                  the sampler loop, calling the models above through BLS
+      koala/1/pipeline/                 manifest.json, tokenizers, scheduler config, triton.json
+
+Inputs, outputs, dtypes and dims come from the component specs in the manifest; batching follows
+the rule in shipping/triton_io.py. Every file is written under a temporary name and the repository
+renamed into place when complete; graphs and engines are copied in chunks and checked against the
+sha256 their manifest records while they are copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+from exporter.manifest import MANIFEST, Manifest, load_manifest
+from exporter.specs import ComponentSpec
+from koala_trt import __version__
+from koala_trt.atomic import staged_dir
+from koala_trt.errors import UsageError
+from shipping import engines_manifest as em
+from shipping.triton_io import TritonTensor, batchable, triton_tensor
+
+PIPELINE_INPUTS = (  # name, Triton type, optional
+    ("prompt", "TYPE_STRING", False),
+    ("negative_prompt", "TYPE_STRING", True),
+    ("seed", "TYPE_INT64", True),
+    ("steps", "TYPE_INT32", True),
+    ("guidance", "TYPE_FP32", True),
+    ("height", "TYPE_INT32", True),
+    ("width", "TYPE_INT32", True),
+)
+CHUNK = 4 << 20
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RepoResult:
+    path: Path
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # Triton model name -> summary
+
+
+# ---------------------------------------------------------------------------------------------
+# config.pbtxt (protobuf text format of inference.ModelConfig, Triton's model_config.proto)
+# ---------------------------------------------------------------------------------------------
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _dims(d: tuple[int, ...]) -> str:
+    return "[ " + ", ".join(str(x) for x in d) + " ]" if d else "[ ]"
+
+
+def _tensor_block(t: TritonTensor, optional: bool = False) -> str:
+    lines = [f"    name: {_q(t.name)}", f"    data_type: {t.data_type}", f"    dims: {_dims(t.dims)}"]
+    if t.reshape is not None:
+        lines.append(f"    reshape: {{ shape: {_dims(t.reshape)} }}")
+    if optional:
+        lines.append("    optional: true")
+    return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def _list(key: str, blocks: list[str]) -> str:
+    return f"{key} [\n" + ",\n".join(blocks) + "\n]"
+
+
+def component_config(model: str, spec: ComponentSpec, platform: str, max_batch: int, kind: str,
+                     filename: str, note: str) -> str:
+    """config.pbtxt of one component model."""
+    batched = batchable(spec) and max_batch > 0
+    parts = [f"# {note}", f"name: {_q(model)}", f"platform: {_q(platform)}", f"max_batch_size: {max_batch if batched else 0}",
+             _list("input", [_tensor_block(triton_tensor(t, batched)) for t in spec.inputs]),
+             _list("output", [_tensor_block(triton_tensor(t, batched)) for t in spec.outputs])]
+    if batched:
+        parts.append("dynamic_batching { }")
+    parts += [f"instance_group [ {{ kind: {kind}, count: 1 }} ]", f"default_model_filename: {_q(filename)}"]
+    return "\n".join(parts) + "\n"
+
+
+def pipeline_config(model: str, instances: int, note: str) -> str:
+    """config.pbtxt of the Python-backend model: one prompt per request, image [H, W, 3] uint8 out."""
+    inputs = [_tensor_block(TritonTensor(n, t, (1,), None), optional=o) for n, t, o in PIPELINE_INPUTS]
+    outputs = [_tensor_block(TritonTensor("image", "TYPE_UINT8", (-1, -1, 3), None))]
+    return "\n".join([f"# {note}", f"name: {_q(model)}", 'backend: "python"', "max_batch_size: 0",
+                      _list("input", inputs), _list("output", outputs),
+                      f"instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]"]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+def _copy_checked(src: Path, dst: Path, sha256: str | None, hardlink: bool) -> None:
+    """Copy src to dst in chunks, checking its sha256 on the way (a hard link skips the read)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if hardlink:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another filesystem: copy
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(dst, "xb") as fo:
+        while b := fi.read(CHUNK):
+            h.update(b)
+            fo.write(b)
+    if sha256 is not None and h.hexdigest() != sha256:
+        raise UsageError(f"{src} does not match the sha256 its manifest records (changed or corrupt); nothing was written")
+
+
+def _graph_files(m: Manifest, component: str) -> list[str]:
+    graph = m.component(component)["file"]
+    folder = PurePosixPath(graph).parent.as_posix()
+    files = m.data.get("files") or {}
+    return [rel for rel in files if folder not in ("", ".") and rel.startswith(folder + "/")] or [graph]
+
+
+def write_repository(artifacts: Path, out: Path, engines: Path | None = None, name: str = "koala",
+                     device: str = "gpu", max_batch: int | None = None, instances: int = 1,
+                     hardlink: bool = False, force: bool = False, log: Log = lambda _: None) -> RepoResult:
+    """Write the model repository; returns the models written (name -> platform, files, batching)."""
+    m = load_manifest(artifacts)
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '_' and '-' (it names Triton models and folders)")
+    if device not in ("gpu", "cpu"):
+        raise UsageError(f"--device must be gpu or cpu (got {device!r})")
+    if max_batch is not None and max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1 (got {max_batch})")
+    if instances < 1:
+        raise UsageError(f"--instances must be at least 1 (got {instances})")
+    info = em.load_engines_manifest(engines)[0] if engines is not None else None
+    if info is not None:
+        unknown = [c for c in info.engines if c not in m.components]
+        if unknown:
+            raise UsageError(f"{engines} has engines for {', '.join(unknown)}, which {artifacts} does not hold")
+    files = m.data.get("files") or {}
+    for comp in m.components:  # everything present before anything is written
+        if info is None or comp not in info.engines:
+            lacking = [rel for rel in _graph_files(m, comp) if not (m.root / rel).is_file()]
+            if lacking:
+                raise UsageError(f"{comp}: {lacking[0]} is missing from {artifacts} (a bundle packed with --no-graphs? "
+                                 "pass its engines with --engines)")
+    result = RepoResult(Path(out))
+    graph_files: set[str] = set()
+    layout: dict[str, dict[str, Any]] = {}
+    with staged_dir(Path(out), force) as stage:
+        for comp in m.components:
+            spec = m.spec(comp)
+            model = f"{name}_{comp}"
+            version_dir = stage / model / "1"
+            version_dir.mkdir(parents=True)
+            mb = m.shape_range(comp).batch[2]
+            if max_batch is not None:
+                mb = min(mb, max_batch)
+            batched = batchable(spec)
+            note = f"koala-trt {__version__}: {comp} of {(m.data.get('source') or {}).get('model')}, precision {m.precision(comp)}"
+            graph_files.update(_graph_files(m, comp))
+            if info is not None and comp in info.engines:
+                e = info.engines[comp]
+                log(f"  {model}: TensorRT engine {e.file}")
+                _copy_checked(info.root / e.file, version_dir / "model.plan", e.sha256, hardlink)
+                platform, filename, kind = "tensorrt_plan", "model.plan", "KIND_GPU"
+                note += f", engine built on {info.gpu_name} (compute capability {info.compute_capability}) with TensorRT {info.tensorrt_version}"
+            else:
+                graph = PurePosixPath(m.component(comp)["file"])
+                log(f"  {model}: ONNX {graph}")
+                for rel in _graph_files(m, comp):
+                    meta = files.get(rel)
+                    sub = PurePosixPath(rel).relative_to(graph.parent) if str(graph.parent) != "." else PurePosixPath(rel)
+                    _copy_checked(m.root / rel, version_dir / sub, meta["sha256"] if meta else None, hardlink)
+                platform, filename, kind = "onnxruntime_onnx", graph.name, ("KIND_GPU" if device == "gpu" else "KIND_CPU")
+            (stage / model / "config.pbtxt").write_text(component_config(model, spec, platform, mb, kind, filename, note), encoding="utf-8")
+            layout[comp] = {"model": model, "platform": platform, "batched": batched, "max_batch_size": mb if batched else 0}
+            result.models[model] = {"component": comp, **layout[comp]}
+
+        # the Python-backend model: model.py + what the sampler reads besides the networks
+        pipe = stage / name / "1" / "pipeline"
+        pipe.mkdir(parents=True)
+        shutil.copyfile(m.root / MANIFEST, pipe / MANIFEST)
+        for rel, meta in files.items():
+            if rel not in graph_files:
+                _copy_checked(m.root / rel, pipe / rel, meta["sha256"], False)
+        (pipe / "triton.json").write_text(json.dumps({"format": "koala-trt/triton-pipeline", "koala_trt_version": __version__,
+                                                      "models": layout}, indent=2) + "\n", encoding="utf-8")
+        template = resources.files("shipping").joinpath("templates/triton_model.py").read_text(encoding="utf-8")
+        (stage / name / "1" / "model.py").write_text(template, encoding="utf-8")
+        note = f"koala-trt {__version__}: text-to-image over {', '.join(v['model'] for v in layout.values())} (BLS)"
+        (stage / name / "config.pbtxt").write_text(pipeline_config(name, instances, note), encoding="utf-8")
+        result.models[name] = {"component": None, "platform": "python", "batched": False, "max_batch_size": 0}
+    return result

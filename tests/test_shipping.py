@@ -1,0 +1,531 @@
+"""Bundles (pack / verify / unpack) and the Triton model repository, on the session's random:tiny export.
+
+No Triton server runs here (no tritonserver binary, no container engine): the repository tests parse
+every config.pbtxt with protobuf's text format against Triton's ModelConfig schema, the official one
+from tritonclient's generated model_config_pb2 when it can be had, and always against a minimal
+descriptor of the fields we write.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+TRITONCLIENT = "tritonclient==2.73.0"  # ships tritonclient/grpc/model_config_pb2.py (BSD-3-Clause)
+FAKE_PLAN_NOTE = "bytes standing in for a TensorRT plan: packing and verifying never parse plans"
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`koala-trt --debug` sets KOALA_TRT_DEBUG=1 in os.environ, and test_cli runs it in-process:
+    without this, every later in-process error here would come with a traceback."""
+    monkeypatch.delenv("KOALA_TRT_DEBUG", raising=False)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def last_error(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("Error:"), err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "tiny.tar.gz"
+    code, stdout, err = run_cli("pack", "--artifacts", tiny_artifacts, "--out", out, "--level", "1")
+    assert code == 0, err
+    assert f"sha256 {sha(out)}  tiny.tar.gz" in stdout
+    return out
+
+
+def engines_folder(root: Path, tiny_artifacts: Path, cc: str = "8.9", name: str = "NVIDIA GeForce RTX 4090") -> Path:
+    """An engines folder as `koala-trt build` records it, for the unet; the plan is FAKE_PLAN_NOTE."""
+    root.mkdir(parents=True)
+    plan = root / "unet.fp32.sm89.plan"
+    plan.write_bytes(FAKE_PLAN_NOTE.encode() * 1000)
+    data = {"format": "koala-trt/engines", "gpu": {"name": name, "compute_capability": cc},
+            "tensorrt_version": "10.8.0.43", "cuda_version": "12.8", "source": str(tiny_artifacts),
+            "engines": {"unet": {"file": plan.name, "sha256": sha(plan), "bytes": plan.stat().st_size}}}
+    (root / "manifest.json").write_text(json.dumps(data, indent=2))
+    return root
+
+
+def members(archive: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(archive, "r:gz") as tar:
+        return [(m, tar.extractfile(m).read() if m.isreg() else None) for m in tar.getmembers()]  # type: ignore[union-attr]
+
+
+def write_tar(path: Path, entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            info = tarfile.TarInfo(info.name) if data is None and info.isreg() else info
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    return ti, data
+
+
+# --------------------------------------------------------------------------------------------
+# bundles
+# --------------------------------------------------------------------------------------------
+def test_pack_verify_unpack_round_trip(bundle: Path, tiny_artifacts: Path, tmp_path: Path) -> None:
+    code, out, err = run_cli("verify", bundle)
+    assert code == 0, err
+    assert out.startswith(f"OK {bundle}: 11 files") and "ONNX Runtime" in out
+
+    code, out, err = run_cli("unpack", bundle, "--out", tmp_path / "u")
+    assert code == 0, err
+    u = tmp_path / "u"
+    src = json.loads((tiny_artifacts / "manifest.json").read_text())
+    for rel in [*src["files"], "manifest.json"]:
+        assert sha(u / rel) == sha(tiny_artifacts / rel), rel
+    head = json.loads((u / "bundle.json").read_text())
+    assert head["requirements"]["backend"] == "onnxruntime"
+    assert head["requirements"]["components"]["unet"] == {"backend": "onnxruntime", "precision": "fp32", "file": "unet/model.onnx"}
+    assert set(head["files"]) == {*src["files"], "manifest.json"}
+
+    code, out, err = run_cli("verify", u, "--json")
+    assert code == 0, err
+    assert json.loads(out)["ok"] is True
+
+    # usable as --artifacts: the manifest checks out and the graphs run, giving the original's outputs
+    from engines.runtime import OnnxRuntimeBackend
+    from exporter.manifest import load_manifest
+
+    assert list(load_manifest(u).verify()) == []
+    a, b = OnnxRuntimeBackend(tiny_artifacts), OnnxRuntimeBackend(u)
+    feeds = a.specs["text_encoder"].dummy_inputs(2, 64, 64, seed=3)
+    np.testing.assert_array_equal(a.run("text_encoder", feeds)["hidden_states"], b.run("text_encoder", feeds)["hidden_states"])
+
+    # a bundle's unpacked folder packs again (bundle.json is not part of the artifacts)
+    code, _, err = run_cli("pack", "--artifacts", u, "--out", tmp_path / "again.tar.gz")
+    assert code == 0, err
+    code, _, err = run_cli("pack", "--artifacts", u, "--out", tmp_path / "again.tar.gz")
+    assert code == 2 and "already exists" in last_error(err)
+
+
+def test_flipped_byte_in_a_file(bundle: Path, tmp_path: Path) -> None:
+    entries = members(bundle)
+    tampered = []
+    for info, data in entries:
+        if info.name == "unet/model.onnx":
+            data = bytearray(data)  # type: ignore[arg-type]
+            data[len(data) // 2] ^= 0x01
+            data = bytes(data)
+        tampered.append((info, data))
+    bad = write_tar(tmp_path / "bad.tar.gz", tampered)
+    code, _, err = run_cli("verify", bad)
+    assert code == 1
+    assert "unet/model.onnx does not match its sha256 in bundle.json" in last_error(err)
+    code, _, err = run_cli("unpack", bad, "--out", tmp_path / "u")
+    assert code == 1 and "unet/model.onnx does not match its sha256" in last_error(err)
+    assert not (tmp_path / "u").exists() and not list(tmp_path.glob(".u.partial-*"))
+
+
+def test_flipped_byte_in_the_archive(bundle: Path, tmp_path: Path) -> None:
+    raw = bytearray(bundle.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(raw)
+    code, _, err = run_cli("verify", bad)
+    assert code == 1
+    msg = last_error(err)  # where the flip lands decides which check sees it first; the CRC-32 catches it at the latest
+    assert any(s in msg for s in ("truncated or corrupt", "does not match its sha256", "unexpected entry", "bytes, bundle.json says")), msg
+
+
+def test_flipped_byte_and_extra_file_in_unpacked_folder(bundle: Path, tmp_path: Path) -> None:
+    u = tmp_path / "u"
+    assert run_cli("unpack", bundle, "--out", u)[0] == 0
+    (u / "notes.txt").write_text("not from the bundle")
+    code, _, err = run_cli("verify", u)
+    assert code == 1 and "unexpected file notes.txt" in last_error(err)
+    (u / "notes.txt").unlink()
+    p = u / "vae_decoder" / "model.onnx"
+    data = bytearray(p.read_bytes())
+    data[100] ^= 0xFF
+    p.write_bytes(data)
+    code, _, err = run_cli("verify", u)
+    assert code == 1 and "vae_decoder/model.onnx does not match its sha256" in last_error(err)
+
+
+def test_missing_file(bundle: Path, tmp_path: Path) -> None:
+    entries = [(i, d) for i, d in members(bundle) if i.name != "tokenizer_2/tokenizer.json"]
+    bad = write_tar(tmp_path / "partial.tar.gz", entries)
+    code, _, err = run_cli("verify", bad)
+    assert code == 1
+    assert "tokenizer_2/tokenizer.json is missing: the archive is truncated or was packed partially" in last_error(err)
+    code, _, err = run_cli("unpack", bad, "--out", tmp_path / "u")
+    assert code == 1 and not (tmp_path / "u").exists()
+
+    u = tmp_path / "u2"
+    assert run_cli("unpack", bundle, "--out", u)[0] == 0
+    (u / "scheduler" / "scheduler_config.json").unlink()
+    code, _, err = run_cli("verify", u)
+    assert code == 1 and "scheduler/scheduler_config.json is missing: the folder is incomplete" in last_error(err)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "unlisted"])
+def test_unpack_refuses_escaping_entries(bundle: Path, tmp_path: Path, kind: str) -> None:
+    entries = members(bundle)
+    head, rest = entries[0], entries[1:]
+    assert head[0].name == "bundle.json"
+    target = tmp_path / "escaped.txt"
+    if kind == "dotdot":
+        evil = reg("../escaped.txt", b"owned")
+    elif kind == "absolute":
+        evil = reg(str(target), b"owned")
+    elif kind == "unlisted":
+        evil = reg("tokenizer/extra.json", b"{}")
+    else:
+        evil = (tarfile.TarInfo("tokenizer/vocab.json"), None)
+        evil[0].type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+        evil[0].linkname = str(target) if kind == "symlink" else "../../escaped.txt"
+    bad = write_tar(tmp_path / "evil.tar.gz", [head, evil, *rest])  # the evil entry right after bundle.json
+    out = tmp_path / "out" / "u"
+    code, _, err = run_cli("unpack", bad, "--out", out)
+    assert code == 1
+    msg = last_error(err)
+    expected = {"dotdot": "escapes the target folder", "absolute": "escapes the target folder",
+                "symlink": "is a symbolic link: bundles hold regular files only",
+                "hardlink": "is a hard link: bundles hold regular files only",
+                "unlisted": "unexpected entry 'tokenizer/extra.json'"}[kind]
+    assert expected in msg, msg
+    assert not target.exists() and not (tmp_path / "out" / "escaped.txt").exists()
+    assert not out.exists() and not list(out.parent.glob(".u.partial-*"))
+    assert run_cli("verify", bad)[0] == 1
+
+
+def test_bundle_json_listing_an_escaping_path_is_refused(bundle: Path, tmp_path: Path) -> None:
+    entries = members(bundle)
+    head = json.loads(entries[0][1])  # type: ignore[arg-type]
+    head["files"]["../../etc/cron.d/x"] = {"sha256": "0" * 64, "bytes": 1}
+    bad = write_tar(tmp_path / "evil.tar.gz", [reg("bundle.json", json.dumps(head).encode()), *entries[1:]])
+    code, _, err = run_cli("unpack", bad, "--out", tmp_path / "u")
+    assert code == 1 and "escapes the bundle folder: refused" in last_error(err)
+
+
+@pytest.mark.parametrize("how", ["gzip cut in half", "tar cut at a member boundary"])
+def test_truncated_archive(bundle: Path, tmp_path: Path, how: str) -> None:
+    bad = tmp_path / "cut.tar.gz"
+    if how == "gzip cut in half":
+        raw = bundle.read_bytes()
+        bad.write_bytes(raw[: len(raw) // 2])
+        expected = "truncated or corrupt"
+    else:  # an uncompressed tar that stops exactly before a member: tarfile sees a clean end
+        plain = gzip.decompress(bundle.read_bytes())
+        with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+            cut_at = next(m for m in tar.getmembers() if m.name == "unet/model.onnx")
+        bad = tmp_path / "cut.tar"
+        bad.write_bytes(plain[: cut_at.offset])
+        expected = "is missing: the archive is truncated or was packed partially"
+    code, _, err = run_cli("verify", bad)
+    assert code == 1 and expected in last_error(err), err
+    code, _, err = run_cli("unpack", bad, "--out", tmp_path / "u")
+    assert code == 1 and expected in last_error(err)
+    assert not (tmp_path / "u").exists() and not list(tmp_path.glob(".u.partial-*"))
+
+
+def test_not_a_bundle(tiny_artifacts: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli("verify", tiny_artifacts)
+    assert code == 2 and "no bundle.json (it is an artifacts folder" in last_error(err)
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"\x1f\x8b" + os.urandom(1000))
+    code, _, err = run_cli("verify", junk)
+    assert code == 1 and "truncated or corrupt" in last_error(err)
+    code, _, err = run_cli("verify", tmp_path / "nope.tar.gz")
+    assert code == 2 and "does not exist" in last_error(err)
+    code, _, err = run_cli("pack", "--artifacts", tmp_path, "--out", tmp_path / "x.tar.gz")
+    assert code == 2 and "not a koala-trt artifacts folder" in last_error(err)
+
+
+def test_engine_bundle_on_a_machine_without_that_gpu(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from shipping.device import detect
+
+    here = detect()
+    if any(g.compute_capability == "8.9" for g in here.gpus):
+        pytest.skip("this machine has a compute capability 8.9 GPU: the mismatch cannot be shown here")
+    eng = engines_folder(tmp_path / "engines", tiny_artifacts)
+    b = tmp_path / "engines.tar.gz"
+    code, out, err = run_cli("pack", "--artifacts", tiny_artifacts, "--engines", eng, "--out", b, "--level", "1")
+    assert code == 0, err
+    assert "TensorRT 10.8.0.43 on compute capability 8.9 (built on NVIDIA GeForce RTX 4090)" in out
+
+    code, out, err = run_cli("verify", b)
+    assert code == 1
+    msg = last_error(err)
+    assert "built for compute capability 8.9 (NVIDIA GeForce RTX 4090) with TensorRT 10.8.0.43" in msg, msg
+    if here.gpus:
+        assert "do not run on another compute capability" in msg
+    else:
+        assert "no NVIDIA GPU found" in msg or "nvidia-smi" in msg
+        assert "--no-device-check" in msg
+
+    code, out, err = run_cli("verify", b, "--no-device-check")
+    assert code == 0, err
+    assert "device check skipped" in out
+
+    # a bundle.json edited to drop the device requirement is caught by its own engines
+    entries = members(b)
+    head = json.loads(entries[0][1])  # type: ignore[arg-type]
+    head["requirements"]["backend"] = "onnxruntime"
+    edited = write_tar(tmp_path / "edited.tar.gz", [reg("bundle.json", json.dumps(head).encode()), *entries[1:]])
+    code, _, err = run_cli("verify", edited)
+    assert code == 1 and "says backend 'onnxruntime' but the bundle carries engines" in last_error(err)
+
+    u = tmp_path / "u"
+    code, out, err = run_cli("unpack", b, "--out", u)
+    assert code == 0, err
+    assert sha(u / "engines" / "unet.fp32.sm89.plan") == sha(eng / "unet.fp32.sm89.plan")
+    assert (u / "engines" / "manifest.json").read_bytes() == (eng / "manifest.json").read_bytes()
+    assert run_cli("verify", u, "--no-device-check")[0] == 0
+
+    # --no-graphs: the unet graph stays home, its engine replaces it
+    slim = tmp_path / "slim.tar.gz"
+    code, out, err = run_cli("pack", "--artifacts", tiny_artifacts, "--engines", eng, "--out", slim, "--no-graphs", "--json")
+    assert code == 0, err
+    assert json.loads(out)["omitted"] == ["unet/model.onnx"]
+    assert run_cli("verify", slim, "--no-device-check")[0] == 0
+    with tarfile.open(slim) as tar:
+        assert "unet/model.onnx" not in tar.getnames() and "engines/unet.fp32.sm89.plan" in tar.getnames()
+
+    # the unpacked slim bundle feeds `triton` with its own engines folder, and says why not without it
+    us = tmp_path / "us"
+    assert run_cli("unpack", slim, "--out", us)[0] == 0
+    code, _, err = run_cli("triton", "--artifacts", us, "--out", tmp_path / "r1")
+    assert code == 2 and "unet: unet/model.onnx is missing" in last_error(err) and not (tmp_path / "r1").exists()
+    code, out, err = run_cli("triton", "--artifacts", us, "--engines", us / "engines", "--out", tmp_path / "r2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["models"]["koala_unet"]["platform"] == "tensorrt_plan"
+
+
+def test_engine_requirements_against_given_devices() -> None:
+    """The comparison rules, on device descriptions (not on this machine's hardware)."""
+    from shipping.device import DeviceInfo, Gpu, engine_problems
+
+    built = {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "sm_89"}
+    h100 = DeviceInfo((Gpu(0, "NVIDIA H100 80GB HBM3", "9.0"),), "10.8.0.43")
+    problems, _ = engine_problems(built, "10.8.0.43", h100)
+    assert "this machine has GPU 0 NVIDIA H100 80GB HBM3 (compute capability 9.0)" in problems[0]
+    l40s = DeviceInfo((Gpu(0, "NVIDIA L40S", "8.9"),), "10.8.0.43")
+    problems, warnings = engine_problems(built, "10.8.0.43", l40s)
+    assert problems == [] and "same compute capability" in warnings[0]
+    problems, _ = engine_problems(built, "10.8.0.43", DeviceInfo(l40s.gpus, "10.7.0.23"))
+    assert "this machine has TensorRT 10.7.0.23" in problems[0]
+    problems, _ = engine_problems(built, "10.8.0.43", DeviceInfo(l40s.gpus, None))
+    assert "TensorRT is not installed here" in problems[0]
+    problems, warnings = engine_problems(built, "10.8.0", DeviceInfo((Gpu(1, "NVIDIA GeForce RTX 4090", "8.9"),), "10.8.0.43"))
+    assert problems == [] and warnings == []
+
+
+def test_engines_manifest_without_required_keys(tiny_artifacts: Path, tmp_path: Path) -> None:
+    eng = engines_folder(tmp_path / "engines", tiny_artifacts)
+    data = json.loads((eng / "manifest.json").read_text())
+    del data["tensorrt_version"]
+    (eng / "manifest.json").write_text(json.dumps(data))
+    code, _, err = run_cli("pack", "--artifacts", tiny_artifacts, "--engines", eng, "--out", tmp_path / "b.tar.gz")
+    assert code == 2 and "tensorrt_version" in last_error(err)
+    assert not (tmp_path / "b.tar.gz").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Triton model repository
+# --------------------------------------------------------------------------------------------
+def minimal_model_config():
+    """inference.ModelConfig restricted to the fields koala-trt writes, with Triton's field names
+    and numbers (model_config.proto); built here so the check needs nothing from the network."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    f = descriptor_pb2.FileDescriptorProto(name="koala_test_model_config.proto", package="inference", syntax="proto3")
+    dt = f.enum_type.add(name="DataType")
+    for i, n in enumerate(["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8",
+                           "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"]):
+        dt.value.add(name=n, number=i)
+
+    def msg(name: str, fields: list[tuple[str, int, int, bool, str]]):
+        m = f.message_type.add(name=name)
+        for fname, num, ftype, repeated, tname in fields:
+            fd = m.field.add(name=fname, number=num, type=ftype, label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL)
+            if tname:
+                fd.type_name = tname
+        return m
+
+    msg("ModelTensorReshape", [("shape", 1, F.TYPE_INT64, True, "")])
+    io_fields = [("name", 1, F.TYPE_STRING, False, ""), ("data_type", 2, F.TYPE_ENUM, False, ".inference.DataType"),
+                 ("reshape", 5, F.TYPE_MESSAGE, False, ".inference.ModelTensorReshape")]
+    msg("ModelInput", [*io_fields, ("dims", 4, F.TYPE_INT64, True, ""), ("optional", 8, F.TYPE_BOOL, False, "")])
+    msg("ModelOutput", [*io_fields, ("dims", 3, F.TYPE_INT64, True, "")])
+    msg("ModelDynamicBatching", [("max_queue_delay_microseconds", 2, F.TYPE_UINT64, False, "")])
+    ig = msg("ModelInstanceGroup", [("count", 2, F.TYPE_INT32, False, ""), ("kind", 4, F.TYPE_ENUM, False, ".inference.ModelInstanceGroup.Kind")])
+    kind = ig.enum_type.add(name="Kind")
+    for i, n in enumerate(["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"]):
+        kind.value.add(name=n, number=i)
+    msg("ModelConfig", [("name", 1, F.TYPE_STRING, False, ""), ("platform", 2, F.TYPE_STRING, False, ""),
+                        ("max_batch_size", 4, F.TYPE_INT32, False, ""), ("input", 5, F.TYPE_MESSAGE, True, ".inference.ModelInput"),
+                        ("output", 6, F.TYPE_MESSAGE, True, ".inference.ModelOutput"),
+                        ("instance_group", 7, F.TYPE_MESSAGE, True, ".inference.ModelInstanceGroup"),
+                        ("default_model_filename", 8, F.TYPE_STRING, False, ""),
+                        ("dynamic_batching", 11, F.TYPE_MESSAGE, False, ".inference.ModelDynamicBatching"),
+                        ("backend", 17, F.TYPE_STRING, False, "")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+
+
+@pytest.fixture(scope="session")
+def official_model_config(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Triton's own ModelConfig: tritonclient's generated model_config_pb2 (installed, or from its
+    wheel fetched once into pytest's cache with `pip download`). Loaded by file path: the
+    tritonclient.grpc package itself needs grpc."""
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+    else:
+        cache_plugin = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+        cache = Path(cache_plugin.mkdir("tritonclient-wheel")) if cache_plugin else tmp_path_factory.mktemp("tritonclient-wheel")
+        wheels = sorted(cache.glob("tritonclient-*.whl"))
+        if not wheels:
+            try:
+                r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), TRITONCLIENT],
+                                   capture_output=True, text=True, timeout=180)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                pytest.skip(f"Triton's model_config schema unavailable: `pip download {TRITONCLIENT}` failed ({e})")
+            wheels = sorted(cache.glob("tritonclient-*.whl"))
+            if r.returncode != 0 or not wheels:
+                pytest.skip(f"Triton's model_config schema unavailable: `pip download {TRITONCLIENT}` failed: {r.stderr.strip()[-200:]}")
+        path = cache / "model_config_pb2.py"
+        if not path.exists():
+            with zipfile.ZipFile(wheels[-1]) as z:
+                path.write_bytes(z.read("tritonclient/grpc/model_config_pb2.py"))
+    mod_spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    assert mod_spec is not None and mod_spec.loader is not None
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # e.g. a protobuf runtime too far from the generator's version
+        pytest.skip(f"tritonclient's model_config_pb2 does not load with this protobuf: {e}")
+    return module.ModelConfig
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    code, stdout, err = run_cli("triton", "--artifacts", tiny_artifacts, "--out", out)
+    assert code == 0, err
+    return out
+
+
+def check_repository(repo: Path, artifacts: Path, config_cls, engines: dict[str, str] | None = None) -> None:
+    """Every model folder: a config that parses, named as its folder, whose tensors are the spec's."""
+    from exporter.manifest import load_manifest
+    from google.protobuf import text_format
+
+    from shipping.triton_io import from_triton, to_triton
+
+    m = load_manifest(artifacts)
+    engines = engines or {}
+    names = {p.name for p in repo.iterdir()}
+    assert names == {"koala", *(f"koala_{c}" for c in m.components)}
+    dtypes = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
+    layout = json.loads((repo / "koala" / "1" / "pipeline" / "triton.json").read_text())["models"]
+    for comp in m.components:
+        model = f"koala_{comp}"
+        cfg = text_format.Parse((repo / model / "config.pbtxt").read_text(), config_cls())
+        spec = m.spec(comp)
+        assert cfg.name == model
+        assert cfg.platform == ("tensorrt_plan" if comp in engines else "onnxruntime_onnx")
+        assert cfg.max_batch_size == m.shape_range(comp).batch[2] == 8
+        assert cfg.HasField("dynamic_batching")
+        assert (repo / model / "1" / cfg.default_model_filename).is_file()
+        assert layout[comp] == {"model": model, "platform": cfg.platform, "batched": True, "max_batch_size": 8}
+        feeds = spec.dummy_inputs(2, 64, 64)
+        for tensors, declared in ((spec.inputs, cfg.input), (spec.outputs, cfg.output)):
+            assert [t.name for t in tensors] == [d.name for d in declared]
+            for t, d in zip(tensors, declared):
+                assert config_cls.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type \
+                    .values_by_number[d.data_type].name == dtypes[t.dtype]
+                rest = [x if isinstance(x, int) else -1 for x in t.dims[1:]]  # Triton owns dim 0 (batch)
+                assert list(d.dims) == (rest or [1])
+                assert d.HasField("reshape") == (not rest)
+                if tensors is spec.inputs:  # what model.py sends fits the declared dims, and Triton's reshape restores the spec shape
+                    sent = to_triton(t, feeds[t.name], True)
+                    assert sent.shape[0] == 2 and all(x in (-1, n) for x, n in zip(d.dims, sent.shape[1:]))
+                    restored = sent.reshape((2, *d.reshape.shape)) if d.HasField("reshape") else sent
+                    assert restored.shape == feeds[t.name].shape
+                    assert from_triton(t, sent, True).shape == feeds[t.name].shape
+    for comp, plan in engines.items():
+        assert sha(repo / f"koala_{comp}" / "1" / "model.plan") == plan
+
+    cfg = text_format.Parse((repo / "koala" / "config.pbtxt").read_text(), config_cls())
+    assert cfg.backend == "python" and cfg.max_batch_size == 0
+    assert [i.name for i in cfg.input][0] == "prompt" and not cfg.input[0].optional
+    assert all(i.optional for i in cfg.input[1:])
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("image", [-1, -1, 3])]
+    source = (repo / "koala" / "1" / "model.py").read_text()
+    tree = ast.parse(source)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TritonPythonModel")
+    assert {"initialize", "execute", "finalize"} <= {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+    pipeline = repo / "koala" / "1" / "pipeline"
+    art = json.loads((artifacts / "manifest.json").read_text())
+    for rel in art["files"]:
+        graph = any(rel.startswith(c + "/") for c in m.components)
+        assert (pipeline / rel).exists() != graph, rel
+
+
+def test_triton_repository_configs_parse_minimal_schema(repo: Path, tiny_artifacts: Path) -> None:
+    check_repository(repo, tiny_artifacts, minimal_model_config())
+
+
+def test_triton_repository_configs_parse_official_schema(repo: Path, tiny_artifacts: Path, official_model_config) -> None:
+    check_repository(repo, tiny_artifacts, official_model_config)
+
+
+def test_triton_repository_with_an_engine(tiny_artifacts: Path, tmp_path: Path) -> None:
+    eng = engines_folder(tmp_path / "engines", tiny_artifacts)
+    out = tmp_path / "repo"
+    code, stdout, err = run_cli("triton", "--artifacts", tiny_artifacts, "--engines", eng, "--out", out, "--json")
+    assert code == 0, err
+    models = json.loads(stdout)["models"]
+    assert models["koala_unet"]["platform"] == "tensorrt_plan" and models["koala_vae_decoder"]["platform"] == "onnxruntime_onnx"
+    check_repository(out, tiny_artifacts, minimal_model_config(), engines={"unet": sha(eng / "unet.fp32.sm89.plan")})
+    assert 'kind: KIND_GPU' in (out / "koala_unet" / "config.pbtxt").read_text()
+
+    code, _, err = run_cli("triton", "--artifacts", tiny_artifacts, "--out", out)
+    assert code == 2 and "already exists" in last_error(err)
+    code, _, err = run_cli("triton", "--artifacts", tiny_artifacts, "--out", tmp_path / "r2", "--name", "bad name")
+    assert code == 2 and "--name" in last_error(err)
+    assert not (tmp_path / "r2").exists()
+    code, _, err = run_cli("triton", "--artifacts", tiny_artifacts, "--out", tmp_path / "r3", "--device", "cpu", "--max-batch", "2")
+    assert code == 0, err
+    text = (tmp_path / "r3" / "koala_unet" / "config.pbtxt").read_text()
+    assert "max_batch_size: 2" in text and "kind: KIND_CPU" in text
+    shutil.rmtree(tmp_path / "r3")

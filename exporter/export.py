@@ -7,12 +7,13 @@ import json
 import platform
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from exporter.check import FP32_TOLERANCE, compare, onnx_outputs, torch_outputs
-from exporter.manifest import FORMAT, FORMAT_VERSION, Manifest
+from exporter.manifest import FORMAT, FORMAT_VERSION, Manifest, file_record, hash_tree
 from exporter.metrics import Tolerance
 from exporter.sources import ModelSource
 from exporter.specs import DEFAULT_COMPONENTS, ComponentSpec, ShapeRange, default_range, specs_from_configs
@@ -31,7 +32,7 @@ class ExportOptions:
     height: int | None = None  # default: the model's native size (U-Net sample_size x VAE factor)
     width: int | None = None
     check: bool = True
-    check_size: int | None = None  # image side the spatial components are checked at [min(export size, 512)]
+    check_size: int | None = None  # image side spatial components are checked at [U-Net 512, VAE 256, at most the export size]
     tolerance: Tolerance = FP32_TOLERANCE
     force: bool = False
     static: bool = False  # fixed shapes (batch, height, width): faster to export, runs at that shape only
@@ -61,14 +62,21 @@ def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: Export
     return height, width
 
 
-def check_size(spec: ComponentSpec, height: int, width: int, side: int | None) -> tuple[int, int]:
-    """Where a spatial component is checked: at most 512 px a side by default (a 1024x1024 VAE decode
-    takes minutes on a CPU; `validate` checks at full resolution), in the spec's granularity."""
+# Default check sides: a VAE decode costs about 8x a U-Net step per pixel on a CPU (16 s for one 512 px
+# image here), so the VAE is checked at 256 px; `validate` checks every component at full resolution.
+CHECK_SIDE = {"unet": 512, "vae_decoder": 256, "vae_encoder": 256}
+
+
+def check_shape(spec: ComponentSpec, batch: int, height: int, width: int, side: int | None) -> tuple[int, int, int]:
+    """(batch, height, width) a component is checked at: the VAE at batch 1 (it decodes images, not the
+    CFG batch), spatial sides capped by CHECK_SIDE or --check-size, in the spec's granularity."""
+    b = 1 if spec.module == "vae" else batch
     m = spec.size_multiple
-    if side is None:
-        return (min(height, 512) // m * m or m, min(width, 512) // m * m or m)
-    spec.check_size(side, side)
-    return side, side
+    if side is not None:
+        spec.check_size(side, side)
+        return b, side, side
+    cap = CHECK_SIDE.get(spec.name, 512)
+    return b, max(m, min(height, cap) // m * m), max(m, min(width, cap) // m * m)
 
 
 def copy_runtime_files(source: ModelSource, out: Path) -> None:
@@ -94,7 +102,10 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
     started = time.perf_counter()
     components: dict[str, Any] = {}
     failed: list[str] = []
-    with staged_dir(out, force=opts.force) as stage:
+    with staged_dir(out, force=opts.force) as stage, ThreadPoolExecutor(max_workers=1) as hasher:
+        # sha256 of each component's files runs in a thread (hashlib releases the GIL) while the next
+        # component exports: ~6 GB of full-size graphs hash in ~10 s that would otherwise add up.
+        hashes: dict[str, Future[dict[str, Any]]] = {}
         by_module: dict[str, list[str]] = {}
         for name in opts.components:
             by_module.setdefault(specs[name].module, []).append(name)
@@ -116,6 +127,8 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
                     + (f", {rng.height[0]}..{rng.height[2]} x {rng.width[0]}..{rng.width[2]} px" if spec.spatial else "") + ")")
                 with Meter() as m:
                     stats = export_onnx(spec, module, path, trace_batch, height, width, rng, opts.opset, opts.static)
+                for f in sorted(path.parent.iterdir()):
+                    hashes[f.relative_to(stage).as_posix()] = hasher.submit(file_record, f)
                 log(f"      {stats.nodes_after:,} nodes ({stats.nodes_before:,} before cleanup), {stats.bytes / 2**20:,.1f} MiB"
                     + (" with external data" if stats.external_data else "") + f", {m.seconds:.1f} s, peak RSS {m.peak_rss_mb / 1024:.2f} GiB")
                 components[name] = {
@@ -127,8 +140,8 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
                                "seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)},
                 }
                 if opts.check:
-                    ch, cw = (height, width) if opts.static else check_size(spec, height, width, opts.check_size)
-                    feeds = spec.dummy_inputs(opts.batch, ch, cw, seed=2)
+                    cb, ch, cw = (opts.batch, height, width) if opts.static else check_shape(spec, opts.batch, height, width, opts.check_size)
+                    feeds = spec.dummy_inputs(cb, ch, cw, seed=2)
                     with Meter() as m:
                         references[name] = (feeds, torch_outputs(spec, wrap(spec, module), feeds))
                     components[name]["check"] = {"torch_seconds": round(m.seconds, 2)}
@@ -164,7 +177,9 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
             "components": components,
             "export": {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(process_peak_rss_mb(), 1)},
         })
-        manifest.rehash()
+        files = {rel: fut.result() for rel, fut in hashes.items()}
+        manifest.data["files"] = {**hash_tree(stage, skip=("manifest.json", *files)), **files}
+        manifest.data["files"] = dict(sorted(manifest.data["files"].items()))
         manifest.save()
     manifest.root = out
     return manifest

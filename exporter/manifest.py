@@ -28,13 +28,18 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    """A file's entry in the manifest's "files": sha256 and size."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
 def hash_tree(root: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file under root (relative POSIX paths), manifest excluded."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel not in skip:
-            out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            out[rel] = file_record(p)
     return out
 
 

@@ -5,7 +5,7 @@ All key names live here, so a change in the build's manifest is one edit in this
     format              == "koala-trt/engines"
     gpu.name            the card the engines were built on ("NVIDIA GeForce RTX 4090")
     gpu.compute_capability   "8.9" (also accepted: "sm_89", 89, [8, 9])
-    tensorrt_version    "10.8.0.43"
+    tensorrt            "10.8.0.43" (the TensorRT version the engines were built with)
     engines.<component>.file / .sha256 / .bytes   the plan file (relative to ENGINES) and its hash
 
 Nothing else in that manifest is interpreted; it is copied into a bundle verbatim.
@@ -24,7 +24,7 @@ from koala_trt.errors import UsageError
 MANIFEST = "manifest.json"
 FORMAT_KEY, FORMAT = "format", "koala-trt/engines"
 GPU_KEY, GPU_NAME_KEY, GPU_CC_KEY = "gpu", "name", "compute_capability"
-TRT_VERSION_KEY = "tensorrt_version"
+TRT_VERSION_KEY = "tensorrt"
 ENGINES_KEY, FILE_KEY, SHA256_KEY, BYTES_KEY = "engines", "file", "sha256", "bytes"
 
 

@@ -182,3 +182,16 @@ def test_timing_cache_is_reused_only_for_the_same_card_tensorrt_and_cuda(tiny_ar
         stage.mkdir()
         _reuse_timing_cache(old, stage, device, trt, lambda m: None)
         assert (stage / "timing.cache").is_file() is reused
+
+
+def test_shipping_reads_the_manifest_the_build_writes(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """pack/verify/triton read ENGINES/manifest.json through shipping/engines_manifest.py: it must
+    parse exactly what engines/build.py composes (card, compute capability, TensorRT, plan files)."""
+    from shipping.engines_manifest import load_engines_manifest
+
+    root = _engines_dir(tiny_artifacts, tmp_path / "eng", device=RTX3060TI)
+    info, _ = load_engines_manifest(root)
+    assert (info.gpu_name, info.compute_capability, info.tensorrt_version) == (RTX3060TI.name, "8.6", TRT)
+    written = json.loads((root / "manifest.json").read_text())["engines"]
+    assert {c: (e.file, e.sha256, e.bytes) for c, e in info.engines.items()} == \
+        {c: (e["file"], e["sha256"], e["bytes"]) for c, e in written.items()}

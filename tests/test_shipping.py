@@ -31,13 +31,6 @@ TRITONCLIENT = "tritonclient==2.73.0"  # ships tritonclient/grpc/model_config_pb
 FAKE_PLAN_NOTE = "bytes standing in for a TensorRT plan: packing and verifying never parse plans"
 
 
-@pytest.fixture(autouse=True)
-def _no_debug_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`koala-trt --debug` sets KOALA_TRT_DEBUG=1 in os.environ, and test_cli runs it in-process:
-    without this, every later in-process error here would come with a traceback."""
-    monkeypatch.delenv("KOALA_TRT_DEBUG", raising=False)
-
-
 def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -529,3 +522,99 @@ def test_triton_repository_with_an_engine(tiny_artifacts: Path, tmp_path: Path) 
     text = (tmp_path / "r3" / "koala_unet" / "config.pbtxt").read_text()
     assert "max_batch_size: 2" in text and "kind: KIND_CPU" in text
     shutil.rmtree(tmp_path / "r3")
+
+
+def _triton_python_backend_standin(repo: Path):
+    """A stand-in for `triton_python_backend_utils` (LABELLED TEST DOUBLE: no Triton server runs here).
+    It implements the few calls model.py makes, and a BLS request runs the named component model's
+    own files from the repository in ONNX Runtime, applying the config's batch reshape ([B, 1] -> [B])
+    as Triton would. What it checks: model.py's marshalling, the sampler wiring and the image out."""
+    import types
+
+    from koala_trt.ort import make_session
+
+    sessions: dict[str, object] = {}
+
+    class Tensor:
+        def __init__(self, name: str, array: np.ndarray) -> None:
+            self._name, self._array = name, np.asarray(array)
+
+        def name(self) -> str:
+            return self._name
+
+        def as_numpy(self) -> np.ndarray:
+            return self._array
+
+        def is_cpu(self) -> bool:
+            return True
+
+    class TritonError:
+        def __init__(self, msg: str) -> None:
+            self._msg = msg
+
+        def message(self) -> str:
+            return self._msg
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list, error: TritonError | None = None) -> None:
+            self.output_tensors, self._error = output_tensors, error
+
+        def has_error(self) -> bool:
+            return self._error is not None
+
+        def error(self) -> TritonError | None:
+            return self._error
+
+    class InferenceRequest:
+        def __init__(self, model_name: str, requested_output_names: list, inputs: list, **kwargs: object) -> None:
+            self.model_name, self.outputs, self.inputs = model_name, requested_output_names, inputs
+
+        def exec(self) -> InferenceResponse:
+            if self.model_name not in sessions:
+                onnx_file = next((repo / self.model_name / "1").glob("*.onnx"))
+                sessions[self.model_name] = make_session(onnx_file, providers=["CPUExecutionProvider"])
+            sess = sessions[self.model_name]
+            ranks = {i.name: len(i.shape) for i in sess.get_inputs()}
+            feeds = {t.name(): t.as_numpy().reshape(t.as_numpy().shape[:ranks[t.name()]]) for t in self.inputs}
+            outs = sess.run(self.outputs, feeds)
+            return InferenceResponse([Tensor(n, o) for n, o in zip(self.outputs, outs)])
+
+    class Request:
+        def __init__(self, **inputs: np.ndarray) -> None:
+            self.tensors = {k: Tensor(k, v) for k, v in inputs.items()}
+
+    mod = types.ModuleType("triton_python_backend_utils")
+    mod.Tensor, mod.InferenceRequest, mod.InferenceResponse, mod.TritonError = Tensor, InferenceRequest, InferenceResponse, TritonError
+    mod.TritonModelException = RuntimeError
+    mod.get_output_tensor_by_name = lambda response, name: next(t for t in response.output_tensors if t.name() == name)
+    mod.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
+    mod.Request = Request
+    return mod
+
+
+def test_triton_python_model_generates_the_same_image_as_generate(repo: Path, tiny_artifacts: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repository's sampler model (model.py) over BLS calls to the component models gives the
+    same pixels as `koala-trt generate` on the same artifacts, prompt, seed and steps."""
+    from PIL import Image
+
+    pb = _triton_python_backend_standin(repo)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("koala_triton_model", repo / "koala" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({})
+    prompt = "a koala reading a newspaper in a cafe"
+    request = pb.Request(prompt=np.array([prompt.encode()], dtype=object), seed=np.array([3], np.int64),
+                         steps=np.array([4], np.int32), height=np.array([128], np.int32), width=np.array([128], np.int32))
+    [response] = model.execute([request])
+    assert not response.has_error(), response.error().message()
+    image = pb.get_output_tensor_by_name(response, "image").as_numpy()
+    model.finalize()
+    assert image.dtype == np.uint8 and image.shape == (128, 128, 3) and image.std() > 1
+    code, _, err = run_cli("generate", "--artifacts", tiny_artifacts, "--backend", "onnxruntime", "--prompt", prompt,
+                           "--seed", "3", "--steps", "4", "--height", "128", "--width", "128", "--out", tmp_path / "g.png",
+                           "--no-progress")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png").convert("RGB")), image)

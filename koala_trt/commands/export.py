@@ -16,7 +16,7 @@ from koala_trt.commands.common import components_option, log, print_json, table
 @click.option("--batch", default=2, show_default=True, help="Batch to trace and check at (2 = one image with CFG).")
 @click.option("--height", type=int, help="Image height to trace and check at [default: the model's native size].")
 @click.option("--width", type=int, help="Image width to trace and check at [default: the model's native size].")
-@click.option("--check-size", type=int, help="Image side (px) to check U-Net and VAE at [default: min(export size, 512)].")
+@click.option("--check-size", type=int, help="Image side (px) to check U-Net and VAE at [default: U-Net 512, VAE 256, at most the export size].")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (not recommended).")
 @click.option("--static", is_flag=True, help="Fixed shapes (batch x height x width): faster export; the graphs run at that shape only.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
@@ -57,13 +58,22 @@ class BlsBackend:
         pass
 
 
-def make_sampler(backend: BlsBackend, pipeline_dir: Path):
-    """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`.
+def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.ndarray]:
+    """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`:
+    a function (prompt, **options) -> uint8 [H, W, 3] image. Options are engines.sampler.Request's
+    fields (negative_prompt, seed, steps, guidance, height, width).
 
-    This is the one place that names the sampler's API (engines/sampler.py); adapt it here if that API changes."""
-    from engines.sampler import Sampler  # koala-trt, installed in this environment
+    This is the one place that names the sampler's API (engines/sampler.py)."""
+    from engines.sampler import PipelineAssets, Request, Sampler, to_uint8  # koala-trt, installed in this environment
+    from exporter.manifest import load_manifest
 
-    return Sampler(backend, pipeline_dir)
+    sampler = Sampler(backend, PipelineAssets.from_manifest(load_manifest(pipeline_dir)))
+
+    def run(prompt: str, **options: object) -> np.ndarray:
+        images, _ = sampler.sample(sampler.plan(Request(prompt=prompt, batch=1, **options)), progress=False)  # type: ignore[arg-type]
+        return to_uint8(images)[0]
+
+    return run
 
 
 def to_uint8_hwc(image) -> np.ndarray:

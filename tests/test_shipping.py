@@ -60,7 +60,7 @@ def engines_folder(root: Path, tiny_artifacts: Path, cc: str = "8.9", name: str 
     plan = root / "unet.fp32.sm89.plan"
     plan.write_bytes(FAKE_PLAN_NOTE.encode() * 1000)
     data = {"format": "koala-trt/engines", "gpu": {"name": name, "compute_capability": cc},
-            "tensorrt_version": "10.8.0.43", "cuda_version": "12.8", "source": str(tiny_artifacts),
+            "tensorrt": "10.8.0.43", "cuda": {"runtime": "12.8"}, "source": {"artifacts": str(tiny_artifacts)},
             "engines": {"unet": {"file": plan.name, "sha256": sha(plan), "bytes": plan.stat().st_size}}}
     (root / "manifest.json").write_text(json.dumps(data, indent=2))
     return root
@@ -342,10 +342,10 @@ def test_engine_requirements_against_given_devices() -> None:
 def test_engines_manifest_without_required_keys(tiny_artifacts: Path, tmp_path: Path) -> None:
     eng = engines_folder(tmp_path / "engines", tiny_artifacts)
     data = json.loads((eng / "manifest.json").read_text())
-    del data["tensorrt_version"]
+    del data["tensorrt"]
     (eng / "manifest.json").write_text(json.dumps(data))
     code, _, err = run_cli("pack", "--artifacts", tiny_artifacts, "--engines", eng, "--out", tmp_path / "b.tar.gz")
-    assert code == 2 and "tensorrt_version" in last_error(err)
+    assert code == 2 and "'tensorrt'" in last_error(err)
     assert not (tmp_path / "b.tar.gz").exists()
 
 

@@ -10,7 +10,6 @@ step) and `encoder_hidden_states`, `text_embeds`, `time_ids` once (they do not).
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +21,7 @@ import numpy as np
 from exporter.manifest import sha256_file, write_json
 from exporter.specs import ComponentSpec
 from koala_trt.errors import KoalaError, UsageError
+from koala_trt.jsonfile import read_folder_manifest
 
 CALIB_MANIFEST = "manifest.json"
 CALIB_FORMAT = "koala-trt/calibration"
@@ -138,15 +138,7 @@ def step_feeds(arrays: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray
 
 def load_calibration(root: Path | str, require_complete: bool = True) -> CalibrationSet:
     root = Path(root)
-    path = root / CALIB_MANIFEST
-    if not path.is_file():
-        raise UsageError(f"{root} is not a calibration set (no {CALIB_MANIFEST}); record one with `koala-trt calibrate`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is corrupt: {e}") from None
-    if data.get("format") != CALIB_FORMAT:
-        raise UsageError(f"{path} is not a koala-trt calibration manifest (format {data.get('format')!r})")
+    data = read_folder_manifest(root, CALIB_MANIFEST, CALIB_FORMAT, "calibration", "record one with `koala-trt calibrate`")
     cs = CalibrationSet(root, data)
     if require_complete and not cs.complete:
         raise UsageError(f"calibration set {root} is incomplete ({len(cs.shards)}/{len(cs.settings['prompts'])} prompts); "

@@ -8,7 +8,6 @@ that rebuilds the engines here. numpy/json only.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from engines.buildplan import build_command
 from engines.cuda import DeviceInfo
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_trt.errors import KoalaError, UsageError
+from koala_trt.jsonfile import read_folder_manifest
 
 MANIFEST = "manifest.json"
 FORMAT = "koala-trt/engines"
@@ -69,21 +69,8 @@ class EnginesManifest:
 
 
 def load_engines_manifest(root: Path | str) -> EnginesManifest:
-    root = Path(root)
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise UsageError(f"engines folder {root} does not exist")
-    if not path.is_file():
-        raise UsageError(f"{root} is not a koala-trt engines folder (no {MANIFEST}); create one with `koala-trt build`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is corrupt: {e}") from None
-    if data.get("format") != FORMAT:
-        raise UsageError(f"{path} is not a koala-trt engines manifest (format {data.get('format')!r})")
-    if data.get("format_version", 0) > FORMAT_VERSION:
-        raise UsageError(f"{path} was written by a newer koala-trt (format version {data['format_version']})")
-    return EnginesManifest(root, data)
+    data = read_folder_manifest(root, MANIFEST, FORMAT, "engines", "create one with `koala-trt build`", FORMAT_VERSION)
+    return EnginesManifest(Path(root), data)
 
 
 def device_allowed(built_cc: str, hardware_compatibility: str, local_cc: str) -> bool:

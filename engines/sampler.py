@@ -8,7 +8,6 @@ No torch, no diffusers: numpy, `tokenizers` and the backend (engines/runtime.py)
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from engines.tokenize import ClipTokenizer
 from exporter.manifest import Manifest
 from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange
 from koala_trt.errors import UsageError
+from koala_trt.jsonfile import read_json
 
 F32 = np.float32
 SAMPLER_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
@@ -72,13 +72,7 @@ class PipelineAssets:
         missing = [k for k in ("sampler", "vae", "scheduler", "tokenizers") if not d.get(k)]
         if missing:
             raise UsageError(f"{root}/manifest.json lacks {', '.join(missing)}: {fix}")
-        sched_path = root / d["scheduler"]
-        if not sched_path.is_file():
-            raise UsageError(f"missing scheduler config {sched_path}")
-        try:
-            sched = json.loads(sched_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{sched_path} is corrupt: {e}") from None
+        sched = read_json(root / d["scheduler"])
         vae_cfg = d.get("configs", {}).get("vae", {})
         s = d["sampler"]
         toks = tuple(root / t for t in d["tokenizers"])

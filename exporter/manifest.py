@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_trt.atomic import staged_file
+from koala_trt.jsonfile import read_folder_manifest
 from koala_trt.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -94,18 +95,5 @@ class Manifest:
 
 
 def load_manifest(root: Path | str) -> Manifest:
-    root = Path(root)
-    if not root.exists():
-        raise UsageError(f"artifacts folder {root} does not exist")
-    path = root / MANIFEST
-    if not path.is_file():
-        raise UsageError(f"{root} is not a koala-trt artifacts folder (no {MANIFEST}); create one with `koala-trt export`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is corrupt: {e}") from None
-    if data.get("format") != FORMAT:
-        raise UsageError(f"{path} is not a koala-trt artifacts manifest (format {data.get('format')!r})")
-    if data.get("format_version", 0) > FORMAT_VERSION:
-        raise UsageError(f"{path} was written by a newer koala-trt (format version {data['format_version']})")
-    return Manifest(root, data)
+    data = read_folder_manifest(root, MANIFEST, FORMAT, "artifacts", "create one with `koala-trt export`", FORMAT_VERSION)
+    return Manifest(Path(root), data)

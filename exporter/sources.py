@@ -11,12 +11,12 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from koala_trt.errors import KoalaError, UsageError
+from koala_trt.jsonfile import read_json
 
 MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
 PRESET_PREFIX = "random:"
@@ -31,15 +31,6 @@ class SamplerDefaults:
 
     steps: int
     guidance: float
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"missing file: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def _config_files() -> Any:
@@ -241,7 +232,7 @@ def with_vae(source: ModelSource, vae: Path | str) -> ModelSource:
     vae = Path(vae).expanduser().resolve()
     if not (vae / "config.json").is_file():
         raise UsageError(f"--vae {vae}: not an AutoencoderKL folder (no config.json)")
-    cfg = _read_json(vae / "config.json")
+    cfg = read_json(vae / "config.json")
     if cfg.get("_class_name") not in (None, "AutoencoderKL"):
         raise UsageError(f"--vae {vae}: config is a {cfg.get('_class_name')}, not an AutoencoderKL")
     configs = dict(source.configs, vae=cfg)
@@ -290,14 +281,14 @@ def _folder(root: Path, ref: str, kind: str) -> ModelSource:
     index = root / "model_index.json"
     if not index.is_file():
         raise UsageError(f"{root} is not a diffusers model folder (no model_index.json)")
-    model_index = _read_json(index)
+    model_index = read_json(index)
     configs: dict[str, dict[str, Any]] = {}
     for key in MODULES:
         if key not in model_index:
             raise UsageError(f"{root} has no {key} in model_index.json: not an SDXL/KOALA pipeline")
-        configs[key] = _read_json(root / key / "config.json")
+        configs[key] = read_json(root / key / "config.json")
     sched = root / "scheduler" / "scheduler_config.json"
-    configs["scheduler"] = _read_json(sched)
+    configs["scheduler"] = read_json(sched)
     for tok in ("tokenizer", "tokenizer_2"):
         if not (root / tok).is_dir():
             raise UsageError(f"{root} has no {tok}/ folder")

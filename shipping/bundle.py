@@ -30,7 +30,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable
 
 from exporter.manifest import MANIFEST, load_manifest
 from koala_trt import __version__

@@ -13,13 +13,13 @@ Nothing else in that manifest is interpreted; it is copied into a bundle verbati
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from koala_trt.errors import UsageError
+from koala_trt.jsonfile import parse_json, read_folder_manifest
 
 MANIFEST = "manifest.json"
 FORMAT_KEY, FORMAT = "format", "koala-trt/engines"
@@ -93,14 +93,6 @@ def parse_engines_manifest(data: dict[str, Any], root: Path, where: str) -> Engi
 def load_engines_manifest(root: Path | str) -> tuple[EnginesInfo, bytes]:
     """The parsed keys and the manifest's raw bytes (copied verbatim into bundles)."""
     root = Path(root)
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise UsageError(f"engines folder {root} does not exist")
-    if not path.is_file():
-        raise UsageError(f"{root} is not a koala-trt engines folder (no {MANIFEST}); create one with `koala-trt build`")
-    raw = path.read_bytes()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is corrupt: {e}") from None
-    return parse_engines_manifest(data, root, str(path)), raw
+    read_folder_manifest(root, MANIFEST, FORMAT, "engines", "create one with `koala-trt build`")
+    raw = (root / MANIFEST).read_bytes()
+    return parse_engines_manifest(parse_json(raw, root / MANIFEST), root, str(root / MANIFEST)), raw

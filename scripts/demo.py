@@ -25,11 +25,32 @@ def step(title: str, *args: str) -> None:
 
 
 def run(model: str, out: Path) -> None:
-    art = out / "artifacts"
+    art, calib, fp16, int8 = out / "artifacts", out / "calib", out / "artifacts-fp16", out / "artifacts-int8"
+    size = ["--height", "256", "--width", "256"]
     step("Inspect the model", "inspect", model)
     step("Export every component to ONNX, each checked against PyTorch", "export", "--model", model, "--out", str(art), "--force")
     step("Inspect the artifacts", "inspect", str(art))
-    print(f"\nartifacts: {art.resolve()}")
+    step("Record U-Net inputs along denoising trajectories (INT8 calibration)",
+         "calibrate", "--model", model, "--out", str(calib), "--num", "4", "--steps", "10", *size, "--force")
+    step("FP16 variant: FP32 islands where ranges demand them, VAE kept FP32",
+         "convert", "--onnx", str(art), "--precision", "fp16", "--calib", str(calib), "--out", str(fp16), "--force")
+    step("INT8 variant: explicit Q/DQ in the U-Net (TensorRT layout)",
+         "quantize", "--onnx", str(art), "--calib", str(calib), "--out", str(int8), "--force")
+    step("GPU profiles", "profiles", "list")
+    step("Memory plan: KOALA-700M on the paper's 8 GB RTX 3060 Ti at 1024x1024", "plan", "--model", "random:koala-700m", "--profile", "rtx3060ti")
+    step("Memory plan: SDXL-Base on the same card", "plan", "--model", "random:sdxl-base", "--profile", "rtx3060ti")
+    step("TensorRT build plan for the FP16 folder (dry run: no TensorRT needed)",
+         "build", "--onnx", str(fp16), "--profile", "rtx3060ti", "--out", str(out / "engines-rtx3060ti"), "--precision", "fp16",
+         *size, "--dry-run")
+    step("Bundle the artifacts for an edge device",
+         "pack", "--artifacts", str(art), "--out", str(out / "artifacts.tar.gz"), "--force")
+    step("Verify the bundle", "verify", str(out / "artifacts.tar.gz"))
+    step("Triton model repository (one model per component + the sampler as a Python-backend model)",
+         "triton", "--artifacts", str(art), "--out", str(out / "triton"), "--force")
+    step("Generate an image on ONNX Runtime (numpy sampler, no torch)",
+         "generate", "--artifacts", str(art), "--backend", "onnxruntime", "--prompt", "a koala climbing a eucalyptus tree at sunset",
+         "--seed", "0", "--out", str(out / "koala.png"))
+    print(f"\nartifacts: {art.resolve()}\nimage: {(out / 'koala.png').resolve()}")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,12 @@ def write_clip_tokenizer(out_dir: Path, merges: list[tuple[str, str]], pad_token
 @lru_cache(maxsize=None)
 def preset_tokenizers(num_merges: int = 2000) -> tuple[Path, Path]:
     """Generate (once per process) the two SDXL tokenizers: pad `<|endoftext|>` and pad `!`."""
+    import atexit
+    import shutil
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="koala-trt-tokenizers-"))
+    atexit.register(shutil.rmtree, root, True)  # a process's scratch copy; artifacts get their own copy
     merges = learn_merges(corpus_lines(), num_merges)
     return (
         write_clip_tokenizer(root / "tokenizer", merges, pad_token=EOS),

@@ -59,7 +59,7 @@ def baseline_json(checks: list[Check], settings: dict[str, Any], artifacts: str)
 def read_baseline(path: Path) -> dict[str, Any]:
     from koala_trt.jsonfile import read_json
 
-    data = read_json(path, "--baseline")
+    data = read_json(Path(path))
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("metrics"), dict):
         raise UsageError(f"--baseline {path}: not a koala-trt validate baseline (expected format {FORMAT}; write one with --save-baseline)")
     return data

@@ -43,6 +43,14 @@ def settings(opts: ValidateOptions, height: int, width: int) -> dict[str, Any]:
             "random_samples": opts.random_samples}
 
 
+def default_size(artifacts: Path, height: int | None, width: int | None) -> tuple[int, int]:
+    """--height/--width, defaulting to the manifest's sampler size (the model's native size)."""
+    from exporter.manifest import load_manifest
+
+    sampler = load_manifest(artifacts).data.get("sampler", {})
+    return height or int(sampler.get("height", 1024)), width or int(sampler.get("width", 1024))
+
+
 def _check_model(source: Any, manifest: Any) -> None:
     recorded = manifest.data.get("source", {}).get("config_sha256") or {}
     mine = source.config_sha256()
@@ -54,7 +62,7 @@ def _check_model(source: Any, manifest: Any) -> None:
 
 def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     from engines.artifacts_check import check_files
-    from engines.runtime import open_backend
+    from engines.runtime import OnnxRuntimeBackend, open_backend
     from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets, Sampler, initial_noise
     from engines.validation.compare import compare
     from engines.validation.end_to_end import candidate_run, measure
@@ -78,9 +86,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"{opts.artifacts} has no {', '.join(unknown)} (it holds {', '.join(manifest.components)})")
     precisions = {c: check_precision(manifest.precision(c), f"{opts.artifacts}/manifest.json ({c})") for c in comps}
-    sampler_size = manifest.data.get("sampler", {})
-    height = opts.height or int(sampler_size.get("height", 1024))
-    width = opts.width or int(sampler_size.get("width", 1024))
+    height, width = default_size(opts.artifacts, opts.height, opts.width)
     run_e2e = opts.end_to_end and all(c in comps for c in SAMPLER_COMPONENTS)
     t0 = time.perf_counter()
     prefixes = ["tokenizer/", "tokenizer_2/"] + ([f"{c}/" for c in comps] if opts.backend == "onnxruntime" else [])
@@ -150,6 +156,10 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                 worst = max((m for m in chk.measured if m.metric == "rel_l2"), key=lambda m: m.value or 0, default=None)
                 log(f"{chk.id}: {'ok' if chk.passed else 'FAIL'} ({chk.samples} samples, "
                     f"rel L2 {worst.value if worst else float('nan'):.2e}, {time.perf_counter() - t0:.1f} s)")
+            if isinstance(backend, OnnxRuntimeBackend):
+                # One graph in memory at a time beside the PyTorch reference (full-size models at
+                # 1024 px); the end-to-end run opens the sessions again.
+                backend.close()
 
         # ----- end to end ------------------------------------------------------------------------
         if run_e2e and traj is not None:
@@ -184,7 +194,9 @@ def finish(report: dict[str, Any]) -> dict[str, Any]:
     """Verdicts and failure lines from the checks (after a baseline was applied); JSON-ready."""
     checks: list[Check] = report.pop("_checks")
     report["checks"] = [c.to_json() for c in checks]
-    report["failures"] = [f"{c.id}: {c.component}.{m.describe()}" for c in checks for m in c.failures()]
+    # Non-finite values first: they explain every other broken metric of that output.
+    bad = sorted(((c, m) for c in checks for m in c.failures()), key=lambda cm: cm[1].metric != "nonfinite")
+    report["failures"] = [f"{c.id}: {c.component}.{m.describe()}" for c, m in bad]
     report["passed"] = bool(checks) and not report["failures"]
     return report
 

@@ -69,7 +69,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     2 on usage errors."""
     from engines.validation import baseline as bl
     from engines.validation.reports import SUMMARY_HEADER, summary_rows, write_json, write_junit, write_markdown
-    from engines.validation.run import ValidateOptions, finish, settings, validate
+    from engines.validation.run import ValidateOptions, default_size, finish, settings, validate
     from engines.validation.tolerances import parse_overrides
     from exporter.specs import COMPONENTS, parse_components
     from koala_trt.atomic import check_writable_parent
@@ -93,10 +93,13 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     opts = ValidateOptions(artifacts=artifacts, backend=backend, model=model, engines=engines, components=names, height=height,
                            width=width, steps=steps, prompts=_read_prompts(prompts), seed=seed, random_samples=random_samples,
                            overrides=overrides, end_to_end=not no_end_to_end, verify=not no_verify, threads=threads, verbose=verbose)
+    if base is not None:  # before anything runs: a baseline compares only with a run on the same inputs
+        assert baseline is not None
+        h, w = default_size(artifacts, height, width)
+        bl.check_settings(base, settings(opts, h, w), baseline)
     result = validate(opts, log)
     if base is not None:
         assert baseline is not None
-        bl.check_settings(base, settings(opts, result["height"], result["width"]), baseline)
         summary = bl.apply(result["_checks"], base, bl.DEFAULT_MARGIN if baseline_margin is None else baseline_margin)
         result["baseline"] = {"path": str(baseline), **summary}
     saved = bl.baseline_json(result["_checks"], settings(opts, result["height"], result["width"]), str(artifacts))

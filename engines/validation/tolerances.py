@@ -51,14 +51,16 @@ END_TO_END_METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("nonfinite", False, "NaN/Inf values in latents and images"),
 )}
 
-# Cosine is implied by relative L2 for small errors (1 - cos ~ rel_l2^2 / 2), so its limit is a
-# looser direction check that also holds for a rescaled output. End-to-end limits grow with the
-# lossiness of the precision: differences compound over the denoising steps (measured on KOALA-700M
-# at 512 px after 4 steps: FP16 latents 1.6e-3, INT8 0.13-0.16; docs/bench-precision.md).
+# Cosine is implied by relative L2 (cos >= sqrt(1 - rel_l2^2) for a same-norm candidate, so
+# 1 - cos ~ rel_l2^2 / 2), so its limit sits just below what the rel_l2 limit allows: a direction
+# check that also holds for a rescaled output. End-to-end limits grow with the lossiness of the
+# precision, since differences compound over the denoising steps. Measured on KOALA-700M at 512 px
+# after 4 steps (docs/bench-precision.md): final latents FP16 1.6e-3, INT8 0.13-0.16 (cosine
+# 0.988-0.992). The FP16/INT8 PSNR and SSIM limits are not calibrated on real weights (none here).
 _EXTRA: dict[str, dict[str, float]] = {
     "fp32": {"cosine": 0.99999, "latent_rel_l2": 1e-3, "psnr": 45.0, "ssim": 0.995},
     "fp16": {"cosine": 0.999, "latent_rel_l2": 2e-2, "psnr": 35.0, "ssim": 0.98},
-    "int8": {"cosine": 0.99, "latent_rel_l2": 0.3, "psnr": 20.0, "ssim": 0.8},
+    "int8": {"cosine": 0.985, "latent_rel_l2": 0.3, "psnr": 20.0, "ssim": 0.8},
 }
 _BASE = {"fp32": FP32_TOLERANCE, **CONVERSION_TOLERANCES}
 

@@ -229,3 +229,22 @@ def test_tensorrt_backend_unavailable(tiny_artifacts: Path, tmp_path: Path) -> N
     code, _, err = run_cli("validate", "--artifacts", tiny_artifacts, "--backend", "tensorrt", "--engines", eng, "-c", "unet",
                            "--report", tmp_path / "r.json")
     assert code in (1, 2) and _last_error(err) and not (tmp_path / "r.json").exists()
+
+
+def test_image_metrics() -> None:
+    from engines.validation.images import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 48, 40, 3)).astype(np.float32)
+    assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")
+    assert psnr(a, a + np.float32(0.01)) == pytest.approx(40.0, abs=1e-3)  # 10 log10(1 / 1e-4)
+    noisy = np.clip(a + 0.2 * rng.standard_normal(a.shape).astype(np.float32), 0, 1)
+    assert 0 < ssim(a, noisy) < 0.9 and ssim(a, noisy) < ssim(a, np.clip(a + 0.02, 0, 1))
+    assert np.isnan(ssim(a, np.full_like(a, np.nan))) and np.isnan(psnr(a, np.full_like(a, np.inf)))
+
+
+def test_baseline_margin_arithmetic() -> None:
+    from engines.validation.baseline import from_error, to_error
+
+    assert to_error("psnr", 40.0) == pytest.approx(1e-4) and from_error("psnr", 1e-4) == pytest.approx(40.0)
+    assert to_error("cosine", 0.999) == pytest.approx(1e-3) and from_error("ssim", 0.02) == pytest.approx(0.98)

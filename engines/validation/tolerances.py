@@ -69,6 +69,15 @@ TOLERANCES: dict[str, dict[str, float]] = {
     p: {"rel_l2": _BASE[p].rel_l2, "max_abs": _BASE[p].max_abs_rel, "nonfinite": 0.0, **_EXTRA[p]} for p in PRECISIONS
 }
 
+# Per-component exceptions to the table, each from a measurement. FP32 VAE decoder: its mid-block
+# self-attention reduces over every latent position (128x128 = 16384 at 1024 px), where ONNX Runtime
+# and PyTorch differ by rel L2 1.5e-4 (real-prompt latents) to 1.7e-4 (random latents) on
+# random:koala-700m (docs/bench-validate.md; 5e-6 at the export check's 256 px). The export gate's
+# former 1e-3 is kept for it; max abs (4.9e-4 against |ref| 2.4-2.9) stays inside the table's limit.
+COMPONENT_TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
+    ("vae_decoder", "fp32"): {"rel_l2": 1e-3},
+}
+
 LOSSINESS = {p: i for i, p in enumerate(PRECISIONS)}
 
 
@@ -131,6 +140,7 @@ def limits_for(component: str, precision: str, overrides: list[Override]) -> dic
     component's own override wins over `*`)."""
     metrics = END_TO_END_METRICS if component == END_TO_END else COMPONENT_METRICS
     limits = {m: TOLERANCES[precision][m] for m in metrics}
+    limits.update(COMPONENT_TOLERANCES.get((component, precision), {}))
     for scope in ("*", component):
         for o in overrides:
             if o.component == scope and o.metric in limits and not (scope == "*" and component == END_TO_END):

@@ -3,7 +3,8 @@
 One table. The per-component gates reuse the project's existing ones, so no gate is declared twice:
 - fp32: `exporter.check.FP32_TOLERANCE` (the export check's ONNX Runtime vs PyTorch gate);
 - fp16, int8: `calibration.accuracy.TOLERANCES` (the gates of `convert` / `quantize`).
-Cosine and the end-to-end limits exist only here.
+Cosine, the end-to-end limits and the measured per-component exceptions (COMPONENT_TOLERANCES)
+exist only here.
 
 Metrics (every one computed against the FP32 PyTorch reference):
 - rel_l2      ||cand - ref||_2 / ||ref||_2, worst over the samples            (pass: <= limit)

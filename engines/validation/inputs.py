@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from calibration.inputs import spread  # noqa: F401  (n items spread evenly, first and last included)
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_trt.errors import UsageError
 
@@ -61,10 +62,3 @@ def token_inputs(tokenizer_dir: Any, spec: ComponentSpec, prompts: list[str]) ->
     feeds = [{spec.inputs[0].name: tok([p]).ids.astype(np.int32)} for p in prompts]
     return InputSet("prompts", f"token ids of {len(prompts)} prompts ({seq} tokens)", feeds)
 
-
-def spread(items: list[Any], n: int) -> list[Any]:
-    """`n` items spread evenly over `items`, first and last included."""
-    if n >= len(items):
-        return list(items)
-    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
-    return [items[i] for i in idx]

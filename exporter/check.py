@@ -12,8 +12,11 @@ from exporter.metrics import ErrorStats, Tolerance, error_stats
 from exporter.specs import ComponentSpec
 from koala_trt.ort import make_session
 
-# FP32 ONNX Runtime against FP32 PyTorch: differences come from kernel order only.
-FP32_TOLERANCE = Tolerance(rel_l2=1e-3, max_abs_rel=1e-2)
+# FP32 ONNX Runtime against FP32 PyTorch: differences come from kernel order only (measured: rel L2
+# <= 5.1e-6 and max abs <= 1.3e-5 for every random:koala-700m component, about 1e-6 for random:tiny).
+# 20x above that, and tight enough that an FP16 graph (unit roundoff 4.9e-4) fails it, which
+# `koala-trt validate` needs of its FP32 gate.
+FP32_TOLERANCE = Tolerance(rel_l2=1e-4, max_abs_rel=1e-3)
 
 
 @dataclass

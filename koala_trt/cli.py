@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pack": ("koala_trt.commands.bundle", "pack_cmd", "Pack artifacts (and engines) into one archive with sha256s and runtime requirements."),
     "unpack": ("koala_trt.commands.bundle", "unpack_cmd", "Unpack a bundle safely, checking every file as it is written."),
     "verify": ("koala_trt.commands.bundle", "verify_cmd", "Check a bundle's hashes, completeness and, for engines, this machine's GPU/TensorRT."),
+    "validate": ("koala_trt.commands.validate", "validate_cmd", "Accuracy-drift gate: artifacts or engines against PyTorch, per component and end to end."),
     "triton": ("koala_trt.commands.triton", "triton_cmd", "Write a Triton model repository: one model per component plus a sampler model."),
 }
 

@@ -1,0 +1,64 @@
+"""The inputs every component is validated on, at the artifact's real shapes (--height/--width, the
+spec's 77 tokens):
+
+- random: the spec's dummy inputs (`ComponentSpec.dummy_inputs`) with fresh seeds: values a real run
+  never produces, so a graph that only works along real trajectories (a swapped or ignored input)
+  still shows;
+- prompts: what the pipeline really feeds: token ids of the prompts for the text encoders, the
+  U-Net's inputs recorded along the PyTorch pipeline's denoising trajectories (encoder states of the
+  real text encoders, noisy latents, timesteps, micro-conditioning; the CFG batch), and the final
+  latents of those trajectories for the VAE decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from calibration.inputs import spread  # noqa: F401  (n items spread evenly, first and last included)
+from exporter.specs import ComponentSpec, ShapeRange
+from koala_trt.errors import UsageError
+
+
+@dataclass
+class InputSet:
+    kind: str  # "random" | "prompts"
+    description: str
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def check_size(spec: ComponentSpec, shape_range: ShapeRange | None, height: int, width: int) -> None:
+    """--height/--width must be ones the artifact was exported (or the engine built) for."""
+    if height <= 0 or width <= 0 or height % spec.size_multiple or width % spec.size_multiple:
+        raise UsageError(f"--height/--width must be positive multiples of {spec.size_multiple} for {spec.name} (got {height}x{width})")
+    if spec.spatial and shape_range is not None:
+        r = shape_range
+        if not (r.height[0] <= height <= r.height[2] and r.width[0] <= width <= r.width[2]):
+            raise UsageError(f"{height}x{width} is outside the sizes {spec.name} was exported for "
+                             f"(height {r.height[0]}..{r.height[2]}, width {r.width[0]}..{r.width[2]}); pass --height/--width inside them")
+
+
+def batch_for(component: str, shape_range: ShapeRange | None) -> int:
+    """The batch the random inputs use: the U-Net's CFG batch (2), 1 for the others, inside the range."""
+    want = 2 if component == "unet" else 1
+    if shape_range is None:
+        return want
+    return int(min(max(want, shape_range.batch[0]), shape_range.batch[2]))
+
+
+def random_inputs(spec: ComponentSpec, batch: int, height: int, width: int, samples: int, seed: int) -> InputSet:
+    feeds = [spec.dummy_inputs(batch, height, width, seed=seed + i) for i in range(samples)]
+    return InputSet("random", f"{samples} x spec dummy inputs (seeds {seed}..{seed + samples - 1}), batch {batch}", feeds)
+
+
+def token_inputs(tokenizer_dir: Any, spec: ComponentSpec, prompts: list[str]) -> InputSet:
+    """input_ids of each prompt (batch 1), padded/truncated to the spec's sequence length as the sampler does."""
+    from engines.tokenize import ClipTokenizer
+
+    seq = int(spec.inputs[0].dims[1])
+    tok = ClipTokenizer(tokenizer_dir, max_length=seq)
+    feeds = [{spec.inputs[0].name: tok([p]).ids.astype(np.int32)} for p in prompts]
+    return InputSet("prompts", f"token ids of {len(prompts)} prompts ({seq} tokens)", feeds)
+

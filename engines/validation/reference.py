@@ -1,0 +1,91 @@
+"""The PyTorch reference: diffusers' StableDiffusionXLPipeline over the model's components
+(`exporter.sources.ModelSource.pipeline()`), used three ways with one copy of the weights:
+
+- per component, through the same spec-shaped wrappers the export traced (`PipelineBackend`);
+- its denoising trajectories for the prompts (U-Net inputs at every step, recorded by
+  calibration.capture.UNetRecorder, and the final latents): the "prompts" inputs of the U-Net and
+  the VAE decoder;
+- end to end: its final latents (after the last scheduler step) and decoded images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from exporter.specs import ComponentSpec
+
+
+class PipelineBackend:
+    """The pipeline's modules as a runtime Backend (numpy in, float32 numpy out, spec names)."""
+
+    name = "pytorch"
+
+    def __init__(self, pipe: Any, specs: dict[str, ComponentSpec]) -> None:
+        self.pipe, self.specs = pipe, specs
+        self._wrapped: dict[str, Any] = {}
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from exporter.check import torch_outputs
+        from exporter.wrappers import wrap
+
+        spec = self.specs[component]
+        if component not in self._wrapped:
+            self._wrapped[component] = wrap(spec, getattr(self.pipe, spec.module))
+        # The reference computes in FP32 whatever dtype the candidate's I/O is.
+        feeds = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feeds.items()}
+        return torch_outputs(spec, self._wrapped[component], feeds)
+
+    def close(self) -> None:
+        self._wrapped.clear()
+
+
+@dataclass
+class Trajectories:
+    """The reference pipeline's runs, one per prompt, from the same initial noise the candidate gets."""
+
+    prompts: list[str]
+    noise: list[np.ndarray]  # [1, C, h, w] float32 each, as diffusers' `latents=` takes it
+    unet_calls: list[dict[str, np.ndarray]] = field(default_factory=list)  # every U-Net call, all prompts
+    latents: list[np.ndarray] = field(default_factory=list)  # final latents (output_type="latent")
+    images: list[np.ndarray] = field(default_factory=list)  # [1, H, W, 3] in [0, 1]
+
+
+def load_pipeline(source: Any) -> Any:
+    pipe = source.pipeline()
+    pipe.watermark = None  # no invisible watermark on the reference images
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], steps: int, guidance: float,
+                     height: int, width: int) -> Trajectories:
+    """Run the pipeline once per prompt (CFG with SDXL's zero negative embeddings, as the sampler),
+    recording the U-Net's inputs and the latents after the last scheduler step."""
+    import torch
+
+    from calibration.capture import UNetRecorder
+
+    out = Trajectories(list(prompts), list(noise))
+    recorder = UNetRecorder()
+    hook = pipe.unet.register_forward_pre_hook(recorder, with_kwargs=True)
+    final: dict[str, np.ndarray] = {}
+
+    def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        final["latents"] = kwargs["latents"].detach().float().numpy().copy()
+        return kwargs
+
+    try:
+        for prompt, n in zip(prompts, noise):
+            with torch.no_grad():
+                res = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                           latents=torch.from_numpy(n.copy()), output_type="np", callback_on_step_end=on_step_end,
+                           callback_on_step_end_tensor_inputs=["latents"])
+            out.latents.append(final.pop("latents"))
+            out.images.append(np.asarray(res.images, dtype=np.float32))
+    finally:
+        hook.remove()
+    out.unet_calls = recorder.calls
+    return out

@@ -1,0 +1,214 @@
+"""`koala-trt validate` as a function: open the artifacts and the backend, run the PyTorch reference,
+check each component on random and on prompt-derived inputs, then end to end; returns the report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from engines.validation.results import Check, Measured
+from engines.validation.tolerances import END_TO_END, Override, check_precision, end_to_end_precision, limits_for
+from koala_trt.errors import UsageError
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ValidateOptions:
+    artifacts: Path
+    backend: str = "onnxruntime"
+    model: str | None = None  # default: the model the artifacts were exported from
+    engines: Path | None = None
+    components: list[str] | None = None  # default: every component of the artifacts
+    height: int | None = None  # default: the manifest's sampler size
+    width: int | None = None
+    steps: int = 4
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    random_samples: int = 2
+    trajectory_samples: int = 2  # U-Net calls taken from the reference trajectories (first and last step)
+    overrides: list[Override] = field(default_factory=list)
+    end_to_end: bool = True
+    verify: bool = True
+    threads: int | None = None
+    verbose: bool = False
+
+
+def settings(opts: ValidateOptions, height: int, width: int) -> dict[str, Any]:
+    return {"height": height, "width": width, "steps": opts.steps, "prompts": list(opts.prompts), "seed": opts.seed,
+            "random_samples": opts.random_samples}
+
+
+def default_size(artifacts: Path, height: int | None, width: int | None) -> tuple[int, int]:
+    """--height/--width, defaulting to the manifest's sampler size (the model's native size)."""
+    from exporter.manifest import load_manifest
+
+    sampler = load_manifest(artifacts).data.get("sampler", {})
+    return height or int(sampler.get("height", 1024)), width or int(sampler.get("width", 1024))
+
+
+def _check_model(source: Any, manifest: Any) -> None:
+    recorded = manifest.data.get("source", {}).get("config_sha256") or {}
+    mine = source.config_sha256()
+    differ = [k for k in ("text_encoder", "text_encoder_2", "unet", "vae") if k in recorded and recorded[k] != mine.get(k)]
+    if differ:
+        raise UsageError(f"--model {source.ref} is not the model the artifacts were exported from "
+                         f"({manifest.data['source'].get('model')}): configs differ in {', '.join(differ)}")
+
+
+def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
+    from engines.artifacts_check import check_files
+    from engines.runtime import OnnxRuntimeBackend, open_backend
+    from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets, Sampler, initial_noise
+    from engines.validation.compare import compare
+    from engines.validation.end_to_end import candidate_run, measure
+    from engines.validation.inputs import batch_for, check_size, random_inputs, spread, token_inputs
+    from engines.validation.reference import PipelineBackend, load_pipeline, run_trajectories
+    from engines.validation.runners import BackendRunner, interface_problems, runner_for
+    from exporter.manifest import load_manifest
+    from exporter.sources import resolve
+
+    started = time.perf_counter()
+    # ----- everything that can be wrong with the request fails before a network runs ---------------
+    if opts.steps < 1:
+        raise UsageError(f"--steps must be at least 1 (got {opts.steps})")
+    if opts.random_samples < 1:
+        raise UsageError(f"--random-samples must be at least 1 (got {opts.random_samples})")
+    if not opts.prompts:
+        raise UsageError("no prompts to validate on")
+    manifest = load_manifest(opts.artifacts)
+    comps = list(opts.components or [c for c in manifest.components])
+    unknown = [c for c in comps if c not in manifest.components]
+    if unknown:
+        raise UsageError(f"{opts.artifacts} has no {', '.join(unknown)} (it holds {', '.join(manifest.components)})")
+    precisions = {c: check_precision(manifest.precision(c), f"{opts.artifacts}/manifest.json ({c})") for c in comps}
+    height, width = default_size(opts.artifacts, opts.height, opts.width)
+    run_e2e = opts.end_to_end and all(c in comps for c in SAMPLER_COMPONENTS)
+    t0 = time.perf_counter()
+    prefixes = ["tokenizer/", "tokenizer_2/"] + ([f"{c}/" for c in comps] if opts.backend == "onnxruntime" else [])
+    checked = check_files(manifest, prefixes, full_hash=opts.verify)
+    log(f"artifacts {opts.artifacts}: {checked / 2**20:,.1f} MiB {'verified (sha256)' if opts.verify else 'size-checked'} "
+        f"in {time.perf_counter() - t0:.1f} s")
+    source = resolve(opts.model or manifest.data.get("source", {}).get("model", ""))
+    _check_model(source, manifest)
+    backend = open_backend(opts.backend, artifacts=opts.artifacts, engines=opts.engines, manifest=manifest, threads=opts.threads)
+    specs = {c: (backend.specs.get(c) or manifest.spec(c)) for c in comps}
+    ranges = {c: (getattr(backend, "shape_range", lambda _: None)(c)) for c in comps}
+    for c in comps:
+        check_size(specs[c], ranges[c], height, width)
+
+    checks: list[Check] = []
+    try:
+        # ----- the PyTorch reference -------------------------------------------------------------
+        t0 = time.perf_counter()
+        pipe = load_pipeline(source)
+        reference = PipelineBackend(pipe, manifest.specs())
+        log(f"reference: PyTorch pipeline of {source.ref} built in {time.perf_counter() - t0:.1f} s")
+        unet_spec = manifest.spec("unet") if "unet" in manifest.components else None
+        traj = None
+        if any(c in comps for c in ("unet", "vae_decoder")) or run_e2e:
+            if unet_spec is None:
+                raise UsageError(f"{opts.artifacts} has no unet: the prompt inputs of the U-Net and VAE come from its trajectories")
+            f = unet_spec.latent_factor
+            shape = (int(unet_spec.input("sample").dims[1]), height // f, width // f)
+            noise = [initial_noise(opts.seed + i, 1, shape) for i in range(len(opts.prompts))]
+            t0 = time.perf_counter()
+            traj = run_trajectories(pipe, opts.prompts, noise, opts.steps, source.sampler.guidance, height, width)
+            log(f"reference: {len(opts.prompts)} prompts x {opts.steps} steps at {width}x{height} in "
+                f"{time.perf_counter() - t0:.1f} s")
+        assets = PipelineAssets.from_manifest(manifest)
+
+        # ----- per component ---------------------------------------------------------------------
+        for c in comps:
+            spec = specs[c]
+            limits = limits_for(c, precisions[c], opts.overrides)
+            problems = interface_problems(backend, c, spec)
+            if problems:
+                chk = Check(c, "interface", precisions[c], "graph inputs/outputs against the spec", limits=limits)
+                chk.measured = [Measured(p.split(":")[0], "interface", None, 0.0, False, p) for p in problems]
+                checks.append(chk)
+                log(f"{c}: FAIL interface ({'; '.join(problems)})")
+                continue
+            ref_runner = BackendRunner(reference, c, spec, "pytorch")
+            cand_runner = runner_for(backend, c, spec, opts.backend)
+            sets = [random_inputs(spec, batch_for(c, ranges[c]), height, width, opts.random_samples, opts.seed + 1000)]
+            if spec.kind == "text_encoder":
+                tok_dir = manifest.root / manifest.data["tokenizers"][0 if c == "text_encoder" else 1]
+                sets.append(token_inputs(tok_dir, spec, opts.prompts))
+            elif c == "unet" and traj is not None:
+                calls = spread(traj.unet_calls, opts.trajectory_samples)
+                sets.append(_input_set("prompts", f"U-Net inputs of {len(calls)} steps of the reference trajectories "
+                                       f"(CFG batch, {len(opts.prompts)} prompts)", calls))
+            elif c == "vae_decoder" and traj is not None:
+                unscale = Sampler(backend, assets).unscale_latents  # the VAE's latent space, as the sampler decodes
+                sets.append(_input_set("prompts", "final latents of the reference trajectories",
+                                       [{"latent_sample": unscale(lat)} for lat in traj.latents]))
+            for s in sets:
+                feeds = [{k: v.astype(_np_dtype(spec, k), copy=False) for k, v in fd.items()} for fd in s.feeds]
+                chk = Check(c, s.kind, precisions[c], s.description, limits=limits)
+                t0 = time.perf_counter()
+                compare(chk, ref_runner, cand_runner, feeds, opts.verbose)
+                checks.append(chk)
+                worst = max((m for m in chk.measured if m.metric == "rel_l2"), key=lambda m: m.value or 0, default=None)
+                log(f"{chk.id}: {'ok' if chk.passed else 'FAIL'} ({chk.samples} samples, "
+                    f"rel L2 {worst.value if worst else float('nan'):.2e}, {time.perf_counter() - t0:.1f} s)")
+            if isinstance(backend, OnnxRuntimeBackend):
+                # One graph in memory at a time beside the PyTorch reference (full-size models at
+                # 1024 px); the end-to-end run opens the sessions again.
+                backend.close()
+
+        # ----- end to end ------------------------------------------------------------------------
+        if run_e2e and traj is not None:
+            e2e_prec = end_to_end_precision(precisions.values())
+            chk = Check(END_TO_END, END_TO_END, e2e_prec, f"numpy Sampler on {opts.backend} vs the diffusers pipeline, "
+                        f"{len(opts.prompts)} prompts, {opts.steps} steps, guidance {source.sampler.guidance:g}",
+                        limits=limits_for(END_TO_END, e2e_prec, opts.overrides))
+            sampler = Sampler(backend, assets)
+            latents, images, secs = candidate_run(sampler, traj, opts.steps, source.sampler.guidance, height, width, log)
+            measure(chk, traj, latents, images)
+            chk.seconds = {opts.backend: round(secs, 3)}
+            checks.append(chk)
+            log(f"end_to_end: {'ok' if chk.passed else 'FAIL'} ({secs:.1f} s)")
+        elif opts.end_to_end:
+            log("end_to_end: skipped (it needs all of " + ", ".join(SAMPLER_COMPONENTS) + ")")
+        describe = getattr(backend, "describe", None)
+        backend_desc = describe() if describe is not None else opts.backend
+    finally:
+        backend.close()
+
+    return {
+        "tool": "koala-trt validate", "artifacts": str(opts.artifacts), "model": source.ref, "backend": opts.backend,
+        "backend_description": backend_desc, "reference": f"PyTorch FP32 diffusers pipeline ({source.ref})",
+        **settings(opts, height, width), "guidance": source.sampler.guidance,
+        "components": {c: precisions[c] for c in comps}, "end_to_end": run_e2e,
+        "checks": [c.to_json() for c in checks], "_checks": checks,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def finish(report: dict[str, Any]) -> dict[str, Any]:
+    """Verdicts and failure lines from the checks (after a baseline was applied); JSON-ready."""
+    checks: list[Check] = report.pop("_checks")
+    report["checks"] = [c.to_json() for c in checks]
+    # Non-finite values first: they explain every other broken metric of that output.
+    bad = sorted(((c, m) for c in checks for m in c.failures()), key=lambda cm: cm[1].metric != "nonfinite")
+    report["failures"] = [f"{c.id}: {c.component}.{m.describe()}" for c, m in bad]
+    report["passed"] = bool(checks) and not report["failures"]
+    return report
+
+
+def _input_set(kind: str, description: str, feeds: list[dict[str, np.ndarray]]) -> Any:
+    from engines.validation.inputs import InputSet
+
+    return InputSet(kind, description, feeds)
+
+
+def _np_dtype(spec: Any, name: str) -> Any:
+    from exporter.specs import NUMPY_DTYPES
+
+    return NUMPY_DTYPES[spec.input(name).dtype]
+

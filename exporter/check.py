@@ -17,6 +17,17 @@ from koala_trt.ort import make_session
 # 20x above that, and tight enough that an FP16 graph (unit roundoff 4.9e-4) fails it, which
 # `koala-trt validate` needs of its FP32 gate.
 FP32_TOLERANCE = Tolerance(rel_l2=1e-4, max_abs_rel=1e-3)
+# Measured exceptions. The VAE decoder's mid-block self-attention reduces over every latent position
+# (16,384 at 1024 px), where ONNX Runtime and PyTorch differ by rel L2 1.5e-4 to 1.7e-4 on
+# random:koala-700m (docs/bench-validate.md; 5e-6 at 256 px): it keeps the former 1e-3.
+FP32_COMPONENT_TOLERANCES: dict[str, Tolerance] = {
+    "vae_decoder": Tolerance(rel_l2=1e-3, max_abs_rel=1e-3),
+}
+
+
+def fp32_tolerance(component: str) -> Tolerance:
+    """The FP32 ONNX Runtime vs PyTorch gate for one component (export check and `validate`)."""
+    return FP32_COMPONENT_TOLERANCES.get(component, FP32_TOLERANCE)
 
 
 @dataclass

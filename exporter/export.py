@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from exporter.check import FP32_TOLERANCE, compare, onnx_outputs, torch_outputs
+from exporter.check import compare, fp32_tolerance, onnx_outputs, torch_outputs
 from exporter.manifest import FORMAT, FORMAT_VERSION, Manifest, file_record, hash_tree
 from exporter.metrics import Tolerance
 from exporter.sources import ModelSource
@@ -33,7 +33,7 @@ class ExportOptions:
     width: int | None = None
     check: bool = True
     check_size: int | None = None  # image side spatial components are checked at [U-Net 512, VAE 256, at most the export size]
-    tolerance: Tolerance = FP32_TOLERANCE
+    tolerance: Tolerance | None = None  # default: exporter.check.fp32_tolerance(component)
     force: bool = False
     static: bool = False  # fixed shapes (batch, height, width): faster to export, runs at that shape only
 
@@ -150,7 +150,8 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
             for name, (feeds, ref) in references.items():
                 spec = specs[name]
                 with Meter() as m:
-                    result = compare(spec, ref, onnx_outputs(spec, stage / name / "model.onnx", feeds), feeds, opts.tolerance)
+                    result = compare(spec, ref, onnx_outputs(spec, stage / name / "model.onnx", feeds), feeds,
+                                     opts.tolerance or fp32_tolerance(name))
                 gc.collect()
                 components[name]["check"].update(result.to_json(), ort_seconds=round(m.seconds, 2), peak_rss_mb=round(m.peak_rss_mb, 1))
                 if result.passed:

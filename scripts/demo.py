@@ -34,6 +34,10 @@ def run(model: str, out: Path) -> None:
          "calibrate", "--model", model, "--out", str(calib), "--num", "4", "--steps", "10", *size, "--force")
     step("FP16 variant: FP32 islands where ranges demand them, VAE kept FP32",
          "convert", "--onnx", str(art), "--precision", "fp16", "--calib", str(calib), "--out", str(fp16), "--force")
+    step("Validate the FP32 artifacts against PyTorch, per component and end to end (CI gate)",
+         "validate", "--artifacts", str(art), *size, "--steps", "4",
+         "--markdown", str(out / "validate.md"), "--junit", str(out / "validate.xml"), "--report", str(out / "validate.json"))
+    step("Validate the FP16 variant under the FP16 tolerances", "validate", "--artifacts", str(fp16), *size, "--steps", "4")
     step("INT8 variant: explicit Q/DQ in the U-Net (TensorRT layout)",
          "quantize", "--onnx", str(art), "--calib", str(calib), "--out", str(int8), "--force")
     step("GPU profiles", "profiles", "list")

@@ -12,7 +12,7 @@ Sections (--sections, comma-separated; default all):
               backend's achieved GFLOP/s against the matmul peak
   components  `koala-trt bench` per component on onnxruntime and torch (text encoders, VAE decode)
   e2e         `koala-trt bench` end to end on onnxruntime (--e2e-steps steps) and images per minute
-  export      `koala-trt export` and `koala-trt plan` wall time and peak RSS (/usr/bin/time -v)
+  export      `koala-trt export` and `koala-trt plan` wall time and peak RSS (process tree polled every 0.1 s)
   optimum     Hugging Face Optimum's exporter on the same model saved as a diffusers folder (its own venv)
   gpu         PyTorch FP16 U-Net step for KOALA-700M, KOALA-1B and SDXL-Base, ONNX Runtime CUDA and
               TensorRT rows: runs only where CUDA is available, otherwise says why it is skipped
@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -173,16 +173,40 @@ def worker_unet_ort(p: dict[str, Any]) -> dict[str, Any]:
             "run_peak_rss_mb": run.peak_rss_mb}
 
 
+def _tree_rss_kb(pid: int) -> int:
+    """Resident memory (VmRSS) of `pid` and all its descendants, in KiB (0 once it has exited)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def _time_v(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `cmd` under /usr/bin/time -v: wall seconds, peak RSS (GiB) and exit status."""
+    """Run `cmd`: wall seconds, exit status and peak RSS, polled every 0.1 s over the process tree.
+
+    Not /usr/bin/time's "Maximum resident set size" (ru_maxrss) alone: the kernel computes it from the
+    same high-water mark that koala_trt/meter.py resets between stages (/proc/self/clear_refs), so for
+    koala-trt commands it reports the peak of the last stage only. Both are recorded."""
     with log_path.open("w") as f:
         t = time.perf_counter()
-        rc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_kb(proc.pid))
+            time.sleep(0.1)
         wall = time.perf_counter() - t
-    text = log_path.read_text(errors="replace")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"command": " ".join(cmd), "rc": rc, "wall_s": round(wall, 1),
-            "peak_rss_gib": round(int(rss.group(1)) / 2**20, 2) if rss else None, "log": str(log_path)}
+        rc = proc.returncode
+    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest waited-for child so far, KiB
+    return {"command": " ".join(cmd), "rc": rc, "wall_s": round(wall, 1), "peak_rss_gib": round(peak / 2**20, 2),
+            "children_ru_maxrss_gib": round(maxrss / 2**20, 2), "log": str(log_path)}
 
 
 def _cli() -> list[str]:
@@ -372,24 +396,29 @@ def ensure_int8(r: Runner, fp32: str) -> str:
 PLANS = [["rtx4090", "fp16"], ["l4", "int8"], ["jetson-agx-orin", "fp16"]]
 
 
-def run_sections(r: Runner, sections: list[str], results: dict[str, Any]) -> None:
+def run_sections(r: Runner, sections: list[str], results: dict[str, Any], save: Any = lambda: None) -> None:
+    """Run the chosen sections in order; `save()` after each, so a later failure loses nothing."""
     a = r.args
     shape = {"batch": a.batch, "height": a.size, "width": a.size}
     common = {**shape, "threads": a.threads, "warmup": a.warmup, "runs": a.runs}
     if "matmul" in sections:
         results["matmul"] = r.worker("matmul", n=a.gemm_n, runs=5, threads=a.threads)
+    save()
     if "export" in sections:
         out = a.out / f"art-{a.tag}"
         results["export"] = r.worker("export", model=a.model, out=str(out), plans=PLANS)
+    save()
     if "unet" in sections or "flops" in sections:
         u = results.setdefault("unet", {})
         u["torch_fp32"] = r.worker("unet_torch", model=a.model, count_flops=True, **common)
         fp32 = ensure_fp32(r, results)
         u["ort_fp32"] = r.worker("unet_ort", artifacts=fp32, **common)
         u["ort_int8"] = r.worker("unet_ort", artifacts=ensure_int8(r, fp32), **common)
+    save()
     if "ratio" in sections:
         results["ratio"] = {"big": r.worker("unet_torch", model=a.big, count_flops=True,
                                             **{**common, "runs": a.big_runs, "warmup": 1})}
+    save()
     if "components" in sections:
         fp32 = ensure_fp32(r, results)
         comp = "text_encoder,text_encoder_2,vae_decoder"
@@ -399,14 +428,17 @@ def run_sections(r: Runner, sections: list[str], results: dict[str, Any]) -> Non
             "onnxruntime": r.cli_bench("components-ort", "--artifacts", fp32, "--backend", "onnxruntime",
                                        "--threads", str(a.threads), *base),
             "torch": r.cli_bench("components-torch", "--artifacts", fp32, "--backend", "torch", *base)}
+    save()
     if "e2e" in sections:
         fp32 = ensure_fp32(r, results)
         results["e2e"] = r.cli_bench("e2e-ort", "--artifacts", fp32, "--backend", "onnxruntime", "--threads", str(a.threads),
                                      "--height", str(a.size), "--width", str(a.size), "--steps", str(a.e2e_steps),
                                      "--warmup", str(a.e2e_warmup), "--runs", str(a.e2e_runs), "-c", "")
+    save()
     if "optimum" in sections:
         results["optimum"] = r.worker("optimum", model=a.model, folder=str(a.out / f"diffusers-{a.tag}"),
                                       out=str(a.out / f"optimum-{a.tag}"), need_gib=a.optimum_need_gib)
+    save()
     if "gpu" in sections:
         probe = r.worker("gpu_probe", heavy=False)
         g: dict[str, Any] = {"probe": probe}
@@ -430,6 +462,7 @@ def run_sections(r: Runner, sections: list[str], results: dict[str, Any]) -> Non
                 g["tensorrt_skipped"] = probe.get("tensorrt_why") if not probe.get("tensorrt") else \
                     "no --engines folder given (build one with `koala-trt build`)"
         results["gpu"] = g
+    save()
 
 
 # ----- report ----------------------------------------------------------------------------------------
@@ -523,7 +556,7 @@ def report(results: dict[str, Any]) -> str:
             lines += ["", f"End to end: {e.get('error')}"]
     ex = results.get("export")
     if ex and "export" in ex:
-        lines += ["", "### Export and build plan (/usr/bin/time -v)", "| step | wall s | peak RSS GiB | exit | load avg |", "|---|---|---|---|---|",
+        lines += ["", "### Export and build plan (wall time; peak RSS of the process tree, polled)", "| step | wall s | peak RSS GiB | exit | load avg |", "|---|---|---|---|---|",
                   f"| koala-trt export (all components, checked) | {ex['export']['wall_s']} | {ex['export']['peak_rss_gib']} | {ex['export']['rc']} | {_la(ex)} |"]
         for pl in ex.get("plans", []):
             lines.append(f"| koala-trt plan --profile {pl['profile']} --precision {pl['precision']} | {pl['wall_s']} | {pl['peak_rss_gib']} | {pl['rc']} | |")
@@ -606,7 +639,7 @@ def main() -> int:
     t = time.perf_counter()
     r = Runner(args)
     try:
-        run_sections(r, sections, results)
+        run_sections(r, sections, results, save=lambda: results_path.write_text(json.dumps(results, indent=1) + "\n"))
     finally:
         results["wall_s"] = round(time.perf_counter() - t, 1)
         results_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -250,6 +250,7 @@ def worker_optimum(p: dict[str, Any]) -> dict[str, Any]:
         with Meter() as m:
             resolve(p["model"]).pipeline().save_pretrained(str(folder))
         res["save_pretrained"] = {"wall_s": round(m.seconds, 1), "peak_rss_gib": round(m.peak_rss_mb / 1024, 2)}
+    _slow_tokenizer_files(folder)
     if out.exists():
         shutil.rmtree(out)
     versions = subprocess.run([str(OPTIMUM_VENV / "bin" / "python"), "-c",
@@ -261,6 +262,19 @@ def worker_optimum(p: dict[str, Any]) -> dict[str, Any]:
                             out.parent / f"{out.name}.log")
     res["files_gib"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30, 2) if out.exists() else None
     return res
+
+
+def _slow_tokenizer_files(folder: Path) -> None:
+    """transformers 5 saves CLIP tokenizers as tokenizer.json only; Optimum's transformers 4.57 loads
+    CLIPTokenizer from vocab.json + merges.txt. Write those two from the same BPE model (same tokens)."""
+    for sub in ("tokenizer", "tokenizer_2"):
+        d = folder / sub
+        if not (d / "tokenizer.json").exists() or (d / "vocab.json").exists():
+            continue
+        model = json.loads((d / "tokenizer.json").read_text())["model"]
+        (d / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def worker_gpu_probe(p: dict[str, Any]) -> dict[str, Any]:

@@ -26,17 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.manifest import load_manifest  # noqa: E402
 from exporter.metrics import error_stats  # noqa: E402
+from koala_trt.machine import cpu_model, load_average  # noqa: E402
 from koala_trt.meter import Meter, process_peak_rss_mb  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> int:
@@ -81,7 +72,8 @@ def main() -> int:
             print(f"round {r + 1} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
     base = statistics.median(times["fp32"])
     result = {"machine": {"cpu": cpu_model(), "onnxruntime": ort.__version__, "python": platform.python_version(),
-                          "threads": args.threads or "default"},
+                          "threads": args.threads or "default",
+                          "load_average": load_average()},
               "shape": {"batch": args.batch, "height": args.height, "width": args.width}, "rounds": args.rounds,
               "peak_rss_mb": round(process_peak_rss_mb(), 1), "variants": {}}
     print(f"{'variant':<12} {'precision':<9} {'median s':>9} {'min s':>7} {'speedup':>8} {'rel L2 vs fp32':>15}")

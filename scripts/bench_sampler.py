@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engines.runtime import OnnxRuntimeBackend  # noqa: E402
 from engines.sampler import PipelineAssets, Request, Sampler  # noqa: E402
 from exporter.manifest import load_manifest  # noqa: E402
+from koala_trt.machine import cores, cpu_model, load_average  # noqa: E402
 from koala_trt.meter import process_peak_rss_mb  # noqa: E402
 
 
@@ -84,10 +85,10 @@ def main() -> None:
         "non_model_overhead_per_run_ms": {"mean": statistics.mean(sample_over), "max": max(sample_over)},
         "tokenize_ms": statistics.mean(1e3 * t.total("tokenize") for t in runs),
         "peak_rss_gib": round(process_peak_rss_mb() / 1024, 2),
-        "machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cores": cores(), "python": platform.python_version(),
                     "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
                     "providers": sorted({p for s in backend._sessions.values() for p in s.get_providers()}),
-                    "load_average": [round(x, 2) for x in __import__("os").getloadavg()]},
+                    "load_average": load_average()},
     }
     print(json.dumps(result, indent=2))
 
@@ -114,16 +115,6 @@ class CachedUNet:
 
     def close(self) -> None:
         self.inner.close()
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

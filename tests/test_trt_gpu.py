@@ -196,3 +196,14 @@ def test_dynamic_batch_engine(device, tiny_artifacts: Path, tmp_path: Path) -> N
         for batch in (2, 4, 2):  # grows the buffers once, then reuses them
             feeds = b.specs["unet"].dummy_inputs(batch, SIZE, SIZE, seed=batch)
             _compare(ort.run("unet", feeds), b.run("unet", feeds), rel_l2=1e-3)
+
+
+def test_bench_on_tensorrt(engines_dir: Path) -> None:
+    """`koala-trt bench --backend tensorrt`: every component and end to end, device memory reported."""
+    code, stdout, err = run_cli("bench", "--backend", "tensorrt", "--engines", engines_dir, "--height", SIZE, "--width", SIZE,
+                                "--steps", "2", "--warmup", "1", "--runs", "2", "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["backend"] == "tensorrt" and data["memory"]["kind"] == "device" and data["memory"]["peak_mb"] > 0
+    assert set(data["components"]) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    assert data["components"]["unet"]["median"] > 0 and data["end_to_end"]["runs"] == 2

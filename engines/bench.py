@@ -1,0 +1,262 @@
+"""Latency and memory of a backend: each pipeline component on its own (one U-Net step at the CFG
+batch, the text encoders, the VAE decode) and the whole text-to-image loop of engines/sampler.py.
+
+Warm-up calls are run and discarded; the timed calls give median and p90 (numpy's linear
+percentile, so with few runs p90 lies between the two slowest). Memory is the process's peak RSS
+for CPU backends (koala_trt/meter.py) and device memory for GPU backends. No torch here: the torch
+backend imports it itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from engines.sampler import SAMPLER_COMPONENTS, Plan, PipelineAssets, Request, Sampler, Timings
+from exporter.specs import NUMPY_DTYPES
+from koala_trt.errors import UsageError
+from koala_trt.machine import machine_facts
+from koala_trt.meter import Meter, process_peak_rss_mb
+
+DEFAULT_PROMPT = "a koala climbing a eucalyptus tree at sunset, photo"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure; None means the model's default (the artifacts' "sampler" entry)."""
+
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    batch: int = 1
+    warmup: int = 1
+    runs: int = 3
+    components: tuple[str, ...] = SAMPLER_COMPONENTS
+    end_to_end: bool = True
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0 (got {self.warmup})")
+        if self.runs < 1:
+            raise UsageError(f"--runs must be >= 1 (got {self.runs})")
+        bad = [c for c in self.components if c not in SAMPLER_COMPONENTS]
+        if bad:
+            raise UsageError(f"cannot bench {', '.join(bad)}: the sampler's components are {', '.join(SAMPLER_COMPONENTS)}")
+        if not self.components and not self.end_to_end:
+            raise UsageError("nothing to measure: no components and --no-end-to-end")
+
+
+def latency_stats(seconds: list[float]) -> dict[str, Any]:
+    """median, p90, mean, min, max (seconds) and the number of timed calls."""
+    a = np.asarray(seconds, dtype=np.float64)
+    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "mean": float(a.mean()),
+            "min": float(a.min()), "max": float(a.max()), "runs": int(a.size)}
+
+
+# ----- memory -------------------------------------------------------------------------------------
+
+class MemoryProbe:
+    """Peak memory over stretches of work: RSS on CPU, device memory on a GPU backend.
+
+    - rss: VmHWM of this process over the stretch (the kernel's mark is reset at its start).
+    - torch-cuda: torch.cuda.max_memory_allocated over the stretch (tensors only, not the allocator's cache).
+    - device: total - free device memory (cudaMemGetInfo) sampled after every call: the whole device,
+      other processes and the CUDA context included (TensorRT and ONNX Runtime's CUDA provider allocate
+      outside torch, so this is what they have)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._peak = 0
+        self._meter: Meter | None = None
+
+    @classmethod
+    def for_backend(cls, backend: Any) -> "MemoryProbe":
+        name = getattr(backend, "name", "")
+        if name == "torch" and str(getattr(backend, "device", "cpu")).startswith("cuda"):
+            return cls("torch-cuda")
+        on_gpu = name == "tensorrt" or (name == "onnxruntime" and "CUDAExecutionProvider" in _describe(backend))
+        if on_gpu:
+            try:
+                from engines import cuda
+
+                if cuda.available():
+                    return cls("device")
+            except ImportError:
+                pass
+        return cls("rss")
+
+    @property
+    def what(self) -> str:
+        return {"rss": "peak resident set size of the process (VmHWM)",
+                "torch-cuda": "torch.cuda.max_memory_allocated",
+                "device": "device memory in use (total - free, whole GPU), highest value after a call"}[self.kind]
+
+    def start(self) -> None:
+        self._peak = 0
+        if self.kind == "rss":
+            self._meter = Meter().__enter__()
+        elif self.kind == "torch-cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def sample(self) -> None:
+        if self.kind == "device":
+            from engines import cuda
+
+            free, total = cuda.mem_info()
+            self._peak = max(self._peak, total - free)
+
+    def stop(self) -> float:
+        """Peak MiB since start()."""
+        if self.kind == "rss":
+            assert self._meter is not None
+            self._meter.__exit__(None, None, None)
+            return self._meter.peak_rss_mb
+        if self.kind == "torch-cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        self.sample()
+        return self._peak / 2**20
+
+
+def _describe(backend: Any) -> str:
+    describe = getattr(backend, "describe", None)
+    return describe() if describe is not None else str(getattr(backend, "name", "?"))
+
+
+# ----- the bench ------------------------------------------------------------------------------------
+
+@dataclass
+class BenchResult:
+    """Everything measured, as `to_json()` writes it (seconds; MiB)."""
+
+    backend: str
+    backend_detail: str
+    plan: Plan
+    options: BenchOptions
+    load_seconds: float
+    memory_kind: str
+    memory_what: str
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    end_to_end: dict[str, Any] | None = None
+    peak_memory_mb: float = 0.0
+
+    @property
+    def images_per_minute(self) -> float | None:
+        if not self.end_to_end:
+            return None
+        return 60.0 * self.plan.batch / self.end_to_end["median"]
+
+    def to_json(self) -> dict[str, Any]:
+        o, p = self.options, self.plan
+        return {"backend": self.backend, "backend_detail": self.backend_detail, "unit": "seconds",
+                "height": p.height, "width": p.width, "batch": p.batch, "steps": p.steps, "guidance": p.guidance,
+                "cfg": p.cfg, "warmup": o.warmup, "runs": o.runs, "load_seconds": self.load_seconds,
+                "components": self.components, "end_to_end": self.end_to_end,
+                "images_per_minute": self.images_per_minute,
+                "memory": {"kind": self.memory_kind, "what": self.memory_what, "peak_mb": self.peak_memory_mb},
+                "peak_rss_mb": process_peak_rss_mb(), "machine": machine_facts()}
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """One row per component and one for the whole loop."""
+        rows = []
+        for name, c in self.components.items():
+            rows.append({"stage": name, "batch": c["batch"], **{k: c[k] for k in ("runs", "median", "p90", "mean", "min", "max")},
+                         "peak_memory_mb": c["peak_memory_mb"], "memory_kind": self.memory_kind, "images_per_minute": ""})
+        if self.end_to_end:
+            e = self.end_to_end
+            rows.append({"stage": f"end_to_end ({self.plan.steps} steps)", "batch": self.plan.batch,
+                         **{k: e[k] for k in ("runs", "median", "p90", "mean", "min", "max")},
+                         "peak_memory_mb": e["peak_memory_mb"], "memory_kind": self.memory_kind,
+                         "images_per_minute": self.images_per_minute})
+        return rows
+
+
+CSV_FIELDS = ["stage", "batch", "runs", "median", "p90", "mean", "min", "max", "peak_memory_mb", "memory_kind", "images_per_minute"]
+
+
+def component_batches(plan: Plan, sampler: Sampler) -> dict[str, int]:
+    """The batch each component sees in one image request, as the sampler runs it: the text encoders
+    encode the prompts in one call (the negative only when one is given: an empty one is zeros, SDXL's
+    force_zeros_for_empty_prompt), the U-Net runs the CFG batch (2 x images), the VAE the images."""
+    prompts = 2 if plan.encode_negative or (plan.cfg and not sampler.assets.force_zeros_for_empty_prompt) else 1
+    return {"text_encoder": prompts, "text_encoder_2": prompts, "unet": 2 * plan.batch if plan.cfg else plan.batch,
+            "vae_decoder": plan.batch}
+
+
+def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
+              log: Callable[[str], None] = lambda m: None) -> BenchResult:
+    """Load, then time each component in isolation and the whole loop through the Sampler."""
+    opts.check()
+    sampler = Sampler(backend, assets)
+    plan = sampler.plan(Request(prompt=opts.prompt, steps=opts.steps, guidance=opts.guidance, seed=opts.seed,
+                                height=opts.height, width=opts.width, batch=opts.batch))
+    needed = list(SAMPLER_COMPONENTS) if opts.end_to_end else list(opts.components)
+    t0 = time.perf_counter()
+    load = getattr(backend, "load", None)
+    if load is not None:
+        load(needed)
+    load_s = time.perf_counter() - t0
+    probe = MemoryProbe.for_backend(backend)
+    result = BenchResult(backend=getattr(backend, "name", "?"), backend_detail=_describe(backend), plan=plan, options=opts,
+                         load_seconds=load_s, memory_kind=probe.kind, memory_what=probe.what)
+    log(f"{result.backend_detail}: loaded {', '.join(needed)} in {load_s:.1f} s; "
+        f"{plan.width}x{plan.height}, {plan.batch} image(s), warm-up {opts.warmup}, runs {opts.runs}")
+
+    # Each component alone on spec-shaped inputs (the same sizes the sampler feeds), timings kept in a
+    # sampler Timings so both phases are summarised alike.
+    batches = component_batches(plan, sampler)
+    alone = Timings()
+    for comp in opts.components:
+        spec = sampler.specs[comp]
+        feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False)
+                 for k, v in spec.dummy_inputs(batches[comp], plan.height, plan.width, seed=opts.seed).items()}
+        probe.start()
+        for i in range(opts.warmup):
+            t = time.perf_counter()
+            backend.run(comp, feeds)
+            probe.sample()
+            log(f"{comp} (batch {batches[comp]}): warm-up {i + 1}/{opts.warmup} {time.perf_counter() - t:.3f} s")
+        for i in range(opts.runs):
+            t = time.perf_counter()
+            backend.run(comp, feeds)
+            alone.add(comp, time.perf_counter() - t)
+            probe.sample()
+            log(f"{comp} (batch {batches[comp]}): run {i + 1}/{opts.runs} {alone.stages[comp][-1]:.3f} s")
+        result.components[comp] = {"batch": batches[comp], **latency_stats(alone.stages[comp]), "peak_memory_mb": probe.stop()}
+
+    if opts.end_to_end:
+        probe.start()
+        for i in range(opts.warmup):
+            _, t = sampler.sample(plan, progress=False)
+            probe.sample()
+            log(f"end to end ({plan.steps} steps): warm-up {i + 1}/{opts.warmup} {t.total('sample'):.3f} s")
+        totals: list[float] = []
+        merged = Timings()
+        for i in range(opts.runs):
+            _, t = sampler.sample(plan, progress=False)
+            probe.sample()
+            totals.append(t.total("sample"))
+            for stage, v in t.stages.items():
+                merged.stages.setdefault(stage, []).extend(v)
+            log(f"end to end ({plan.steps} steps): run {i + 1}/{opts.runs} {totals[-1]:.3f} s")
+        summary = merged.summary()
+        result.end_to_end = {**latency_stats(totals), "steps": plan.steps, "peak_memory_mb": probe.stop(),
+                             "images_per_minute": 60.0 * plan.batch / float(np.median(totals)),
+                             "stages": {k: latency_stats(merged.stages[k]) for k in SAMPLER_COMPONENTS if merged.stages.get(k)},
+                             "overhead_per_step_ms": summary["overhead"]["per_step_ms"]}
+    peaks = [c["peak_memory_mb"] for c in result.components.values()]
+    if result.end_to_end:
+        peaks.append(result.end_to_end["peak_memory_mb"])
+    result.peak_memory_mb = max(peaks)
+    return result

@@ -1,0 +1,668 @@
+"""`make bench`: side-by-side performance figures on this machine, in one run (issue 7).
+
+    python scripts/bench.py                       # the full run: random:koala-700m / random:sdxl-base, 1024 px, CFG batch 2
+    python scripts/bench.py --quick               # the same sections on random:tiny / random:tiny-sdxl (a minute or two)
+    python scripts/bench.py --sections unet,flops --fp32 ART --int8 ART8 --runs 2
+
+Sections (--sections, comma-separated; default all):
+  matmul      this machine's fp32 GEMM peak: torch and numpy, `--threads` threads
+  unet        one U-Net step at the CFG batch: PyTorch eager FP32, ONNX Runtime FP32, ONNX Runtime INT8 (Q/DQ)
+  ratio       KOALA (--model) against SDXL-Base (--big) U-Net step time, both PyTorch eager FP32
+  flops       FLOPs per U-Net step (torch.utils.flop_counter, counted in the warm-up call) and each
+              backend's achieved GFLOP/s against the matmul peak
+  components  `koala-trt bench` per component on onnxruntime and torch (text encoders, VAE decode)
+  e2e         `koala-trt bench` end to end on onnxruntime (--e2e-steps steps) and images per minute
+  export      `koala-trt export` and `koala-trt plan` wall time and peak RSS (process tree polled every 0.1 s)
+  optimum     Hugging Face Optimum's exporter on the same model saved as a diffusers folder (its own venv)
+  gpu         PyTorch FP16 U-Net step for KOALA-700M, KOALA-1B and SDXL-Base, ONNX Runtime CUDA and
+              TensorRT rows: runs only where CUDA is available, otherwise says why it is skipped
+
+Every measurement runs in its own process (so its peak RSS is its own) and, in the full run, under
+`flock /tmp/koala-heavy.lock` so that only one heavy job runs on the machine at a time. Each figure
+records the load average when it started and ended. Results are merged into OUT/results.json
+(sections already there are kept unless re-run) and printed as Markdown tables (OUT/summary.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LOCK = "/tmp/koala-heavy.lock"
+SECTIONS = ("matmul", "unet", "ratio", "flops", "components", "e2e", "export", "optimum", "gpu")
+OPTIMUM_VENV = Path(os.environ.get("KOALA_OPTIMUM_VENV", "/work/venv-optimum"))
+MODEL_CARD = {"koala-700m_s": 1.257, "sdxl-base_s": 3.133, "steps": 25, "gpu": "RTX 4090"}  # KOALA model card
+
+
+# ----- workers: each runs in its own process and returns one dict ------------------------------------
+
+def _stats(seconds: list[float]) -> dict[str, Any]:
+    import numpy as np
+
+    a = np.asarray(seconds)
+    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "min": float(a.min()),
+            "runs": [round(float(x), 4) for x in a]}
+
+
+def worker_matmul(p: dict[str, Any]) -> dict[str, Any]:
+    """fp32 GEMM rate (2 n^3 flops per n x n product) in torch and numpy: the machine's practical peak."""
+    import torch
+
+    torch.set_num_threads(p["threads"])
+    n, out = p["n"], {"n": p["n"], "threads": p["threads"]}
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    an, bn = a.numpy().copy(), b.numpy().copy()
+    for name, fn in (("torch", lambda: torch.mm(a, b)), ("numpy", lambda: an @ bn)):
+        fn()
+        ts = []
+        for _ in range(p["runs"]):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        out[name] = {**_stats(ts), "gflops": 2 * n**3 / min(ts) / 1e9}
+    out["peak_gflops"] = max(out["torch"]["gflops"], out["numpy"]["gflops"])
+    out["numpy_blas"] = _numpy_blas()
+    return out
+
+
+def _numpy_blas() -> str:
+    import numpy as np
+
+    try:
+        cfg = np.show_config(mode="dicts")  # numpy >= 1.25
+        blas = cfg.get("Build Dependencies", {}).get("blas", {})
+        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except TypeError:
+        return "?"
+
+
+def worker_unet_torch(p: dict[str, Any]) -> dict[str, Any]:
+    """One U-Net step in PyTorch eager (spec-shaped inputs, exporter/wrappers.py's module): warm-up
+    calls (the first counted with FlopCounterMode when asked), then timed calls."""
+    import numpy as np
+    import torch
+
+    from exporter.sources import resolve
+    from exporter.specs import specs_from_configs
+    from exporter.wrappers import wrap
+    from koala_trt.meter import Meter, process_peak_rss_mb
+
+    torch.set_num_threads(p["threads"])
+    device, dtype = p.get("device", "cpu"), getattr(torch, p.get("dtype", "float32"))
+    src = resolve(p["model"])
+    spec = specs_from_configs(src.configs)["unet"]
+    with Meter() as load:
+        module = src.build("unet", device=device)
+        module = module if dtype == torch.float32 else module.to(dtype)
+        wrapped = wrap(spec, module)
+    params = sum(x.numel() for x in module.parameters())
+    feeds = spec.dummy_inputs(p["batch"], p["height"], p["width"], seed=11)
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(device) for t in spec.inputs]
+    args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out: dict[str, Any] = {"model": p["model"], "backend": f"torch eager {p.get('dtype', 'float32')} ({device})",
+                           "parameters": params, "load_s": load.seconds}
+    warm: list[float] = []
+    with torch.inference_mode(), Meter() as run:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(p["warmup"]):
+            t = time.perf_counter()
+            if i == 0 and p.get("count_flops"):
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as fc:
+                    wrapped(*args)
+                out["flops"] = int(fc.get_total_flops())
+            else:
+                wrapped(*args)
+            sync()
+            warm.append(time.perf_counter() - t)
+        ts = []
+        for _ in range(p["runs"]):
+            t = time.perf_counter()
+            wrapped(*args)
+            sync()
+            ts.append(time.perf_counter() - t)
+    out.update(_stats(ts), warmup_s=[round(x, 3) for x in warm], peak_rss_mb=process_peak_rss_mb(),
+               run_peak_rss_mb=run.peak_rss_mb)
+    if device.startswith("cuda"):
+        out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def worker_unet_ort(p: dict[str, Any]) -> dict[str, Any]:
+    """One U-Net step in ONNX Runtime on an artifacts folder's graph (same spec inputs, seed 11)."""
+    from exporter.manifest import load_manifest
+    from koala_trt.meter import Meter, process_peak_rss_mb
+    from koala_trt.ort import make_session
+
+    m = load_manifest(p["artifacts"])
+    spec = m.spec("unet")
+    with Meter() as load:
+        sess = make_session(m.onnx_path("unet"), p.get("providers") or ["CPUExecutionProvider"], p["threads"])
+    feeds = spec.dummy_inputs(p["batch"], p["height"], p["width"], seed=11)
+    names = [t.name for t in spec.outputs]
+    warm, ts = [], []
+    with Meter() as run:
+        for _ in range(p["warmup"]):
+            t = time.perf_counter()
+            sess.run(names, feeds)
+            warm.append(time.perf_counter() - t)
+        for _ in range(p["runs"]):
+            t = time.perf_counter()
+            sess.run(names, feeds)
+            ts.append(time.perf_counter() - t)
+    return {"artifacts": p["artifacts"], "precision": m.precision("unet"),
+            "target": (m.component("unet").get("conversion") or {}).get("target"),
+            "backend": f"onnxruntime {m.precision('unet')} ({', '.join(sess.get_providers())})", "load_s": load.seconds,
+            **_stats(ts), "warmup_s": [round(x, 3) for x in warm], "peak_rss_mb": process_peak_rss_mb(),
+            "run_peak_rss_mb": run.peak_rss_mb}
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Resident memory (VmRSS) of `pid` and all its descendants, in KiB (0 once it has exited)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def _time_v(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd`: wall seconds, exit status and peak RSS, polled every 0.1 s over the process tree.
+
+    Not /usr/bin/time's "Maximum resident set size" (ru_maxrss) alone: the kernel computes it from the
+    same high-water mark that koala_trt/meter.py resets between stages (/proc/self/clear_refs), so for
+    koala-trt commands it reports the peak of the last stage only. Both are recorded."""
+    with log_path.open("w") as f:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_kb(proc.pid))
+            time.sleep(0.1)
+        wall = time.perf_counter() - t
+        rc = proc.returncode
+    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest waited-for child so far, KiB
+    return {"command": " ".join(cmd), "rc": rc, "wall_s": round(wall, 1), "peak_rss_gib": round(peak / 2**20, 2),
+            "children_ru_maxrss_gib": round(maxrss / 2**20, 2), "log": str(log_path)}
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "koala_trt.cli"]
+
+
+def worker_export(p: dict[str, Any]) -> dict[str, Any]:
+    """koala-trt export (all components, checked) and koala-trt plan per profile/precision, timed."""
+    out = Path(p["out"])
+    res: dict[str, Any] = {"export": _time_v([*_cli(), "export", "--model", p["model"], "--out", str(out), "--force"],
+                                             out.parent / f"{out.name}.export.log")}
+    res["plans"] = []
+    for profile, precision in p["plans"]:
+        log_path = out.parent / f"{out.name}.plan-{profile}-{precision}.log"
+        r = _time_v([*_cli(), "plan", "--model", p["model"], "--profile", profile, "--precision", precision], log_path)
+        res["plans"].append({"profile": profile, "precision": precision, **r})
+    return res
+
+
+def mem_available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def worker_optimum(p: dict[str, Any]) -> dict[str, Any]:
+    """Optimum's ONNX exporter on the model saved as a diffusers folder (save time reported apart)."""
+    cli = OPTIMUM_VENV / "bin" / "optimum-cli"
+    if not cli.exists():
+        return {"skipped": f"{cli} not found (Optimum needs its own venv: optimum-onnx pins transformers < 4.58)"}
+    have = mem_available_gib()
+    if have < p["need_gib"]:
+        return {"skipped": f"only {have:.1f} GiB available; Optimum's export needs about {p['need_gib']} GiB"}
+    folder, out = Path(p["folder"]), Path(p["out"])
+    res: dict[str, Any] = {"mem_available_gib_before": round(have, 1)}
+    if not (folder / "model_index.json").exists():
+        from exporter.sources import resolve
+        from koala_trt.meter import Meter
+
+        with Meter() as m:
+            resolve(p["model"]).pipeline().save_pretrained(str(folder))
+        res["save_pretrained"] = {"wall_s": round(m.seconds, 1), "peak_rss_gib": round(m.peak_rss_mb / 1024, 2)}
+    _slow_tokenizer_files(folder)
+    if out.exists():
+        shutil.rmtree(out)
+    versions = subprocess.run([str(OPTIMUM_VENV / "bin" / "python"), "-c",
+                               "import importlib.metadata as m; print(*(m.version(p) for p in "
+                               "('optimum-onnx','optimum','transformers','diffusers','torch','onnx')))"],
+                              capture_output=True, text=True).stdout.split()
+    res["versions"] = dict(zip(("optimum-onnx", "optimum", "transformers", "diffusers", "torch", "onnx"), versions))
+    res["export"] = _time_v([str(cli), "export", "onnx", "--model", str(folder), "--task", "text-to-image", str(out)],
+                            out.parent / f"{out.name}.log")
+    res["files_gib"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30, 2) if out.exists() else None
+    return res
+
+
+def _slow_tokenizer_files(folder: Path) -> None:
+    """transformers 5 saves CLIP tokenizers as tokenizer.json only; Optimum's transformers 4.57 loads
+    CLIPTokenizer from vocab.json + merges.txt. Write those two from the same BPE model (same tokens)."""
+    for sub in ("tokenizer", "tokenizer_2"):
+        d = folder / sub
+        if not (d / "tokenizer.json").exists() or (d / "vocab.json").exists():
+            continue
+        model = json.loads((d / "tokenizer.json").read_text())["model"]
+        (d / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def worker_gpu_probe(p: dict[str, Any]) -> dict[str, Any]:
+    """What this machine offers for the GPU rows: CUDA in torch, ORT's CUDA provider, TensorRT."""
+    out: dict[str, Any] = {}
+    try:
+        import torch
+
+        out["torch_cuda"] = bool(torch.cuda.is_available())
+        out["torch_cuda_why"] = (torch.cuda.get_device_name() if out["torch_cuda"] else
+                                 f"torch {torch.__version__} has no usable CUDA device (built with CUDA: {torch.version.cuda})")
+    except ImportError as e:
+        out["torch_cuda"], out["torch_cuda_why"] = False, str(e)
+    try:
+        import onnxruntime as ort
+
+        out["ort_cuda"] = "CUDAExecutionProvider" in ort.get_available_providers()
+        out["ort_cuda_why"] = f"onnxruntime {ort.__version__} providers: {', '.join(ort.get_available_providers())}"
+    except ImportError as e:
+        out["ort_cuda"], out["ort_cuda_why"] = False, str(e)
+    try:
+        import tensorrt  # noqa: F401
+
+        out["tensorrt"], out["tensorrt_why"] = True, f"tensorrt {tensorrt.__version__}"
+    except ImportError as e:
+        out["tensorrt"], out["tensorrt_why"] = False, f"tensorrt is not installed ({e})"
+    return out
+
+
+WORKERS = {"matmul": worker_matmul, "unet_torch": worker_unet_torch, "unet_ort": worker_unet_ort,
+           "export": worker_export, "optimum": worker_optimum, "gpu_probe": worker_gpu_probe}
+
+
+def worker_main(name: str, params: str, result: Path) -> int:
+    from koala_trt.machine import load_average
+
+    start = load_average()
+    t = time.perf_counter()
+    out = WORKERS[name](json.loads(params))
+    out.update(load_average_start=start, load_average_end=load_average(), worker_wall_s=round(time.perf_counter() - t, 1))
+    result.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+# ----- orchestration ---------------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads),
+                    "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    def worker(self, name: str, heavy: bool = True, **params: Any) -> dict[str, Any]:
+        """Run one worker in a child process (under the heavy-job lock in the full run)."""
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result = Path(f.name)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--params", json.dumps(params),
+               "--result", str(result)]
+        if heavy and not self.args.quick:
+            cmd = ["flock", LOCK, *cmd]
+        log(f"[{time.strftime('%H:%M:%S')}] {name} {json.dumps(params)}")
+        t = time.perf_counter()
+        rc = subprocess.run(cmd, env=self.env, cwd=REPO).returncode
+        try:
+            out = json.loads(result.read_text()) if rc == 0 else {"error": f"worker {name} exited {rc}"}
+        except json.JSONDecodeError:
+            out = {"error": f"worker {name} wrote no result (exit {rc})"}
+        result.unlink(missing_ok=True)
+        out["wall_with_lock_wait_s"] = round(time.perf_counter() - t, 1)
+        log(f"    -> {summary_line(out)}")
+        return out
+
+    def cli_bench(self, tag: str, *cli_args: str) -> dict[str, Any]:
+        """`koala-trt bench ... --json` in a child process (under the lock in the full run)."""
+        cmd = [*_cli(), "bench", *cli_args, "--json", "--csv", str(self.args.out / f"bench-{tag}.csv")]
+        shown = "koala-trt " + " ".join(cmd[3:])
+        if not self.args.quick:
+            cmd = ["flock", LOCK, *cmd]
+        log(f"[{time.strftime('%H:%M:%S')}] {shown}")
+        p = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True)
+        (self.args.out / f"bench-{tag}.log").write_text(p.stderr)
+        if p.returncode != 0:
+            return {"command": shown, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"command": shown, **json.loads(p.stdout)}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    if "error" in r or "skipped" in r:
+        return r.get("error") or r["skipped"]
+    if "median" in r:
+        return f"median {r['median']:.3f} s, p90 {r['p90']:.3f} s, peak RSS {r.get('peak_rss_mb', 0) / 1024:.2f} GiB"
+    return ", ".join(f"{k}={v}" for k, v in r.items() if isinstance(v, (int, float, str)) and k != "command")[:300]
+
+
+def ensure_fp32(r: Runner, results: dict[str, Any]) -> str:
+    """The FP32 artifacts: --fp32, else the export section's output, else export now."""
+    a = r.args
+    if a.fp32:
+        return str(a.fp32)
+    out = a.out / f"art-{a.tag}"
+    if (out / "manifest.json").exists():
+        return str(out)
+    if a.quick:
+        subprocess.run([*_cli(), "export", "--model", a.model, "--out", str(out), "--force"], env=r.env, cwd=REPO, check=True)
+    else:
+        results["export"] = r.worker("export", model=a.model, out=str(out), plans=PLANS)
+    return str(out)
+
+
+def ensure_int8(r: Runner, fp32: str) -> str:
+    """The INT8 (Q/DQ, ONNX Runtime layout) artifacts: --int8, else calibrate + quantize now (small
+    calibration: --calib-num prompts x --calib-steps steps at --calib-size px; ranges, not accuracy)."""
+    a = r.args
+    if a.int8:
+        return str(a.int8)
+    calib, out = a.out / f"calib-{a.tag}", a.out / f"art-{a.tag}-int8ort"
+    if (out / "manifest.json").exists():
+        return str(out)
+    lock = [] if a.quick else ["flock", LOCK]
+    subprocess.run([*lock, *_cli(), "calibrate", "--model", a.model, "--out", str(calib), "--num", str(a.calib_num),
+                    "--steps", str(a.calib_steps), "--height", str(a.calib_size), "--width", str(a.calib_size)],
+                   env=r.env, cwd=REPO, check=True)
+    subprocess.run([*lock, *_cli(), "quantize", "--onnx", fp32, "--calib", str(calib), "--out", str(out),
+                    "--target", "onnxruntime", "--samples", str(a.calib_num * a.calib_steps), "--threads", str(a.threads),
+                    "--no-accuracy", "--force"], env=r.env, cwd=REPO, check=True)
+    return str(out)
+
+
+PLANS = [["rtx4090", "fp16"], ["l4", "int8"], ["jetson-agx-orin", "fp16"]]
+
+
+def run_sections(r: Runner, sections: list[str], results: dict[str, Any], save: Any = lambda: None) -> None:
+    """Run the chosen sections in order; `save()` after each, so a later failure loses nothing."""
+    a = r.args
+    shape = {"batch": a.batch, "height": a.size, "width": a.size}
+    common = {**shape, "threads": a.threads, "warmup": a.warmup, "runs": a.runs}
+    if "matmul" in sections:
+        results["matmul"] = r.worker("matmul", n=a.gemm_n, runs=5, threads=a.threads)
+    save()
+    if "export" in sections:
+        out = a.out / f"art-{a.tag}"
+        results["export"] = r.worker("export", model=a.model, out=str(out), plans=PLANS)
+    save()
+    if "unet" in sections or "flops" in sections:
+        u = results.setdefault("unet", {})
+        u["torch_fp32"] = r.worker("unet_torch", model=a.model, count_flops=True, **common)
+        fp32 = ensure_fp32(r, results)
+        u["ort_fp32"] = r.worker("unet_ort", artifacts=fp32, **common)
+        u["ort_int8"] = r.worker("unet_ort", artifacts=ensure_int8(r, fp32), **common)
+    save()
+    if "ratio" in sections:
+        results["ratio"] = {"big": r.worker("unet_torch", model=a.big, count_flops=True,
+                                            **{**common, "runs": a.big_runs, "warmup": 1})}
+    save()
+    if "components" in sections:
+        fp32 = ensure_fp32(r, results)
+        comp = "text_encoder,text_encoder_2,vae_decoder"
+        base = ["--height", str(a.size), "--width", str(a.size), "--warmup", str(a.warmup), "--runs", str(a.runs),
+                "-c", comp, "--no-end-to-end"]
+        results["components"] = {
+            "onnxruntime": r.cli_bench("components-ort", "--artifacts", fp32, "--backend", "onnxruntime",
+                                       "--threads", str(a.threads), *base),
+            "torch": r.cli_bench("components-torch", "--artifacts", fp32, "--backend", "torch", *base)}
+    save()
+    if "e2e" in sections:
+        fp32 = ensure_fp32(r, results)
+        results["e2e"] = r.cli_bench("e2e-ort", "--artifacts", fp32, "--backend", "onnxruntime", "--threads", str(a.threads),
+                                     "--height", str(a.size), "--width", str(a.size), "--steps", str(a.e2e_steps),
+                                     "--warmup", str(a.e2e_warmup), "--runs", str(a.e2e_runs), "-c", "")
+    save()
+    if "optimum" in sections:
+        results["optimum"] = r.worker("optimum", model=a.model, folder=str(a.out / f"diffusers-{a.tag}"),
+                                      out=str(a.out / f"optimum-{a.tag}"), need_gib=a.optimum_need_gib)
+    save()
+    if "gpu" in sections:
+        probe = r.worker("gpu_probe", heavy=False)
+        g: dict[str, Any] = {"probe": probe}
+        if not probe.get("torch_cuda"):
+            g["skipped"] = f"no CUDA here: {probe.get('torch_cuda_why')}; {probe.get('ort_cuda_why')}; {probe.get('tensorrt_why')}"
+            log(f"gpu section skipped: {g['skipped']}")
+        else:
+            gp = {**shape, "threads": a.threads, "warmup": 2, "runs": 10, "device": "cuda", "dtype": "float16"}
+            for model in a.gpu_models:
+                g[model] = r.worker("unet_torch", model=model, **gp)
+            if probe.get("ort_cuda"):
+                g["ort_cuda_fp32"] = r.worker("unet_ort", artifacts=ensure_fp32(r, results), providers=["CUDAExecutionProvider"],
+                                              **{**common, "warmup": 2, "runs": 10})
+            else:
+                g["ort_cuda_skipped"] = probe.get("ort_cuda_why")
+            if probe.get("tensorrt") and a.engines:
+                g["tensorrt"] = r.cli_bench("gpu-trt", "--backend", "tensorrt", "--engines", str(a.engines),
+                                            "--height", str(a.size), "--width", str(a.size), "-c", "unet", "--no-end-to-end",
+                                            "--warmup", "2", "--runs", "10")
+            else:
+                g["tensorrt_skipped"] = probe.get("tensorrt_why") if not probe.get("tensorrt") else \
+                    "no --engines folder given (build one with `koala-trt build`)"
+        results["gpu"] = g
+    save()
+
+
+# ----- report ----------------------------------------------------------------------------------------
+
+def _f(v: float | None, d: int = 2) -> str:
+    return "—" if v is None else f"{v:,.{d}f}"
+
+
+def _la(r: dict[str, Any]) -> str:
+    la = r.get("load_average_start")
+    return "/".join(f"{x:.2f}" for x in la[:1] + (r.get("load_average_end") or [])[:1]) if la else "—"
+
+
+def report(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    m = results.get("machine", {})
+    lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, SIMD {' '.join(m.get('simd', []))}")
+    lines.append(f"Versions: {json.dumps(m.get('versions', {}))}")
+    a = results.get("args", {})
+    lines.append(f"Shape: {a.get('size')}x{a.get('size')}, batch {a.get('batch')}; threads {a.get('threads')}; "
+                 f"warm-up {a.get('warmup')}, runs {a.get('runs')}")
+    mm = results.get("matmul")
+    peak = mm.get("peak_gflops") if mm and "peak_gflops" in mm else None
+    if mm and peak:
+        lines += ["", f"### fp32 GEMM peak ({mm['n']}x{mm['n']}, {mm['threads']} threads)", "| library | best GFLOP/s | load avg (start/end) |",
+                  "|---|---|---|", f"| torch | {mm['torch']['gflops']:.1f} | {_la(mm)} |",
+                  f"| numpy ({mm.get('numpy_blas')}) | {mm['numpy']['gflops']:.1f} | |"]
+    u = results.get("unet")
+    if u:
+        base = u.get("torch_fp32", {}).get("median")
+        flops = u.get("torch_fp32", {}).get("flops")
+        lines += ["", f"### One U-Net step ({a.get('model')})",
+                  "| backend | median s | p90 s | runs s | vs PyTorch FP32 | GFLOP/s | % of GEMM peak | peak RSS GiB | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for key, label in (("torch_fp32", "PyTorch eager FP32"), ("ort_fp32", "ONNX Runtime FP32"), ("ort_int8", "ONNX Runtime INT8 (Q/DQ)")):
+            x = u.get(key)
+            if not x or "median" not in x:
+                lines.append(f"| {label} | {(x or {}).get('error', 'not run')} | | | | | | | |")
+                continue
+            rate = flops / x["median"] / 1e9 if flops else None
+            lines.append(f"| {label} | {x['median']:.2f} | {x['p90']:.2f} | {', '.join(f'{t:.2f}' for t in x['runs'])} | "
+                         f"{base / x['median']:.2f}x | {_f(rate, 1)} | {_f(100 * rate / peak if rate and peak else None, 1)} | "
+                         f"{x['peak_rss_mb'] / 1024:.2f} | {_la(x)} |")
+        if flops:
+            lines.append(f"\nFLOPs per step (torch.utils.flop_counter, batch {a.get('batch')}): {flops / 1e9:,.1f} GFLOP; "
+                         f"parameters {u['torch_fp32'].get('parameters', 0) / 1e6:.1f} M")
+    rt = results.get("ratio", {}).get("big")
+    if rt and u and "median" in rt and "median" in u.get("torch_fp32", {}):
+        k = u["torch_fp32"]
+        ratio = rt["median"] / k["median"]
+        card = MODEL_CARD["sdxl-base_s"] / MODEL_CARD["koala-700m_s"]
+        lines += ["", "### KOALA vs SDXL-Base U-Net step (PyTorch eager FP32, same shape)",
+                  "| model | parameters M | median s | runs s | GFLOP/step | peak RSS GiB | load avg |", "|---|---|---|---|---|---|---|"]
+        for x in (k, rt):
+            lines.append(f"| {x['model']} | {x['parameters'] / 1e6:.1f} | {x['median']:.2f} | {', '.join(f'{t:.2f}' for t in x['runs'])} | "
+                         f"{_f(x.get('flops', 0) / 1e9, 1)} | {x['peak_rss_mb'] / 1024:.2f} | {_la(x)} |")
+        lines.append(f"\nSDXL-Base / KOALA step-time ratio: {ratio:.2f}x (model card, {MODEL_CARD['gpu']}, "
+                     f"{MODEL_CARD['steps']} steps: {MODEL_CARD['sdxl-base_s']} / {MODEL_CARD['koala-700m_s']} s = {card:.2f}x)")
+        if k.get("flops") and rt.get("flops"):
+            lines.append(f"FLOP ratio: {rt['flops'] / k['flops']:.2f}x")
+    for key, label in (("components", "Components (`koala-trt bench`)"),):
+        c = results.get(key)
+        if c:
+            lines += ["", f"### {label}", "| component | batch | " + " | ".join(f"{b} median s (p90)" for b in c) + " | fastest |",
+                      "|---|---|" + "---|" * len(c) + "---|"]
+            names = next((list(v["components"]) for v in c.values() if "components" in v), [])
+            for n in names:
+                cells, meds = [], {}
+                for b, v in c.items():
+                    x = v.get("components", {}).get(n)
+                    cells.append(f"{x['median']:.3f} ({x['p90']:.3f})" if x else v.get("error", "—"))
+                    if x:
+                        meds[b] = x["median"]
+                best = min(meds, key=meds.get) if meds else "—"
+                other = max(meds.values()) / meds[best] if len(meds) > 1 else None
+                batch = next((v["components"][n]["batch"] for v in c.values() if n in v.get("components", {})), "")
+                lines.append(f"| {n} | {batch} | " + " | ".join(cells) + f" | {best}{f' ({other:.2f}x)' if other else ''} |")
+            for b, v in c.items():
+                if "memory" in v:
+                    lines.append(f"\n{b}: {v['memory']['what']}: peak {v['memory']['peak_mb'] / 1024:.2f} GiB; load average "
+                                 f"{v.get('machine', {}).get('load_average')}; `{v['command']}`")
+    e = results.get("e2e")
+    if e:
+        if "end_to_end" in e and e["end_to_end"]:
+            x = e["end_to_end"]
+            lines += ["", "### End to end (`koala-trt bench`, onnxruntime)",
+                      f"{e['width']}x{e['height']}, {e['steps']} steps: median {x['median']:.2f} s, p90 {x['p90']:.2f} s over {x['runs']} run(s); "
+                      f"{e['images_per_minute']:.3f} images/minute; peak RSS {e['memory']['peak_mb'] / 1024:.2f} GiB; "
+                      f"load average {e.get('machine', {}).get('load_average')}", f"`{e['command']}`"]
+        else:
+            lines += ["", f"End to end: {e.get('error')}"]
+    ex = results.get("export")
+    if ex and "export" in ex:
+        lines += ["", "### Export and build plan (wall time; peak RSS of the process tree, polled)", "| step | wall s | peak RSS GiB | exit | load avg |", "|---|---|---|---|---|",
+                  f"| koala-trt export (all components, checked) | {ex['export']['wall_s']} | {ex['export']['peak_rss_gib']} | {ex['export']['rc']} | {_la(ex)} |"]
+        for pl in ex.get("plans", []):
+            lines.append(f"| koala-trt plan --profile {pl['profile']} --precision {pl['precision']} | {pl['wall_s']} | {pl['peak_rss_gib']} | {pl['rc']} | |")
+    op = results.get("optimum")
+    if op:
+        if "export" in op:
+            lines += [f"| Optimum export onnx --task text-to-image ({op.get('versions', {}).get('optimum-onnx', '?')}) | {op['export']['wall_s']} | "
+                      f"{op['export']['peak_rss_gib']} | {op['export']['rc']} | {_la(op)} |"]
+            if "save_pretrained" in op:
+                lines.append(f"| (save_pretrained of the diffusers folder for Optimum) | {op['save_pretrained']['wall_s']} | "
+                             f"{op['save_pretrained']['peak_rss_gib']} | 0 | |")
+        else:
+            lines += ["", f"Optimum: {op.get('skipped') or op.get('error')}"]
+    g = results.get("gpu")
+    if g:
+        lines += ["", "### GPU", g.get("skipped") or json.dumps({k: summary_line(v) if isinstance(v, dict) else v
+                                                                 for k, v in g.items() if k != "probe"}, indent=1)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    if "--worker" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--worker", choices=sorted(WORKERS))
+        ap.add_argument("--params", default="{}")
+        ap.add_argument("--result", type=Path)
+        w = ap.parse_args()
+        return worker_main(w.worker, w.params, w.result)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n", 2)[2])
+    ap.add_argument("--quick", action="store_true", help="random:tiny / random:tiny-sdxl at the model's native size, no lock")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    ap.add_argument("--model", help="the KOALA model [random:koala-700m; --quick: random:tiny]")
+    ap.add_argument("--big", help="the model to compare against [random:sdxl-base; --quick: random:tiny-sdxl]")
+    ap.add_argument("--gpu-models", default="random:koala-700m,random:koala-1b,random:sdxl-base")
+    ap.add_argument("--size", type=int, help="image side in px [1024; --quick: the model's native size]")
+    ap.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one image with CFG)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--big-runs", type=int, default=2, help="timed runs of the --big U-Net step")
+    ap.add_argument("--e2e-steps", type=int, default=2)
+    ap.add_argument("--e2e-warmup", type=int, default=1)
+    ap.add_argument("--e2e-runs", type=int, default=1)
+    ap.add_argument("--gemm-n", type=int, default=4096)
+    ap.add_argument("--fp32", type=Path, help="FP32 artifacts folder [the export section's output]")
+    ap.add_argument("--int8", type=Path, help="INT8 (Q/DQ) artifacts folder [calibrate + quantize now]")
+    ap.add_argument("--engines", type=Path, help="TensorRT engines folder for the GPU section")
+    ap.add_argument("--calib-num", type=int, default=2)
+    ap.add_argument("--calib-steps", type=int, default=2)
+    ap.add_argument("--calib-size", type=int, default=512)
+    ap.add_argument("--optimum-need-gib", type=float, default=19.0)
+    ap.add_argument("--out", type=Path, help="results folder [/work/bench-out/make-bench, --quick: .../make-bench-quick]")
+    args = ap.parse_args()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    args.model = args.model or ("random:tiny" if args.quick else "random:koala-700m")
+    args.big = args.big or ("random:tiny-sdxl" if args.quick else "random:sdxl-base")
+    args.gpu_models = args.gpu_models.split(",")
+    if args.size is None:
+        if args.quick:
+            from exporter.sources import resolve
+
+            args.size = resolve(args.model).default_size
+        else:
+            args.size = 1024
+    args.tag = args.model.split(":")[-1].replace("/", "_")
+    base = Path(os.environ.get("KOALA_BENCH_OUT", "/work/bench-out"))
+    args.out = (args.out or base / ("make-bench-quick" if args.quick else "make-bench")).resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    from koala_trt.machine import machine_facts
+
+    results["machine"] = machine_facts()
+    results["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    t = time.perf_counter()
+    r = Runner(args)
+    try:
+        run_sections(r, sections, results, save=lambda: results_path.write_text(json.dumps(results, indent=1) + "\n"))
+    finally:
+        results["wall_s"] = round(time.perf_counter() - t, 1)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        text = report(results)
+        (args.out / "summary.md").write_text(text)
+        print(text)
+    log(f"results: {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

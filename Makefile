@@ -7,7 +7,7 @@ OUT    ?= out
 DEMO_MODEL ?= random:tiny
 TORCH  := torch==2.13.0
 
-.PHONY: install install-gpu test test-gpu demo bench clean
+.PHONY: install install-gpu test test-gpu demo bench optimum-venv clean
 
 install: $(STAMP)
 
@@ -39,6 +39,14 @@ demo: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+
+# Hugging Face Optimum's exporter for the side-by-side export row of `make bench`, in its own venv:
+# optimum-onnx pins transformers below 4.58, which koala-trt's environment does not use.
+optimum-venv:
+	$(PYTHON) -m venv .venv-optimum
+	.venv-optimum/bin/python -m pip install -q --upgrade pip
+	.venv-optimum/bin/python -m pip install -q $(TORCH)
+	.venv-optimum/bin/python -m pip install -q 'optimum-onnx==0.1.0' 'transformers==4.57.6' 'diffusers==0.39.0' 'onnx==1.23.2' 'onnxruntime==1.31.1'
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info

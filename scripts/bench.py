@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 LOCK = "/tmp/koala-heavy.lock"
 SECTIONS = ("matmul", "unet", "ratio", "flops", "components", "e2e", "export", "optimum", "gpu")
-OPTIMUM_VENV = Path(os.environ.get("KOALA_OPTIMUM_VENV", "/work/venv-optimum"))
+OPTIMUM_VENV = Path(os.environ.get("KOALA_OPTIMUM_VENV", REPO / ".venv-optimum"))  # `make optimum-venv`
 MODEL_CARD = {"koala-700m_s": 1.257, "sdxl-base_s": 3.133, "steps": 25, "gpu": "RTX 4090"}  # KOALA model card
 
 
@@ -623,7 +623,7 @@ def main() -> int:
     ap.add_argument("--calib-steps", type=int, default=2)
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--optimum-need-gib", type=float, default=19.0)
-    ap.add_argument("--out", type=Path, help="results folder [/work/bench-out/make-bench, --quick: .../make-bench-quick]")
+    ap.add_argument("--out", type=Path, help="results folder [out/bench, --quick: out/bench-quick; or $KOALA_BENCH_OUT/...]")
     args = ap.parse_args()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
@@ -640,8 +640,8 @@ def main() -> int:
         else:
             args.size = 1024
     args.tag = args.model.split(":")[-1].replace("/", "_")
-    base = Path(os.environ.get("KOALA_BENCH_OUT", "/work/bench-out"))
-    args.out = (args.out or base / ("make-bench-quick" if args.quick else "make-bench")).resolve()
+    base = Path(os.environ.get("KOALA_BENCH_OUT", REPO / "out"))
+    args.out = (args.out or base / ("bench-quick" if args.quick else "bench")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}

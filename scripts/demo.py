@@ -40,6 +40,8 @@ def run(model: str, out: Path) -> None:
     step("Validate the FP16 variant under the FP16 tolerances", "validate", "--artifacts", str(fp16), *size, "--steps", "4")
     step("INT8 variant: explicit Q/DQ in the U-Net (TensorRT layout)",
          "quantize", "--onnx", str(art), "--calib", str(calib), "--out", str(int8), "--force")
+    step("Benchmark the FP32 artifacts on ONNX Runtime (per component and end to end)",
+         "bench", "--artifacts", str(art), "--backend", "onnxruntime", *size, "--steps", "4", "--runs", "2")
     step("GPU profiles", "profiles", "list")
     step("Memory plan: KOALA-700M on the paper's 8 GB RTX 3060 Ti at 1024x1024", "plan", "--model", "random:koala-700m", "--profile", "rtx3060ti")
     step("Memory plan: SDXL-Base on the same card", "plan", "--model", "random:sdxl-base", "--profile", "rtx3060ti")

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from calibration.inputs import spread  # noqa: F401  (n items spread evenly, first and last included)
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_trt.errors import UsageError
 

@@ -9,7 +9,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from engines.validation.results import Check
 from koala_trt.atomic import staged_file
 
 

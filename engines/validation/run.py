@@ -66,7 +66,8 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets, Sampler, initial_noise
     from engines.validation.compare import compare
     from engines.validation.end_to_end import candidate_run, measure
-    from engines.validation.inputs import batch_for, check_size, random_inputs, spread, token_inputs
+    from calibration.inputs import spread
+    from engines.validation.inputs import batch_for, check_size, random_inputs, token_inputs
     from engines.validation.reference import PipelineBackend, load_pipeline, run_trajectories
     from engines.validation.runners import BackendRunner, interface_problems, runner_for
     from exporter.manifest import load_manifest

@@ -237,7 +237,7 @@ def worker_optimum(p: dict[str, Any]) -> dict[str, Any]:
     """Optimum's ONNX exporter on the model saved as a diffusers folder (save time reported apart)."""
     cli = OPTIMUM_VENV / "bin" / "optimum-cli"
     if not cli.exists():
-        return {"skipped": f"{cli} not found (Optimum needs its own venv: optimum-onnx pins transformers < 4.58)"}
+        return {"skipped": f"{cli} not found (Optimum needs its own venv: optimum-onnx pins transformers < 4.58; `make optimum-venv` makes it, or set KOALA_OPTIMUM_VENV)"}
     have = mem_available_gib()
     if have < p["need_gib"]:
         return {"skipped": f"only {have:.1f} GiB available; Optimum's export needs about {p['need_gib']} GiB"}

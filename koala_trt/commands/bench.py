@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from koala_trt.commands.common import log, print_json, table
+from koala_trt.commands.common import check_backend_sources, log, print_json, table
 from koala_trt.errors import UsageError
 
 
@@ -89,12 +89,7 @@ def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model:
         if csv_path.is_dir():
             raise UsageError(f"--csv {csv_path} is a folder; give a file name")
         check_writable_parent(csv_path)
-    if backend == "onnxruntime" and artifacts is None:
-        raise UsageError("--backend onnxruntime needs --artifacts DIR (from `koala-trt export`)")
-    if backend != "torch" and model is not None:
-        raise UsageError("--model is for --backend torch; onnxruntime and tensorrt read --artifacts / --engines")
-    if backend != "tensorrt" and engines is not None:
-        raise UsageError("--engines is for --backend tensorrt")
+    check_backend_sources(backend, artifacts, model, engines)
     manifest = load_manifest(artifacts) if artifacts is not None else None
     if backend == "torch" and model is None:
         if manifest is None:

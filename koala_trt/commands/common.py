@@ -36,5 +36,17 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
+def check_backend_sources(backend: str, artifacts: Any, model: str | None, engines: Any) -> None:
+    """Which of --artifacts / --model / --engines each runtime backend reads (generate, bench)."""
+    from koala_trt.errors import UsageError
+
+    if backend == "onnxruntime" and artifacts is None:
+        raise UsageError("--backend onnxruntime needs --artifacts DIR (from `koala-trt export`)")
+    if backend != "torch" and model is not None:
+        raise UsageError("--model is for --backend torch; onnxruntime and tensorrt read --artifacts / --engines")
+    if backend != "tensorrt" and engines is not None:
+        raise UsageError("--engines is for --backend tensorrt")
+
+
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from koala_trt.commands.common import log, print_json, table
+from koala_trt.commands.common import check_backend_sources, log, print_json, table
 from koala_trt.errors import UsageError
 
 
@@ -97,12 +97,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
-    if backend == "onnxruntime" and artifacts is None:
-        raise UsageError("--backend onnxruntime needs --artifacts DIR (from `koala-trt export`)")
-    if backend != "torch" and model is not None:
-        raise UsageError("--model is for --backend torch; onnxruntime and tensorrt read --artifacts / --engines")
-    if backend != "tensorrt" and engines is not None:
-        raise UsageError("--engines is for --backend tensorrt")
+    check_backend_sources(backend, artifacts, model, engines)
     manifest = load_manifest(artifacts) if artifacts is not None else None
     t0 = time.perf_counter()
     if manifest is not None:

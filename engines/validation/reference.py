@@ -38,6 +38,15 @@ class PipelineBackend:
         feeds = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feeds.items()}
         return torch_outputs(spec, self._wrapped[component], feeds)
 
+    def release(self, component: str) -> None:
+        """Drop a module once its checks are done: at 1024 px a full-size model's other weights
+        would otherwise sit beside the VAE decoder's activations in PyTorch and ONNX Runtime."""
+        import gc
+
+        self._wrapped.pop(component, None)
+        setattr(self.pipe, self.specs[component].module, None)
+        gc.collect()
+
     def close(self) -> None:
         self._wrapped.clear()
 

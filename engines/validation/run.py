@@ -161,6 +161,9 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                 # One graph in memory at a time beside the PyTorch reference (full-size models at
                 # 1024 px); the end-to-end run opens the sessions again.
                 backend.close()
+            later = comps[comps.index(c) + 1:]
+            if all(specs[o].module != spec.module for o in later):
+                reference.release(c)  # the trajectories already hold what end to end compares with
 
         # ----- end to end ------------------------------------------------------------------------
         if run_e2e and traj is not None:

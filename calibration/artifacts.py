@@ -101,7 +101,7 @@ def finish(manifest: Manifest, variant: dict[str, Any], check: Check | None = No
     """Write accuracy.json (from `check`, run on the staged folder), record the variant, re-hash
     every file and save the manifest. A failed accuracy gate raises after `on_report` has seen the
     report, so the staged folder is removed and nothing half-trusted is left."""
-    from exporter.manifest import write_json
+    from koala_trt.jsonfile import write_json
 
     manifest.data["variant"] = variant
     report = None

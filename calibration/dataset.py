@@ -18,7 +18,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from exporter.manifest import sha256_file, write_json
+from exporter.manifest import sha256_file
+from koala_trt.jsonfile import write_json
 from exporter.specs import ComponentSpec
 from koala_trt.errors import KoalaError, UsageError
 from koala_trt.jsonfile import read_folder_manifest

@@ -37,7 +37,8 @@ from calibration.artifacts import Check, check_io_types, copy_artifacts, finish,
 from calibration.dataset import CalibrationSet, check_same_unet, load_calibration
 from calibration.inputs import unet_samples
 from calibration.ranges import QUANT_OPS, Ranges, SampleRanges, activation_inputs, collect_ranges
-from exporter.manifest import Manifest, sha256_file, write_json
+from exporter.manifest import Manifest, sha256_file
+from koala_trt.jsonfile import write_json
 from koala_trt.atomic import staged_dir
 from koala_trt.errors import KoalaError, UsageError
 from koala_trt.meter import Meter, process_peak_rss_mb

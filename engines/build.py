@@ -18,7 +18,8 @@ from typing import Any, Callable
 from engines.buildplan import TIMING_CACHE, BuildPlan, ComponentBuild
 from engines.cuda import DeviceInfo
 from engines.engine_manifest import FORMAT, FORMAT_VERSION, MANIFEST, device_allowed
-from exporter.manifest import sha256_file, write_json
+from exporter.manifest import sha256_file
+from koala_trt.jsonfile import write_json
 from koala_trt import __version__
 from koala_trt.atomic import staged_dir
 from koala_trt.errors import KoalaError, UsageError

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,15 +38,9 @@ class ExportOptions:
 
 
 def tool_versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from koala_trt.machine import versions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("koala-trt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return versions(("koala-trt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"))
 
 
 def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: ExportOptions) -> tuple[int, int]:

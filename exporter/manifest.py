@@ -6,14 +6,12 @@ numpy/json only: the torch-free runtime reads it too.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from exporter.specs import ComponentSpec, ShapeRange
-from koala_trt.atomic import staged_file
-from koala_trt.jsonfile import read_folder_manifest
+from koala_trt.jsonfile import read_folder_manifest, write_json
 from koala_trt.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -42,11 +40,6 @@ def hash_tree(root: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict
         if p.is_file() and rel not in skip:
             out[rel] = file_record(p)
     return out
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    with staged_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Reading the JSON files koala-trt writes and reads (manifests, configs): a missing or corrupt file
-is one clear usage error, never a traceback."""
+"""The JSON files koala-trt writes and reads (manifests, configs, reports): a missing or corrupt file
+is one clear usage error, never a traceback; a written file appears complete or not at all."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ def parse_json(raw: bytes | str, path: Path | str) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is corrupt: {e}") from None
+
+
+def write_json(path: Path, data: dict[str, Any], allow_nan: bool = True) -> None:
+    """Write under a temporary name, then rename. allow_nan=False: strict JSON (reports for CI)."""
+    from koala_trt.atomic import staged_file
+
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=allow_nan) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path) -> Any:

@@ -49,11 +49,10 @@ MODEL_CARD = {"koala-700m_s": 1.257, "sdxl-base_s": 3.133, "steps": 25, "gpu": "
 # ----- workers: each runs in its own process and returns one dict ------------------------------------
 
 def _stats(seconds: list[float]) -> dict[str, Any]:
-    import numpy as np
+    """koala-trt bench's latency summary, with every timed call listed."""
+    from engines.bench import latency_stats
 
-    a = np.asarray(seconds)
-    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "min": float(a.min()),
-            "runs": [round(float(x), 4) for x in a]}
+    return {**latency_stats(seconds), "runs": [round(float(x), 4) for x in seconds]}
 
 
 def worker_matmul(p: dict[str, Any]) -> dict[str, Any]:

@@ -11,15 +11,11 @@ import pytest
 
 from engines.runtime import OnnxRuntimeBackend
 from engines.sampler import PipelineAssets, Request, Sampler, initial_noise, output_paths
+from engines.validation.images import psnr
 from exporter.manifest import load_manifest
 
 PROMPT = "a koala climbing a eucalyptus tree at sunset, photo"
 SIZE = 128  # the smallest size random:tiny's export range allows
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")

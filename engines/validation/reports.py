@@ -4,7 +4,6 @@ systems display); a Markdown table (for a PR comment or a job summary). Plus the
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,6 @@ def _fmt(v: Any, metric: str = "") -> str:
     if metric.split("@")[0] == "psnr":
         return "inf" if v == float("inf") else f"{v:.2f}"
     return f"{v:.3e}"
-
-
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    with staged_file(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def junit_xml(report: dict[str, Any]) -> bytes:

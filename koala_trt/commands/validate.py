@@ -68,7 +68,8 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     image PSNR and SSIM. Exit 0 when every metric holds, 1 on any drift (reports are written first),
     2 on usage errors."""
     from engines.validation import baseline as bl
-    from engines.validation.reports import SUMMARY_HEADER, summary_rows, write_json, write_junit, write_markdown
+    from engines.validation.reports import SUMMARY_HEADER, summary_rows, write_junit, write_markdown
+    from koala_trt.jsonfile import write_json
     from engines.validation.run import ValidateOptions, default_size, finish, settings, validate
     from engines.validation.tolerances import parse_overrides
     from exporter.specs import COMPONENTS, parse_components
@@ -105,13 +106,13 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     saved = bl.baseline_json(result["_checks"], settings(opts, result["height"], result["width"]), str(artifacts))
     data = finish(result)
     if report is not None:
-        write_json(report, data)
+        write_json(report, data, allow_nan=False)
     if junit is not None:
         write_junit(junit, data)
     if markdown is not None:
         write_markdown(markdown, data)
     if save_baseline is not None:
-        write_json(save_baseline, saved)
+        write_json(save_baseline, saved, allow_nan=False)
     if as_json:
         print_json(data)
     else:

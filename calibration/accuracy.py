@@ -20,8 +20,8 @@ import numpy as np
 
 from exporter.manifest import Manifest
 from exporter.metrics import ErrorStats, Tolerance, error_stats
-from koala_trt.errors import KoalaError
-from koala_trt.meter import Meter
+from koala_core.errors import KoalaError
+from koala_core.meter import Meter
 
 Log = Callable[[str], None]
 
@@ -52,7 +52,7 @@ def _concat(outs: list[np.ndarray]) -> np.ndarray:
 
 
 def _sessions(manifest: Manifest, names: list[str]) -> dict[str, Any]:
-    from koala_trt.ort import make_session
+    from koala_core.ort import make_session
 
     return {n: make_session(manifest.onnx_path(n), providers=["CPUExecutionProvider"]) for n in names}
 
@@ -226,7 +226,7 @@ REPORT_HEADER = ["component", "precision", "output", "rel L2", "cosine", "max ab
 
 
 def raise_if_failed(report: dict[str, Any]) -> None:
-    from koala_trt.errors import CheckFailed
+    from koala_core.errors import CheckFailed
 
     if not report["passed"]:
         raise CheckFailed("accuracy gate failed: " + "; ".join(report["failure_summary"]))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from exporter.manifest import MANIFEST, Manifest, load_manifest
-from koala_trt.errors import KoalaError, UsageError
+from koala_core.errors import KoalaError, UsageError
 
 TWO_GB = 2 * 1024**3
 ACCURACY = "accuracy.json"
@@ -101,7 +101,7 @@ def finish(manifest: Manifest, variant: dict[str, Any], check: Check | None = No
     """Write accuracy.json (from `check`, run on the staged folder), record the variant, re-hash
     every file and save the manifest. A failed accuracy gate raises after `on_report` has seen the
     report, so the staged folder is removed and nothing half-trusted is left."""
-    from koala_trt.jsonfile import write_json
+    from koala_core.jsonfile import write_json
 
     manifest.data["variant"] = variant
     report = None

@@ -21,9 +21,9 @@ import numpy as np
 from calibration.dataset import CALIB_FORMAT, CALIB_MANIFEST, CalibrationSet, load_calibration, shard_name
 from exporter.manifest import sha256_file
 from exporter.sources import ModelSource
-from koala_trt.atomic import check_writable_parent, staged_file
-from koala_trt.errors import KoalaError, UsageError
-from koala_trt.meter import Meter
+from koala_core.atomic import check_writable_parent, staged_file
+from koala_core.errors import KoalaError, UsageError
+from koala_core.meter import Meter
 
 Log = Callable[[str], None]
 

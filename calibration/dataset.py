@@ -19,10 +19,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from exporter.manifest import sha256_file
-from koala_trt.jsonfile import write_json
+from koala_core.jsonfile import write_json
 from exporter.specs import ComponentSpec
-from koala_trt.errors import KoalaError, UsageError
-from koala_trt.jsonfile import read_folder_manifest
+from koala_core.errors import KoalaError, UsageError
+from koala_core.jsonfile import read_folder_manifest
 
 CALIB_MANIFEST = "manifest.json"
 CALIB_FORMAT = "koala-trt/calibration"

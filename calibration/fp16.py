@@ -29,9 +29,9 @@ import numpy as np
 from calibration.artifacts import Check, check_io_types, copy_artifacts, finish, load_fp32_source, quiet_library, save_onnx
 from calibration.inputs import token_ids, unet_samples
 from exporter.manifest import Manifest
-from koala_trt.atomic import staged_dir
-from koala_trt.errors import KoalaError, UsageError
-from koala_trt.meter import Meter, process_peak_rss_mb
+from koala_core.atomic import staged_dir
+from koala_core.errors import KoalaError, UsageError
+from koala_core.meter import Meter, process_peak_rss_mb
 
 Log = Callable[[str], None]
 
@@ -93,7 +93,7 @@ def _precision_census(model: Any) -> dict[str, Any]:
 
 
 def _check_finite(src: Manifest, name: str, path: Path, samples: list[dict[str, np.ndarray]]) -> None:
-    from koala_trt.ort import make_session
+    from koala_core.ort import make_session
 
     spec = src.spec(name)
     session = make_session(path, providers=["CPUExecutionProvider"])

@@ -38,10 +38,10 @@ from calibration.dataset import CalibrationSet, check_same_unet, load_calibratio
 from calibration.inputs import unet_samples
 from calibration.ranges import QUANT_OPS, Ranges, SampleRanges, activation_inputs, collect_ranges
 from exporter.manifest import Manifest, sha256_file
-from koala_trt.jsonfile import write_json
-from koala_trt.atomic import staged_dir
-from koala_trt.errors import KoalaError, UsageError
-from koala_trt.meter import Meter, process_peak_rss_mb
+from koala_core.jsonfile import write_json
+from koala_core.atomic import staged_dir
+from koala_core.errors import KoalaError, UsageError
+from koala_core.meter import Meter, process_peak_rss_mb
 
 Log = Callable[[str], None]
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from koala_trt.errors import KoalaError
+from koala_core.errors import KoalaError
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 
@@ -136,7 +136,7 @@ def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str
                    progress: Callable[[int], None] | None = None, scratch: Path | None = None) -> SampleRanges:
     """Run the graph on every sample and keep each named tensor's min and max per sample. `scratch`:
     where the augmented graph is written (best on the weights' filesystem, so they are hard-linked)."""
-    from koala_trt.ort import make_session
+    from koala_core.ort import make_session
 
     if not names:
         raise KoalaError(f"{onnx_path}: no tensors to calibrate")

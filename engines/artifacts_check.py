@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from exporter.manifest import Manifest, sha256_file
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 
 def check_files(m: Manifest, prefixes: list[str], full_hash: bool = True) -> int:

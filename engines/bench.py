@@ -3,7 +3,7 @@ batch, the text encoders, the VAE decode) and the whole text-to-image loop of en
 
 Warm-up calls are run and discarded; the timed calls give median and p90 (numpy's linear
 percentile, so with few runs p90 lies between the two slowest). Memory is the process's peak RSS
-for CPU backends (koala_trt/meter.py) and device memory for GPU backends. No torch here: the torch
+for CPU backends (koala_core/meter.py) and device memory for GPU backends. No torch here: the torch
 backend imports it itself.
 """
 
@@ -17,9 +17,9 @@ import numpy as np
 
 from engines.sampler import SAMPLER_COMPONENTS, Plan, PipelineAssets, Request, Sampler, Timings
 from exporter.specs import NUMPY_DTYPES
-from koala_trt.errors import UsageError
-from koala_trt.machine import machine_facts
-from koala_trt.meter import Meter, process_peak_rss_mb
+from koala_core.errors import UsageError
+from koala_core.machine import machine_facts
+from koala_core.meter import Meter, process_peak_rss_mb
 
 DEFAULT_PROMPT = "a koala climbing a eucalyptus tree at sunset, photo"
 

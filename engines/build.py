@@ -19,10 +19,10 @@ from engines.buildplan import TIMING_CACHE, BuildPlan, ComponentBuild
 from engines.cuda import DeviceInfo
 from engines.engine_manifest import FORMAT, FORMAT_VERSION, MANIFEST, device_allowed
 from exporter.manifest import sha256_file
-from koala_trt.jsonfile import write_json
-from koala_trt import __version__
-from koala_trt.atomic import staged_dir
-from koala_trt.errors import KoalaError, UsageError
+from koala_core.jsonfile import write_json
+from koala_core import __version__
+from koala_core.atomic import staged_dir
+from koala_core.errors import KoalaError, UsageError
 
 # What the sampler needs beside the engines: copied so an engines folder is self-contained.
 SAMPLER_FILES = ("tokenizer", "tokenizer_2", "scheduler")

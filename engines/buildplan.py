@@ -17,7 +17,7 @@ from engines.planner import MemoryPlan
 from engines.profile import GIB, GpuProfile
 from exporter.manifest import Manifest, load_manifest
 from exporter.specs import ComponentSpec, ShapeRange
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 TRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu11")
 TIMING_CACHE = "timing.cache"

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from koala_trt.errors import KoalaError
+from koala_core.errors import KoalaError
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Any
 from engines.buildplan import build_command
 from engines.cuda import DeviceInfo
 from exporter.specs import ComponentSpec, ShapeRange
-from koala_trt.errors import KoalaError, UsageError
-from koala_trt.jsonfile import read_folder_manifest
+from koala_core.errors import KoalaError, UsageError
+from koala_core.jsonfile import read_folder_manifest
 
 MANIFEST = "manifest.json"
 FORMAT = "koala-trt/engines"

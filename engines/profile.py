@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from exporter.specs import COMPONENTS, ShapeRange
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,7 +17,7 @@ import numpy as np
 
 from exporter.manifest import Manifest, load_manifest
 from exporter.specs import ComponentSpec, ShapeRange
-from koala_trt.errors import KoalaError, UsageError
+from koala_core.errors import KoalaError, UsageError
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
@@ -56,7 +56,7 @@ class OnnxRuntimeBackend:
 
     def session(self, component: str) -> object:
         if component not in self._sessions:
-            from koala_trt.ort import make_session
+            from koala_core.ort import make_session
 
             self._sessions[component] = make_session(self.manifest.onnx_path(component), self.providers, self.threads)
         return self._sessions[component]

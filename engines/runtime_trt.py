@@ -25,7 +25,7 @@ import numpy as np
 from engines.engine_manifest import EnginesManifest, check_compatible, load_engines_manifest
 from exporter.manifest import sha256_file
 from exporter.specs import NUMPY_DTYPES, ComponentSpec
-from koala_trt.errors import KoalaError, UsageError
+from koala_core.errors import KoalaError, UsageError
 
 
 def _log_stderr(message: str) -> None:

@@ -20,8 +20,8 @@ from engines.scheduler_euler import EulerDiscreteScheduler
 from engines.tokenize import ClipTokenizer
 from exporter.manifest import Manifest
 from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange
-from koala_trt.errors import UsageError
-from koala_trt.jsonfile import read_json
+from koala_core.errors import UsageError
+from koala_core.jsonfile import read_json
 
 F32 = np.float32
 SAMPLER_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
@@ -399,7 +399,7 @@ def save_pngs(images: np.ndarray, paths: list[Path], metadata: Mapping[str, str]
 
     from PIL import Image, PngImagePlugin
 
-    from koala_trt.atomic import staged_file
+    from koala_core.atomic import staged_file
 
     info = PngImagePlugin.PngInfo()
     for k, v in (metadata or {}).items():

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 F32 = np.float32
 SPACINGS = ("linspace", "leading", "trailing")

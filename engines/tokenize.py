@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from koala_trt.errors import KoalaError
+from koala_core.errors import KoalaError
 
 # ONNX parser flag: TensorRT's native InstanceNormalization (the default; needed for hardware- and
 # version-compatible engines, where the plugin is unavailable).

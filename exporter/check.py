@@ -10,7 +10,7 @@ import numpy as np
 
 from exporter.metrics import ErrorStats, Tolerance, error_stats
 from exporter.specs import ComponentSpec
-from koala_trt.ort import make_session
+from koala_core.ort import make_session
 
 # FP32 ONNX Runtime against FP32 PyTorch: differences come from kernel order only (measured: rel L2
 # <= 5.1e-6 and max abs <= 1.3e-5 for every random:koala-700m component, about 1e-6 for random:tiny).

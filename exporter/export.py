@@ -16,9 +16,9 @@ from exporter.manifest import FORMAT, FORMAT_VERSION, Manifest, file_record, has
 from exporter.metrics import Tolerance
 from exporter.sources import ModelSource
 from exporter.specs import DEFAULT_COMPONENTS, ComponentSpec, ShapeRange, default_range, specs_from_configs
-from koala_trt.atomic import staged_dir
-from koala_trt.errors import CheckFailed, UsageError
-from koala_trt.meter import Meter, process_peak_rss_mb
+from koala_core.atomic import staged_dir
+from koala_core.errors import CheckFailed, UsageError
+from koala_core.meter import Meter, process_peak_rss_mb
 
 Log = Callable[[str], None]
 
@@ -38,7 +38,7 @@ class ExportOptions:
 
 
 def tool_versions() -> dict[str, str]:
-    from koala_trt.machine import versions
+    from koala_core.machine import versions
 
     return versions(("koala-trt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"))
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from exporter.specs import ComponentSpec, ShapeRange
-from koala_trt.jsonfile import read_folder_manifest, write_json
-from koala_trt.errors import UsageError
+from koala_core.jsonfile import read_folder_manifest, write_json
+from koala_core.errors import UsageError
 
 MANIFEST = "manifest.json"
 FORMAT = "koala-trt/artifacts"

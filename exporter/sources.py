@@ -15,8 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from koala_trt.errors import KoalaError, UsageError
-from koala_trt.jsonfile import read_json
+from koala_core.errors import KoalaError, UsageError
+from koala_core.jsonfile import read_json
 
 MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
 PRESET_PREFIX = "random:"

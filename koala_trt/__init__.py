@@ -1,3 +1,5 @@
-"""koala-trt: KOALA (distilled SDXL) to ONNX and strongly typed TensorRT engines."""
+"""koala-trt: KOALA (distilled SDXL) to ONNX and strongly typed TensorRT engines. The Click CLI only."""
 
-__version__ = "0.1.0"
+from koala_core import __version__
+
+__all__ = ["__version__"]

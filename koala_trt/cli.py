@@ -15,7 +15,7 @@ from typing import Sequence
 import click
 
 from koala_trt import __version__
-from koala_trt.errors import KoalaError
+from koala_core.errors import KoalaError
 
 # name -> (module, attribute, one-line help). Add a command by adding a line here.
 COMMANDS: dict[str, tuple[str, str, str]] = {

@@ -96,7 +96,7 @@ def worker_unet_torch(p: dict[str, Any]) -> dict[str, Any]:
     from exporter.sources import resolve
     from exporter.specs import specs_from_configs
     from exporter.wrappers import wrap
-    from koala_trt.meter import Meter, process_peak_rss_mb
+    from koala_core.meter import Meter, process_peak_rss_mb
 
     torch.set_num_threads(p["threads"])
     device, dtype = p.get("device", "cpu"), getattr(torch, p.get("dtype", "float32"))
@@ -146,8 +146,8 @@ def worker_unet_torch(p: dict[str, Any]) -> dict[str, Any]:
 def worker_unet_ort(p: dict[str, Any]) -> dict[str, Any]:
     """One U-Net step in ONNX Runtime on an artifacts folder's graph (same spec inputs, seed 11)."""
     from exporter.manifest import load_manifest
-    from koala_trt.meter import Meter, process_peak_rss_mb
-    from koala_trt.ort import make_session
+    from koala_core.meter import Meter, process_peak_rss_mb
+    from koala_core.ort import make_session
 
     m = load_manifest(p["artifacts"])
     spec = m.spec("unet")
@@ -192,7 +192,7 @@ def _time_v(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -
     """Run `cmd`: wall seconds, exit status and peak RSS, polled every 0.1 s over the process tree.
 
     Not /usr/bin/time's "Maximum resident set size" (ru_maxrss) alone: the kernel computes it from the
-    same high-water mark that koala_trt/meter.py resets between stages (/proc/self/clear_refs), so for
+    same high-water mark that koala_core/meter.py resets between stages (/proc/self/clear_refs), so for
     koala-trt commands it reports the peak of the last stage only. Both are recorded."""
     with log_path.open("w") as f:
         t = time.perf_counter()
@@ -244,7 +244,7 @@ def worker_optimum(p: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"mem_available_gib_before": round(have, 1)}
     if not (folder / "model_index.json").exists():
         from exporter.sources import resolve
-        from koala_trt.meter import Meter
+        from koala_core.meter import Meter
 
         with Meter() as m:
             resolve(p["model"]).pipeline().save_pretrained(str(folder))
@@ -308,7 +308,7 @@ WORKERS = {"matmul": worker_matmul, "unet_torch": worker_unet_torch, "unet_ort":
 
 
 def worker_main(name: str, params: str, result: Path) -> int:
-    from koala_trt.machine import load_average
+    from koala_core.machine import load_average
 
     start = load_average()
     t = time.perf_counter()
@@ -644,7 +644,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    from koala_trt.machine import machine_facts
+    from koala_core.machine import machine_facts
 
     results["machine"] = machine_facts()
     results["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

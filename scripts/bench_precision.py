@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.manifest import load_manifest  # noqa: E402
 from exporter.metrics import error_stats  # noqa: E402
-from koala_trt.machine import cpu_model, load_average  # noqa: E402
-from koala_trt.meter import Meter, process_peak_rss_mb  # noqa: E402
+from koala_core.machine import cpu_model, load_average  # noqa: E402
+from koala_core.meter import Meter, process_peak_rss_mb  # noqa: E402
 
 
 def main() -> int:

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engines.runtime import OnnxRuntimeBackend  # noqa: E402
 from engines.sampler import PipelineAssets, Request, Sampler  # noqa: E402
 from exporter.manifest import load_manifest  # noqa: E402
-from koala_trt.machine import cores, cpu_model, load_average  # noqa: E402
-from koala_trt.meter import process_peak_rss_mb  # noqa: E402
+from koala_core.machine import cores, cpu_model, load_average  # noqa: E402
+from koala_core.meter import process_peak_rss_mb  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
                 super().__init__()
                 self.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
-        onnxruntime.SessionOptions = NoSpin  # koala_trt.ort.make_session builds its options from this
+        onnxruntime.SessionOptions = NoSpin  # koala_core.ort.make_session builds its options from this
 
     m = load_manifest(args.artifacts)
     backend = OnnxRuntimeBackend(m, threads=args.threads)

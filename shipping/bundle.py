@@ -33,9 +33,9 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable
 
 from exporter.manifest import MANIFEST, load_manifest
-from koala_trt import __version__
-from koala_trt.atomic import staged_dir, staged_file
-from koala_trt.errors import KoalaError, UsageError
+from koala_core import __version__
+from koala_core.atomic import staged_dir, staged_file
+from koala_core.errors import KoalaError, UsageError
 from shipping import engines_manifest as em
 from shipping.device import DeviceInfo, detect, engine_problems
 

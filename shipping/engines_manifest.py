@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from koala_trt.errors import UsageError
-from koala_trt.jsonfile import parse_json, read_folder_manifest
+from koala_core.errors import UsageError
+from koala_core.jsonfile import parse_json, read_folder_manifest
 
 MANIFEST = "manifest.json"
 FORMAT_KEY, FORMAT = "format", "koala-trt/engines"

@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 from exporter.manifest import MANIFEST, Manifest, load_manifest
 from exporter.specs import ComponentSpec
-from koala_trt import __version__
-from koala_trt.atomic import staged_dir
-from koala_trt.errors import UsageError
+from koala_core import __version__
+from koala_core.atomic import staged_dir
+from koala_core.errors import UsageError
 from shipping import engines_manifest as em
 from shipping.triton_io import TritonTensor, batchable, triton_tensor
 

@@ -14,7 +14,7 @@ from engines.bench import BenchOptions, component_batches, latency_stats, run_be
 from engines.runtime import OnnxRuntimeBackend
 from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets, Request, Sampler
 from exporter.manifest import load_manifest
-from koala_trt.machine import machine_facts
+from koala_core.machine import machine_facts
 
 SIZE = ["--height", "128", "--width", "128"]
 

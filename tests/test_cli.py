@@ -88,3 +88,27 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
     code, _, err = run_cli("--debug", "inspect", str(tmp_path / "missing"))
     assert code == 2
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("Error:")
+
+
+def test_lower_layers_never_import_the_cli_package() -> None:
+    """Data flows one way: exporter/, calibration/, engines/, shipping/ and koala_core/ never import
+    koala_trt (the CLI); koala_core imports none of the other packages."""
+    import ast
+
+    root = Path(__file__).parents[1]
+
+    def imported(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        return names
+
+    bad = [str(p.relative_to(root)) for d in ("exporter", "calibration", "engines", "shipping", "koala_core")
+           for p in (root / d).rglob("*.py") if "koala_trt" in imported(p)]
+    assert bad == []
+    upward = {"koala_trt", "exporter", "calibration", "engines", "shipping"}
+    core = [str(p.relative_to(root)) for p in (root / "koala_core").rglob("*.py") if imported(p) & upward]
+    assert core == []

@@ -23,7 +23,7 @@ from engines.engine_manifest import check_compatible, load_engines_manifest
 from engines.profile import load_profile
 from engines.runtime_trt import check_feed_shapes
 from exporter.manifest import load_manifest
-from koala_trt.errors import KoalaError, UsageError
+from koala_core.errors import KoalaError, UsageError
 
 RTX4090 = DeviceInfo("NVIDIA GeForce RTX 4090", "8.9", 24 << 30, "12.8", "12.6")
 RTX3060TI = DeviceInfo("NVIDIA GeForce RTX 3060 Ti", "8.6", 8 << 30, "12.8", "12.6")

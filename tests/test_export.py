@@ -80,7 +80,7 @@ def test_sdxl_shaped_unet_with_mid_block(tmp_path: Path) -> None:
 def test_tolerance_failure_fails_and_names_the_output(tmp_path: Path, tiny_source) -> None:
     from exporter.export import ExportOptions, export
     from exporter.metrics import Tolerance
-    from koala_trt.errors import CheckFailed
+    from koala_core.errors import CheckFailed
 
     opts = ExportOptions(components=["text_encoder"], tolerance=Tolerance(rel_l2=0.0, max_abs_rel=0.0))
     with pytest.raises(CheckFailed, match=r"text_encoder\.hidden_states: relative L2 .* > 0"):
@@ -136,8 +136,8 @@ def test_inspect_artifacts(tiny_artifacts: Path) -> None:
 
 
 def test_corrupt_onnx_is_a_clear_error(tmp_path: Path) -> None:
-    from koala_trt.errors import KoalaError
-    from koala_trt.ort import make_session
+    from koala_core.errors import KoalaError
+    from koala_core.ort import make_session
 
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not a protobuf" * 10)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli
 from engines.profile import builtin_names, load_profile, profile_from_dict
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 from test_cli import assert_one_line_error
 
 SHIPPED = {"rtx3060ti": ("8.6", 8), "rtx2080ti": ("7.5", 11), "rtx4090": ("8.9", 24), "l4": ("8.9", 24),

@@ -152,7 +152,7 @@ def test_assets_from_an_engines_folder(tiny_artifacts: Path, tmp_path: Path) -> 
         (ref.steps, ref.guidance, ref.scaling_factor, ref.scheduler_config)
     sampler = Sampler(OnnxRuntimeBackend(m), assets)
     sampler.backend.shape_range = lambda c: profile  # type: ignore[method-assign]  # as an engines backend reports
-    from koala_trt.errors import UsageError
+    from koala_core.errors import UsageError
 
     with pytest.raises(UsageError, match="outside the sizes unet was exported for"):
         sampler.plan(Request(PROMPT, height=256, width=256))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engines.scheduler_euler import EulerDiscreteScheduler
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 SDXL = json.loads(resources.files("exporter").joinpath("configs/sdxl-scheduler.json").read_text())
 CONFIGS = {

@@ -531,7 +531,7 @@ def _triton_python_backend_standin(repo: Path):
     as Triton would. What it checks: model.py's marshalling, the sampler wiring and the image out."""
     import types
 
-    from koala_trt.ort import make_session
+    from koala_core.ort import make_session
 
     sessions: dict[str, object] = {}
 

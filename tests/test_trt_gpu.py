@@ -132,7 +132,7 @@ def test_buffers_persist_inputs_are_not_recopied_and_graphs_replay(engines_dir: 
 
 def test_shape_outside_the_profile_is_a_clear_error(engines_dir: Path) -> None:
     from engines.runtime_trt import TensorRTBackend
-    from koala_trt.errors import UsageError
+    from koala_core.errors import UsageError
 
     with TensorRTBackend(engines_dir) as b:
         feeds = b.specs["unet"].dummy_inputs(2, 2 * SIZE, SIZE)
@@ -154,7 +154,7 @@ def test_sequential_residency_runs_one_engine_at_a_time(engines_dir: Path, tiny_
 
 def test_other_tensorrt_version_in_manifest_is_refused(engines_dir: Path, tmp_path: Path) -> None:
     from engines.runtime_trt import TensorRTBackend
-    from koala_trt.errors import KoalaError
+    from koala_core.errors import KoalaError
 
     copy = tmp_path / "copy"
     shutil.copytree(engines_dir, copy)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.validation.results import Check, Measured
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 FORMAT = "koala-trt-validate-baseline/1"
 DEFAULT_MARGIN = 0.5
@@ -57,7 +57,7 @@ def baseline_json(checks: list[Check], settings: dict[str, Any], artifacts: str)
 
 
 def read_baseline(path: Path) -> dict[str, Any]:
-    from koala_trt.jsonfile import read_json
+    from koala_core.jsonfile import read_json
 
     data = read_json(Path(path))
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("metrics"), dict):

@@ -15,7 +15,7 @@ import numpy as np
 from engines.validation.results import Check, Measured, finite_or_none
 from engines.validation.tolerances import passes
 from exporter.metrics import ErrorStats, error_stats
-from koala_trt.errors import KoalaError
+from koala_core.errors import KoalaError
 
 
 @contextlib.contextmanager

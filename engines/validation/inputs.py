@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from exporter.specs import ComponentSpec, ShapeRange
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 
 @dataclass

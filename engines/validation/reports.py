@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from koala_trt.atomic import staged_file
+from koala_core.atomic import staged_file
 
 
 def _fmt(v: Any, metric: str = "") -> str:

@@ -26,7 +26,7 @@ from typing import Iterable
 from calibration.accuracy import TOLERANCES as CONVERSION_TOLERANCES
 from exporter.check import FP32_COMPONENT_TOLERANCES, FP32_TOLERANCE
 from exporter.specs import COMPONENTS
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 END_TO_END = "end_to_end"

@@ -31,7 +31,7 @@ def make_check(onnx_dir: Path, heldout: Path | None, heldout_num: int, steps: in
     from calibration.accuracy import AccuracyOptions, accuracy_report
     from calibration.dataset import load_prompts
     from exporter.manifest import load_manifest
-    from koala_trt.errors import UsageError
+    from koala_core.errors import UsageError
 
     if heldout_num < 1 or steps < 1:
         raise UsageError("--heldout-num and --accuracy-steps must be at least 1")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from koala_trt.commands.common import check_backend_sources, log, print_json, table
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 
 def _fmt_s(v: float) -> str:
@@ -34,7 +34,7 @@ def result_table(data: dict[str, Any]) -> str:
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     from engines.bench import CSV_FIELDS
-    from koala_trt.atomic import staged_file
+    from koala_core.atomic import staged_file
 
     with staged_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -84,7 +84,7 @@ def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model:
                          f"the sampler's components are {', '.join(SAMPLER_COMPONENTS)}")
     opts.check()
     if csv_path is not None:
-        from koala_trt.atomic import check_writable_parent
+        from koala_core.atomic import check_writable_parent
 
         if csv_path.is_dir():
             raise UsageError(f"--csv {csv_path} is a folder; give a file name")

@@ -81,7 +81,7 @@ def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, componen
             print_plan(plan, dry_run=True)
         return
     from engines.build import missing_requirements, run_build
-    from koala_trt.errors import KoalaError
+    from koala_core.errors import KoalaError
 
     missing = missing_requirements()
     if missing:

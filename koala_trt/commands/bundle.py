@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from koala_trt.commands.common import log, print_json
-from koala_trt.errors import KoalaError
+from koala_core.errors import KoalaError
 
 
 def _size(n: int) -> str:

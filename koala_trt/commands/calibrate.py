@@ -25,8 +25,8 @@ def calibrate_cmd(model: str, out: Path, prompts_file: Path | None, num: int, st
     from calibration.capture import CaptureOptions, capture
     from calibration.dataset import load_prompts
     from exporter.sources import resolve
-    from koala_trt.errors import UsageError
-    from koala_trt.meter import Meter
+    from koala_core.errors import UsageError
+    from koala_core.meter import Meter
 
     if num < 1:
         raise UsageError("--num must be at least 1")

@@ -38,7 +38,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def check_backend_sources(backend: str, artifacts: Any, model: str | None, engines: Any) -> None:
     """Which of --artifacts / --model / --engines each runtime backend reads (generate, bench)."""
-    from koala_trt.errors import UsageError
+    from koala_core.errors import UsageError
 
     if backend == "onnxruntime" and artifacts is None:
         raise UsageError("--backend onnxruntime needs --artifacts DIR (from `koala-trt export`)")

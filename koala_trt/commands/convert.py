@@ -27,7 +27,7 @@ def convert_cmd(onnx_dir: Path, precision: str, out: Path, components: tuple[str
     """Make an FP16 artifacts folder: U-Net and text encoders in FP16 with FP32 islands, graph I/O unchanged."""
     from calibration.fp16 import FP16_COMPONENTS, KEEP_FP32_OPS, Fp16Options, convert_fp16
     from exporter.specs import parse_components
-    from koala_trt.errors import UsageError
+    from koala_core.errors import UsageError
 
     if samples < 1:
         raise UsageError("--samples must be at least 1")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from koala_trt.commands.common import check_backend_sources, log, print_json, table
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 
 def _load_latents(path: Path) -> Any:
@@ -27,7 +27,7 @@ def _load_latents(path: Path) -> Any:
 
 
 def _check_out(out: Path) -> None:
-    from koala_trt.atomic import check_writable_parent
+    from koala_core.atomic import check_writable_parent
 
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'image.png'}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from koala_trt.commands.common import components_option, log, print_json, table
-from koala_trt.errors import CheckFailed, UsageError
+from koala_core.errors import CheckFailed, UsageError
 
 DEFAULT_PROMPTS = 2  # from calibration/heldout_prompts.txt when --prompts is not given
 
@@ -69,11 +69,11 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     2 on usage errors."""
     from engines.validation import baseline as bl
     from engines.validation.reports import SUMMARY_HEADER, summary_rows, write_junit, write_markdown
-    from koala_trt.jsonfile import write_json
+    from koala_core.jsonfile import write_json
     from engines.validation.run import ValidateOptions, default_size, finish, settings, validate
     from engines.validation.tolerances import parse_overrides
     from exporter.specs import COMPONENTS, parse_components
-    from koala_trt.atomic import check_writable_parent
+    from koala_core.atomic import check_writable_parent
 
     overrides = parse_overrides(tolerances)
     names = parse_components(components, default=tuple(COMPONENTS)) if components else None

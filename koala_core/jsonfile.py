@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 
 def parse_json(raw: bytes | str, path: Path | str) -> Any:
@@ -19,7 +19,7 @@ def parse_json(raw: bytes | str, path: Path | str) -> Any:
 
 def write_json(path: Path, data: dict[str, Any], allow_nan: bool = True) -> None:
     """Write under a temporary name, then rename. allow_nan=False: strict JSON (reports for CI)."""
-    from koala_trt.atomic import staged_file
+    from koala_core.atomic import staged_file
 
     with staged_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, allow_nan=allow_nan) + "\n", encoding="utf-8")

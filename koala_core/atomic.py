@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from koala_trt.errors import UsageError
+from koala_core.errors import UsageError
 
 
 def check_writable_parent(out: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from koala_trt.errors import KoalaError, UsageError
+from koala_core.errors import KoalaError, UsageError
 
 
 def available_providers() -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engines.validation.results import Check, Measured
-from engines.validation.tolerances import END_TO_END, Override, check_precision, end_to_end_precision, limits_for
+from exporter.tolerances import END_TO_END, Override, check_precision, end_to_end_precision, limits_for
 from koala_core.errors import UsageError
 
 Log = Callable[[str], None]

@@ -71,7 +71,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     from engines.validation.reports import SUMMARY_HEADER, summary_rows, write_junit, write_markdown
     from koala_core.jsonfile import write_json
     from engines.validation.run import ValidateOptions, default_size, finish, settings, validate
-    from engines.validation.tolerances import parse_overrides
+    from exporter.tolerances import parse_overrides
     from exporter.specs import COMPONENTS, parse_components
     from koala_core.atomic import check_writable_parent
 

@@ -31,14 +31,12 @@ def check_out_file(out: Path, flag: str = "--out", example: str = "") -> None:
 def check_out_dir(out: Path, force: bool, flag: str = "--out") -> None:
     """A folder to write (staged, renamed when complete): refused when it exists without --force, or when
     its parent cannot be written; checked before any model is loaded."""
-    from koala_core.atomic import check_writable_parent
+    from koala_core.atomic import check_new_dir
     from koala_core.errors import UsageError
 
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it")
+    check_new_dir(out, force)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is a file; give a folder name")
-    check_writable_parent(out)
 
 
 def log(message: str) -> None:

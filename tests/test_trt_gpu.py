@@ -362,6 +362,14 @@ def _triton_standin_over_engines(repo: Path, backend):  # type: ignore[no-untype
     return pb, plans
 
 
+def _same_image(a: np.ndarray, b: np.ndarray) -> None:
+    """The same plans on the same inputs in the same order (one sampler): equal images, up to one grey
+    level where a last-bit difference of a kernel (run to run) crosses a rounding boundary of the
+    uint8 cast; a different input, step count or component gives differences of many levels."""
+    assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape
+    assert int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()) <= 1
+
+
 def test_typed_engines_generate_and_serve_from_triton(typed: tuple[str, Path, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """`koala-trt generate --backend tensorrt` on the plans, and the repository's Python model
@@ -375,13 +383,19 @@ def test_typed_engines_generate_and_serve_from_triton(typed: tuple[str, Path, Pa
 
     precision, folder, engines = typed
     prompt = "a koala reading a newspaper in a cafe"
-    png = tmp_path / "g.png"
-    code, stdout, err = run_cli("generate", "--engines", engines, "--backend", "tensorrt", "--prompt", prompt, "--seed", "3",
-                                "--steps", "4", "--height", SIZE, "--width", SIZE, "--out", png, "--no-progress", "--json")
-    assert code == 0, err
-    assert json.loads(stdout)["images"] == [str(png)]
-    generated = np.asarray(Image.open(png).convert("RGB"))
-    assert generated.shape == (SIZE, SIZE, 3) and generated.std() > 1
+    common = ("--backend", "tensorrt", "--engines", engines, "--prompt", prompt, "--seed", "3", "--steps", "4",
+              "--height", SIZE, "--width", SIZE, "--no-progress", "--json")
+    images = {}
+    for how, extra in (("engines only", ()), ("with artifacts", ("--artifacts", folder))):
+        png = tmp_path / f"{len(images)}.png"
+        code, stdout, err = run_cli("generate", *extra, *common, "--out", png)
+        assert code == 0, (how, err)
+        assert json.loads(stdout)["images"] == [str(png)]
+        images[how] = np.asarray(Image.open(png).convert("RGB"))
+        assert images[how].shape == (SIZE, SIZE, 3) and images[how].std() > 1, how
+    # tokenizers, scheduler and defaults from the engines folder or from the artifacts: one pipeline
+    _same_image(images["engines only"], images["with artifacts"])
+    generated = images["with artifacts"]
 
     repo = tmp_path / "repo"
     code, stdout, err = run_cli("triton", "--artifacts", folder, "--engines", engines, "--out", repo, "--json")
@@ -403,10 +417,7 @@ def test_typed_engines_generate_and_serve_from_triton(typed: tuple[str, Path, Pa
         assert not response.has_error(), response.error().message()
         image = pb.get_output_tensor_by_name(response, "image").as_numpy()
         model.finalize()
-    # The same plans on the same inputs in the same order (one sampler): equal images, up to one grey
-    # level where a last-bit difference of a kernel crosses a rounding boundary of the uint8 cast.
-    assert image.dtype == np.uint8 and image.shape == generated.shape
-    assert int(np.abs(image.astype(np.int16) - generated.astype(np.int16)).max()) <= 1
+    _same_image(image, generated)
 
 
 def test_triton_batch_limit_fits_the_engines(typed: tuple[str, Path, Path], tmp_path: Path) -> None:

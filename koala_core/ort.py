@@ -7,6 +7,15 @@ from typing import Any
 
 from koala_core.errors import KoalaError, UsageError
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# A provider as InferenceSession takes it: a name, or (name, options).
+Provider = str | tuple[str, dict[str, str]]
+# The CUDA provider runs FP32 MatMul/Gemm (cuBLAS) and Conv (cuDNN) in TF32 on sm_80+ unless its
+# `use_tf32` option is "0" (onnxruntime >= 1.18; the [gpu] extra needs >= 1.20). TF32 keeps 10
+# mantissa bits (unit roundoff ~4.9e-4), so a TF32 "reference" cannot tell a TF32 candidate apart.
+FP32_CUDA_OPTIONS = {"use_tf32": "0"}
+
 
 def available_providers() -> list[str]:
     import onnxruntime as ort
@@ -14,9 +23,24 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def make_session(path: Path | str, providers: list[str] | None = None, threads: int | None = None,
+def default_providers(available: list[str]) -> list[Provider]:
+    """The product's order: CUDA first where onnxruntime-gpu offers it, else CPU (TF32 as the CUDA
+    provider defaults: speed for running the pipeline, not a reference)."""
+    return [p for p in (CUDA, CPU) if p in available]
+
+
+def fp32_providers(available: list[str] | None = None) -> list[Provider]:
+    """Providers for an FP32 *reference* (what a TensorRT engine or a precision variant is compared
+    with): the CUDA provider with TF32 off where onnxruntime-gpu offers it, then CPU (IEEE FP32)."""
+    available = available_providers() if available is None else available
+    cuda: list[Provider] = [(CUDA, dict(FP32_CUDA_OPTIONS))] if CUDA in available else []
+    return [*cuda, CPU]
+
+
+def make_session(path: Path | str, providers: list[Provider] | None = None, threads: int | None = None,
                  optimize: bool = True) -> Any:
-    """An InferenceSession for `path`: CUDA first where onnxruntime-gpu offers it, else CPU."""
+    """An InferenceSession for `path` on `providers` [default: `default_providers`; for an FP32
+    reference pass `fp32_providers()`]."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -25,7 +49,7 @@ def make_session(path: Path | str, providers: list[str] | None = None, threads: 
     if not path.is_file():
         raise UsageError(f"missing ONNX file {path}")
     if providers is None:
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        providers = default_providers(list(ort.get_available_providers()))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:

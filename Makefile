@@ -25,7 +25,7 @@ install-gpu:
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	-$(BIN)/python -m pip uninstall -q -y onnxruntime
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,gpu,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,gpu,precision,test]'
 	@touch $(VENV)/.installed-gpu
 
 test: install

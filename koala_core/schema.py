@@ -6,6 +6,7 @@ never as a KeyError further on."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from koala_core.errors import KoalaError, UsageError
@@ -132,3 +133,23 @@ class Fields:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
             raise self.err(unknown[0], "is not a known field (check its spelling)")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file's entry in a manifest's "files" (or a calibration shard): its sha256 and size."""
+
+    sha256: str
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "bytes": self.bytes}
+
+    @staticmethod
+    def read(f: Fields) -> "FileRecord":
+        return FileRecord(f.string("sha256", required=True), f.integer("bytes", required=True, lo=0))
+
+
+def read_files(f: Fields, key: str = "files", required: bool = False) -> dict[str, FileRecord]:
+    """A table {relative path: {sha256, bytes}}."""
+    return {rel: FileRecord.read(t) for rel, t in f.tables(key, required).items()}

@@ -35,7 +35,7 @@ def copy_artifacts(src: Manifest, stage: Path) -> Manifest:
     copied as data, to be updated and saved by the caller."""
     import copy
 
-    for rel in src.data.get("files", {}):
+    for rel in src.view.files:
         if rel == ACCURACY:
             continue
         dst = stage / rel

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from calibration.dataset import CALIB_FORMAT, CALIB_MANIFEST, CalibrationSet, load_calibration, shard_name
+from calibration.dataset import CalibrationSet, load_calibration, shard_name
+from calibration.manifest import CALIB_FORMAT, CALIB_MANIFEST, FORMAT_VERSION
 from exporter.manifest import sha256_file
 from exporter.sources import ModelSource
 from koala_core.atomic import check_writable_parent, staged_file
@@ -80,19 +81,19 @@ def _open_set(out: Path, settings: dict[str, Any], force: bool, log: Log) -> Cal
             raise UsageError(f"{out} holds a calibration set recorded with different settings ({', '.join(diff)}); "
                              "pass --force to replace it, or choose another --out")
         kept = []
-        for entry in cs.shards:
-            p = out / entry["file"]
-            if p.is_file() and p.stat().st_size == entry["bytes"] and sha256_file(p) == entry["sha256"]:
-                kept.append(entry)
+        for doc, entry in zip(cs.shards, cs.view.shards):
+            p = out / entry.file
+            if p.is_file() and p.stat().st_size == entry.bytes and sha256_file(p) == entry.sha256:
+                kept.append(doc)
             else:
-                log(f"shard {entry['file']} is missing or corrupt: recording it again")
+                log(f"shard {entry.file} is missing or corrupt: recording it again")
         cs.data["shards"] = kept
         if kept:
             log(f"resuming {out}: {len(kept)}/{len(settings['prompts'])} prompts already recorded")
         return cs
     check_writable_parent(out)
     out.mkdir(parents=True)
-    cs = CalibrationSet(out, {"format": CALIB_FORMAT, "format_version": 1, "settings": settings, "shards": []})
+    cs = CalibrationSet(out, {"format": CALIB_FORMAT, "format_version": FORMAT_VERSION, "settings": settings, "shards": []})
     cs.save()
     return cs
 
@@ -136,7 +137,7 @@ def capture(source: ModelSource, out: Path, opts: CaptureOptions, log: Log = pri
     _validate(source, opts)
     settings = _settings(source, opts)
     cs = _open_set(Path(out), settings, opts.force, log)
-    done = {e["prompt_index"] for e in cs.shards}
+    done = {e.prompt_index for e in cs.view.shards}
     todo = [i for i in range(len(opts.prompts)) if i not in done]
     if not todo:
         log(f"{out}: all {len(opts.prompts)} prompts already recorded")

@@ -18,14 +18,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from calibration.manifest import (CALIB_FORMAT, CALIB_MANIFEST, CalibrationView, ShardRecord, load_calibration_manifest,
+                                  read_calibration, write_calibration)
 from exporter.manifest import sha256_file
-from koala_core.jsonfile import write_json
 from exporter.specs import ComponentSpec
 from koala_core.errors import KoalaError, UsageError
-from koala_core.jsonfile import read_folder_manifest
 
-CALIB_MANIFEST = "manifest.json"
-CALIB_FORMAT = "koala-trt/calibration"
+__all__ = ["CALIB_FORMAT", "CALIB_MANIFEST", "CalibrationSet", "check_same_unet", "load_calibration", "load_prompts",
+           "shard_name", "step_feeds"]
+
 PER_STEP = ("sample", "timestep")  # recorded at every step; the other U-Net inputs once per shard
 
 
@@ -51,43 +52,53 @@ def shard_name(index: int) -> str:
 
 @dataclass
 class CalibrationSet:
+    """The folder and its manifest document: `view` for reading, `data` for `koala-trt calibrate`,
+    which appends shards to it."""
+
     root: Path
     data: dict[str, Any]
 
     @property
+    def view(self) -> CalibrationView:
+        return read_calibration(self.data, str(self.root / CALIB_MANIFEST))
+
+    @property
     def settings(self) -> dict[str, Any]:
+        """The settings as a document (compared whole when a capture resumes)."""
         return self.data["settings"]
 
     @property
     def shards(self) -> list[dict[str, Any]]:
+        """The shard entries as a document (the capture appends to it); read through `view.shards`."""
         return self.data["shards"]
 
     @property
     def complete(self) -> bool:
-        return len(self.shards) == len(self.settings["prompts"])
+        v = self.view
+        return len(v.shards) == len(v.settings.prompts)
 
     @property
     def num_samples(self) -> int:
-        return sum(len(s["timesteps"]) for s in self.shards)
+        return sum(len(s.timesteps) for s in self.view.shards)
 
     def save(self) -> None:
-        write_json(self.root / CALIB_MANIFEST, self.data)
+        write_calibration(self.root, self.data)
 
     def verify(self) -> None:
         """Every shard present and matching its sha256 (one clear error for the first that is not)."""
-        for entry in self.shards:
+        for entry in self.view.shards:
             self._check_file(entry)
 
-    def _check_file(self, entry: dict[str, Any]) -> Path:
-        path = self.root / entry["file"]
+    def _check_file(self, entry: ShardRecord) -> Path:
+        path = self.root / entry.file
         where = f"calibration shard {path}"
         if not path.is_file():
             raise KoalaError(f"{where} is missing (re-run `koala-trt calibrate` to resume)")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
             raise KoalaError(f"{where} is corrupt: its sha256 does not match the calibration manifest (delete it and re-run `koala-trt calibrate` to recapture it)")
         return path
 
-    def load_shard(self, entry: dict[str, Any], spec: ComponentSpec | None = None) -> dict[str, np.ndarray]:
+    def load_shard(self, entry: ShardRecord, spec: ComponentSpec | None = None) -> dict[str, np.ndarray]:
         """One shard's arrays, checked against its sha256, its recorded shapes and (when given) the
         U-Net spec; any problem is one clear error naming the shard."""
         path = self._check_file(entry)
@@ -97,25 +108,25 @@ class CalibrationSet:
                 arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise KoalaError(f"{where} cannot be read: {e}") from None
-        for name, shape in entry["shapes"].items():
-            if name not in arrays or list(arrays[name].shape) != shape:
+        for name, shape in entry.shapes.items():
+            if name not in arrays or tuple(arrays[name].shape) != shape:
                 got = list(arrays[name].shape) if name in arrays else "missing"
-                raise KoalaError(f"{where} does not match its manifest: {name} is {got}, recorded {shape}")
+                raise KoalaError(f"{where} does not match its manifest: {name} is {got}, recorded {list(shape)}")
         if spec is not None:
             self.check_spec(spec, entry, arrays)
         return arrays
 
-    def check_spec(self, spec: ComponentSpec, entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    def check_spec(self, spec: ComponentSpec, entry: ShardRecord, arrays: dict[str, np.ndarray]) -> None:
         feeds = step_feeds(arrays, 0)
         try:
             spec.check_inputs(feeds)
         except UsageError as e:
-            raise KoalaError(f"calibration shard {self.root / entry['file']} does not fit this U-Net: {e}") from None
+            raise KoalaError(f"calibration shard {self.root / entry.file} does not fit this U-Net: {e}") from None
 
     def samples(self, spec: ComponentSpec | None = None, every: int = 1, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """U-Net feeds, shard by shard and step by step (every `every`-th step; at most `limit`)."""
         n = 0
-        for entry in self.shards:
+        for entry in self.view.shards:
             arrays = self.load_shard(entry, spec)
             for s in range(0, arrays["sample"].shape[0], every):
                 if limit is not None and n >= limit:
@@ -126,11 +137,12 @@ class CalibrationSet:
 
 def check_same_unet(calib: CalibrationSet, manifest: Any) -> None:
     """The calibration set must come from the U-Net the artifacts folder was exported from."""
-    want = manifest.data.get("source", {}).get("config_sha256", {}).get("unet")
-    got = calib.settings.get("config_sha256", {}).get("unet")
+    want = manifest.view.source.config_sha256.get("unet")
+    settings = calib.view.settings
+    got = settings.config_sha256.get("unet")
     if want and got and want != got:
-        raise UsageError(f"calibration set {calib.root} was recorded with a different U-Net ({calib.settings['model']}) "
-                         f"than {manifest.root} holds ({manifest.data['source']['model']})")
+        raise UsageError(f"calibration set {calib.root} was recorded with a different U-Net ({settings.model}) "
+                         f"than {manifest.root} holds ({manifest.view.source.model})")
 
 
 def step_feeds(arrays: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
@@ -139,11 +151,11 @@ def step_feeds(arrays: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray
 
 def load_calibration(root: Path | str, require_complete: bool = True) -> CalibrationSet:
     root = Path(root)
-    data = read_folder_manifest(root, CALIB_MANIFEST, CALIB_FORMAT, "calibration", "record one with `koala-trt calibrate`")
+    data, view = load_calibration_manifest(root)
     cs = CalibrationSet(root, data)
     if require_complete and not cs.complete:
-        raise UsageError(f"calibration set {root} is incomplete ({len(cs.shards)}/{len(cs.settings['prompts'])} prompts); "
+        raise UsageError(f"calibration set {root} is incomplete ({len(view.shards)}/{len(view.settings.prompts)} prompts); "
                          "re-run the same `koala-trt calibrate` command to finish it")
-    if not cs.shards:
+    if not view.shards:
         raise UsageError(f"calibration set {root} has no shards")
     return cs

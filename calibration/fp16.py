@@ -66,7 +66,7 @@ def _range_inputs(src: Manifest, name: str, opts: Fp16Options) -> list[dict[str,
         calib = load_calibration(opts.calib)
         check_same_unet(calib, src)
         return unet_samples(calib, spec, opts.samples)
-    exp = src.component(name)["export"]
+    exp = src.record(name).export or {}
     side = lambda v: max(spec.size_multiple, min(v, RANGE_SIDE) // spec.size_multiple * spec.size_multiple)  # noqa: E731
     return [spec.dummy_inputs(2, side(exp["height"]), side(exp["width"]), seed=10 + i) for i in range(min(opts.samples, 2))]
 
@@ -206,7 +206,7 @@ def convert_fp16(onnx_dir: Path, out: Path, opts: Fp16Options, log: Log = print,
         manifest = copy_artifacts(src, stage)
         for i, name in enumerate(names, 1):
             log(f"[{i}/{len(names)}] {name}: FP16 with FP32 islands (ModelOpt AutoCast)")
-            info = convert_component(src, name, stage / src.component(name)["file"], opts, log, scratch=stage.parent)
+            info = convert_component(src, name, stage / src.record(name).file, opts, log, scratch=stage.parent)
             c = manifest.component(name)
             c["precision"] = "fp16"
             c["conversion"] = info

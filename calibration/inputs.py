@@ -18,7 +18,7 @@ def token_ids(manifest: Manifest, component: str, prompts: list[str]) -> dict[st
 
     spec = manifest.spec(component)
     seq = int(spec.inputs[0].dims[1])
-    tok_dir = manifest.root / manifest.data["tokenizers"][0 if component == "text_encoder" else 1]
+    tok_dir = manifest.root / manifest.view.tokenizers[0 if component == "text_encoder" else 1]
     tok = CLIPTokenizer.from_pretrained(str(tok_dir))
     ids = tok(prompts, padding="max_length", max_length=seq, truncation=True, return_tensors="np").input_ids
     return {spec.inputs[0].name: ids.astype(np.int32)}
@@ -35,7 +35,8 @@ def spread(items: list[Any], n: int) -> list[Any]:
 def unet_samples(calib: Any, spec: ComponentSpec, limit: int) -> list[dict[str, np.ndarray]]:
     """Up to `limit` U-Net feeds from a calibration set, spread over prompts and denoising steps
     (the early, high-noise steps carry the largest activations)."""
-    entries = spread(calib.shards, max(1, min(len(calib.shards), limit)))
+    shards = list(calib.view.shards)
+    entries = spread(shards, max(1, min(len(shards), limit)))
     per = max(1, -(-limit // len(entries)))
     out: list[dict[str, np.ndarray]] = []
     from calibration.dataset import step_feeds

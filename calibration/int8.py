@@ -115,7 +115,7 @@ def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any
     # ONNX Runtime's QDQ layout also quantizes the outputs of the layers it quantizes.
     names += [o for n in chosen.values() for o in n.output if o not in set(names)]
     key = hashlib.sha256(json.dumps([sha256_file(unet), names, opts.max_samples,
-                                     [s["sha256"] for s in calib.shards]]).encode()).hexdigest()[:16]
+                                     [s.sha256 for s in calib.view.shards]]).encode()).hexdigest()[:16]
     cache = calib.root / f"ranges-{key}.json"
     if cache.is_file():
         try:
@@ -222,7 +222,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
     check_same_unet(calib, src)
     spec = src.spec("unet")
     calib.verify()  # fail early and clearly on a missing or corrupt shard
-    calib.load_shard(calib.shards[0], spec)  # ... or on one that does not fit this U-Net
+    calib.load_shard(calib.view.shards[0], spec)  # ... or on one that does not fit this U-Net
     unet = src.onnx_path("unet")
     big = any(p.name != unet.name for p in unet.parent.iterdir() if p.is_file())
     structure = onnx.load(str(unet), load_external_data=False)
@@ -244,12 +244,12 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
             else:
                 model = _onnxruntime(unet, plan, ranges, Path(tmp), big)
             census = qdq_census(model, plan)
-            save_onnx(model, stage / src.component("unet")["file"])
+            save_onnx(model, stage / src.record("unet").file)
             del model
         shutil.rmtree(scratch)
         if not census["quantized"]:
             raise KoalaError("the quantizer inserted no Q/DQ in front of any layer: the result would be an FP32 graph")
-        onnx.checker.check_model(str(stage / src.component("unet")["file"]))
+        onnx.checker.check_model(str(stage / src.record("unet").file))
         c = manifest.component("unet")
         c["precision"] = "int8"
         c["conversion"] = {

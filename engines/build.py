@@ -66,7 +66,7 @@ def _verify_sources(plan: BuildPlan) -> None:
             p = c.manifest.root / rel
             if not p.is_file():
                 raise UsageError(f"{name}: {p} is missing; export the folder again")
-            if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            if p.stat().st_size != meta.bytes or sha256_file(p) != meta.sha256:
                 raise UsageError(f"{name}: {p} does not match its sha256 in {c.manifest.root}/manifest.json "
                                  "(changed or corrupt); export it again")
 
@@ -146,7 +146,7 @@ def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_byte
         "inputs": {n: {"min": list(a), "opt": list(b), "max": list(x)} for n, (a, b, x) in c.profile_shapes.items()},
         "static": c.static, "io_dtypes": io_dtypes, "device_memory_bytes": device_memory_bytes, "layers": layers,
         "source": {"artifacts": str(c.manifest.root), "onnx": str(c.onnx_path), "onnx_sha256": c.onnx_sha256,
-                   "onnx_bytes": c.onnx_bytes, "files": c.onnx_files},
+                   "onnx_bytes": c.onnx_bytes, "files": {rel: f.to_json() for rel, f in c.onnx_files.items()}},
         "stripped": stripped, "build_seconds": round(seconds, 2),
     }
 

@@ -18,6 +18,7 @@ from engines.profile import GIB, GpuProfile
 from exporter.manifest import Manifest, load_manifest
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import UsageError
+from koala_core.schema import FileRecord
 
 TRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu11")
 TIMING_CACHE = "timing.cache"
@@ -65,7 +66,7 @@ class ComponentBuild:
     shape_range: ShapeRange
     profile_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
     engine: str
-    onnx_files: dict[str, dict[str, Any]]  # rel path -> {sha256, bytes} as the artifacts manifest records them
+    onnx_files: dict[str, FileRecord]  # rel path -> sha256 and size, as the artifacts manifest records them
 
     @property
     def onnx_path(self) -> Path:
@@ -73,11 +74,11 @@ class ComponentBuild:
 
     @property
     def onnx_sha256(self) -> str:
-        return self.onnx_files[self.manifest.component(self.component)["file"]]["sha256"]
+        return self.onnx_files[self.manifest.record(self.component).file].sha256
 
     @property
     def onnx_bytes(self) -> int:
-        return sum(f["bytes"] for f in self.onnx_files.values())
+        return sum(f.bytes for f in self.onnx_files.values())
 
     @property
     def static(self) -> bool:
@@ -148,10 +149,10 @@ def build_command(args: dict[str, Any], out: Path | str) -> str:
 
 # ----- making the plan -------------------------------------------------------------------------
 
-def _component_files(m: Manifest, component: str) -> dict[str, dict[str, Any]]:
-    files = {rel: meta for rel, meta in m.data.get("files", {}).items() if rel.startswith(f"{component}/")}
-    if m.component(component)["file"] not in files:
-        raise UsageError(f"{m.root}/manifest.json records no sha256 for {m.component(component)['file']}; "
+def _component_files(m: Manifest, component: str) -> dict[str, FileRecord]:
+    files = {rel: meta for rel, meta in m.view.files.items() if rel.startswith(f"{component}/")}
+    if m.record(component).file not in files:
+        raise UsageError(f"{m.root}/manifest.json records no sha256 for {m.record(component).file}; "
                          "the folder is incomplete: export it again")
     return files
 
@@ -233,8 +234,8 @@ def estimate_memory(plan: BuildPlan, log: Any = None) -> MemoryPlan:
     precisions = {k: c.precision for k, c in comps.items()}
     weights = {k: c.onnx_bytes for k, c in comps.items()}
     first = next(iter(comps.values())).manifest if comps else None
-    model = first.data.get("source", {}).get("model", "?") if first else "?"
-    parameters = {k: int(c.manifest.component(k).get("parameters", 0)) for k, c in comps.items()}
+    model = first.view.source.model if first else "?"
+    parameters = {k: c.manifest.record(k).parameters or 0 for k, c in comps.items()}
     try:
         import torch  # noqa: F401
 

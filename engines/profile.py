@@ -48,6 +48,7 @@ from typing import Any, Mapping
 
 from exporter.specs import COMPONENTS, ShapeRange
 from koala_core.errors import UsageError
+from koala_core.schema import Fields as _Fields, Triple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,8 +61,6 @@ REFIT = ("none", "identical")
 RESIDENCY = ("resident", "sequential")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 GIB = 1 << 30
-
-Triple = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -186,78 +185,6 @@ def _static(flag: str, v: int) -> Triple:
 
 
 # ----- loading and validation -----------------------------------------------------------------
-
-class _Fields:
-    """Reads one TOML table, naming each field in its errors, and rejects unknown keys."""
-
-    def __init__(self, where: str, table: Any, prefix: str) -> None:
-        if not isinstance(table, Mapping):
-            raise UsageError(f"{where}: field {prefix.rstrip('.') or 'top level'} must be a table")
-        self.where, self.table, self.prefix, self.used = where, table, prefix, set()
-
-    def err(self, key: str, what: str) -> UsageError:
-        return UsageError(f"{self.where}: field {self.prefix}{key} {what}")
-
-    def get(self, key: str, default: Any = None, required: bool = False) -> Any:
-        self.used.add(key)
-        if key not in self.table:
-            if required:
-                raise self.err(key, "is required")
-            return default
-        return self.table[key]
-
-    def string(self, key: str, default: str | None = None, choices: tuple[str, ...] | None = None,
-               required: bool = False) -> str:
-        v = self.get(key, default, required)
-        if not isinstance(v, str):
-            raise self.err(key, f"must be a string (got {v!r})")
-        if choices and v not in choices:
-            raise self.err(key, f"must be one of {', '.join(choices)} (got {v!r})")
-        return v
-
-    def boolean(self, key: str, default: bool) -> bool:
-        v = self.get(key, default)
-        if not isinstance(v, bool):
-            raise self.err(key, f"must be true or false (got {v!r})")
-        return v
-
-    def number(self, key: str, default: float | None = None, lo: float = 0.0, required: bool = False,
-               positive: bool = False) -> float:
-        v = self.get(key, default, required)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise self.err(key, f"must be a number (got {v!r})")
-        if v < lo or (positive and v <= 0):
-            raise self.err(key, f"must be {'positive' if positive else f'at least {lo}'} (got {v!r})")
-        return float(v)
-
-    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
-        v = self.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise self.err(key, f"must be an integer {lo}..{hi} (got {v!r})")
-        return v
-
-    def triple(self, key: str, default: Triple, multiple: int = 1) -> Triple:
-        v = self.get(key, default)
-        if isinstance(v, int) and not isinstance(v, bool):
-            v = (v, v, v)
-        if (not isinstance(v, (list, tuple)) or len(v) != 3
-                or any(isinstance(x, bool) or not isinstance(x, int) for x in v)):
-            raise self.err(key, f"must be an integer or a list [min, opt, max] of integers (got {v!r})")
-        lo, opt, hi = v
-        if lo < 1 or not lo <= opt <= hi:
-            raise self.err(key, f"must satisfy 1 <= min <= opt <= max (got {list(v)})")
-        if any(x % multiple for x in v):
-            raise self.err(key, f"must be multiples of {multiple} (got {list(v)})")
-        return (lo, opt, hi)
-
-    def table_of(self, key: str) -> "_Fields":
-        return _Fields(self.where, self.get(key, {}), f"{self.prefix}{key}.")
-
-    def done(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise self.err(unknown[0], "is not a known field (check its spelling)")
-
 
 def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> GpuProfile:
     """Validate a parsed TOML document; every error names the offending field."""

@@ -66,7 +66,8 @@ class OnnxRuntimeBackend:
             self.session(name)
 
     def shape_range(self, component: str) -> ShapeRange | None:
-        return self.manifest.shape_range(component) if component in self.manifest.components else None
+        c = self.manifest.view.components.get(component)
+        return c.shape_range if c is not None else None
 
     def describe(self) -> str:
         used = sorted({p for s in self._sessions.values() for p in s.get_providers()})  # type: ignore[attr-defined]

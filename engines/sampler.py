@@ -53,7 +53,7 @@ class PipelineAssets:
         """From an artifacts folder: the manifest's specs, shape ranges, "sampler" and "vae" entries,
         plus tokenizer/, tokenizer_2/ and the scheduler config beside it."""
         specs = m.specs()
-        return cls._from_folder(m.root, m.data, specs, {n: m.shape_range(n) for n in specs if "shape_range" in m.components[n]},
+        return cls._from_folder(m.root, m.data, specs, {n: c.shape_range for n, c in m.view.components.items() if c.shape_range is not None},
                                 "re-export the artifacts with `koala-trt export`")
 
     @classmethod

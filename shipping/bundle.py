@@ -32,16 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable
 
-from exporter.manifest import MANIFEST, load_manifest
+from exporter.manifest import MANIFEST, load_manifest, read_artifacts
 from koala_core import __version__
 from koala_core.atomic import staged_dir, staged_file
-from koala_core.errors import KoalaError, UsageError
+from koala_core.errors import UsageError
+from koala_core.schema import FileRecord
 from shipping import engines_manifest as em
+from shipping.bundle_manifest import (BUNDLE_MANIFEST, FORMAT, FORMAT_VERSION, BundleProblem, BundleView, bundle_json,
+                                      parse_bundle)
 from shipping.device import DeviceInfo, detect, engine_problems
 
-BUNDLE_MANIFEST = "bundle.json"
-FORMAT = "koala-trt/bundle"
-FORMAT_VERSION = 1
+__all__ = ["BUNDLE_MANIFEST", "FORMAT", "FORMAT_VERSION", "BundleProblem", "PackResult", "Report", "pack", "plan_bundle",
+           "unpack", "verify"]
+
 ENGINES_DIR = "engines"
 ENGINES_MANIFEST = f"{ENGINES_DIR}/{em.MANIFEST}"
 CHUNK = 4 << 20
@@ -50,10 +53,6 @@ MAX_JSON_BYTES = 64 << 20  # bundle.json and the two manifests are read into mem
 LOUD_BYTES = 256 << 20  # files at least this big get a progress line
 
 Log = Callable[[str], None]
-
-
-class BundleProblem(KoalaError):
-    """The bundle is corrupt, incomplete, unsafe or not meant for this machine (exit 1)."""
 
 
 def _quiet(_: str) -> None:
@@ -136,7 +135,8 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
     """bundle.json's content and the files to pack, checked for completeness (names and sizes)
     before anything is written; hashes come from the manifests and are re-checked while packing."""
     m = load_manifest(artifacts)
-    files: dict[str, dict[str, Any]] = m.data.get("files") or {}
+    view = m.view
+    files = view.files
     if not files:
         raise UsageError(f"{artifacts}/{MANIFEST} lists no files; re-export the folder")
     manifest_raw = (artifacts / MANIFEST).read_bytes()
@@ -153,7 +153,7 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
         if info is None:
             raise UsageError("--no-graphs needs --engines: without engines the graphs are what runs")
         for comp in info.engines:
-            omitted += _graph_files(files, m.component(comp)["file"])
+            omitted += _graph_files(files, m.record(comp).file)
 
     for rel, meta in files.items():
         if not em.safe_relpath(rel) or rel in (BUNDLE_MANIFEST, MANIFEST) or rel.split("/")[0] == ENGINES_DIR:
@@ -164,15 +164,15 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
         p = artifacts / rel
         if not p.is_file():
             raise UsageError(f"{artifacts} is incomplete: {rel} (listed in {MANIFEST}) is missing")
-        if p.stat().st_size != int(meta["bytes"]):
-            raise UsageError(f"{artifacts}/{rel} has {p.stat().st_size} bytes, {MANIFEST} says {meta['bytes']} (changed or corrupt)")
-        items.append(_Item(rel, p, str(meta["sha256"]), int(meta["bytes"])))
+        if p.stat().st_size != meta.bytes:
+            raise UsageError(f"{artifacts}/{rel} has {p.stat().st_size} bytes, {MANIFEST} says {meta.bytes} (changed or corrupt)")
+        items.append(_Item(rel, p, meta.sha256, meta.bytes))
 
     comps: dict[str, dict[str, Any]] = {}
     for name in m.components:
-        comps[name] = {"backend": "onnxruntime", "precision": m.precision(name), "file": m.component(name)["file"]}
-    requirements: dict[str, Any] = {"backend": "onnxruntime", "components": comps, "onnx_opset": m.data.get("opset"),
-                                    "onnxruntime_checked_with": (m.data.get("versions") or {}).get("onnxruntime")}
+        comps[name] = {"backend": "onnxruntime", "precision": m.precision(name), "file": m.record(name).file}
+    requirements: dict[str, Any] = {"backend": "onnxruntime", "components": comps, "onnx_opset": view.opset,
+                                    "onnxruntime_checked_with": view.versions.get("onnxruntime")}
     if info is not None:
         items.append(_Item(ENGINES_MANIFEST, engines / em.MANIFEST, _sha256_bytes(engines_raw), len(engines_raw)))  # type: ignore[operator]
         for comp, e in info.engines.items():
@@ -191,7 +191,7 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
     data = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "koala_trt_version": __version__,
-            "source": {"model": (m.data.get("source") or {}).get("model"), "artifacts_manifest_sha256": items[0].sha256},
+            "source": {"model": view.source.model, "artifacts_manifest_sha256": items[0].sha256},
             "requirements": requirements, "omitted": omitted,
             "files": {it.name: {"sha256": it.sha256, "bytes": it.bytes} for it in items}}
     return data, items
@@ -216,7 +216,7 @@ def pack(artifacts: Path, out: Path, engines: Path | None = None, graphs: bool =
     if not 0 <= level <= 9:
         raise UsageError(f"--level must be 0..9 (got {level})")
     data, items = plan_bundle(Path(artifacts), Path(engines) if engines else None, graphs)
-    header = (json.dumps(data, indent=2) + "\n").encode()
+    header = bundle_json(data)
     total = sum(it.bytes for it in items)
     log(f"packing {len(items)} files ({_gb(total)}) into {out}")
     with staged_file(Path(out)) as tmp:
@@ -268,8 +268,8 @@ class _Scan:
 
     def __init__(self, report: Report, dest: Path | None, device_check: bool, device: DeviceInfo | None, log: Log) -> None:
         self.report, self.dest, self.device_check, self.device, self.log = report, dest, device_check, device, log
-        self.bundle: dict[str, Any] | None = None
-        self.files: dict[str, dict[str, Any]] = {}
+        self.bundle: BundleView | None = None
+        self.files: dict[str, FileRecord] = {}
         self.seen: set[str] = set()
         self.blobs: dict[str, bytes] = {}
 
@@ -284,27 +284,13 @@ class _Scan:
         if size > MAX_JSON_BYTES:
             self.fail(f"{where}: {BUNDLE_MANIFEST} is {size} bytes, too large to be a bundle manifest")
         raw = reader.read(size + 1)
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self.fail(f"{where}: {BUNDLE_MANIFEST} is corrupt ({e})")
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            self.fail(f"{where}: {BUNDLE_MANIFEST} is not a koala-trt bundle manifest (format {data.get('format') if isinstance(data, dict) else None!r})")
-        if not isinstance(data.get("format_version", 0), int):
-            self.fail(f"{where}: {BUNDLE_MANIFEST} has a malformed format_version")
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            self.fail(f"{where} was packed by a newer koala-trt (bundle format {data['format_version']}); upgrade koala-trt")
-        files = data.get("files")
-        if not isinstance(files, dict) or not files or not isinstance(data.get("requirements"), dict):
-            self.fail(f"{where}: {BUNDLE_MANIFEST} has no files or no requirements")
-        for rel, meta in files.items():
+        view = parse_bundle(raw, f"{where}: {BUNDLE_MANIFEST}")
+        for rel in view.files:
             if not em.safe_relpath(rel) or rel == BUNDLE_MANIFEST:
                 self.fail(f"{where}: {BUNDLE_MANIFEST} lists {rel!r}, a path that escapes the bundle folder: refused")
-            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("bytes"), int):
-                self.fail(f"{where}: {BUNDLE_MANIFEST} entry {rel!r} lacks sha256/bytes")
-        self.bundle, self.files = data, files
-        self.report.requirements = data["requirements"]
-        self.report.data_bytes = sum(int(m["bytes"]) for m in files.values())
+        self.bundle, self.files = view, view.files
+        self.report.requirements = view.requirements.doc
+        self.report.data_bytes = sum(m.bytes for m in view.files.values())
         if self.dest is not None:
             free = shutil.disk_usage(self.dest).free
             if self.report.data_bytes > free:
@@ -313,15 +299,16 @@ class _Scan:
         self.check_device()
 
     def check_device(self) -> None:
-        req = self.report.requirements
-        if req.get("backend") != "tensorrt" or not self.device_check:
+        assert self.bundle is not None
+        req = self.bundle.requirements
+        if req.backend != "tensorrt" or not self.device_check:
             return
         device = self.device or detect()
         self.report.device = device.to_json()
         try:
-            problems, warnings = engine_problems(req["gpu"], str(req["tensorrt_version"]), device)
-        except (KeyError, TypeError, ValueError):
-            self.fail(f"{self.report.path}: {BUNDLE_MANIFEST} requirements lack gpu.compute_capability or tensorrt_version")
+            problems, warnings = engine_problems(req.gpu, str(req.tensorrt_version), device)
+        except (KeyError, TypeError, ValueError) as e:
+            self.fail(f"{self.report.path}: {BUNDLE_MANIFEST}: field requirements.gpu is malformed ({e})")
         self.report.warnings += warnings
         if problems:
             self.fail(problems[0])
@@ -344,8 +331,8 @@ class _Scan:
             self.fail(f"unexpected entry {name!r}: it is not listed in {BUNDLE_MANIFEST}")
         if name in self.seen:
             self.fail(f"entry {name!r} appears twice")
-        if size != meta["bytes"]:
-            self.fail(f"{name} has {size} bytes, {BUNDLE_MANIFEST} says {meta['bytes']} (changed or corrupt)")
+        if size != meta.bytes:
+            self.fail(f"{name} has {size} bytes, {BUNDLE_MANIFEST} says {meta.bytes} (changed or corrupt)")
         if size >= LOUD_BYTES:
             self.log(f"  {name} ({_gb(size)})")
         keep = name in (MANIFEST, ENGINES_MANIFEST)
@@ -366,7 +353,7 @@ class _Scan:
                 out.close()
         if n != size:
             self.fail(f"{name} ends after {n} of {size} bytes (truncated)")
-        if h.hexdigest() != meta["sha256"]:
+        if h.hexdigest() != meta.sha256:
             self.fail(f"{name} does not match its sha256 in {BUNDLE_MANIFEST} (changed or corrupt)")
         if keep:
             self.blobs[name] = b"".join(chunks)
@@ -405,33 +392,33 @@ class _Scan:
         """bundle.json against the manifests it carries: every graph, tokenizer, scheduler file and
         engine the manifests name is in the bundle with the same sha256."""
         assert self.bundle is not None
-        try:
-            art = json.loads(self.blobs[MANIFEST])
-        except KeyError:
+        if MANIFEST not in self.blobs:
             self.fail(f"the bundle has no {MANIFEST} (artifacts manifest)")
+        try:
+            art = read_artifacts(json.loads(self.blobs[MANIFEST]), MANIFEST)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             self.fail(f"{MANIFEST} is corrupt ({e})")
-        if not isinstance(art, dict) or art.get("format") != "koala-trt/artifacts":
-            self.fail(f"{MANIFEST} is not a koala-trt artifacts manifest")
-        omitted = set(self.bundle.get("omitted") or [])
-        for rel, meta in (art.get("files") or {}).items():
+        except UsageError as e:
+            self.fail(str(e))
+        omitted = set(self.bundle.omitted)
+        for rel, meta in art.files.items():
             if rel in omitted:
                 continue
             if rel not in self.files:
                 self.fail(f"{rel} (listed in {MANIFEST}) is not in the bundle")
-            if self.files[rel]["sha256"] != meta.get("sha256"):
+            if self.files[rel].sha256 != meta.sha256:
                 self.fail(f"{rel}: {BUNDLE_MANIFEST} and {MANIFEST} disagree on its sha256")
-        for rel in [*(f"{t}/" for t in art.get("tokenizers") or []), art.get("scheduler")]:
+        for rel in [*(f"{t}/" for t in art.tokenizers), art.scheduler]:
             if rel and not any(f == rel or (rel.endswith("/") and f.startswith(rel)) for f in self.files):
                 self.fail(f"{rel} (tokenizer or scheduler config named in {MANIFEST}) is not in the bundle")
-        req = self.bundle["requirements"]
-        comps = req.get("components") or {}
-        for comp, c in (art.get("components") or {}).items():
-            if c.get("file") not in self.files and comps.get(comp, {}).get("backend") != "tensorrt":
-                self.fail(f"{comp}: its graph {c.get('file')} is not in the bundle and no engine replaces it")
-        if req.get("backend") != "tensorrt":
-            if ENGINES_MANIFEST in self.files or any(c.get("backend") == "tensorrt" for c in comps.values()):
-                self.fail(f"{BUNDLE_MANIFEST} says backend {req.get('backend')!r} but the bundle carries engines")
+        req = self.bundle.requirements
+        for comp, c in art.components.items():
+            r = req.components.get(comp)
+            if c.file not in self.files and (r is None or r.backend != "tensorrt"):
+                self.fail(f"{comp}: its graph {c.file} is not in the bundle and no engine replaces it")
+        if req.backend != "tensorrt":
+            if ENGINES_MANIFEST in self.files or any(c.backend == "tensorrt" for c in req.components.values()):
+                self.fail(f"{BUNDLE_MANIFEST} says backend {req.backend!r} but the bundle carries engines")
             return
         if ENGINES_MANIFEST not in self.blobs:
             self.fail(f"the bundle requires TensorRT but has no {ENGINES_MANIFEST}")
@@ -441,13 +428,14 @@ class _Scan:
             self.fail(f"{ENGINES_MANIFEST} is corrupt ({e})")
         except UsageError as e:
             self.fail(str(e))
-        if em.normalize_cc(req["gpu"]["compute_capability"]) != info.compute_capability or str(req["tensorrt_version"]) != info.tensorrt_version:
+        assert req.gpu is not None
+        if em.normalize_cc(req.gpu["compute_capability"]) != info.compute_capability or req.tensorrt_version != info.tensorrt_version:
             self.fail(f"{BUNDLE_MANIFEST} and {ENGINES_MANIFEST} disagree on the GPU or the TensorRT version")
         for comp, e in info.engines.items():
             name = f"{ENGINES_DIR}/{e.file}"
             if name not in self.files:
                 self.fail(f"engine {name} of {comp} (listed in {ENGINES_MANIFEST}) is not in the bundle")
-            if self.files[name]["sha256"] != e.sha256:
+            if self.files[name].sha256 != e.sha256:
                 self.fail(f"{name}: {BUNDLE_MANIFEST} and {ENGINES_MANIFEST} disagree on its sha256")
 
 

@@ -122,9 +122,9 @@ def _copy_checked(src: Path, dst: Path, sha256: str | None, hardlink: bool) -> N
 
 
 def _graph_files(m: Manifest, component: str) -> list[str]:
-    graph = m.component(component)["file"]
+    graph = m.record(component).file
     folder = PurePosixPath(graph).parent.as_posix()
-    files = m.data.get("files") or {}
+    files = m.view.files
     return [rel for rel in files if folder not in ("", ".") and rel.startswith(folder + "/")] or [graph]
 
 
@@ -146,7 +146,7 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
         unknown = [c for c in info.engines if c not in m.components]
         if unknown:
             raise UsageError(f"{engines} has engines for {', '.join(unknown)}, which {artifacts} does not hold")
-    files = m.data.get("files") or {}
+    files = m.view.files
     for comp in m.components:  # everything present before anything is written
         if info is None or comp not in info.engines:
             lacking = [rel for rel in _graph_files(m, comp) if not (m.root / rel).is_file()]
@@ -166,7 +166,7 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
             if max_batch is not None:
                 mb = min(mb, max_batch)
             batched = batchable(spec)
-            note = f"koala-trt {__version__}: {comp} of {(m.data.get('source') or {}).get('model')}, precision {m.precision(comp)}"
+            note = f"koala-trt {__version__}: {comp} of {m.view.source.model}, precision {m.precision(comp)}"
             graph_files.update(_graph_files(m, comp))
             if info is not None and comp in info.engines:
                 e = info.engines[comp]
@@ -175,12 +175,12 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
                 platform, filename, kind = "tensorrt_plan", "model.plan", "KIND_GPU"
                 note += f", engine built on {info.gpu_name} (compute capability {info.compute_capability}) with TensorRT {info.tensorrt_version}"
             else:
-                graph = PurePosixPath(m.component(comp)["file"])
+                graph = PurePosixPath(m.record(comp).file)
                 log(f"  {model}: ONNX {graph}")
                 for rel in _graph_files(m, comp):
                     meta = files.get(rel)
                     sub = PurePosixPath(rel).relative_to(graph.parent) if str(graph.parent) != "." else PurePosixPath(rel)
-                    _copy_checked(m.root / rel, version_dir / sub, meta["sha256"] if meta else None, hardlink)
+                    _copy_checked(m.root / rel, version_dir / sub, meta.sha256 if meta else None, hardlink)
                 platform, filename, kind = "onnxruntime_onnx", graph.name, ("KIND_GPU" if device == "gpu" else "KIND_CPU")
             (stage / model / "config.pbtxt").write_text(component_config(model, spec, platform, mb, kind, filename, note), encoding="utf-8")
             layout[comp] = {"model": model, "platform": platform, "batched": batched, "max_batch_size": mb if batched else 0}
@@ -192,7 +192,7 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
         shutil.copyfile(m.root / MANIFEST, pipe / MANIFEST)
         for rel, meta in files.items():
             if rel not in graph_files:
-                _copy_checked(m.root / rel, pipe / rel, meta["sha256"], False)
+                _copy_checked(m.root / rel, pipe / rel, meta.sha256, False)
         (pipe / "triton.json").write_text(json.dumps({"format": "koala-trt/triton-pipeline", "koala_trt_version": __version__,
                                                       "models": layout}, indent=2) + "\n", encoding="utf-8")
         template = resources.files("shipping").joinpath("templates/triton_model.py").read_text(encoding="utf-8")

@@ -47,18 +47,18 @@ def default_size(artifacts: Path, height: int | None, width: int | None) -> tupl
     """--height/--width, defaulting to the manifest's sampler size (the model's native size)."""
     from exporter.manifest import load_manifest
 
-    sampler = load_manifest(artifacts).data.get("sampler", {})
+    sampler = load_manifest(artifacts).view.sampler
     return (int(sampler.get("height", 1024)) if height is None else height,
             int(sampler.get("width", 1024)) if width is None else width)
 
 
 def _check_model(source: Any, manifest: Any) -> None:
-    recorded = manifest.data.get("source", {}).get("config_sha256") or {}
+    recorded = manifest.view.source.config_sha256
     mine = source.config_sha256()
     differ = [k for k in ("text_encoder", "text_encoder_2", "unet", "vae") if k in recorded and recorded[k] != mine.get(k)]
     if differ:
         raise UsageError(f"--model {source.ref} is not the model the artifacts were exported from "
-                         f"({manifest.data['source'].get('model')}): configs differ in {', '.join(differ)}")
+                         f"({manifest.view.source.model}): configs differ in {', '.join(differ)}")
 
 
 def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
@@ -95,7 +95,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     checked = check_files(manifest, prefixes, full_hash=opts.verify)
     log(f"artifacts {opts.artifacts}: {checked / 2**20:,.1f} MiB {'verified (sha256)' if opts.verify else 'size-checked'} "
         f"in {time.perf_counter() - t0:.1f} s")
-    source = resolve(opts.model or manifest.data.get("source", {}).get("model", ""))
+    source = resolve(opts.model or manifest.view.source.model)
     _check_model(source, manifest)
     backend = open_backend(opts.backend, artifacts=opts.artifacts, engines=opts.engines, manifest=manifest, threads=opts.threads)
     specs = {c: (backend.specs.get(c) or manifest.spec(c)) for c in comps}
@@ -139,7 +139,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             cand_runner = runner_for(backend, c, spec, opts.backend)
             sets = [random_inputs(spec, batch_for(c, ranges[c]), height, width, opts.random_samples, opts.seed + 1000)]
             if spec.kind == "text_encoder":
-                tok_dir = manifest.root / manifest.data["tokenizers"][0 if c == "text_encoder" else 1]
+                tok_dir = manifest.root / manifest.view.tokenizers[0 if c == "text_encoder" else 1]
                 sets.append(token_inputs(tok_dir, spec, opts.prompts))
             elif c == "unet" and traj is not None:
                 calls = spread(traj.unet_calls, opts.trajectory_samples)

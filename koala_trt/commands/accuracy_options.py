@@ -38,7 +38,7 @@ def make_check(onnx_dir: Path, heldout: Path | None, heldout_num: int, steps: in
     prompts = load_prompts(heldout, heldout=True)[:heldout_num]
     src = load_manifest(onnx_dir)
     spec = src.spec("unet") if "unet" in src.components else None
-    exp = src.component("unet")["export"] if spec else {"height": 512, "width": 512}
+    exp = (src.record("unet").export or {}) if spec else {"height": 512, "width": 512}
     m = spec.size_multiple if spec else 8
     if size is not None:
         if spec:
@@ -46,7 +46,7 @@ def make_check(onnx_dir: Path, heldout: Path | None, heldout_num: int, steps: in
         h = w = size
     else:
         h, w = (max(m, min(v, 512) // m * m) for v in (exp["height"], exp["width"]))
-    ref = src.data["source"]["model"]
+    ref = src.view.source.model
     opts = AccuracyOptions(prompts=prompts, height=h, width=w, steps=steps)
 
     def check(manifest: Any) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model:
     if backend == "torch" and model is None:
         if manifest is None:
             raise UsageError("--backend torch needs --model (or --artifacts, whose source model it then builds)")
-        model = manifest.data.get("source", {}).get("model")
+        model = manifest.view.source.model
         if not model:
             raise UsageError(f"{artifacts}/manifest.json records no source model; pass --model")
         log(f"torch: building {model} (the artifacts' source model)")

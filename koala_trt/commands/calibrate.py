@@ -40,8 +40,8 @@ def calibrate_cmd(model: str, out: Path, prompts_file: Path | None, num: int, st
     log(f"calibrating {source.ref}: {num} prompts x {steps} steps at {opts.width}x{opts.height}, guidance {opts.guidance} -> {out}")
     with Meter() as m:
         cs = capture(source, out, opts, log=log)
-    summary = {"calibration": str(out), "prompts": len(cs.shards), "samples": cs.num_samples,
-               "batch": cs.shards[0]["shapes"]["sample"][1], "height": opts.height, "width": opts.width,
+    summary = {"calibration": str(out), "prompts": len(cs.view.shards), "samples": cs.num_samples,
+               "batch": cs.view.shards[0].shapes["sample"][1], "height": opts.height, "width": opts.width,
                "seconds": round(m.seconds, 1), "peak_rss_mb": round(m.peak_rss_mb, 1)}
     if as_json:
         print_json(summary)

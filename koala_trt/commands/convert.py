@@ -40,12 +40,13 @@ def convert_cmd(onnx_dir: Path, precision: str, out: Path, components: tuple[str
     log(f"converting {onnx_dir} to FP16 -> {out}")
     manifest = convert_fp16(onnx_dir, out, opts, log=log, check=check,
                             on_report=None if as_json else print_report, gate=not no_gate)
+    variant = manifest.view.variant
     if as_json:
         import json
 
         acc = out / "accuracy.json"
-        print_json({"artifacts": str(out), "variant": manifest.data["variant"],
+        print_json({"artifacts": str(out), "variant": variant,
                     "accuracy": json.loads(acc.read_text()) if acc.is_file() else None})
         return
-    click.echo(f"artifacts: {out}  (FP16: {', '.join(manifest.data['variant']['converted'])}; "
-               f"{manifest.data['variant']['seconds']:.1f} s, peak RSS {manifest.data['variant']['peak_rss_mb'] / 1024:.2f} GiB)")
+    click.echo(f"artifacts: {out}  (FP16: {', '.join(variant['converted'])}; "
+               f"{variant['seconds']:.1f} s, peak RSS {variant['peak_rss_mb'] / 1024:.2f} GiB)")

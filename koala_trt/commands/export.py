@@ -36,17 +36,17 @@ def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Pat
         source = with_vae(source, vae_path)
     log(f"exporting {source.ref} ({', '.join(opts.components)}) to {out}")
     manifest = export(source, out, opts, log=log)
-    comps = manifest.components
+    comps = manifest.view.components
     if as_json:
-        print_json({"artifacts": str(out), "export": manifest.data["export"],
-                    "components": {k: {"export": v["export"], "check": v.get("check")} for k, v in comps.items()}})
+        print_json({"artifacts": str(out), "export": manifest.view.export,
+                    "components": {k: {"export": v.export, "check": v.check} for k, v in comps.items()}})
         return
     rows = []
     for name, c in comps.items():
-        e, chk = c["export"], c.get("check") or {}
+        e, chk = c.export or {}, c.check or {}
         worst = max((o["rel_l2"] for o in chk.get("outputs", {}).values()), default=float("nan"))
-        rows.append([name, f"{c['parameters'] / 1e6:,.1f}M", f"{e['nodes']:,}", f"{e['seconds']:.1f}",
+        rows.append([name, f"{(c.parameters or 0) / 1e6:,.1f}M", f"{e['nodes']:,}", f"{e['seconds']:.1f}",
                      f"{e['peak_rss_mb'] / 1024:.2f}", f"{worst:.1e}" if chk else "skipped"])
     click.echo(table(rows, ["component", "params", "nodes", "export s", "peak GiB", "rel L2 vs torch"]))
-    click.echo(f"artifacts: {out}  ({manifest.data['export']['seconds']:.1f} s, peak RSS "
-               f"{manifest.data['export']['peak_rss_mb'] / 1024:.2f} GiB)")
+    click.echo(f"artifacts: {out}  ({manifest.view.export['seconds']:.1f} s, peak RSS "
+               f"{manifest.view.export['peak_rss_mb'] / 1024:.2f} GiB)")

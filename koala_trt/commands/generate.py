@@ -94,7 +94,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     t0 = time.perf_counter()
     if manifest is not None:
         assets = PipelineAssets.from_manifest(manifest)
-        prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.data["scheduler"]).parent.as_posix()) + "/"]
+        prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.view.scheduler).parent.as_posix()) + "/"]
         if backend == "onnxruntime":
             prefixes += [f"{c}/" for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")]
         checked = check_files(manifest, prefixes, full_hash=not no_verify)
@@ -158,8 +158,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
 
 def _warn_if_other_model(runtime: Any, manifest: Any) -> None:
     """The torch reference should be the model the artifacts came from; say so when the configs differ."""
-    recorded = manifest.data.get("source", {}).get("config_sha256") or {}
+    recorded = manifest.view.source.config_sha256
     mine = runtime.source.config_sha256()
     differ = [k for k in ("text_encoder", "text_encoder_2", "unet", "vae") if k in recorded and recorded[k] != mine.get(k)]
     if differ:
-        log(f"warning: --model {runtime.source.ref} differs from the artifacts' model ({manifest.data['source'].get('model')}) in {', '.join(differ)}")
+        log(f"warning: --model {runtime.source.ref} differs from the artifacts' model ({manifest.view.source.model}) in {', '.join(differ)}")

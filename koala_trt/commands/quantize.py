@@ -37,14 +37,15 @@ def quantize_cmd(onnx_dir: Path, calib: Path, out: Path, target: str, exclude: s
     log(f"quantizing the U-Net of {onnx_dir} to INT8 ({target} layout) with {calib} -> {out}")
     manifest, layers = quantize_int8(onnx_dir, calib, out, opts, log=log, check=check,
                                      on_report=None if as_json else print_report, gate=not no_gate)
-    conv = manifest.component("unet")["conversion"]
+    conv = manifest.record("unet").conversion or {}
+    variant = manifest.view.variant
     if as_json:
         import json
 
         acc = out / "accuracy.json"
-        print_json({"artifacts": str(out), "variant": manifest.data["variant"], "unet": conv,
+        print_json({"artifacts": str(out), "variant": variant, "unet": conv,
                     "accuracy": json.loads(acc.read_text()) if acc.is_file() else {"layers": layers}})
         return
     click.echo(f"artifacts: {out}  (INT8 U-Net, {target} layout: {conv['quantized_layers']} layers quantized, "
-               f"{conv['excluded_layers']} excluded; {manifest.data['variant']['seconds']:.1f} s, "
-               f"peak RSS {manifest.data['variant']['peak_rss_mb'] / 1024:.2f} GiB)")
+               f"{conv['excluded_layers']} excluded; {variant['seconds']:.1f} s, "
+               f"peak RSS {variant['peak_rss_mb'] / 1024:.2f} GiB)")

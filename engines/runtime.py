@@ -11,7 +11,7 @@ onnxruntime and tensorrt never import torch or diffusers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -20,29 +20,46 @@ from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import KoalaError, UsageError
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
+# The backends that run an artifacts folder's ONNX graphs (so those files are checked before they run).
+ONNX_BACKENDS = ("onnxruntime",)
 
 
-class Backend(Protocol):
-    """Runs pipeline components. `specs` holds the spec of every component it can run."""
+class Backend:
+    """Base class of the runtime backends (as Polygraphy's BaseRunner is of its runners): `name`, the
+    `specs` of every component it can run, `run`; the rest has shared defaults a backend overrides
+    where it knows better. A backend opens its files in `load` (so a bad one fails before any run)
+    or on first use, and frees them in `close`; it is also a context manager."""
 
-    name: str
+    name: str = ""
     specs: dict[str, ComponentSpec]
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs of `component` for `feeds` (numpy, dtypes and names as its spec declares)."""
-        ...
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def load(self, components: list[str]) -> None:
+        """Open everything `components` need now (default: nothing, opened on first use)."""
+
+    def shape_range(self, component: str) -> ShapeRange | None:
+        """The sizes it can run `component` at (an engine's profile, an artifact's export range);
+        None: any size the spec's granularity allows."""
+        return None
+
+    def describe(self) -> str:
+        """One line for logs and reports (providers, device, precision)."""
+        return self.name
 
     def close(self) -> None:
-        ...
+        """Free sessions, engines and buffers; the backend may be used again after (it reopens)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-# Optional members a backend may have (looked up with getattr, so a backend need not define them):
-#   load(components: list[str]) -> None      open everything first, so a bad file fails before any run
-#   shape_range(component) -> ShapeRange | None   the sizes it can run (an engine's profile)
-#   describe() -> str                         one line for logs (providers, device)
-
-
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """ONNX Runtime over an artifacts folder; sessions are created on first use (or by `load`) and kept.
     The CUDA execution provider is used where onnxruntime-gpu offers it, else the CPU one."""
 

@@ -71,9 +71,8 @@ def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model:
 
     Memory is the peak RSS of this process for CPU backends and device memory for GPU ones."""
     from engines.bench import BenchOptions, run_bench
-    from engines.runtime import open_backend
-    from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets
-    from exporter.manifest import load_manifest
+    from engines.pipeline import open_pipeline
+    from engines.sampler import SAMPLER_COMPONENTS
     from exporter.specs import parse_components
 
     comps = tuple(parse_components([components], default=())) if components.strip() else ()
@@ -86,36 +85,12 @@ def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model:
     if csv_path is not None:
         check_out_file(csv_path, "--csv")
     check_backend_sources(backend, artifacts, model, engines)
-    manifest = load_manifest(artifacts) if artifacts is not None else None
-    if backend == "torch" and model is None:
-        if manifest is None:
-            raise UsageError("--backend torch needs --model (or --artifacts, whose source model it then builds)")
-        model = manifest.data.get("source", {}).get("model")
-        if not model:
-            raise UsageError(f"{artifacts}/manifest.json records no source model; pass --model")
-        log(f"torch: building {model} (the artifacts' source model)")
-    if manifest is not None:
-        from engines.artifacts_check import check_files
-
-        prefixes = ["tokenizer/", "tokenizer_2/"]
-        if backend == "onnxruntime":
-            prefixes += [f"{c}/" for c in (SAMPLER_COMPONENTS if end_to_end else opts.components)]
-        check_files(manifest, prefixes, full_hash=False)
-        assets = PipelineAssets.from_manifest(manifest)
-    elif backend == "torch":
-        from exporter.sources import resolve
-
-        assets = PipelineAssets.from_source(resolve(model))  # type: ignore[arg-type]
-    else:
-        assets = None
-    runtime = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads)
-    try:
-        if assets is None:
-            em = runtime.manifest
-            assets = PipelineAssets.from_engines(em.root, em.data, runtime.specs, {c: em.shape_range(c) for c in runtime.specs})
-        result = run_bench(runtime, assets, opts, log=log)
-    finally:
-        runtime.close()
+    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads,
+                         full_hash=False,
+                         components=SAMPLER_COMPONENTS if end_to_end else opts.components, model_from_artifacts=True, log=log)
+    with pipe:
+        result = run_bench(pipe.backend, pipe.assets, opts, log=log)
+    model = pipe.model
     data = result.to_json()
     data["source"] = str(engines or artifacts or model)
     if csv_path is not None:

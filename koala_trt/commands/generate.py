@@ -78,10 +78,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     network runs; a failure leaves no PNG behind."""
     import secrets
 
-    from engines.artifacts_check import check_files
-    from engines.runtime import open_backend
-    from engines.sampler import PipelineAssets, Request, Sampler, output_paths, save_pngs
-    from exporter.manifest import load_manifest
+    from engines.pipeline import open_pipeline
+    from engines.sampler import Request, Sampler, output_paths, save_pngs
 
     started = time.perf_counter()
     # ----- everything is checked before a network runs -------------------------------------------
@@ -90,30 +88,10 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
     check_backend_sources(backend, artifacts, model, engines)
-    manifest = load_manifest(artifacts) if artifacts is not None else None
-    t0 = time.perf_counter()
-    if manifest is not None:
-        assets = PipelineAssets.from_manifest(manifest)
-        prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.data["scheduler"]).parent.as_posix()) + "/"]
-        if backend == "onnxruntime":
-            prefixes += [f"{c}/" for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")]
-        checked = check_files(manifest, prefixes, full_hash=not no_verify)
-        log(f"artifacts {artifacts}: {checked / 2**20:,.1f} MiB {'size-checked' if no_verify else 'verified (sha256)'} "
-            f"in {time.perf_counter() - t0:.1f} s")
-    elif backend == "torch":
-        from exporter.sources import resolve
-
-        if model is None:
-            raise UsageError("--backend torch needs --model (and optionally --artifacts for its tokenizers and defaults)")
-        assets = PipelineAssets.from_source(resolve(model))
-    else:
-        assets = None  # tensorrt without --artifacts: the engines folder carries tokenizers, scheduler and defaults
-    verify_s = time.perf_counter() - t0
-    runtime = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads)
+    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads,
+                         full_hash=not no_verify, log=log)
+    manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
     try:
-        if assets is None:
-            em = runtime.manifest
-            assets = PipelineAssets.from_engines(em.root, em.data, runtime.specs, {c: em.shape_range(c) for c in runtime.specs})
         if backend == "torch" and manifest is not None:
             _warn_if_other_model(runtime, manifest)
         sampler = Sampler(runtime, assets)
@@ -127,12 +105,9 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
             + f", scheduler {sampler.scheduler.timestep_spacing} spacing")
         # ----- load, then run ---------------------------------------------------------------------
         t0 = time.perf_counter()
-        load = getattr(runtime, "load", None)
-        if load is not None:
-            load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
+        runtime.load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
         load_ms = 1e3 * (time.perf_counter() - t0)
-        describe = getattr(runtime, "describe", None)
-        backend_desc = describe() if describe is not None else backend
+        backend_desc = runtime.describe()
         images, timings = sampler.sample(plan, progress=not no_progress, warn=lambda m: log(f"warning: {m}"))
         t0 = time.perf_counter()
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": str(plan.steps), "guidance": f"{plan.guidance:g}",

@@ -48,7 +48,7 @@ class Pipeline:
 
 def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
                   manifest: Manifest | None = None, components: Sequence[str] = SAMPLER_COMPONENTS,
-                  threads: int | None = None, full_hash: bool = True, model_from_artifacts: bool = False,
+                  threads: int | None = None, cpu_precision: str | None = None, full_hash: bool = True, model_from_artifacts: bool = False,
                   log: Callable[[str], None] | None = None) -> Pipeline:
     """Check the artifacts' files (tokenizers, the scheduler's config and, for the backends that run
     the ONNX graphs, those of `components`), open backend `backend` and gather the sampler's assets:
@@ -56,6 +56,12 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
 
     model_from_artifacts: --backend torch without --model builds the model the artifacts were
     exported from (bench). Usage errors come before any weight is read."""
+    if cpu_precision is not None and backend != "openvino":
+        raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
+    if backend == "openvino":
+        from koala_core.machine import resolve_cpu_precision
+
+        resolve_cpu_precision(cpu_precision)  # bf16 on a CPU without it fails before any file is read
     if manifest is None and artifacts is not None:
         manifest = load_manifest(artifacts)
     if backend == "torch" and model is None and model_from_artifacts:
@@ -88,7 +94,8 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     else:
         assets = None  # tensorrt without --artifacts: the engines folder carries tokenizers, scheduler and defaults
     verify_s = time.perf_counter() - t0
-    runtime: Backend = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads)
+    runtime: Backend = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads,
+                                    cpu_precision=cpu_precision)
     try:
         if assets is None:
             em = runtime.manifest  # type: ignore[attr-defined]

@@ -5,7 +5,9 @@ Backends:
 - `onnxruntime` (this module): an artifacts folder's ONNX graphs; CPU, or CUDA with onnxruntime-gpu.
 - `tensorrt` (engines/runtime_trt.py): engines from a `koala-trt build` folder.
 - `torch` (engines/runtime_torch.py): the PyTorch reference modules from --model.
-onnxruntime and tensorrt never import torch or diffusers.
+- `openvino` (engines/runtime_openvino.py): the same ONNX graphs compiled by OpenVINO for the CPU (BF16
+  where the CPU has it, see --cpu-precision).
+onnxruntime, openvino and tensorrt never import torch or diffusers.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from exporter.manifest import Manifest, load_manifest
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import KoalaError, UsageError
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
 # The backends that run an artifacts folder's ONNX graphs (so those files are checked before they run).
-ONNX_BACKENDS = ("onnxruntime",)
+ONNX_BACKENDS = ("onnxruntime", "openvino")
 
 
 class Backend:
@@ -48,6 +50,11 @@ class Backend:
     def describe(self) -> str:
         """One line for logs and reports (providers, device, precision)."""
         return self.name
+
+    def run_precision(self, component: str, artifact_precision: str) -> str:
+        """The precision `component` computes at here, for its accuracy gate: the artifact's own,
+        unless the backend computes lossier (openvino's BF16)."""
+        return artifact_precision
 
     def close(self) -> None:
         """Free sessions, engines and buffers; the backend may be used again after (it reopens)."""
@@ -101,9 +108,18 @@ class OnnxRuntimeBackend(Backend):
 
 
 def open_backend(name: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
-                 manifest: Manifest | None = None, threads: int | None = None) -> Any:
-    """The backend `name` over its inputs: onnxruntime <- artifacts, tensorrt <- engines, torch <- model.
-    tensorrt and torch are imported here, only when asked for."""
+                 manifest: Manifest | None = None, threads: int | None = None, cpu_precision: str | None = None) -> Any:
+    """The backend `name` over its inputs: onnxruntime and openvino <- artifacts, tensorrt <- engines,
+    torch <- model. openvino, tensorrt and torch are imported here, only when asked for.
+    cpu_precision (auto, fp32, bf16) is for openvino."""
+    if cpu_precision is not None and name != "openvino":
+        raise UsageError(f"--cpu-precision is for --backend openvino (not {name})")
+    if name == "openvino":
+        if artifacts is None and manifest is None:
+            raise UsageError("--backend openvino needs --artifacts DIR")
+        from engines.runtime_openvino import OpenVinoBackend
+
+        return OpenVinoBackend(manifest or load_manifest(artifacts), threads=threads, cpu_precision=cpu_precision)  # type: ignore[arg-type]
     if name == "onnxruntime":
         if artifacts is None and manifest is None:
             raise UsageError("--backend onnxruntime needs --artifacts DIR")

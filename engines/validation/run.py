@@ -35,6 +35,7 @@ class ValidateOptions:
     end_to_end: bool = True
     verify: bool = True
     threads: int | None = None
+    cpu_precision: str | None = None  # --backend openvino: auto, fp32 or bf16
     verbose: bool = False
 
 
@@ -93,10 +94,11 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     source = resolve(opts.model or manifest.data.get("source", {}).get("model", ""))
     _check_model(source, manifest)
     pipeline = open_pipeline(opts.backend, artifacts=opts.artifacts, engines=opts.engines, manifest=manifest, components=comps,
-                             threads=opts.threads, full_hash=opts.verify, log=log)
+                             threads=opts.threads, cpu_precision=opts.cpu_precision, full_hash=opts.verify, log=log)
     backend, assets = pipeline.backend, pipeline.assets
     specs = {c: (backend.specs.get(c) or manifest.spec(c)) for c in comps}
     ranges = {c: backend.shape_range(c) for c in comps}
+    precisions = {c: backend.run_precision(c, p) for c, p in precisions.items()}  # openvino's BF16 gets BF16 limits
     try:
         pipeline.check_size(comps, height, width)
     except BaseException:

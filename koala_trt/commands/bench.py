@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_core.errors import UsageError
 
 
@@ -29,6 +29,9 @@ def result_table(data: dict[str, Any]) -> str:
     if data.get("images_per_minute") is not None:
         text += f"\nimages per minute: {data['images_per_minute']:.3g} ({data['width']}x{data['height']}, {data['steps']} steps, " \
                 f"guidance {data['guidance']:g}{'' if data['cfg'] else ', no CFG'})"
+    cpu = data.get("cpu_precision")
+    if cpu:
+        text += f"\nprecision: {', '.join(f'{c} {p}' for c, p in cpu['components'].items())} (CPU ISA {cpu['isa']})"
     return text
 
 
@@ -45,7 +48,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 @click.command("bench")
 @click.option("--artifacts", "-a", type=click.Path(path_type=Path),
               help="Artifacts folder (`koala-trt export`, `convert`, `quantize`): the graphs for onnxruntime; specs, tokenizers and defaults for all.")
-@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
+@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
               help="What runs the networks.")
 @click.option("--engines", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` (--backend tensorrt).")
 @click.option("--model", "-m", help="PyTorch reference for --backend torch [default: the model the artifacts were exported from].")
@@ -59,12 +62,13 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 @click.option("--components", "-c", default="text_encoder,text_encoder_2,unet,vae_decoder", show_default=True,
               help="Components to time one by one (comma-separated; empty for none).")
 @click.option("--end-to-end/--no-end-to-end", default=True, show_default=True, help="Also time the whole text-to-image loop.")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@cpu_precision_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write one CSV row per component and end to end.")
 def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, height: int | None,
               width: int | None, batch: int, steps: int | None, guidance: float | None, warmup: int, runs: int,
-              components: str, end_to_end: bool, threads: int | None, as_json: bool, csv_path: Path | None) -> None:
+              components: str, end_to_end: bool, threads: int | None, cpu_precision: str | None, as_json: bool, csv_path: Path | None) -> None:
     """Latency (median, p90; warm-up excluded), peak memory and images per minute of one backend: each
     component alone (text encoders, one U-Net step at the CFG batch, VAE decode) and end to end
     through the sampler (tokenize .. VAE decode).
@@ -85,13 +89,18 @@ def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model:
     if csv_path is not None:
         check_out_file(csv_path, "--csv")
     check_backend_sources(backend, artifacts, model, engines)
-    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads,
+    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
                          full_hash=False,
                          components=SAMPLER_COMPONENTS if end_to_end else opts.components, model_from_artifacts=True, log=log)
     with pipe:
         result = run_bench(pipe.backend, pipe.assets, opts, log=log)
+        precision_of = getattr(pipe.backend, "precision_of", None)
+        cpu = ({"isa": pipe.backend.isa, "components": {c: precision_of(c) for c in pipe.backend.specs}}
+               if precision_of is not None else None)
     model = pipe.model
     data = result.to_json()
+    if cpu is not None:  # --backend openvino: the precision each component ran at, and the CPU's widest ISA
+        data["cpu_precision"] = cpu
     data["source"] = str(engines or artifacts or model)
     if csv_path is not None:
         write_csv(csv_path, result.csv_rows())

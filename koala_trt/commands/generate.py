@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_core.errors import UsageError
 
 
@@ -47,7 +47,7 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.command("generate")
 @click.option("--artifacts", "-a", type=click.Path(path_type=Path),
               help="Artifacts folder from `koala-trt export` (tokenizers, scheduler, specs; the ONNX graphs for onnxruntime).")
-@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
+@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
               help="What runs the networks.")
 @click.option("--engines", type=click.Path(path_type=Path),
               help="Engines folder from `koala-trt build` (--backend tensorrt); it carries tokenizers and scheduler, so --artifacts is optional.")
@@ -64,13 +64,15 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@cpu_precision_option()
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256 (faster start for big models).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
                  width: int | None, batch: int | None, latents: Path | None, out: Path, threads: int | None,
+                 cpu_precision: str | None,
                  no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, Euler with CFG, VAE decode, PNG).
 
@@ -88,7 +90,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
     check_backend_sources(backend, artifacts, model, engines)
-    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads,
+    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
                          full_hash=not no_verify, log=log)
     manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
     try:

@@ -5,13 +5,15 @@ Backends:
 - `onnxruntime` (this module): an artifacts folder's ONNX graphs; CPU, or CUDA with onnxruntime-gpu.
 - `tensorrt` (engines/runtime_trt.py): engines from a `koala-trt build` folder.
 - `torch` (engines/runtime_torch.py): the PyTorch reference modules from --model.
-onnxruntime and tensorrt never import torch or diffusers.
+- `openvino` (engines/runtime_openvino.py): the same ONNX graphs compiled by OpenVINO for the CPU (BF16
+  where the CPU has it, see --cpu-precision).
+onnxruntime, openvino and tensorrt never import torch or diffusers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -19,30 +21,52 @@ from exporter.manifest import Manifest, load_manifest
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import KoalaError, UsageError
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
+# The backends that run an artifacts folder's ONNX graphs (so those files are checked before they run).
+ONNX_BACKENDS = ("onnxruntime", "openvino")
 
 
-class Backend(Protocol):
-    """Runs pipeline components. `specs` holds the spec of every component it can run."""
+class Backend:
+    """Base class of the runtime backends (as Polygraphy's BaseRunner is of its runners): `name`, the
+    `specs` of every component it can run, `run`; the rest has shared defaults a backend overrides
+    where it knows better. A backend opens its files in `load` (so a bad one fails before any run)
+    or on first use, and frees them in `close`; it is also a context manager."""
 
-    name: str
+    name: str = ""
     specs: dict[str, ComponentSpec]
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs of `component` for `feeds` (numpy, dtypes and names as its spec declares)."""
-        ...
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def load(self, components: list[str]) -> None:
+        """Open everything `components` need now (default: nothing, opened on first use)."""
+
+    def shape_range(self, component: str) -> ShapeRange | None:
+        """The sizes it can run `component` at (an engine's profile, an artifact's export range);
+        None: any size the spec's granularity allows."""
+        return None
+
+    def describe(self) -> str:
+        """One line for logs and reports (providers, device, precision)."""
+        return self.name
+
+    def run_precision(self, component: str, artifact_precision: str) -> str:
+        """The precision `component` computes at here, for its accuracy gate: the artifact's own,
+        unless the backend computes lossier (openvino's BF16)."""
+        return artifact_precision
 
     def close(self) -> None:
-        ...
+        """Free sessions, engines and buffers; the backend may be used again after (it reopens)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-# Optional members a backend may have (looked up with getattr, so a backend need not define them):
-#   load(components: list[str]) -> None      open everything first, so a bad file fails before any run
-#   shape_range(component) -> ShapeRange | None   the sizes it can run (an engine's profile)
-#   describe() -> str                         one line for logs (providers, device)
-
-
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """ONNX Runtime over an artifacts folder; sessions are created on first use (or by `load`) and kept.
     The CUDA execution provider is used where onnxruntime-gpu offers it, else the CPU one."""
 
@@ -85,9 +109,18 @@ class OnnxRuntimeBackend:
 
 
 def open_backend(name: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
-                 manifest: Manifest | None = None, threads: int | None = None) -> Any:
-    """The backend `name` over its inputs: onnxruntime <- artifacts, tensorrt <- engines, torch <- model.
-    tensorrt and torch are imported here, only when asked for."""
+                 manifest: Manifest | None = None, threads: int | None = None, cpu_precision: str | None = None) -> Any:
+    """The backend `name` over its inputs: onnxruntime and openvino <- artifacts, tensorrt <- engines,
+    torch <- model. openvino, tensorrt and torch are imported here, only when asked for.
+    cpu_precision (auto, fp32, bf16) is for openvino."""
+    if cpu_precision is not None and name != "openvino":
+        raise UsageError(f"--cpu-precision is for --backend openvino (not {name})")
+    if name == "openvino":
+        if artifacts is None and manifest is None:
+            raise UsageError("--backend openvino needs --artifacts DIR")
+        from engines.runtime_openvino import OpenVinoBackend
+
+        return OpenVinoBackend(manifest or load_manifest(artifacts), threads=threads, cpu_precision=cpu_precision)  # type: ignore[arg-type]
     if name == "onnxruntime":
         if artifacts is None and manifest is None:
             raise UsageError("--backend onnxruntime needs --artifacts DIR")

@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from engines.runtime import Backend
 from exporter.specs import ComponentSpec, ShapeRange
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """Runs components with PyTorch (float32, CPU by default, CUDA with device="cuda"). Modules are
     built on first use (a pipeline module such as the VAE is built once for all its components)."""
 

@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engines.runtime import Backend
 from engines.engine_manifest import EnginesManifest, check_compatible, load_engines_manifest
 from exporter.manifest import sha256_file
-from exporter.specs import NUMPY_DTYPES, ComponentSpec
+from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange
 from koala_core.errors import KoalaError, UsageError
 
 
@@ -58,7 +59,7 @@ class _Session:
     graph: Any = None  # cuda.Graph for static shapes
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """Runs pipeline components from an engines folder: TensorRTBackend(engines_dir)."""
 
     name = "tensorrt"
@@ -161,6 +162,9 @@ class TensorRTBackend:
         s.engine.close()
 
     # ----- running ----------------------------------------------------------------------------
+    def shape_range(self, component: str) -> ShapeRange | None:
+        return self.manifest.shape_range(component) if component in self.specs else None
+
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if component not in self.specs:
             raise UsageError(f"{self.manifest.root} has no {component} engine (it holds {', '.join(self.specs)})")

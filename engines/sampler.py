@@ -260,13 +260,8 @@ class Sampler:
             r = self._range(comp)
             if r is None:
                 continue
-            if not r.batch[0] <= b <= r.batch[2]:
-                what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp == "unet" and unet_batch != batch else "")
-                raise UsageError(f"{comp} was exported for batch {r.batch[0]}..{r.batch[2]}, not {what}; lower --batch")
-            if self.specs[comp].spatial and not (r.height[0] <= height <= r.height[2] and r.width[0] <= width <= r.width[2]):
-                raise UsageError(f"{height}x{width} is outside the sizes {comp} was exported for "
-                                 f"(height {r.height[0]}..{r.height[2]}, width {r.width[0]}..{r.width[2]}); "
-                                 "re-export with --height/--width near the size you want")
+            what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp == "unet" and unet_batch != batch else "")
+            r.check(comp, self.specs[comp].spatial, height, width, batch=b, batch_what=what)
         shape = (batch, c_in, height // f, width // f)
         if lat is not None:
             if lat.dtype != np.float32:

@@ -34,7 +34,10 @@ def inspect_model(ref: str) -> dict[str, Any]:
 
 def inspect_artifacts(root: Path) -> dict[str, Any]:
     m = load_manifest(root)
-    return {"artifacts": str(root), **m.data}
+    from koala_core.machine import cpu_isa, cpu_model, resolve_cpu_precision
+
+    cpu = {"model": cpu_model(), "isa": cpu_isa(), "openvino_auto_precision": resolve_cpu_precision("auto")}
+    return {"artifacts": str(root), **m.data, "cpu": cpu}
 
 
 def inspect(target: str) -> dict[str, Any]:

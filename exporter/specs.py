@@ -60,6 +60,17 @@ class ShapeRange:
     def contains(self, batch: int, height: int, width: int) -> bool:
         return all(lo <= v <= hi for v, (lo, _, hi) in ((batch, self.batch), (height, self.height), (width, self.width)))
 
+    def check(self, component: str, spatial: bool, height: int, width: int, batch: int | None = None,
+              batch_what: str | None = None, fix: str = "re-export with --height/--width near the size you want") -> None:
+        """The one size check before a run (the sampler's plan, validate, bench): `batch` (if given)
+        and, for a spatial component, height x width inside the range; UsageError naming the limits."""
+        if batch is not None and not self.contains(batch, self.height[0], self.width[0]):
+            raise UsageError(f"{component} was exported for batch {self.batch[0]}..{self.batch[2]}, "
+                             f"not {batch_what or f'batch {batch}'}; lower --batch")
+        if spatial and not self.contains(self.batch[0], height, width):
+            raise UsageError(f"{height}x{width} is outside the sizes {component} was exported for "
+                             f"(height {self.height[0]}..{self.height[2]}, width {self.width[0]}..{self.width[2]}); {fix}")
+
 
 @dataclass(frozen=True)
 class ComponentSpec:

@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 VERSION_PACKAGES = ("koala-trt", "numpy", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
-                    "onnxruntime-gpu", "nvidia-modelopt", "tensorrt")
-SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+                    "onnxruntime-gpu", "openvino", "nvidia-modelopt", "tensorrt")
+SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+# The CPU's BF16 matrix hardware, best first (Linux /proc/cpuinfo flag names). OpenVINO runs
+# INFERENCE_PRECISION_HINT=bf16 natively on these; elsewhere it would emulate it (slower than FP32).
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+CPU_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -32,8 +36,38 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The SIMD features relevant to GEMM speed that this CPU reports (subset of SIMD_FLAGS)."""
-    flags = set((_cpuinfo_field("flags") or "").split())
+    flags = all_cpu_flags()
     return [f for f in SIMD_FLAGS if f in flags]
+
+
+def all_cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo reports for the first CPU (empty where there is none)."""
+    return set((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The widest matrix/vector feature the CPU has, as one word for logs: amx_bf16, avx512_bf16,
+    avx512f, avx2 or baseline."""
+    flags = all_cpu_flags() if flags is None else flags
+    return next((f for f in (*BF16_FLAGS, "avx512f", "avx2") if f in flags), "baseline")
+
+
+def resolve_cpu_precision(choice: str | None, flags: set[str] | None = None) -> str:
+    """--cpu-precision as used: auto (or None) is bf16 where the CPU has AMX-BF16 or AVX512-BF16, else
+    fp32; bf16 on a CPU without either is a usage error naming the CPU's ISA (no silent emulation)."""
+    from koala_core.errors import UsageError
+
+    choice = "auto" if choice is None else choice
+    if choice not in CPU_PRECISIONS:
+        raise UsageError(f"--cpu-precision {choice!r}: expected one of {', '.join(CPU_PRECISIONS)}")
+    flags = all_cpu_flags() if flags is None else flags
+    has_bf16 = any(f in flags for f in BF16_FLAGS)
+    if choice == "bf16" and not has_bf16:
+        raise UsageError(f"--cpu-precision bf16: this CPU ({cpu_model()}, {cpu_isa(flags)}) has no AMX-BF16 or "
+                         "AVX512-BF16; use fp32 or auto")
+    if choice == "auto":
+        return "bf16" if has_bf16 else "fp32"
+    return choice
 
 
 def cores() -> int:

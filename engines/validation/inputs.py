@@ -32,11 +32,8 @@ def check_size(spec: ComponentSpec, shape_range: ShapeRange | None, height: int,
     """--height/--width must be ones the artifact was exported (or the engine built) for."""
     if height <= 0 or width <= 0 or height % spec.size_multiple or width % spec.size_multiple:
         raise UsageError(f"--height/--width must be positive multiples of {spec.size_multiple} for {spec.name} (got {height}x{width})")
-    if spec.spatial and shape_range is not None:
-        r = shape_range
-        if not (r.height[0] <= height <= r.height[2] and r.width[0] <= width <= r.width[2]):
-            raise UsageError(f"{height}x{width} is outside the sizes {spec.name} was exported for "
-                             f"(height {r.height[0]}..{r.height[2]}, width {r.width[0]}..{r.width[2]}); pass --height/--width inside them")
+    if shape_range is not None:
+        shape_range.check(spec.name, spec.spatial, height, width, fix="pass --height/--width inside them")
 
 
 def batch_for(component: str, shape_range: ShapeRange | None) -> int:

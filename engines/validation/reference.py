@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from engines.runtime import Backend
 from exporter.specs import ComponentSpec
 
 
-class PipelineBackend:
+class PipelineBackend(Backend):
     """The pipeline's modules as a runtime Backend (numpy in, float32 numpy out, spec names)."""
 
     name = "pytorch"

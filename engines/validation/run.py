@@ -35,6 +35,7 @@ class ValidateOptions:
     end_to_end: bool = True
     verify: bool = True
     threads: int | None = None
+    cpu_precision: str | None = None  # --backend openvino: auto, fp32 or bf16
     verbose: bool = False
 
 
@@ -62,13 +63,13 @@ def _check_model(source: Any, manifest: Any) -> None:
 
 
 def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
-    from engines.artifacts_check import check_files
-    from engines.runtime import OnnxRuntimeBackend, open_backend
-    from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets, Sampler, initial_noise
+    from engines.pipeline import open_pipeline
+    from engines.runtime import OnnxRuntimeBackend
+    from engines.sampler import SAMPLER_COMPONENTS, Sampler, initial_noise
     from engines.validation.compare import compare
     from engines.validation.end_to_end import candidate_run, measure
     from calibration.inputs import spread
-    from engines.validation.inputs import batch_for, check_size, random_inputs, token_inputs
+    from engines.validation.inputs import batch_for, random_inputs, token_inputs
     from engines.validation.reference import PipelineBackend, load_pipeline, run_trajectories
     from engines.validation.runners import BackendRunner, interface_problems, runner_for
     from exporter.manifest import load_manifest
@@ -90,18 +91,19 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     precisions = {c: check_precision(manifest.precision(c), f"{opts.artifacts}/manifest.json ({c})") for c in comps}
     height, width = default_size(opts.artifacts, opts.height, opts.width)
     run_e2e = opts.end_to_end and all(c in comps for c in SAMPLER_COMPONENTS)
-    t0 = time.perf_counter()
-    prefixes = ["tokenizer/", "tokenizer_2/"] + ([f"{c}/" for c in comps] if opts.backend == "onnxruntime" else [])
-    checked = check_files(manifest, prefixes, full_hash=opts.verify)
-    log(f"artifacts {opts.artifacts}: {checked / 2**20:,.1f} MiB {'verified (sha256)' if opts.verify else 'size-checked'} "
-        f"in {time.perf_counter() - t0:.1f} s")
     source = resolve(opts.model or manifest.view.source.model)
     _check_model(source, manifest)
-    backend = open_backend(opts.backend, artifacts=opts.artifacts, engines=opts.engines, manifest=manifest, threads=opts.threads)
+    pipeline = open_pipeline(opts.backend, artifacts=opts.artifacts, engines=opts.engines, manifest=manifest, components=comps,
+                             threads=opts.threads, cpu_precision=opts.cpu_precision, full_hash=opts.verify, log=log)
+    backend, assets = pipeline.backend, pipeline.assets
     specs = {c: (backend.specs.get(c) or manifest.spec(c)) for c in comps}
-    ranges = {c: (getattr(backend, "shape_range", lambda _: None)(c)) for c in comps}
-    for c in comps:
-        check_size(specs[c], ranges[c], height, width)
+    ranges = {c: backend.shape_range(c) for c in comps}
+    precisions = {c: backend.run_precision(c, p) for c, p in precisions.items()}  # openvino's BF16 gets BF16 limits
+    try:
+        pipeline.check_size(comps, height, width)
+    except BaseException:
+        backend.close()
+        raise
 
     checks: list[Check] = []
     try:
@@ -122,7 +124,6 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             traj = run_trajectories(pipe, opts.prompts, noise, opts.steps, source.sampler.guidance, height, width)
             log(f"reference: {len(opts.prompts)} prompts x {opts.steps} steps at {width}x{height} in "
                 f"{time.perf_counter() - t0:.1f} s")
-        assets = PipelineAssets.from_manifest(manifest)
 
         # ----- per component ---------------------------------------------------------------------
         for c in comps:
@@ -180,8 +181,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             log(f"end_to_end: {'ok' if chk.passed else 'FAIL'} ({secs:.1f} s)")
         elif opts.end_to_end:
             log("end_to_end: skipped (it needs all of " + ", ".join(SAMPLER_COMPONENTS) + ")")
-        describe = getattr(backend, "describe", None)
-        backend_desc = describe() if describe is not None else opts.backend
+        backend_desc = backend.describe()
     finally:
         backend.close()
 

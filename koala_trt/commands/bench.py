@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_core.errors import UsageError
 
 
@@ -29,6 +29,9 @@ def result_table(data: dict[str, Any]) -> str:
     if data.get("images_per_minute") is not None:
         text += f"\nimages per minute: {data['images_per_minute']:.3g} ({data['width']}x{data['height']}, {data['steps']} steps, " \
                 f"guidance {data['guidance']:g}{'' if data['cfg'] else ', no CFG'})"
+    cpu = data.get("cpu_precision")
+    if cpu:
+        text += f"\nprecision: {', '.join(f'{c} {p}' for c, p in cpu['components'].items())} (CPU ISA {cpu['isa']})"
     return text
 
 
@@ -45,7 +48,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 @click.command("bench")
 @click.option("--artifacts", "-a", type=click.Path(path_type=Path),
               help="Artifacts folder (`koala-trt export`, `convert`, `quantize`): the graphs for onnxruntime; specs, tokenizers and defaults for all.")
-@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
+@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
               help="What runs the networks.")
 @click.option("--engines", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` (--backend tensorrt).")
 @click.option("--model", "-m", help="PyTorch reference for --backend torch [default: the model the artifacts were exported from].")
@@ -59,21 +62,21 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 @click.option("--components", "-c", default="text_encoder,text_encoder_2,unet,vae_decoder", show_default=True,
               help="Components to time one by one (comma-separated; empty for none).")
 @click.option("--end-to-end/--no-end-to-end", default=True, show_default=True, help="Also time the whole text-to-image loop.")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@cpu_precision_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write one CSV row per component and end to end.")
 def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, height: int | None,
               width: int | None, batch: int, steps: int | None, guidance: float | None, warmup: int, runs: int,
-              components: str, end_to_end: bool, threads: int | None, as_json: bool, csv_path: Path | None) -> None:
+              components: str, end_to_end: bool, threads: int | None, cpu_precision: str | None, as_json: bool, csv_path: Path | None) -> None:
     """Latency (median, p90; warm-up excluded), peak memory and images per minute of one backend: each
     component alone (text encoders, one U-Net step at the CFG batch, VAE decode) and end to end
     through the sampler (tokenize .. VAE decode).
 
     Memory is the peak RSS of this process for CPU backends and device memory for GPU ones."""
     from engines.bench import BenchOptions, run_bench
-    from engines.runtime import open_backend
-    from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets
-    from exporter.manifest import load_manifest
+    from engines.pipeline import open_pipeline
+    from engines.sampler import SAMPLER_COMPONENTS
     from exporter.specs import parse_components
 
     comps = tuple(parse_components([components], default=())) if components.strip() else ()
@@ -86,37 +89,18 @@ def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model:
     if csv_path is not None:
         check_out_file(csv_path, "--csv")
     check_backend_sources(backend, artifacts, model, engines)
-    manifest = load_manifest(artifacts) if artifacts is not None else None
-    if backend == "torch" and model is None:
-        if manifest is None:
-            raise UsageError("--backend torch needs --model (or --artifacts, whose source model it then builds)")
-        model = manifest.view.source.model
-        if not model:
-            raise UsageError(f"{artifacts}/manifest.json records no source model; pass --model")
-        log(f"torch: building {model} (the artifacts' source model)")
-    if manifest is not None:
-        from engines.artifacts_check import check_files
-
-        prefixes = ["tokenizer/", "tokenizer_2/"]
-        if backend == "onnxruntime":
-            prefixes += [f"{c}/" for c in (SAMPLER_COMPONENTS if end_to_end else opts.components)]
-        check_files(manifest, prefixes, full_hash=False)
-        assets = PipelineAssets.from_manifest(manifest)
-    elif backend == "torch":
-        from exporter.sources import resolve
-
-        assets = PipelineAssets.from_source(resolve(model))  # type: ignore[arg-type]
-    else:
-        assets = None
-    runtime = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads)
-    try:
-        if assets is None:
-            em = runtime.manifest
-            assets = PipelineAssets.from_engines(em.root, em.data, runtime.specs, {c: em.shape_range(c) for c in runtime.specs})
-        result = run_bench(runtime, assets, opts, log=log)
-    finally:
-        runtime.close()
+    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
+                         full_hash=False,
+                         components=SAMPLER_COMPONENTS if end_to_end else opts.components, model_from_artifacts=True, log=log)
+    with pipe:
+        result = run_bench(pipe.backend, pipe.assets, opts, log=log)
+        precision_of = getattr(pipe.backend, "precision_of", None)
+        cpu = ({"isa": pipe.backend.isa, "components": {c: precision_of(c) for c in pipe.backend.specs}}
+               if precision_of is not None else None)
+    model = pipe.model
     data = result.to_json()
+    if cpu is not None:  # --backend openvino: the precision each component ran at, and the CPU's widest ISA
+        data["cpu_precision"] = cpu
     data["source"] = str(engines or artifacts or model)
     if csv_path is not None:
         write_csv(csv_path, result.csv_rows())

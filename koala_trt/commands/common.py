@@ -68,13 +68,20 @@ def check_backend_sources(backend: str, artifacts: Any, model: str | None, engin
     """Which of --artifacts / --model / --engines each runtime backend reads (generate, bench)."""
     from koala_core.errors import UsageError
 
-    if backend == "onnxruntime" and artifacts is None:
-        raise UsageError("--backend onnxruntime needs --artifacts DIR (from `koala-trt export`)")
+    if backend in ("onnxruntime", "openvino") and artifacts is None:
+        raise UsageError(f"--backend {backend} needs --artifacts DIR (from `koala-trt export`)")
     if backend != "torch" and model is not None:
-        raise UsageError("--model is for --backend torch; onnxruntime and tensorrt read --artifacts / --engines")
+        raise UsageError("--model is for --backend torch; onnxruntime, openvino and tensorrt read --artifacts / --engines")
     if backend != "tensorrt" and engines is not None:
         raise UsageError("--engines is for --backend tensorrt")
 
 
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def cpu_precision_option() -> Callable[[Any], Any]:
+    """--cpu-precision for --backend openvino (generate, validate, bench)."""
+    return click.option("--cpu-precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+                        help="--backend openvino: auto = bf16 where the CPU has AMX-BF16 or AVX512-BF16 (the VAE decoder "
+                             "stays fp32), else fp32; fp32/bf16 apply to every component [default: auto].")

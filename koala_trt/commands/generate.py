@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_core.errors import UsageError
 
 
@@ -47,7 +47,7 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.command("generate")
 @click.option("--artifacts", "-a", type=click.Path(path_type=Path),
               help="Artifacts folder from `koala-trt export` (tokenizers, scheduler, specs; the ONNX graphs for onnxruntime).")
-@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
+@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
               help="What runs the networks.")
 @click.option("--engines", type=click.Path(path_type=Path),
               help="Engines folder from `koala-trt build` (--backend tensorrt); it carries tokenizers and scheduler, so --artifacts is optional.")
@@ -64,13 +64,15 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@cpu_precision_option()
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256 (faster start for big models).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
                  width: int | None, batch: int | None, latents: Path | None, out: Path, threads: int | None,
+                 cpu_precision: str | None,
                  no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, Euler with CFG, VAE decode, PNG).
 
@@ -78,10 +80,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     network runs; a failure leaves no PNG behind."""
     import secrets
 
-    from engines.artifacts_check import check_files
-    from engines.runtime import open_backend
-    from engines.sampler import PipelineAssets, Request, Sampler, output_paths, save_pngs
-    from exporter.manifest import load_manifest
+    from engines.pipeline import open_pipeline
+    from engines.sampler import Request, Sampler, output_paths, save_pngs
 
     started = time.perf_counter()
     # ----- everything is checked before a network runs -------------------------------------------
@@ -90,30 +90,10 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
     check_backend_sources(backend, artifacts, model, engines)
-    manifest = load_manifest(artifacts) if artifacts is not None else None
-    t0 = time.perf_counter()
-    if manifest is not None:
-        assets = PipelineAssets.from_manifest(manifest)
-        prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.view.scheduler).parent.as_posix()) + "/"]
-        if backend == "onnxruntime":
-            prefixes += [f"{c}/" for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")]
-        checked = check_files(manifest, prefixes, full_hash=not no_verify)
-        log(f"artifacts {artifacts}: {checked / 2**20:,.1f} MiB {'size-checked' if no_verify else 'verified (sha256)'} "
-            f"in {time.perf_counter() - t0:.1f} s")
-    elif backend == "torch":
-        from exporter.sources import resolve
-
-        if model is None:
-            raise UsageError("--backend torch needs --model (and optionally --artifacts for its tokenizers and defaults)")
-        assets = PipelineAssets.from_source(resolve(model))
-    else:
-        assets = None  # tensorrt without --artifacts: the engines folder carries tokenizers, scheduler and defaults
-    verify_s = time.perf_counter() - t0
-    runtime = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads)
+    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
+                         full_hash=not no_verify, log=log)
+    manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
     try:
-        if assets is None:
-            em = runtime.manifest
-            assets = PipelineAssets.from_engines(em.root, em.data, runtime.specs, {c: em.shape_range(c) for c in runtime.specs})
         if backend == "torch" and manifest is not None:
             _warn_if_other_model(runtime, manifest)
         sampler = Sampler(runtime, assets)
@@ -127,12 +107,9 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
             + f", scheduler {sampler.scheduler.timestep_spacing} spacing")
         # ----- load, then run ---------------------------------------------------------------------
         t0 = time.perf_counter()
-        load = getattr(runtime, "load", None)
-        if load is not None:
-            load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
+        runtime.load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
         load_ms = 1e3 * (time.perf_counter() - t0)
-        describe = getattr(runtime, "describe", None)
-        backend_desc = describe() if describe is not None else backend
+        backend_desc = runtime.describe()
         images, timings = sampler.sample(plan, progress=not no_progress, warn=lambda m: log(f"warning: {m}"))
         t0 = time.perf_counter()
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": str(plan.steps), "guidance": f"{plan.guidance:g}",
@@ -158,8 +135,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
 
 def _warn_if_other_model(runtime: Any, manifest: Any) -> None:
     """The torch reference should be the model the artifacts came from; say so when the configs differ."""
-    recorded = manifest.view.source.config_sha256
+    recorded = manifest.data.get("source", {}).get("config_sha256") or {}
     mine = runtime.source.config_sha256()
     differ = [k for k in ("text_encoder", "text_encoder_2", "unet", "vae") if k in recorded and recorded[k] != mine.get(k)]
     if differ:
-        log(f"warning: --model {runtime.source.ref} differs from the artifacts' model ({manifest.view.source.model}) in {', '.join(differ)}")
+        log(f"warning: --model {runtime.source.ref} differs from the artifacts' model ({manifest.data['source'].get('model')}) in {', '.join(differ)}")

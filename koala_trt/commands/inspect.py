@@ -35,6 +35,10 @@ def inspect_cmd(target: str, as_json: bool) -> None:
         click.echo(table(rows, ["component", "precision", "params", "inputs", "outputs", "batch", "pixels (h x w)"]))
         click.echo("dims: B batch, H/W image pixels, h/w latent cells")
         click.echo(f"{len(info.get('files', {}))} files with sha256 in manifest.json")
+        cpu = info.get("cpu")
+        if cpu:
+            click.echo(f"this CPU: {cpu['model']} (ISA {cpu['isa']}); --backend openvino --cpu-precision auto runs "
+                       f"{cpu['openvino_auto_precision']} here (the VAE decoder fp32)")
         return
     click.echo(f"{info['model']} ({info['kind']}){': ' + info['description'] if info['description'] else ''}")
     rows = [[n, c["class"], f"{c['parameters']:,}", ", ".join(f"{k}={v}" for k, v in c["config"].items())]

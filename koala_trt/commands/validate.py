@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_out_file, components_option, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_out_file, cpu_precision_option, components_option, log, print_json, table
 from koala_core.errors import CheckFailed, UsageError
 
 DEFAULT_PROMPTS = 2  # from calibration/heldout_prompts.txt when --prompts is not given
@@ -30,7 +30,7 @@ def _read_prompts(path: Path | None) -> list[str]:
 @click.command("validate")
 @click.option("--artifacts", "-a", type=click.Path(path_type=Path), required=True,
               help="Artifacts folder from `koala-trt export` / convert / quantize (specs, tokenizers, precisions; the graphs for onnxruntime).")
-@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True,
               help="What runs the candidate.")
 @click.option("--engines", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` (--backend tensorrt).")
 @click.option("--model", "-m", help="PyTorch reference: hub id, diffusers folder or random:<preset> [default: the model the artifacts were exported from].")
@@ -51,7 +51,8 @@ def _read_prompts(path: Path | None) -> list[str]:
 @click.option("--save-baseline", type=click.Path(path_type=Path), help="Write this run's metrics as a baseline.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="Fail metrics that got worse than this baseline beyond the margin.")
 @click.option("--baseline-margin", type=float, default=None, help="Relative margin over the baseline's error [default: 0.5].")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@cpu_precision_option()
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256.")
 @click.option("--verbose", is_flag=True, help="Polygraphy's comparison log on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the table.")
@@ -59,7 +60,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
                  height: int | None, width: int | None, steps: int, prompts: Path | None, seed: int, random_samples: int,
                  tolerances: tuple[str, ...], no_end_to_end: bool, report: Path | None, junit: Path | None,
                  markdown: Path | None, save_baseline: Path | None, baseline: Path | None, baseline_margin: float | None,
-                 threads: int | None, no_verify: bool, verbose: bool, as_json: bool) -> None:
+                 threads: int | None, cpu_precision: str | None, no_verify: bool, verbose: bool, as_json: bool) -> None:
     """Check that an artifact still computes what the PyTorch model computes.
 
     Per component, on random inputs and on inputs from real prompts, at the artifact's real size:
@@ -90,7 +91,8 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     base = bl.read_baseline(baseline) if baseline is not None else None
     opts = ValidateOptions(artifacts=artifacts, backend=backend, model=model, engines=engines, components=names, height=height,
                            width=width, steps=steps, prompts=_read_prompts(prompts), seed=seed, random_samples=random_samples,
-                           overrides=overrides, end_to_end=not no_end_to_end, verify=not no_verify, threads=threads, verbose=verbose)
+                           overrides=overrides, end_to_end=not no_end_to_end, verify=not no_verify, threads=threads,
+                           cpu_precision=cpu_precision, verbose=verbose)
     if base is not None:  # before anything runs: a baseline compares only with a run on the same inputs
         assert baseline is not None
         h, w = default_size(artifacts, height, width)

@@ -1,0 +1,106 @@
+"""One way to open a pipeline on a backend (generate, bench and validate all go through here): the
+artifacts' files checked, the backend opened, the sampler's assets (tokenizers, scheduler, defaults)
+found, and the run size checked against what each component can run, before any network runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from engines.runtime import ONNX_BACKENDS, Backend, open_backend
+from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets
+from exporter.manifest import Manifest, load_manifest
+from koala_core.errors import UsageError
+
+
+@dataclass
+class Pipeline:
+    """An opened backend and what the sampler needs beside it; close() (or `with`) frees the backend."""
+
+    backend: Any  # a runtime.Backend (TensorRTBackend adds .manifest, the engines manifest)
+    assets: PipelineAssets
+    manifest: Manifest | None  # the artifacts manifest, where --artifacts was given
+    checked_bytes: int = 0  # artifact bytes checked (sha256 or size)
+    verify_seconds: float = 0.0
+    model: str | None = None  # --model as used (the torch backend's source)
+
+    def check_size(self, components: Sequence[str], height: int, width: int) -> None:
+        """height x width inside what the backend (an engine's profile) or the export can run, for
+        each of `components`: the one size check (exporter.specs.ShapeRange.check)."""
+        from engines.validation.inputs import check_size
+
+        for c in components:
+            spec = self.backend.specs.get(c) or self.assets.specs[c]
+            check_size(spec, self.backend.shape_range(c), height, width)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
+                  manifest: Manifest | None = None, components: Sequence[str] = SAMPLER_COMPONENTS,
+                  threads: int | None = None, cpu_precision: str | None = None, full_hash: bool = True, model_from_artifacts: bool = False,
+                  log: Callable[[str], None] | None = None) -> Pipeline:
+    """Check the artifacts' files (tokenizers, the scheduler's config and, for the backends that run
+    the ONNX graphs, those of `components`), open backend `backend` and gather the sampler's assets:
+    from the artifacts, else the torch model's source, else the engines folder.
+
+    model_from_artifacts: --backend torch without --model builds the model the artifacts were
+    exported from (bench). Usage errors come before any weight is read."""
+    if cpu_precision is not None and backend != "openvino":
+        raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
+    if backend == "openvino":
+        from koala_core.machine import resolve_cpu_precision
+
+        resolve_cpu_precision(cpu_precision)  # bf16 on a CPU without it fails before any file is read
+    if manifest is None and artifacts is not None:
+        manifest = load_manifest(artifacts)
+    if backend == "torch" and model is None and model_from_artifacts:
+        if manifest is None:
+            raise UsageError("--backend torch needs --model (or --artifacts, whose source model it then builds)")
+        model = manifest.data.get("source", {}).get("model")
+        if not model:
+            raise UsageError(f"{manifest.root}/manifest.json records no source model; pass --model")
+        if log is not None:
+            log(f"torch: building {model} (the artifacts' source model)")
+    t0 = time.perf_counter()
+    checked = 0
+    if manifest is not None:
+        from engines.artifacts_check import check_files
+
+        prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.data["scheduler"]).parent.as_posix()) + "/"]
+        if backend in ONNX_BACKENDS:
+            prefixes += [f"{c}/" for c in components]
+        checked = check_files(manifest, prefixes, full_hash=full_hash)
+        if log is not None:
+            log(f"artifacts {artifacts if artifacts is not None else manifest.root}: {checked / 2**20:,.1f} MiB {'verified (sha256)' if full_hash else 'size-checked'} "
+                f"in {time.perf_counter() - t0:.1f} s")
+        assets: PipelineAssets | None = PipelineAssets.from_manifest(manifest)
+    elif backend == "torch":
+        from exporter.sources import resolve
+
+        if model is None:
+            raise UsageError("--backend torch needs --model (and optionally --artifacts for its tokenizers and defaults)")
+        assets = PipelineAssets.from_source(resolve(model))
+    else:
+        assets = None  # tensorrt without --artifacts: the engines folder carries tokenizers, scheduler and defaults
+    verify_s = time.perf_counter() - t0
+    runtime: Backend = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads,
+                                    cpu_precision=cpu_precision)
+    try:
+        if assets is None:
+            em = runtime.manifest  # type: ignore[attr-defined]
+            assets = PipelineAssets.from_engines(em.root, em.data, runtime.specs, {c: em.shape_range(c) for c in runtime.specs})
+    except BaseException:
+        runtime.close()
+        raise
+    return Pipeline(runtime, assets, manifest, checked, verify_s, model)

@@ -13,28 +13,23 @@ from pathlib import Path
 from typing import Any
 
 from engines.buildplan import build_command
+from engines.compat import cc_allowed, engine_verdict, facts_for_device
 from engines.cuda import DeviceInfo
+from engines.engines_record import READ_VERSIONS, Compat, EnginesRecord, Library, Targets, normalize_cc
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import KoalaError, UsageError
 from koala_core.jsonfile import read_folder_manifest
 
 MANIFEST = "manifest.json"
 FORMAT = "koala-trt/engines"
-FORMAT_VERSION = 1
-
-
-def _vtuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in str(v).split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
+FORMAT_VERSION = 1  # what engines/build.py writes today; load_engines_manifest reads READ_VERSIONS (1 and 2)
 
 
 @dataclass
 class EnginesManifest:
     root: Path
     data: dict[str, Any]
+    record: EnginesRecord  # the typed keys (library, targets, build host, plan files), read once
 
     @property
     def engines(self) -> dict[str, dict[str, Any]]:
@@ -69,43 +64,26 @@ class EnginesManifest:
 
 
 def load_engines_manifest(root: Path | str) -> EnginesManifest:
-    data = read_folder_manifest(root, MANIFEST, FORMAT, "engines", "create one with `koala-trt build`", FORMAT_VERSION)
-    return EnginesManifest(Path(root), data)
+    """ROOT/manifest.json, either format version (engines_record.READ_VERSIONS), its keys checked."""
+    data = read_folder_manifest(root, MANIFEST, FORMAT, "engines", "create one with `koala-trt build`", max(READ_VERSIONS))
+    return EnginesManifest(Path(root), data, EnginesRecord.from_json(data, str(Path(root) / MANIFEST)))
 
 
 def device_allowed(built_cc: str, hardware_compatibility: str, local_cc: str) -> bool:
-    """Can an engine built for built_cc with this compatibility level run on a local_cc GPU?"""
-    if hardware_compatibility == "ampere_plus":
-        return _vtuple(local_cc) >= (8, 0)
-    return local_cc == built_cc  # none and same_compute_capability
+    """Can a standard TensorRT engine built for built_cc with this compatibility level run on a local_cc
+    GPU? (engines.compat.cc_allowed, the one rule; kept for engines/build.py's check_device.)"""
+    return cc_allowed(Compat(Library("tensorrt", "0"), Targets((normalize_cc(built_cc),), hardware_compatibility)), local_cc)
 
 
-def trt_allowed(built: str, version_compatible: bool, local: str) -> bool:
-    """Plans load only in the TensorRT version that built them, unless built VERSION_COMPATIBLE,
-    which later TensorRT runtimes accept."""
-    if version_compatible:
-        return _vtuple(local) >= _vtuple(built)
-    return _vtuple(local) == _vtuple(built)
-
-
-def check_compatible(m: EnginesManifest, device: DeviceInfo, trt_version: str) -> list[str]:
-    """Refuse engines built for another card or TensorRT version (KoalaError naming both and the exact
-    rebuild command); return warnings for combinations that load but are not what was built for."""
-    d = m.data
-    gpu, flags = d.get("gpu", {}), d.get("flags", {})
-    built_cc, built_trt = str(gpu.get("compute_capability", "?")), str(d.get("tensorrt", "?"))
-    hc, vc = flags.get("hardware_compatibility", "none"), bool(flags.get("version_compatible", False))
-    problems = []
-    if not device_allowed(built_cc, hc, device.compute_capability):
-        problems.append(f"built for {gpu.get('name', '?')} (sm_{built_cc.replace('.', '')}"
-                        f"{', hardware compatibility ' + hc if hc != 'none' else ''}) but this GPU is "
-                        f"{device.name} (sm_{device.sm})")
-    if not trt_allowed(built_trt, vc, trt_version):
-        problems.append(f"built with TensorRT {built_trt}{' (version compatible)' if vc else ''} but this "
-                        f"machine has TensorRT {trt_version}")
-    if problems:
+def check_compatible(m: EnginesManifest, device: DeviceInfo, library_version: str | None) -> list[str]:
+    """The runtime's check: refuse engines that cannot run on `device` with the manifest's library at
+    `library_version` (KoalaError naming both and the exact rebuild command, engines.compat.engine_verdict
+    deciding); return the warnings for combinations that load but are not what was built for."""
+    compat = m.record.compat
+    verdict = engine_verdict(compat, facts_for_device(device, compat.library.name, library_version))
+    if verdict.problems:
         profile, note = None, ""
-        if not device_allowed(built_cc, hc, device.compute_capability):
+        if verdict.wrong_gpu:
             from engines.profile import profile_for_device
 
             match = profile_for_device(device.name, device.compute_capability)
@@ -113,11 +91,6 @@ def check_compatible(m: EnginesManifest, device: DeviceInfo, trt_version: str) -
             if not match:
                 note = (f" (no built-in profile fits this GPU: write sm{device.sm}.toml with [gpu] compute_capability = "
                         f"\"{device.compute_capability}\", starting from `koala-trt profiles show rtx3060ti`)")
-        raise KoalaError(f"engines in {m.root} cannot run here: {'; '.join(problems)}. Rebuild them on this "
+        raise KoalaError(f"engines in {m.root} cannot run here: {'; '.join(verdict.problems)}. Rebuild them on this "
                          f"machine: {m.rebuild_command(profile)}{note}")
-    warnings = []
-    if hc == "none" and gpu.get("name") and gpu.get("name") != device.name:
-        warnings.append(f"engines in {m.root} were built on {gpu['name']}, this GPU is {device.name} (same "
-                        f"sm_{device.sm}): TensorRT does not promise speed or correctness across GPU models; "
-                        f"rebuild with: {m.rebuild_command()}")
-    return warnings
+    return [f"engines in {m.root} were {w}; rebuild with: {m.rebuild_command()}" for w in verdict.warnings]

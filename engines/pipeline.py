@@ -67,7 +67,7 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     if backend == "torch" and model is None and model_from_artifacts:
         if manifest is None:
             raise UsageError("--backend torch needs --model (or --artifacts, whose source model it then builds)")
-        model = manifest.data.get("source", {}).get("model")
+        model = manifest.view.source.model
         if not model:
             raise UsageError(f"{manifest.root}/manifest.json records no source model; pass --model")
         if log is not None:
@@ -77,7 +77,7 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     if manifest is not None:
         from engines.artifacts_check import check_files
 
-        prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.data["scheduler"]).parent.as_posix()) + "/"]
+        prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.view.scheduler).parent.as_posix()) + "/"]
         if backend in ONNX_BACKENDS:
             prefixes += [f"{c}/" for c in components]
         checked = check_files(manifest, prefixes, full_hash=full_hash)

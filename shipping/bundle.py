@@ -35,18 +35,21 @@ from typing import IO, Any, Callable
 from exporter.manifest import MANIFEST, load_manifest, read_artifacts
 from koala_core import __version__
 from koala_core.atomic import staged_dir, staged_file
-from koala_core.errors import UsageError
+from koala_core.errors import KoalaError, UsageError
 from koala_core.schema import FileRecord
-from shipping import engines_manifest as em
+from engines.compat import MachineFacts, engine_verdict, gather_facts
+from engines.cuda import DeviceInfo
+from engines.engine_manifest import MANIFEST as ENGINES_MANIFEST_NAME
+from engines.engine_manifest import load_engines_manifest
+from engines.engines_record import Compat, EnginesRecord, Library, Targets, normalize_cc, safe_relpath
 from shipping.bundle_manifest import (BUNDLE_MANIFEST, FORMAT, FORMAT_VERSION, BundleProblem, BundleView, bundle_json,
                                       parse_bundle)
-from shipping.device import DeviceInfo, detect, engine_problems
 
 __all__ = ["BUNDLE_MANIFEST", "FORMAT", "FORMAT_VERSION", "BundleProblem", "PackResult", "Report", "pack", "plan_bundle",
            "unpack", "verify"]
 
 ENGINES_DIR = "engines"
-ENGINES_MANIFEST = f"{ENGINES_DIR}/{em.MANIFEST}"
+ENGINES_MANIFEST = f"{ENGINES_DIR}/{ENGINES_MANIFEST_NAME}"
 CHUNK = 4 << 20
 IO_BLOCK = 1 << 20  # tarfile's stream block: equal read/write sizes keep its buffer slicing linear
 MAX_JSON_BYTES = 64 << 20  # bundle.json and the two manifests are read into memory: bound them
@@ -131,6 +134,41 @@ def _graph_files(files: dict[str, Any], graph: str) -> list[str]:
     return [rel for rel in files if rel.startswith(folder + "/")]
 
 
+def engines_requirements(record: EnginesRecord) -> dict[str, Any]:
+    """bundle.json's requirements for engines: `engines` (Compat.to_json, what verify checks) and, for
+    standard TensorRT, the `gpu` and `tensorrt_version` keys that bundles before it carried."""
+    compat = record.compat
+    out: dict[str, Any] = {"engines": compat.to_json()}
+    if compat.library.name == "tensorrt" and compat.built_on is not None:
+        out.update(gpu={"name": compat.built_on.name, "compute_capability": compat.targets.compute_capabilities[0]},
+                   tensorrt_version=compat.library.version)
+    return out
+
+
+def requirements_compat(req: dict[str, Any], where: str) -> Compat:
+    """The engines' Compat from bundle.json's requirements (older bundles: gpu + tensorrt_version)."""
+    if "engines" in req:
+        return Compat.from_json(req["engines"], f"{where} requirements.engines")
+    try:
+        cc = normalize_cc(req["gpu"]["compute_capability"])
+        return Compat(Library("tensorrt", str(req["tensorrt_version"])), Targets((cc,)),
+                      DeviceInfo(str(req["gpu"].get("name", "?")), cc, 0))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UsageError(f"{where} requirements lack engines, or gpu.compute_capability and tensorrt_version") from None
+
+
+def device_problem(req: dict[str, Any], facts: MachineFacts, where: str = BUNDLE_MANIFEST) -> tuple[str | None, list[str]]:
+    """verify's device check: (the one-line problem or None, warnings) of running the engines that
+    bundle.json's requirements describe on a machine with these facts (engines.compat.engine_verdict)."""
+    verdict = engine_verdict(requirements_compat(req, where), facts)
+    warnings = [f"engines were {w}" for w in verdict.warnings]
+    if verdict.ok:
+        return None, warnings
+    hint = ("use `verify --no-device-check` to check integrity only" if not facts.gpus
+            else "rebuild them for this machine with `koala-trt build` (the engines manifest records its build.args)")
+    return f"the bundle's engines cannot run here: {'; '.join(verdict.problems)}; {hint}", warnings
+
+
 def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> tuple[dict[str, Any], list[_Item]]:
     """bundle.json's content and the files to pack, checked for completeness (names and sizes)
     before anything is written; hashes come from the manifests and are re-checked while packing."""
@@ -142,7 +180,8 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
     manifest_raw = (artifacts / MANIFEST).read_bytes()
     items = [_Item(MANIFEST, artifacts / MANIFEST, _sha256_bytes(manifest_raw), len(manifest_raw))]
 
-    info, engines_raw = (em.load_engines_manifest(engines) if engines is not None else (None, b""))
+    info = load_engines_manifest(engines).record if engines is not None else None
+    engines_raw = (engines / ENGINES_MANIFEST_NAME).read_bytes() if engines is not None else b""  # copied verbatim
     if info is not None:
         unknown = [c for c in info.engines if c not in m.components]
         if unknown:
@@ -156,7 +195,7 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
             omitted += _graph_files(files, m.record(comp).file)
 
     for rel, meta in files.items():
-        if not em.safe_relpath(rel) or rel in (BUNDLE_MANIFEST, MANIFEST) or rel.split("/")[0] == ENGINES_DIR:
+        if not safe_relpath(rel) or rel in (BUNDLE_MANIFEST, MANIFEST) or rel.split("/")[0] == ENGINES_DIR:
             raise UsageError(f"{artifacts}/{MANIFEST} lists {rel!r}, which cannot go into a bundle "
                              f"(unsafe path, or a name the bundle reserves: {BUNDLE_MANIFEST}, {ENGINES_DIR}/)")
         if rel in omitted:
@@ -174,19 +213,18 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
     requirements: dict[str, Any] = {"backend": "onnxruntime", "components": comps, "onnx_opset": view.opset,
                                     "onnxruntime_checked_with": view.versions.get("onnxruntime")}
     if info is not None:
-        items.append(_Item(ENGINES_MANIFEST, engines / em.MANIFEST, _sha256_bytes(engines_raw), len(engines_raw)))  # type: ignore[operator]
+        assert engines is not None
+        items.append(_Item(ENGINES_MANIFEST, engines / ENGINES_MANIFEST_NAME, _sha256_bytes(engines_raw), len(engines_raw)))
         for comp, e in info.engines.items():
-            p = info.root / e.file
+            p = engines / e.file
             if not p.is_file():
-                raise UsageError(f"{info.root} is incomplete: engine {e.file} of {comp} is missing")
+                raise UsageError(f"{engines} is incomplete: engine {e.file} of {comp} is missing")
             if p.stat().st_size != e.bytes:
                 raise UsageError(f"{p} has {p.stat().st_size} bytes, the engines manifest says {e.bytes} (changed or corrupt)")
             name = f"{ENGINES_DIR}/{e.file}"
             items.append(_Item(name, p, e.sha256, e.bytes))
             comps[comp] = {"backend": "tensorrt", "precision": m.precision(comp), "file": name}
-        requirements.update(backend="tensorrt",
-                            gpu={"name": info.gpu_name, "compute_capability": info.compute_capability},
-                            tensorrt_version=info.tensorrt_version)
+        requirements.update(backend="tensorrt", **engines_requirements(info))
 
     data = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -195,6 +233,15 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
             "requirements": requirements, "omitted": omitted,
             "files": {it.name: {"sha256": it.sha256, "bytes": it.bytes} for it in items}}
     return data, items
+
+
+def _legacy_view(req: dict[str, Any], compat: Compat) -> Compat:
+    """compat as an older bundle.json (gpu + tensorrt_version, no engines block) could record it."""
+    if "engines" in req:
+        return compat
+    g = compat.built_on
+    return Compat(Library(compat.library.name, compat.library.version), Targets(compat.targets.compute_capabilities[:1]),
+                  None if g is None else DeviceInfo(g.name, g.compute_capability, 0))
 
 
 def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
@@ -266,7 +313,7 @@ class _Scan:
     """Checks entries in order: bundle.json first, then each file's name, type, size and sha256;
     at the end completeness and the consistency of bundle.json with the two manifests."""
 
-    def __init__(self, report: Report, dest: Path | None, device_check: bool, device: DeviceInfo | None, log: Log) -> None:
+    def __init__(self, report: Report, dest: Path | None, device_check: bool, device: MachineFacts | None, log: Log) -> None:
         self.report, self.dest, self.device_check, self.device, self.log = report, dest, device_check, device, log
         self.bundle: BundleView | None = None
         self.files: dict[str, FileRecord] = {}
@@ -286,7 +333,7 @@ class _Scan:
         raw = reader.read(size + 1)
         view = parse_bundle(raw, f"{where}: {BUNDLE_MANIFEST}")
         for rel in view.files:
-            if not em.safe_relpath(rel) or rel == BUNDLE_MANIFEST:
+            if not safe_relpath(rel) or rel == BUNDLE_MANIFEST:
                 self.fail(f"{where}: {BUNDLE_MANIFEST} lists {rel!r}, a path that escapes the bundle folder: refused")
         self.bundle, self.files = view, view.files
         self.report.requirements = view.requirements.doc
@@ -303,15 +350,15 @@ class _Scan:
         req = self.bundle.requirements
         if req.backend != "tensorrt" or not self.device_check:
             return
-        device = self.device or detect()
-        self.report.device = device.to_json()
+        facts = self.device or gather_facts()
+        self.report.device = facts.to_json()
         try:
-            problems, warnings = engine_problems(req.gpu, str(req.tensorrt_version), device)
-        except (KeyError, TypeError, ValueError) as e:
-            self.fail(f"{self.report.path}: {BUNDLE_MANIFEST}: field requirements.gpu is malformed ({e})")
+            problem, warnings = device_problem(req.doc, facts, f"{self.report.path}: {BUNDLE_MANIFEST}")
+        except UsageError as e:
+            self.fail(str(e))
         self.report.warnings += warnings
-        if problems:
-            self.fail(problems[0])
+        if problem:
+            self.fail(problem)
         self.report.device_checked = True
 
     # --- every other entry -------------------------------------------------------------------
@@ -320,7 +367,7 @@ class _Scan:
             if kind != "file" or reader is None:
                 self.fail(f"{self.report.path} is not a koala-trt bundle: its first entry {name!r} is not {BUNDLE_MANIFEST}")
             return self.header(name, size, reader)  # type: ignore[arg-type]
-        if not em.safe_relpath(name.rstrip("/") if kind == "dir" else name):
+        if not safe_relpath(name.rstrip("/") if kind == "dir" else name):
             self.fail(f"entry {name!r} escapes the target folder (absolute path or `..`): refused")
         if kind == "dir":
             return None
@@ -423,14 +470,17 @@ class _Scan:
         if ENGINES_MANIFEST not in self.blobs:
             self.fail(f"the bundle requires TensorRT but has no {ENGINES_MANIFEST}")
         try:
-            info = em.parse_engines_manifest(json.loads(self.blobs[ENGINES_MANIFEST]), Path(ENGINES_DIR), ENGINES_MANIFEST)
+            info = EnginesRecord.from_json(json.loads(self.blobs[ENGINES_MANIFEST]), ENGINES_MANIFEST)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             self.fail(f"{ENGINES_MANIFEST} is corrupt ({e})")
         except UsageError as e:
             self.fail(str(e))
-        assert req.gpu is not None
-        if em.normalize_cc(req.gpu["compute_capability"]) != info.compute_capability or req.tensorrt_version != info.tensorrt_version:
-            self.fail(f"{BUNDLE_MANIFEST} and {ENGINES_MANIFEST} disagree on the GPU or the TensorRT version")
+        try:
+            agree = requirements_compat(req.doc, BUNDLE_MANIFEST).to_json() == _legacy_view(req.doc, info.compat).to_json()
+        except UsageError as e:
+            self.fail(str(e))
+        if not agree:
+            self.fail(f"{BUNDLE_MANIFEST} and {ENGINES_MANIFEST} disagree on the GPU, the targets or the library version")
         for comp, e in info.engines.items():
             name = f"{ENGINES_DIR}/{e.file}"
             if name not in self.files:
@@ -493,7 +543,7 @@ def _scan_folder(root: Path, scan: _Scan) -> None:
     scan.finish()
 
 
-def verify(target: Path, device_check: bool = True, device: DeviceInfo | None = None, log: Log = _quiet) -> Report:
+def verify(target: Path, device_check: bool = True, device: MachineFacts | None = None, log: Log = _quiet) -> Report:
     """Check a bundle archive or an unpacked bundle folder; the report names the first problem."""
     target = Path(target)
     if not target.exists():

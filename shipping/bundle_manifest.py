@@ -55,7 +55,11 @@ def _requirements(r: Fields) -> Requirements:
                                      c.string("precision", required=True), c.string("file", required=True))
              for n, c in r.tables("components").items()}
     gpu, trt = None, None
-    if backend == "tensorrt":
+    if backend == "tensorrt" and "engines" in r.table:  # the engines' compatibility block (engines.engines_record)
+        r.get("engines")
+        if isinstance(r.table.get("gpu"), dict):
+            gpu, trt = dict(r.table["gpu"]), str(r.table.get("tensorrt_version"))
+    elif backend == "tensorrt":  # older bundles: the GPU and TensorRT version the engines were built with
         g = r.table_of("gpu", required=True)
         g.get("compute_capability", required=True)
         gpu = dict(g.table)

@@ -31,7 +31,8 @@ from exporter.specs import ComponentSpec
 from koala_core import __version__
 from koala_core.atomic import staged_dir
 from koala_core.errors import UsageError
-from shipping import engines_manifest as em
+from engines.compat import describe as describe_engines
+from engines.engine_manifest import load_engines_manifest
 from shipping.triton_io import TritonTensor, batchable, triton_tensor
 
 PIPELINE_INPUTS = (  # name, Triton type, optional
@@ -141,7 +142,7 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
         raise UsageError(f"--max-batch must be at least 1 (got {max_batch})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
-    info = em.load_engines_manifest(engines)[0] if engines is not None else None
+    info = load_engines_manifest(engines).record if engines is not None else None
     if info is not None:
         unknown = [c for c in info.engines if c not in m.components]
         if unknown:
@@ -171,9 +172,9 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
             if info is not None and comp in info.engines:
                 e = info.engines[comp]
                 log(f"  {model}: TensorRT engine {e.file}")
-                _copy_checked(info.root / e.file, version_dir / "model.plan", e.sha256, hardlink)
+                _copy_checked(Path(engines) / e.file, version_dir / "model.plan", e.sha256, hardlink)
                 platform, filename, kind = "tensorrt_plan", "model.plan", "KIND_GPU"
-                note += f", engine built on {info.gpu_name} (compute capability {info.compute_capability}) with TensorRT {info.tensorrt_version}"
+                note += f", engine {describe_engines(info.compat)}"
             else:
                 graph = PurePosixPath(m.record(comp).file)
                 log(f"  {model}: ONNX {graph}")

@@ -72,7 +72,8 @@ def test_another_card_is_refused_with_the_exact_rebuild_command(tiny_artifacts: 
 def test_another_tensorrt_version_is_refused(tiny_artifacts: Path, tmp_path: Path) -> None:
     m = load_engines_manifest(_engines_dir(tiny_artifacts, tmp_path / "e"))
     for other in ("10.9.0.34", "10.7.0.23", "11.0.0"):
-        with pytest.raises(KoalaError, match=rf"built with TensorRT {TRT} but this machine has TensorRT {other}\. "
+        with pytest.raises(KoalaError, match=rf"built with TensorRT {TRT} but this machine has TensorRT {other}: a plan "
+                                             r"loads only in the TensorRT release \(major.minor.patch\) that built it\. "
                                              r"Rebuild them on this machine: koala-trt build .*--profile rtx4090 "):
             check_compatible(m, RTX4090, other)
 
@@ -169,13 +170,16 @@ def test_timing_cache_is_reused_only_for_the_same_card_tensorrt_and_cuda(tiny_ar
 
 
 def test_shipping_reads_the_manifest_the_build_writes(tiny_artifacts: Path, tmp_path: Path) -> None:
-    """pack/verify/triton read ENGINES/manifest.json through shipping/engines_manifest.py: it must
-    parse exactly what engines/build.py composes (card, compute capability, TensorRT, plan files)."""
-    from shipping.engines_manifest import load_engines_manifest
-
+    """pack/verify/triton read ENGINES/manifest.json through the one reader (engines.engines_record,
+    via load_engines_manifest().record): it must parse exactly what engines/build.py composes."""
     root = _engines_dir(tiny_artifacts, tmp_path / "eng", device=RTX3060TI)
-    info, _ = load_engines_manifest(root)
-    assert (info.gpu_name, info.compute_capability, info.tensorrt_version) == (RTX3060TI.name, "8.6", TRT)
+    rec = load_engines_manifest(root).record
+    # literal expectations (the profile's card and the TRT string the helper was given), not RTX3060TI's fields
+    assert (rec.format_version, rec.library.name, rec.library.version) == (1, "tensorrt", "10.8.0.43")
+    assert rec.targets.compute_capabilities == ("8.6",) and rec.targets.hardware_compatibility == "none"
+    assert rec.build_host.gpu is not None and rec.build_host.gpu.name == "NVIDIA GeForce RTX 3060 Ti"
+    assert rec.build_host.cuda == {"runtime": "12.6", "driver": "12.8"}
     written = json.loads((root / "manifest.json").read_text())["engines"]
-    assert {c: (e.file, e.sha256, e.bytes) for c, e in info.engines.items()} == \
+    assert {c: (e.file, e.sha256, e.bytes) for c, e in rec.engines.items()} == \
         {c: (e["file"], e["sha256"], e["bytes"]) for c, e in written.items()}
+    assert set(rec.engines) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}

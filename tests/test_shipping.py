@@ -261,9 +261,9 @@ def test_not_a_bundle(tiny_artifacts: Path, tmp_path: Path) -> None:
 
 
 def test_engine_bundle_on_a_machine_without_that_gpu(tiny_artifacts: Path, tmp_path: Path) -> None:
-    from shipping.device import detect
+    from engines.compat import gather_facts
 
-    here = detect()
+    here = gather_facts()
     if any(g.compute_capability == "8.9" for g in here.gpus):
         pytest.skip("this machine has a compute capability 8.9 GPU: the mismatch cannot be shown here")
     eng = engines_folder(tmp_path / "engines", tiny_artifacts)
@@ -275,7 +275,7 @@ def test_engine_bundle_on_a_machine_without_that_gpu(tiny_artifacts: Path, tmp_p
     code, out, err = run_cli("verify", b)
     assert code == 1
     msg = last_error(err)
-    assert "built for compute capability 8.9 (NVIDIA GeForce RTX 4090) with TensorRT 10.8.0.43" in msg, msg
+    assert "the bundle's engines cannot run here: built for NVIDIA GeForce RTX 4090 (sm_89)" in msg, msg
     if here.gpus:
         assert "do not run on another compute capability" in msg
     else:
@@ -321,22 +321,30 @@ def test_engine_bundle_on_a_machine_without_that_gpu(tiny_artifacts: Path, tmp_p
 
 
 def test_engine_requirements_against_given_devices() -> None:
-    """The comparison rules, on device descriptions (not on this machine's hardware)."""
-    from shipping.device import DeviceInfo, Gpu, engine_problems
+    """verify's device check on an older bundle.json (gpu + tensorrt_version only), on given machine
+    facts (not this machine's hardware). The full table is tests/test_compat.py."""
+    from engines.compat import MachineFacts
+    from engines.cuda import DeviceInfo
+    from shipping.bundle import device_problem
 
-    built = {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "sm_89"}
-    h100 = DeviceInfo((Gpu(0, "NVIDIA H100 80GB HBM3", "9.0"),), "10.8.0.43")
-    problems, _ = engine_problems(built, "10.8.0.43", h100)
-    assert "this machine has GPU 0 NVIDIA H100 80GB HBM3 (compute capability 9.0)" in problems[0]
-    l40s = DeviceInfo((Gpu(0, "NVIDIA L40S", "8.9"),), "10.8.0.43")
-    problems, warnings = engine_problems(built, "10.8.0.43", l40s)
-    assert problems == [] and "same compute capability" in warnings[0]
-    problems, _ = engine_problems(built, "10.8.0.43", DeviceInfo(l40s.gpus, "10.7.0.23"))
-    assert "this machine has TensorRT 10.7.0.23" in problems[0]
-    problems, _ = engine_problems(built, "10.8.0.43", DeviceInfo(l40s.gpus, None))
-    assert "TensorRT is not installed here" in problems[0]
-    problems, warnings = engine_problems(built, "10.8.0", DeviceInfo((Gpu(1, "NVIDIA GeForce RTX 4090", "8.9"),), "10.8.0.43"))
-    assert problems == [] and warnings == []
+    req = {"backend": "tensorrt", "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "sm_89"},
+           "tensorrt_version": "10.8.0.43"}
+    h100 = MachineFacts((DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", 80 << 30),), "10.8.0.43")
+    problem, _ = device_problem(req, h100)
+    assert problem == ("the bundle's engines cannot run here: built for NVIDIA GeForce RTX 4090 (sm_89) but this GPU is "
+                       "NVIDIA H100 80GB HBM3 (sm_90): TensorRT engines do not run on another compute capability; "
+                       "rebuild them for this machine with `koala-trt build` (the engines manifest records its build.args)")
+    l40s = (DeviceInfo("NVIDIA L40S", "8.9", 48 << 30),)
+    problem, warnings = device_problem(req, MachineFacts(l40s, "10.8.0.43"))
+    assert problem is None and warnings == [
+        "engines were built on NVIDIA GeForce RTX 4090, this GPU is NVIDIA L40S (same sm_89): TensorRT does not promise "
+        "speed or correctness across GPU models (its kernels were timed on the build card)"]
+    problem, _ = device_problem(req, MachineFacts(l40s, "10.7.0.23"))
+    assert problem is not None and "but this machine has TensorRT 10.7.0.23" in problem
+    problem, _ = device_problem(req, MachineFacts(l40s, None))
+    assert problem is not None and "TensorRT is not installed here (no `tensorrt` Python module)" in problem
+    two = (DeviceInfo("NVIDIA L40S", "8.9", 48 << 30), DeviceInfo("NVIDIA GeForce RTX 4090", "8.9", 24 << 30, index=1))
+    assert device_problem({**req, "tensorrt_version": "10.8.0"}, MachineFacts(two, "10.8.0.43")) == (None, [])
 
 
 def test_engines_manifest_without_required_keys(tiny_artifacts: Path, tmp_path: Path) -> None:

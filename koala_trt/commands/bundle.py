@@ -18,9 +18,10 @@ def _requirements_line(req: dict) -> str:
     comps = ", ".join(f"{c} {v['precision']}" + (" (engine)" if v.get("backend") == "tensorrt" else "")
                       for c, v in (req.get("components") or {}).items())
     if req.get("backend") == "tensorrt":
-        gpu = req.get("gpu") or {}
-        return (f"TensorRT {req.get('tensorrt_version')} on compute capability {gpu.get('compute_capability')} "
-                f"(built on {gpu.get('name')}); {comps}")
+        from engines.compat import describe
+        from shipping.bundle import requirements_compat
+
+        return f"{describe(requirements_compat(req, 'bundle.json'))}; {comps}"
     return f"ONNX Runtime (opset {req.get('onnx_opset')}; CPU or GPU); {comps}"
 
 
@@ -93,6 +94,8 @@ def verify_cmd(bundle: Path, no_device_check: bool, as_json: bool) -> None:
     if r.requirements.get("backend") == "tensorrt":
         if r.device_checked:
             gpus = ", ".join(f"{g['name']} ({g['compute_capability']})" for g in (r.device or {}).get("gpus", []))
-            click.echo(f"this machine: {gpus}, TensorRT {(r.device or {}).get('tensorrt_version')}: matches")
+            lib = ((r.requirements.get("engines") or {}).get("library") or {}).get("name", "tensorrt")
+            version = (r.device or {}).get("tensorrt_rtx_version" if lib == "tensorrt-rtx" else "tensorrt_version")
+            click.echo(f"this machine: {gpus}, {'TensorRT-RTX' if lib == 'tensorrt-rtx' else 'TensorRT'} {version}: matches")
         else:
             click.echo("device check skipped (--no-device-check)")

@@ -31,8 +31,11 @@ install-gpu:
 test: install
 	$(BIN)/python -m pytest -q
 
+# Fails, with a one-line reason, where it cannot test: TensorRT/cuda-python/GPU missing (conftest's
+# --require-gpu), any GPU test skipped, or no test collected (pytest's exit 5).
 test-gpu:
-	$(BIN)/python -m pytest -q -m gpu -rs
+	@$(BIN)/python -m pytest -q -m gpu -rs --require-gpu; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-gpu: no GPU test ran (exit 5: none collected)" >&2; exit 1; fi; exit $$rc
 
 demo: install
 	$(BIN)/python scripts/demo.py --model $(DEMO_MODEL) --out $(OUT)

@@ -20,17 +20,14 @@ import numpy as np
 
 from exporter.manifest import Manifest
 from exporter.metrics import ErrorStats, Tolerance, error_stats
+from exporter.tolerances import tolerance
 from koala_core.errors import KoalaError
 from koala_core.meter import Meter
 
 Log = Callable[[str], None]
 
-# Documented gates, against FP32 PyTorch. FP16 rounds at about 1e-3 per op; INT8 per-tensor
-# activations are coarser (the CPU target is relative L2 <= 0.07 on the full U-Net).
-TOLERANCES: dict[str, Tolerance] = {
-    "fp16": Tolerance(rel_l2=2e-2, max_abs_rel=1e-1),
-    "int8": Tolerance(rel_l2=0.15, max_abs_rel=1.0),
-}
+# The gates against FP32 PyTorch: the fp16 / int8 rows of the one table (exporter/tolerances.py).
+TOLERANCES: dict[str, Tolerance] = {p: tolerance("", p) for p in ("fp16", "int8")}
 
 
 @dataclass

@@ -240,11 +240,13 @@ class Sampler:
         c_in = int(self.unet.input("sample").dims[1])
         f = self.unet.latent_factor
         if lat is not None and lat.ndim == 4:  # sizes default to the latents' own
-            height = req.height or int(lat.shape[2]) * f
-            width = req.width or int(lat.shape[3]) * f
-            batch = req.batch or int(lat.shape[0])
-        else:
-            height, width, batch = req.height or a.height, req.width or a.width, req.batch or 1
+            height = int(lat.shape[2]) * f if req.height is None else req.height
+            width = int(lat.shape[3]) * f if req.width is None else req.width
+            batch = int(lat.shape[0]) if req.batch is None else req.batch
+        else:  # None is the default; 0 is an error below, never "the default"
+            height = a.height if req.height is None else req.height
+            width = a.width if req.width is None else req.width
+            batch = 1 if req.batch is None else req.batch
         if batch < 1:
             raise UsageError(f"--batch must be at least 1 (got {batch})")
         if height <= 0 or width <= 0 or height % 8 or width % 8:

@@ -10,24 +10,18 @@ import numpy as np
 
 from exporter.metrics import ErrorStats, Tolerance, error_stats
 from exporter.specs import ComponentSpec
+from exporter.tolerances import tolerance
 from koala_core.ort import make_session
 
-# FP32 ONNX Runtime against FP32 PyTorch: differences come from kernel order only (measured: rel L2
-# <= 5.1e-6 and max abs <= 1.3e-5 for every random:koala-700m component, about 1e-6 for random:tiny).
-# 20x above that, and tight enough that an FP16 graph (unit roundoff 4.9e-4) fails it, which
-# `koala-trt validate` needs of its FP32 gate.
-FP32_TOLERANCE = Tolerance(rel_l2=1e-4, max_abs_rel=1e-3)
-# Measured exceptions. The VAE decoder's mid-block self-attention reduces over every latent position
-# (16,384 at 1024 px), where ONNX Runtime and PyTorch differ by rel L2 1.5e-4 to 1.7e-4 on
-# random:koala-700m (docs/bench-validate.md; 5e-6 at 256 px): it keeps the former 1e-3.
-FP32_COMPONENT_TOLERANCES: dict[str, Tolerance] = {
-    "vae_decoder": Tolerance(rel_l2=1e-3, max_abs_rel=1e-3),
-}
+
+# The table's FP32 row without the per-component exceptions (the default of `compare`).
+FP32_TOLERANCE = tolerance("", "fp32")
 
 
 def fp32_tolerance(component: str) -> Tolerance:
-    """The FP32 ONNX Runtime vs PyTorch gate for one component (export check and `validate`)."""
-    return FP32_COMPONENT_TOLERANCES.get(component, FP32_TOLERANCE)
+    """The FP32 ONNX Runtime vs PyTorch gate for one component (export check and `validate`), from
+    the one table in exporter.tolerances."""
+    return tolerance(component, "fp32")
 
 
 @dataclass
@@ -71,7 +65,7 @@ def onnx_outputs(spec: ComponentSpec, path: Path, feeds: dict[str, np.ndarray]) 
 
 
 def compare(spec: ComponentSpec, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-            feeds: dict[str, np.ndarray], tolerance: Tolerance = FP32_TOLERANCE) -> CheckResult:
+            feeds: dict[str, np.ndarray], tol: Tolerance = FP32_TOLERANCE) -> CheckResult:
     stats = {n: error_stats(reference[n], candidate[n].astype(np.float32)) for n in reference}
-    failures = {n: bad for n, s in stats.items() if (bad := tolerance.check(s))}
-    return CheckResult(spec.name, {k: list(v.shape) for k, v in feeds.items()}, stats, tolerance, failures)
+    failures = {n: bad for n, s in stats.items() if (bad := tol.check(s))}
+    return CheckResult(spec.name, {k: list(v.shape) for k, v in feeds.items()}, stats, tol, failures)

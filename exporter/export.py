@@ -44,8 +44,8 @@ def tool_versions() -> dict[str, str]:
 
 
 def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: ExportOptions) -> tuple[int, int]:
-    height = opts.height or source.default_size
-    width = opts.width or source.default_size
+    height = source.default_size if opts.height is None else opts.height
+    width = source.default_size if opts.width is None else opts.width
     if opts.batch < 1:
         raise UsageError("--batch must be at least 1")
     if not 7 <= opts.opset <= 23:

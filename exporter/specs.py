@@ -95,6 +95,8 @@ class ComponentSpec:
         return {n: (lo[n], opt[n], hi[n]) for n in lo}
 
     def check_size(self, height: int, width: int) -> None:
+        if height < 1 or width < 1:
+            raise UsageError(f"{self.name}: height and width must be positive (got {height}x{width})")
         if self.spatial and (height % self.size_multiple or width % self.size_multiple):
             raise UsageError(f"{self.name}: height and width must be multiples of {self.size_multiple} (got {height}x{width})")
 

@@ -21,6 +21,13 @@ def check_writable_parent(out: Path) -> None:
         raise UsageError(f"cannot write {out}: {probe} is not a writable folder")
 
 
+def check_new_dir(out: Path, force: bool = False) -> None:
+    """The checks staged_dir makes before it writes: `out` is new (or --force), its parent writable."""
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    check_writable_parent(out)
+
+
 def _remove_stale(out: Path) -> None:
     """Remove staging leftovers of `out` from processes that were killed (SIGKILL, power loss)."""
     for p in out.parent.glob(f".{out.name}.partial-*"):
@@ -38,9 +45,7 @@ def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh staging folder beside `out`; on success rename it to `out` (replacing an old
     `out` only with force); on any exception or interrupt remove it."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it")
-    check_writable_parent(out)
+    check_new_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -18,7 +18,7 @@ Sections (--sections, comma-separated; default all):
               TensorRT rows: runs only where CUDA is available, otherwise says why it is skipped
 
 Every measurement runs in its own process (so its peak RSS is its own) and, in the full run, under
-`flock /tmp/koala-heavy.lock` so that only one heavy job runs on the machine at a time. Each figure
+`flock` on LOCK (`$KOALA_HEAVY_LOCK`, default koala-heavy.lock in the temporary folder) so that only one heavy job runs on the machine at a time. Each figure
 records the load average when it started and ended. Results are merged into OUT/results.json
 (sections already there are kept unless re-run) and printed as Markdown tables (OUT/summary.md).
 """
@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LOCK = "/tmp/koala-heavy.lock"
+LOCK = os.environ.get("KOALA_HEAVY_LOCK", str(Path(tempfile.gettempdir()) / "koala-heavy.lock"))  # one heavy job at a time
 SECTIONS = ("matmul", "unet", "ratio", "flops", "components", "e2e", "export", "optimum", "gpu")
 OPTIMUM_VENV = Path(os.environ.get("KOALA_OPTIMUM_VENV", REPO / ".venv-optimum"))  # `make optimum-venv`
 MODEL_CARD = {"koala-700m_s": 1.257, "sdxl-base_s": 3.133, "steps": 25, "gpu": "RTX 4090"}  # KOALA model card

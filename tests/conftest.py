@@ -11,6 +11,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--require-gpu", action="store_true", default=False,
+                     help="`make test-gpu`: fail (not skip) when TensorRT, cuda-python or a GPU is missing, or a GPU test skips")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--require-gpu"):
+        from engines.build import missing_requirements
+
+        missing = missing_requirements()
+        if missing:
+            pytest.exit(f"make test-gpu cannot test on this machine, missing: {'; '.join(missing)}", returncode=1)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Under --require-gpu a skipped test is a failure: an all-skipped GPU run must never read as a pass."""
+    if report.skipped and _REQUIRE_GPU[0]:
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _REQUIRE_GPU[0] = bool(session.config.getoption("--require-gpu"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _REQUIRE_GPU[0] and _SKIPPED:
+        print(f"\nmake test-gpu: {len(_SKIPPED)} GPU test(s) skipped ({_SKIPPED[0]} ...): a failure under --require-gpu")
+        session.exitstatus = 1
+
+
+_REQUIRE_GPU = [False]
+_SKIPPED: list[str] = []
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run `koala-trt ARGS` in-process; returns (exit code, stdout, stderr)."""
     import io

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from engines.build import compose_manifest, engine_entry
 from engines.buildplan import make_build_plan
+from engines_helpers import fake_engines_dir as _engines_dir
 from engines.cuda import DeviceInfo
 from engines.engine_manifest import check_compatible, load_engines_manifest
 from engines.profile import load_profile
@@ -32,29 +32,13 @@ RTX2080TI = DeviceInfo("NVIDIA GeForce RTX 2080 Ti", "7.5", 11 << 30, "12.8", "1
 TRT = "10.8.0.43"
 
 
-def _engines_dir(tiny_artifacts: Path, out: Path, profile: str = "rtx4090", device: DeviceInfo = RTX4090,
-                 trt: str = TRT, **build: object) -> Path:
-    """An engines folder's manifest as a build of random:tiny on `device` would write it (no plan files)."""
-    prof = load_profile(profile).with_overrides(height=256, width=256, precision="fp32")
-    if build:
-        from dataclasses import replace
-
-        prof = replace(prof, build=replace(prof.build, **build))
-    args = {"onnx": [str(tiny_artifacts.resolve())], "profile": profile, "precision": "fp32", "height": 256, "width": 256}
-    plan = make_build_plan([tiny_artifacts], prof, out, None, trt, estimate=False, args=args)
-    engines = {n: engine_entry(c, 0, "0" * 64, 1 << 20, 1, {t.name: t.dtype for t in (*c.spec.inputs, *c.spec.outputs)},
-                               0.0, stripped=prof.build.refit != "none")
-               for n, c in plan.components.items()}
-    out.mkdir(parents=True)
-    (out / "manifest.json").write_text(json.dumps(compose_manifest(plan, device, trt, engines, 0.0)))
-    return out
-
-
 def test_manifest_records_card_versions_sources_and_specs(tiny_artifacts: Path, tmp_path: Path) -> None:
     m = load_engines_manifest(_engines_dir(tiny_artifacts, tmp_path / "e"))
     d = m.data
-    assert d["gpu"] == {"name": RTX4090.name, "compute_capability": "8.9", "memory_bytes": RTX4090.memory_bytes}
-    assert d["tensorrt"] == TRT and d["cuda"] == {"runtime": "12.6", "driver": "12.8"}
+    # literal expectations, not the DeviceInfo fields read back: 24 GiB = 25769803776 bytes; DeviceInfo's
+    # 4th field is the driver's CUDA version, the 5th the runtime's
+    assert d["gpu"] == {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", "memory_bytes": 25769803776}
+    assert d["tensorrt"] == "10.8.0.43" and d["cuda"] == {"runtime": "12.6", "driver": "12.8"}
     assert d["flags"]["strongly_typed"] and d["profile"]["name"] == "rtx4090"
     art = load_manifest(tiny_artifacts)
     for name, e in m.engines.items():

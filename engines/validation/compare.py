@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from engines.validation.results import Check, Measured, finite_or_none
-from engines.validation.tolerances import passes
+from exporter.tolerances import passes
 from exporter.metrics import ErrorStats, error_stats
 from koala_core.errors import KoalaError
 

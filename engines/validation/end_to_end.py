@@ -12,7 +12,7 @@ import numpy as np
 from engines.validation.images import psnr, ssim
 from engines.validation.reference import Trajectories
 from engines.validation.results import Check, Measured
-from engines.validation.tolerances import passes
+from exporter.tolerances import passes
 from exporter.metrics import error_stats
 from exporter.specs import NUMPY_DTYPES
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engines.validation.results import Check, Measured
-from engines.validation.tolerances import END_TO_END, Override, check_precision, end_to_end_precision, limits_for
+from exporter.tolerances import END_TO_END, Override, check_precision, end_to_end_precision, limits_for
 from koala_core.errors import UsageError
 
 Log = Callable[[str], None]
@@ -48,7 +48,8 @@ def default_size(artifacts: Path, height: int | None, width: int | None) -> tupl
     from exporter.manifest import load_manifest
 
     sampler = load_manifest(artifacts).data.get("sampler", {})
-    return height or int(sampler.get("height", 1024)), width or int(sampler.get("width", 1024))
+    return (int(sampler.get("height", 1024)) if height is None else height,
+            int(sampler.get("width", 1024)) if width is None else width)
 
 
 def _check_model(source: Any, manifest: Any) -> None:

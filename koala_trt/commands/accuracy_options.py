@@ -7,15 +7,15 @@ from typing import Any, Callable
 
 import click
 
-from koala_trt.commands.common import log, table
+from koala_trt.commands.common import POSITIVE, log, table
 
 
 def accuracy_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed([
         click.option("--heldout", type=click.Path(path_type=Path), help="Held-out prompts for the accuracy report [default: the shipped calibration/heldout_prompts.txt]."),
-        click.option("--heldout-num", type=int, default=2, show_default=True, help="Held-out prompts to compare on."),
-        click.option("--accuracy-steps", type=int, default=4, show_default=True, help="Denoising steps of the held-out trajectories."),
-        click.option("--accuracy-size", type=int, help="Image side (px) of the accuracy run [default: min(export size, 512)]."),
+        click.option("--heldout-num", type=POSITIVE, default=2, show_default=True, help="Held-out prompts to compare on."),
+        click.option("--accuracy-steps", type=POSITIVE, default=4, show_default=True, help="Denoising steps of the held-out trajectories."),
+        click.option("--accuracy-size", type=POSITIVE, help="Image side (px) of the accuracy run [default: min(export size, 512)]."),
         click.option("--no-accuracy", is_flag=True, help="Skip the accuracy report (not recommended)."),
         click.option("--no-gate", is_flag=True, help="Write the folder even when the accuracy gate fails."),
     ]):

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from koala_trt.commands.common import check_backend_sources, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, log, print_json, table
 from koala_core.errors import UsageError
 
 
@@ -49,17 +49,17 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
               help="What runs the networks.")
 @click.option("--engines", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` (--backend tensorrt).")
 @click.option("--model", "-m", help="PyTorch reference for --backend torch [default: the model the artifacts were exported from].")
-@click.option("--height", type=int, help="Image height in pixels [default: the model's native size].")
-@click.option("--width", type=int, help="Image width in pixels [default: the model's native size].")
-@click.option("--batch", type=int, default=1, show_default=True, help="Images per request (the U-Net runs 2x this with CFG).")
-@click.option("--steps", type=int, help="Denoising steps of the end-to-end runs [default: the model's].")
+@click.option("--height", type=POSITIVE, help="Image height in pixels [default: the model's native size].")
+@click.option("--width", type=POSITIVE, help="Image width in pixels [default: the model's native size].")
+@click.option("--batch", type=POSITIVE, default=1, show_default=True, help="Images per request (the U-Net runs 2x this with CFG).")
+@click.option("--steps", type=POSITIVE, help="Denoising steps of the end-to-end runs [default: the model's].")
 @click.option("--guidance", type=float, help="Guidance scale; <= 1 turns CFG off [default: the model's].")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed calls (and end-to-end runs) before the timed ones.")
-@click.option("--runs", type=int, default=3, show_default=True, help="Timed calls per component and timed end-to-end runs.")
+@click.option("--warmup", type=NON_NEGATIVE, default=1, show_default=True, help="Untimed calls (and end-to-end runs) before the timed ones.")
+@click.option("--runs", type=POSITIVE, default=3, show_default=True, help="Timed calls per component and timed end-to-end runs.")
 @click.option("--components", "-c", default="text_encoder,text_encoder_2,unet,vae_decoder", show_default=True,
               help="Components to time one by one (comma-separated; empty for none).")
 @click.option("--end-to-end/--no-end-to-end", default=True, show_default=True, help="Also time the whole text-to-image loop.")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write one CSV row per component and end to end.")
 def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, height: int | None,
@@ -84,11 +84,7 @@ def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model:
                          f"the sampler's components are {', '.join(SAMPLER_COMPONENTS)}")
     opts.check()
     if csv_path is not None:
-        from koala_core.atomic import check_writable_parent
-
-        if csv_path.is_dir():
-            raise UsageError(f"--csv {csv_path} is a folder; give a file name")
-        check_writable_parent(csv_path)
+        check_out_file(csv_path, "--csv")
     check_backend_sources(backend, artifacts, model, engines)
     manifest = load_manifest(artifacts) if artifacts is not None else None
     if backend == "torch" and model is None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import components_option, log, print_json, table
+from koala_trt.commands.common import POSITIVE, components_option, log, print_json, table
 
 GIB = 1 << 30
 
@@ -51,9 +51,9 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @components_option("default: the profile's pipeline (text_encoder,text_encoder_2,unet,vae_decoder)")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="Precision of the text encoders and U-Net instead of the profile's (the VAE keeps its policy).")
-@click.option("--batch", type=int, help="Images per call (static), instead of the profile's range.")
-@click.option("--height", type=int, help="Image height in px (static), instead of the profile's range.")
-@click.option("--width", type=int, help="Image width in px (static), instead of the profile's range.")
+@click.option("--batch", type=POSITIVE, help="Images per call (static), instead of the profile's range.")
+@click.option("--height", type=POSITIVE, help="Image height in px (static), instead of the profile's range.")
+@click.option("--width", type=POSITIVE, help="Image width in px (static), instead of the profile's range.")
 @click.option("--dry-run", is_flag=True, help="Print the whole build plan; build nothing, import no TensorRT.")
 @click.option("--no-estimate", is_flag=True, help="Skip the memory estimate (it traces the model on the meta device).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

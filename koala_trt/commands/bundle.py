@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import log, print_json
+from koala_trt.commands.common import check_out_dir, check_out_file, log, print_json
 from koala_core.errors import KoalaError
 
 
@@ -38,6 +38,7 @@ def pack_cmd(artifacts: Path, engines: Path | None, out: Path, graphs: bool, lev
     """Pack an artifacts folder (and engines) into one archive with every file's sha256 and the runtime requirements."""
     from shipping.bundle import pack
 
+    check_out_file(out)
     r = pack(artifacts, out, engines, graphs=graphs, level=level, force=force, log=log)
     if as_json:
         print_json({"bundle": str(r.path), "archive_bytes": r.archive_bytes, "archive_sha256": r.archive_sha256,
@@ -59,6 +60,7 @@ def unpack_cmd(bundle: Path, out: Path, force: bool, as_json: bool) -> None:
     """Unpack a bundle, checking every file's sha256 as it is written; refuses unsafe or partial archives."""
     from shipping.bundle import unpack
 
+    check_out_dir(out, force)
     r = unpack(bundle, out, force=force, log=log)
     if as_json:
         print_json({**r.to_json(), "out": str(out)})

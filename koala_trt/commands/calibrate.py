@@ -4,19 +4,19 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import log, print_json
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, log, print_json
 
 
 @click.command("calibrate")
 @click.option("--model", "-m", required=True, help="Hub id, local diffusers folder, or random:<preset>.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Calibration folder to write (or resume).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Prompts file, one a line [default: the shipped calibration/prompts.txt].")
-@click.option("--num", type=int, default=32, show_default=True, help="Number of prompts (the first N of the file).")
-@click.option("--steps", type=int, default=20, show_default=True, help="Denoising steps per prompt (all recorded).")
-@click.option("--height", type=int, help="Image height [default: the model's native size].")
-@click.option("--width", type=int, help="Image width [default: the model's native size].")
+@click.option("--num", type=POSITIVE, default=32, show_default=True, help="Number of prompts (the first N of the file).")
+@click.option("--steps", type=POSITIVE, default=20, show_default=True, help="Denoising steps per prompt (all recorded).")
+@click.option("--height", type=POSITIVE, help="Image height [default: the model's native size].")
+@click.option("--width", type=POSITIVE, help="Image width [default: the model's native size].")
 @click.option("--guidance", type=float, help="Guidance scale [default: the model's].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of prompt 0 (prompt i uses seed + i).")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of prompt 0 (prompt i uses seed + i).")
 @click.option("--force", is_flag=True, help="Replace OUT instead of resuming it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration summary as JSON.")
 def calibrate_cmd(model: str, out: Path, prompts_file: Path | None, num: int, steps: int, height: int | None,
@@ -34,8 +34,8 @@ def calibrate_cmd(model: str, out: Path, prompts_file: Path | None, num: int, st
     if num > len(prompts):
         raise UsageError(f"--num {num} is more than the {len(prompts)} prompts in {prompts_file or 'calibration/prompts.txt'}")
     source = resolve(model)
-    opts = CaptureOptions(prompts=prompts[:num], steps=steps, height=height or source.default_size,
-                          width=width or source.default_size,
+    opts = CaptureOptions(prompts=prompts[:num], steps=steps, height=source.default_size if height is None else height,
+                          width=source.default_size if width is None else width,
                           guidance=source.sampler.guidance if guidance is None else guidance, seed=seed, force=force)
     log(f"calibrating {source.ref}: {num} prompts x {steps} steps at {opts.width}x{opts.height}, guidance {opts.guidance} -> {out}")
     with Meter() as m:

@@ -4,11 +4,39 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from exporter.specs import COMPONENTS
+
+
+# Click's own types for numbers: 0 or a negative count, size, batch or step count is a usage error
+# (exit 2, one line), never "use the default"; leave the option out for the default.
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+def check_out_file(out: Path, flag: str = "--out", example: str = "") -> None:
+    """A file to write: not a folder, its folder writable; checked before any model work."""
+    from koala_core.atomic import check_writable_parent
+    from koala_core.errors import UsageError
+
+    if out.is_dir():
+        raise UsageError(f"{flag} {out} is a folder; give a file name" + (f" such as {out / example}" if example else ""))
+    check_writable_parent(out)
+
+
+def check_out_dir(out: Path, force: bool, flag: str = "--out") -> None:
+    """A folder to write (staged, renamed when complete): refused when it exists without --force, or when
+    its parent cannot be written; checked before any model is loaded."""
+    from koala_core.atomic import check_new_dir
+    from koala_core.errors import UsageError
+
+    check_new_dir(out, force)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out} is a file; give a folder name")
 
 
 def log(message: str) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from koala_trt.commands.accuracy_options import accuracy_options, make_check, print_report
-from koala_trt.commands.common import components_option, log, print_json
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json
 
 
 @click.command("convert")
@@ -15,7 +15,7 @@ from koala_trt.commands.common import components_option, log, print_json
 @components_option("default: text_encoder,text_encoder_2,unet (the VAE decoder stays FP32 unless --vae-fp16)")
 @click.option("--vae-fp16", is_flag=True, help="Also convert the VAE decoder (only with an fp16-safe VAE; checked for non-finite outputs).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration set (`koala-trt calibrate`) for the U-Net's ranges [default: spec inputs].")
-@click.option("--samples", type=int, default=4, show_default=True, help="Calibration samples AutoCast runs the FP32 U-Net on.")
+@click.option("--samples", type=POSITIVE, default=4, show_default=True, help="Calibration samples AutoCast runs the FP32 U-Net on.")
 @click.option("--data-max", type=float, default=512.0, show_default=True, help="Keep a node FP32 when its activations exceed this magnitude.")
 @click.option("--keep-fp32", "keep_fp32", help="Comma-separated op types kept FP32 [default: normalizations].")
 @accuracy_options
@@ -31,6 +31,7 @@ def convert_cmd(onnx_dir: Path, precision: str, out: Path, components: tuple[str
 
     if samples < 1:
         raise UsageError("--samples must be at least 1")
+    check_out_dir(out, force)
     names = parse_components(components, default=FP16_COMPONENTS)
     keep = tuple(s.strip() for s in keep_fp32.split(",") if s.strip()) if keep_fp32 is not None else KEEP_FP32_OPS
     opts = Fp16Options(components=names, vae_fp16=vae_fp16, calib=calib, samples=samples, keep_fp32_ops=keep,

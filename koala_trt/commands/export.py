@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import components_option, log, print_json, table
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json, table
 
 
 @click.command("export")
@@ -12,11 +12,11 @@ from koala_trt.commands.common import components_option, log, print_json, table
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifacts folder to write.")
 @components_option("default: text_encoder,text_encoder_2,unet,vae_decoder")
 @click.option("--vae", "vae_path", type=click.Path(path_type=Path), help="A separate AutoencoderKL folder to use instead of the pipeline's VAE (e.g. an fp16-safe SDXL VAE).")
-@click.option("--opset", default=18, show_default=True, help="ONNX opset.")
-@click.option("--batch", default=2, show_default=True, help="Batch to trace and check at (2 = one image with CFG).")
-@click.option("--height", type=int, help="Image height to trace and check at [default: the model's native size].")
-@click.option("--width", type=int, help="Image width to trace and check at [default: the model's native size].")
-@click.option("--check-size", type=int, help="Image side (px) to check U-Net and VAE at [default: U-Net 512, VAE 256, at most the export size].")
+@click.option("--opset", type=POSITIVE, default=18, show_default=True, help="ONNX opset.")
+@click.option("--batch", type=POSITIVE, default=2, show_default=True, help="Batch to trace and check at (2 = one image with CFG).")
+@click.option("--height", type=POSITIVE, help="Image height to trace and check at [default: the model's native size].")
+@click.option("--width", type=POSITIVE, help="Image width to trace and check at [default: the model's native size].")
+@click.option("--check-size", type=POSITIVE, help="Image side (px) to check U-Net and VAE at [default: U-Net 512, VAE 256, at most the export size].")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (not recommended).")
 @click.option("--static", is_flag=True, help="Fixed shapes (batch x height x width): faster export; the graphs run at that shape only.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -30,6 +30,7 @@ def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Pat
 
     opts = ExportOptions(components=parse_components(components), opset=opset, batch=batch, height=height,
                          width=width, check=not no_check, check_size=check_size, force=force, static=static)
+    check_out_dir(out, force)
     source = resolve(model)
     if vae_path is not None:
         source = with_vae(source, vae_path)

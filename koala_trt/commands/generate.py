@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from koala_trt.commands.common import check_backend_sources, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, log, print_json, table
 from koala_core.errors import UsageError
 
 
@@ -24,14 +24,6 @@ def _load_latents(path: Path) -> Any:
     if not isinstance(arr, np.ndarray):
         raise UsageError(f"--latents: {path} holds several arrays (.npz); save one array with numpy.save")
     return arr
-
-
-def _check_out(out: Path) -> None:
-    from koala_core.atomic import check_writable_parent
-
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'image.png'}")
-    check_writable_parent(out)
 
 
 def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_calls: int) -> list[list[str]]:
@@ -64,15 +56,15 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--negative-prompt", "-n", default="", help="What to steer away from [default: none; zero embeddings as SDXL's force_zeros_for_empty_prompt].")
 @click.option("--steps", type=int, help="Denoising steps [default: the manifest's: 25 for KOALA, 10 for Lightning].")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 turns CFG off [default: the manifest's: 5.0, Lightning 3.5].")
-@click.option("--seed", type=int, help="Seed of the initial noise (numpy PCG64, image i uses seed+i) [default: random, printed].")
-@click.option("--height", type=int, help="Image height in pixels [default: the model's native size].")
-@click.option("--width", type=int, help="Image width in pixels [default: the model's native size].")
-@click.option("--batch", type=int, help="Images to generate [default: 1, or the --latents batch].")
+@click.option("--seed", type=NON_NEGATIVE, help="Seed of the initial noise (numpy PCG64, image i uses seed+i) [default: random, printed].")
+@click.option("--height", type=POSITIVE, help="Image height in pixels [default: the model's native size].")
+@click.option("--width", type=POSITIVE, help="Image width in pixels [default: the model's native size].")
+@click.option("--batch", type=POSITIVE, help="Images to generate [default: 1, or the --latents batch].")
 @click.option("--latents", type=click.Path(path_type=Path),
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads [default: all cores].")
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256 (faster start for big models).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
@@ -93,7 +85,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
 
     started = time.perf_counter()
     # ----- everything is checked before a network runs -------------------------------------------
-    _check_out(out)
+    check_out_file(out, example="image.png")
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None

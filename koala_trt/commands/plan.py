@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from koala_trt.commands.common import log, print_json, table
+from koala_trt.commands.common import POSITIVE, log, print_json, table
 
 GIB = 1 << 30
 
@@ -23,9 +23,9 @@ def memory_table(plan: object) -> str:
 @click.command("plan")
 @click.option("--model", "-m", required=True, help="Hub id, local diffusers folder, or random:<preset>.")
 @click.option("--profile", "-p", "profile_ref", required=True, help="GPU profile name or TOML path.")
-@click.option("--batch", type=int, help="Images per call (static), instead of the profile's range.")
-@click.option("--height", type=int, help="Image height in px (static), instead of the profile's range.")
-@click.option("--width", type=int, help="Image width in px (static), instead of the profile's range.")
+@click.option("--batch", type=POSITIVE, help="Images per call (static), instead of the profile's range.")
+@click.option("--height", type=POSITIVE, help="Image height in px (static), instead of the profile's range.")
+@click.option("--width", type=POSITIVE, help="Image width in px (static), instead of the profile's range.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Precision of the text encoders and U-Net.")
 @click.option("--residency", type=click.Choice(["resident", "sequential"]),
               help="Which peak the verdict uses [default: the profile's residency].")

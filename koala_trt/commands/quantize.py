@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from koala_trt.commands.accuracy_options import accuracy_options, make_check, print_report
-from koala_trt.commands.common import log, print_json
+from koala_trt.commands.common import POSITIVE, check_out_dir, log, print_json
 
 
 @click.command("quantize")
@@ -18,8 +18,8 @@ from koala_trt.commands.common import log, print_json
 @click.option("--quantize-attention", is_flag=True, help="Also quantize attention's activation x activation MatMuls.")
 @click.option("--calib-method", type=click.Choice(["max", "mean"]), default="mean", show_default=True,
               help="Reduce per-sample ranges by max, or by mean (NVIDIA's min-mean collection, percentile 100).")
-@click.option("--samples", type=int, default=64, show_default=True, help="Calibration samples for the activation ranges (spread over prompts and steps).")
-@click.option("--threads", type=int, help="ONNX Runtime threads for the range pass.")
+@click.option("--samples", type=POSITIVE, default=64, show_default=True, help="Calibration samples for the activation ranges (spread over prompts and steps).")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime threads for the range pass.")
 @accuracy_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
@@ -29,6 +29,7 @@ def quantize_cmd(onnx_dir: Path, calib: Path, out: Path, target: str, exclude: s
     """Make an INT8 artifacts folder: the U-Net with explicit Q/DQ, calibrated on recorded trajectories."""
     from calibration.int8 import DEFAULT_EXCLUDE, Int8Options, quantize_int8
 
+    check_out_dir(out, force)
     patterns = tuple(s.strip() for s in exclude.split(",") if s.strip()) if exclude is not None else DEFAULT_EXCLUDE
     opts = Int8Options(target=target, exclude=patterns, quantize_attention=quantize_attention, max_samples=samples, method=calib_method,
                        threads=threads, force=force)

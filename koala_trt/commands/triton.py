@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import log, print_json, table
+from koala_trt.commands.common import POSITIVE, check_out_dir, log, print_json, table
 
 
 @click.command("triton")
@@ -18,8 +18,8 @@ from koala_trt.commands.common import log, print_json, table
 @click.option("--name", default="koala", show_default=True, help="Pipeline model name; components become NAME_<component>.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="Instance kind of the ONNX models (engines always run on the GPU).")
-@click.option("--max-batch", type=int, help="Cap max_batch_size (default: each component's batch range maximum).")
-@click.option("--instances", default=1, show_default=True, help="Instances of the pipeline model (concurrent prompts).")
+@click.option("--max-batch", type=POSITIVE, help="Cap max_batch_size (default: each component's batch range maximum).")
+@click.option("--instances", type=POSITIVE, default=1, show_default=True, help="Instances of the pipeline model (concurrent prompts).")
 @click.option("--hardlink", is_flag=True, help="Hard-link graphs and engines instead of copying (same filesystem; skips the sha256 check).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the models written as JSON.")
@@ -29,6 +29,7 @@ def triton_cmd(artifacts: Path, engines: Path | None, out: Path, name: str, devi
     from the component specs, plus a Python-backend model that runs the sampler over them (prompt in, image out)."""
     from shipping.triton import write_repository
 
+    check_out_dir(out, force)
     log(f"writing Triton model repository {out}")
     r = write_repository(artifacts, out, engines, name=name, device=device, max_batch=max_batch,
                          instances=instances, hardlink=hardlink, force=force, log=log)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import components_option, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_out_file, components_option, log, print_json, table
 from koala_core.errors import CheckFailed, UsageError
 
 DEFAULT_PROMPTS = 2  # from calibration/heldout_prompts.txt when --prompts is not given
@@ -35,13 +35,13 @@ def _read_prompts(path: Path | None) -> list[str]:
 @click.option("--engines", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` (--backend tensorrt).")
 @click.option("--model", "-m", help="PyTorch reference: hub id, diffusers folder or random:<preset> [default: the model the artifacts were exported from].")
 @components_option("default: every component of the artifacts (end to end runs only when all four sampler components are validated)")
-@click.option("--height", type=int, help="Image height in pixels [default: the manifest's sampler size, 1024 for full-size models].")
-@click.option("--width", type=int, help="Image width in pixels [default: the manifest's sampler size].")
-@click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps of the reference trajectories and the end-to-end run.")
+@click.option("--height", type=POSITIVE, help="Image height in pixels [default: the manifest's sampler size, 1024 for full-size models].")
+@click.option("--width", type=POSITIVE, help="Image width in pixels [default: the manifest's sampler size].")
+@click.option("--steps", type=POSITIVE, default=4, show_default=True, help="Denoising steps of the reference trajectories and the end-to-end run.")
 @click.option("--prompts", type=click.Path(path_type=Path),
               help=f"Text file, one prompt per line [default: the first {DEFAULT_PROMPTS} of calibration/heldout_prompts.txt].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and of the initial latents.")
-@click.option("--random-samples", type=int, default=2, show_default=True, help="Random input sets per component.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the random inputs and of the initial latents.")
+@click.option("--random-samples", type=POSITIVE, default=2, show_default=True, help="Random input sets per component.")
 @click.option("--tolerance", "-t", "tolerances", multiple=True, metavar="COMPONENT.METRIC=VALUE",
               help="Override a limit, e.g. unet.rel_l2=2e-4, '*.cosine=0.999', end_to_end.psnr=30 (repeatable).")
 @click.option("--no-end-to-end", is_flag=True, help="Components only.")
@@ -51,7 +51,7 @@ def _read_prompts(path: Path | None) -> list[str]:
 @click.option("--save-baseline", type=click.Path(path_type=Path), help="Write this run's metrics as a baseline.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="Fail metrics that got worse than this baseline beyond the margin.")
 @click.option("--baseline-margin", type=float, default=None, help="Relative margin over the baseline's error [default: 0.5].")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads [default: all cores].")
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256.")
 @click.option("--verbose", is_flag=True, help="Polygraphy's comparison log on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the table.")
@@ -71,9 +71,8 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     from engines.validation.reports import SUMMARY_HEADER, summary_rows, write_junit, write_markdown
     from koala_core.jsonfile import write_json
     from engines.validation.run import ValidateOptions, default_size, finish, settings, validate
-    from engines.validation.tolerances import parse_overrides
+    from exporter.tolerances import parse_overrides
     from exporter.specs import COMPONENTS, parse_components
-    from koala_core.atomic import check_writable_parent
 
     overrides = parse_overrides(tolerances)
     names = parse_components(components, default=tuple(COMPONENTS)) if components else None
@@ -85,11 +84,9 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
         raise UsageError("--baseline-margin needs --baseline and a value >= 0")
     if not Path(artifacts).is_dir():
         raise UsageError(f"--artifacts {artifacts} is not a folder")
-    for out in (report, junit, markdown, save_baseline):
+    for flag, out in (("--report", report), ("--junit", junit), ("--markdown", markdown), ("--save-baseline", save_baseline)):
         if out is not None:
-            if out.is_dir():
-                raise UsageError(f"{out} is a folder; give a file name")
-            check_writable_parent(out)
+            check_out_file(out, flag)
     base = bl.read_baseline(baseline) if baseline is not None else None
     opts = ValidateOptions(artifacts=artifacts, backend=backend, model=model, engines=engines, components=names, height=height,
                            width=width, steps=steps, prompts=_read_prompts(prompts), seed=seed, random_samples=random_samples,

@@ -1,10 +1,11 @@
-"""The default tolerances of `koala-trt validate`, per precision, and their overrides.
-
-One table. The per-component gates reuse the project's existing ones, so no gate is declared twice:
-- fp32: `exporter.check.FP32_TOLERANCE` (the export check's ONNX Runtime vs PyTorch gate);
-- fp16, int8: `calibration.accuracy.TOLERANCES` (the gates of `convert` / `quantize`).
-Cosine, the end-to-end limits and the measured per-component exceptions (COMPONENT_TOLERANCES)
-exist only here.
+"""The accuracy limits of koala-trt: one table, per precision and per metric, with the measured
+per-component exceptions, used by every gate that compares a graph with the FP32 PyTorch
+reference:
+- the export check (`exporter.check`, FP32 ONNX Runtime vs PyTorch: `tolerance(component, "fp32")`);
+- the accuracy report of `convert` / `quantize` (accuracy.json, FP16 / INT8);
+- `koala-trt validate` (every metric, with `-t component.metric=value` overrides).
+It lives in exporter/ (the lowest layer that compares outputs) so that exporter/, calibration/
+and engines/ all read the same limits.
 
 Metrics (every one computed against the FP32 PyTorch reference):
 - rel_l2      ||cand - ref||_2 / ||ref||_2, worst over the samples            (pass: <= limit)
@@ -23,8 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from calibration.accuracy import TOLERANCES as CONVERSION_TOLERANCES
-from exporter.check import FP32_COMPONENT_TOLERANCES, FP32_TOLERANCE
+from exporter.metrics import Tolerance
 from exporter.specs import COMPONENTS
 from koala_core.errors import UsageError
 
@@ -52,29 +52,45 @@ END_TO_END_METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("nonfinite", False, "NaN/Inf values in latents and images"),
 )}
 
-# Cosine is implied by relative L2 (cos >= sqrt(1 - rel_l2^2) for a same-norm candidate, so
-# 1 - cos ~ rel_l2^2 / 2), so its limit sits just below what the rel_l2 limit allows: a direction
-# check that also holds for a rescaled output. End-to-end limits grow with the lossiness of the
-# precision, since differences compound over the denoising steps. Measured on KOALA-700M at 512 px
-# after 4 steps (docs/bench-precision.md): final latents FP16 1.6e-3, INT8 0.13-0.16 (cosine
-# 0.988-0.992). The FP16/INT8 PSNR and SSIM limits are not calibrated on real weights (none here).
-_EXTRA: dict[str, dict[str, float]] = {
-    "fp32": {"cosine": 0.99999, "latent_rel_l2": 1e-3, "psnr": 45.0, "ssim": 0.995},
-    "fp16": {"cosine": 0.999, "latent_rel_l2": 2e-2, "psnr": 35.0, "ssim": 0.98},
-    "int8": {"cosine": 0.985, "latent_rel_l2": 0.3, "psnr": 20.0, "ssim": 0.8},
-}
-_BASE = {"fp32": FP32_TOLERANCE, **CONVERSION_TOLERANCES}
-
 # The table: precision -> metric -> limit.
+# - rel_l2 / max_abs, fp32: FP32 ONNX Runtime against FP32 PyTorch differs by kernel order only
+#   (measured: rel L2 <= 5.1e-6 and max abs <= 1.3e-5 for every random:koala-700m component, about
+#   1e-6 for random:tiny). 20x above that, and tight enough that an FP16 graph (unit roundoff
+#   4.9e-4) fails it, which `koala-trt validate` needs of its FP32 gate.
+# - rel_l2 / max_abs, fp16 / int8: the gates of `convert` / `quantize`. FP16 rounds at about 1e-3
+#   per op; INT8 per-tensor activations are coarser (the CPU target is relative L2 <= 0.07 on the
+#   full U-Net).
+# - cosine is implied by relative L2 (cos >= sqrt(1 - rel_l2^2) for a same-norm candidate, so
+#   1 - cos ~ rel_l2^2 / 2), so its limit sits just below what the rel_l2 limit allows: a direction
+#   check that also holds for a rescaled output.
+# - End-to-end limits grow with the lossiness of the precision, since differences compound over the
+#   denoising steps. Measured on KOALA-700M at 512 px after 4 steps (docs/bench-precision.md): final
+#   latents FP16 1.6e-3, INT8 0.13-0.16 (cosine 0.988-0.992). The FP16/INT8 PSNR and SSIM limits are
+#   not calibrated on real weights (none here).
 TOLERANCES: dict[str, dict[str, float]] = {
-    p: {"rel_l2": _BASE[p].rel_l2, "max_abs": _BASE[p].max_abs_rel, "nonfinite": 0.0, **_EXTRA[p]} for p in PRECISIONS
+    "fp32": {"rel_l2": 1e-4, "max_abs": 1e-3, "cosine": 0.99999, "nonfinite": 0.0,
+             "latent_rel_l2": 1e-3, "psnr": 45.0, "ssim": 0.995},
+    "fp16": {"rel_l2": 2e-2, "max_abs": 1e-1, "cosine": 0.999, "nonfinite": 0.0,
+             "latent_rel_l2": 2e-2, "psnr": 35.0, "ssim": 0.98},
+    "int8": {"rel_l2": 0.15, "max_abs": 1.0, "cosine": 0.985, "nonfinite": 0.0,
+             "latent_rel_l2": 0.3, "psnr": 20.0, "ssim": 0.8},
 }
 
-# Per-component exceptions to the table, each from a measurement: the export gate's (see
-# exporter.check.FP32_COMPONENT_TOLERANCES for the VAE decoder's reason).
+# Per-component exceptions to the table, each from a measurement. The FP32 VAE decoder's mid-block
+# self-attention reduces over every latent position (16,384 at 1024 px), where ONNX Runtime and
+# PyTorch differ by rel L2 1.5e-4 to 1.7e-4 on random:koala-700m (docs/bench-validate.md; 5e-6 at
+# 256 px): it keeps the former 1e-3.
 COMPONENT_TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
-    (name, "fp32"): {"rel_l2": t.rel_l2, "max_abs": t.max_abs_rel} for name, t in FP32_COMPONENT_TOLERANCES.items()
+    ("vae_decoder", "fp32"): {"rel_l2": 1e-3, "max_abs": 1e-3},
 }
+
+
+def tolerance(component: str, precision: str) -> Tolerance:
+    """The rel_l2 / max_abs gate of one component at `precision`, as `exporter.metrics.Tolerance`
+    (the export check's form)."""
+    limits = {**TOLERANCES[precision], **COMPONENT_TOLERANCES.get((component, precision), {})}
+    return Tolerance(rel_l2=limits["rel_l2"], max_abs_rel=limits["max_abs"])
+
 
 LOSSINESS = {p: i for i, p in enumerate(PRECISIONS)}
 

@@ -1,0 +1,77 @@
+"""The README stays short, the documentation names no path of one machine, and every `koala-trt`
+command the README shows exists and parses with the options it is given."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+from koala_trt.cli import COMMANDS, cli
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+DOCS = [README, REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("*.md"))]
+
+# An absolute path into this machine's temporary, work or home folders: `/tmp/...`, `/work/...`,
+# `/root/...` at the start of a word (so `out/tmp` or `a/work` do not count).
+MACHINE_PATH = re.compile(r"(?<![\w./~$-])/(?:tmp|work|root)(?:/|\b)")
+
+
+def test_readme_is_short() -> None:
+    size = len(README.read_bytes())
+    assert size < 15 * 1024, f"README.md is {size} bytes; keep it under 15 KB and move reference text to docs/"
+
+
+def test_machine_path_pattern() -> None:
+    assert MACHINE_PATH.search("koala-trt export --out /tmp/x")
+    assert MACHINE_PATH.search("PY=/work/main/.venv/bin/python")
+    assert MACHINE_PATH.search("cd /root")
+    assert not MACHINE_PATH.search("koala-trt export --out out/tmp/x")
+    assert not MACHINE_PATH.search("grep model /proc/cpuinfo; /usr/bin/time -v; /opt/koala")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_machine_specific_paths(path: Path) -> None:
+    bad = [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+           if MACHINE_PATH.search(line)]
+    assert not bad, "machine-specific paths (use paths relative to the repository root):\n" + "\n".join(bad)
+
+
+def readme_commands() -> list[str]:
+    """Every inline `koala-trt ...` command of the README (code spans), as written."""
+    return re.findall(r"`(koala-trt [^`]+)`", README.read_text(encoding="utf-8"))
+
+
+def test_readme_names_only_real_commands() -> None:
+    text = README.read_text(encoding="utf-8")
+    named = set(re.findall(r"koala-trt ([a-z][a-z0-9-]*)", text))  # `koala-trt COMMAND`, `--debug`: not matched
+    unknown = sorted(n for n in named if n not in COMMANDS)
+    assert not unknown, f"README names commands koala-trt does not have: {unknown}"
+    # Every command of the CLI appears in the README's tour.
+    shown = {shlex.split(c)[1] for c in readme_commands()}
+    assert sorted(set(COMMANDS) - shown) == []
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_parses(command: str) -> None:
+    """Each example parses as the CLI would parse it (options exist, values have the right type),
+    without running anything."""
+    args = shlex.split(command)[1:]
+    while args and args[0] == "--debug":  # `koala-trt --debug COMMAND ...`
+        args = args[1:]
+    if not args or args[0] in ("--help", "COMMAND"):  # the group's own help; the placeholder
+        return
+    ctx = cli.make_context("koala-trt", list(args), resilient_parsing=True)
+    cmd: click.Command | None = cli.get_command(ctx, args[0])
+    assert cmd is not None, f"unknown command in README: {command}"
+    rest = args[1:]
+    with cmd.make_context(args[0], list(rest)) as sub:
+        if isinstance(cmd, click.Group):
+            name = sub.protected_args[0] if sub.protected_args else sub.args[0]
+            leaf = cmd.get_command(sub, name)
+            assert leaf is not None, f"unknown subcommand in README: {command}"
+            leaf.make_context(name, list(rest[1:]))

@@ -182,19 +182,34 @@ def _component_files(m: Manifest, component: str) -> dict[str, dict[str, Any]]:
     return files
 
 
+def _vae_fp16_ops(m: Manifest, component: str) -> str:
+    """"gemm" when only the VAE's GEMMs were converted (convert --vae-gemm-fp16), else "all"."""
+    return str((m.component(component).get("conversion") or {}).get("fp16_ops", "all"))
+
+
 def _pick_folder(manifests: list[Manifest], component: str, precision: str, profile: GpuProfile) -> Manifest:
     holding = [m for m in manifests if component in m.components]
     if not holding:
         raise UsageError(f"no --onnx folder holds {component} ({', '.join(str(m.root) for m in manifests)})")
+    gemm_only = component.startswith("vae") and precision == "fp16" and profile.vae.fp16_ops == "gemm"
     for m in holding:
-        if m.precision(component) == precision:
+        if m.precision(component) == precision and (not gemm_only or profile.vae.fp16_safe
+                                                    or _vae_fp16_ops(m, component) == "gemm"):
             return m
     have = ", ".join(f"{m.root} holds {m.precision(component)}" for m in holding)
-    remedy = (f"make one with `koala-trt convert --onnx {holding[0].root} --precision {precision} --out DIR` and pass "
-              "both folders with --onnx" if precision == "fp16" else
-              f"make one with `koala-trt quantize --onnx {holding[0].root} --calib CALIB --out DIR` and pass both "
-              "folders with --onnx" if precision == "int8" else "pass an fp32 export with --onnx")
-    raise UsageError(f"profile {profile.name} wants {component} in {precision} but no --onnx folder holds it "
+    if gemm_only:
+        remedy = (f"make one with `koala-trt convert --onnx {holding[0].root} --vae-gemm-fp16 --out DIR` (FP16 GEMMs, "
+                  "FP32 elsewhere) and pass both folders with --onnx")
+    elif precision == "fp16":
+        remedy = (f"make one with `koala-trt convert --onnx {holding[0].root} --precision {precision} --out DIR` and pass "
+                  "both folders with --onnx")
+    elif precision == "int8":
+        remedy = (f"make one with `koala-trt quantize --onnx {holding[0].root} --calib CALIB --out DIR` and pass both "
+                  "folders with --onnx")
+    else:
+        remedy = "pass an fp32 export with --onnx"
+    what = f"{precision} (GEMMs only)" if gemm_only else precision
+    raise UsageError(f"profile {profile.name} wants {component} in {what} but no --onnx folder holds it "
                      f"({have}); {remedy}, or choose the precision with --precision")
 
 
@@ -232,7 +247,8 @@ def check_precision(component: str, precision: str, profile: GpuProfile) -> None
     if b.library == "tensorrt-rtx" and "7.5" in b.targets and precision == "fp32" and component in GEMM_COMPONENTS:
         remedy = ("use --precision fp16" if not component.startswith("vae") else
                   "make its VAE with FP16 GEMMs (`koala-trt convert --vae-gemm-fp16`) and set vae.precision = "
-                  "\"fp16-gemm\" in the profile (rtx2080ti does), or build on the card with --library tensorrt")
+                  "\"fp16\" with vae.fp16_ops = \"gemm\" in the profile (rtx2080ti does), or build on the card "
+                  "with --library tensorrt")
         raise UsageError(f"{profile.name} ({sm('7.5')}, TensorRT-RTX) cannot build {component} in fp32: TensorRT-RTX "
                          f"has no FP32 GEMM on Turing; {remedy}")
 

@@ -18,6 +18,8 @@ Schema (every field is checked; an error names the field):
     [vae]                                    # the VAE policy
     precision = "fp32"                       # SDXL's VAE overflows in FP16: fp16 needs fp16_safe = true
     fp16_safe = false                        # true only with an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)
+    fp16_ops = "all"                         # all | gemm: only the GEMMs in FP16 (convert --vae-gemm-fp16),
+                                             # safe for SDXL's VAE: needs no fp16_safe (Turing + TensorRT-RTX)
     encoder = false                          # also build vae_encoder
     [shapes]                                 # a value (static) or [min, opt, max]
     batch = 1                                # images per call
@@ -91,6 +93,7 @@ class VaePolicy:
     precision: str = "fp32"
     fp16_safe: bool = False
     encoder: bool = False
+    fp16_ops: str = "all"  # all | gemm
 
 
 @dataclass(frozen=True)
@@ -314,10 +317,13 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
 
     v = top.table_of("vae")
     vae = VaePolicy(v.string("precision", "fp32", ("fp32", "fp16")), v.boolean("fp16_safe", False),
-                    v.boolean("encoder", False))
-    if vae.precision == "fp16" and not vae.fp16_safe:
+                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")))
+    if vae.fp16_ops == "gemm" and vae.precision != "fp16":
+        raise v.err("fp16_ops", "= \"gemm\" needs vae.precision = \"fp16\"")
+    if vae.precision == "fp16" and vae.fp16_ops == "all" and not vae.fp16_safe:
         raise v.err("precision", "= \"fp16\" needs vae.fp16_safe = true: SDXL's VAE overflows in FP16 "
-                    "(NaN, black images); use an fp16-safe VAE such as sdxl-vae-fp16-fix, or keep \"fp32\"")
+                    "(NaN, black images); use an fp16-safe VAE such as sdxl-vae-fp16-fix, set vae.fp16_ops = \"gemm\" "
+                    "(only its GEMMs in FP16), or keep \"fp32\"")
     v.done()
 
     s = top.table_of("shapes")

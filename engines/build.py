@@ -34,15 +34,16 @@ WRITE_FORMAT_VERSION = 2  # v2: library, targets and build_host instead of gpu a
 SAMPLER_FILES = ("tokenizer", "tokenizer_2", "scheduler")
 
 
-def missing_requirements(library: Library = TENSORRT) -> list[str]:
-    """What a real build with `library` lacks on this machine (checked without importing it)."""
+def missing_requirements(library: Library = TENSORRT, run: bool = False) -> list[str]:
+    """What a real build with `library` (or, with run=True, running its engines) lacks on this machine,
+    checked without importing it. Running always needs cuda-python and a GPU."""
     missing = []
     if importlib.util.find_spec(library.module) is None:
         what = "TensorRT" if library is TENSORRT else "TensorRT-RTX"
         missing.append(f"{what} (the {library.module} Python package: {library.install})")
     if importlib.util.find_spec("polygraphy") is None:
         missing.append("Polygraphy (pip install polygraphy)")
-    if library.builds_without_gpu:
+    if library.builds_without_gpu and not run:
         return missing
     from engines import cuda
 

@@ -20,7 +20,7 @@ from koala_core.jsonfile import read_folder_manifest
 
 MANIFEST = "manifest.json"
 FORMAT = "koala-trt/engines"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2 (engines/build.py): library, targets, build_host
 
 
 def _vtuple(v: str) -> tuple[int, ...]:

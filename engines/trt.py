@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from engines.libraries import library as get_library
 from koala_core.errors import KoalaError
 
 # ONNX parser flag: TensorRT's native InstanceNormalization (the default; needed for hardware- and
@@ -39,15 +40,13 @@ from koala_core.errors import KoalaError
 PARSER_FLAGS = ("NATIVE_INSTANCENORM",)
 
 
-LIBRARIES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # library name -> Python module
 POLYGRAPHY_SWITCH = "POLYGRAPHY_USE_TENSORRT_RTX"
 _chosen: list[str] = []  # the library this process uses, once chosen
 
 
 def use_library(library: str) -> None:
     """Choose this process's TensorRT library before Polygraphy is imported (it reads the switch once)."""
-    if library not in LIBRARIES:
-        raise KoalaError(f"unknown TensorRT library {library!r}; known: {', '.join(LIBRARIES)}")
+    get_library(library)  # an unknown name is refused here
     if _chosen and _chosen[0] != library:
         raise KoalaError(f"this process already uses {_chosen[0]}; {library} needs a process of its own "
                          "(Polygraphy picks its TensorRT once per process)")
@@ -67,7 +66,7 @@ def library() -> str:
 def _module() -> Any:
     import importlib
 
-    return importlib.import_module(LIBRARIES[library()])
+    return importlib.import_module(get_library(library()).module)
 
 
 def version() -> str:
@@ -271,16 +270,33 @@ class Engine:
         if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
             raise KoalaError(f"could not refit the weight-stripped engine from {onnx_path}")
 
-    def create_context(self) -> None:
-        """An execution context whose activation memory the caller provides (set_device_memory)."""
+    def create_context(self, runtime_cache: bytes | None = None) -> None:
+        """An execution context whose activation memory the caller provides (set_device_memory). With
+        TensorRT-RTX, a runtime cache (its JIT-compiled kernels) is attached: loaded from
+        `runtime_cache` when it suits this GPU, driver and version, else started empty."""
         trt = self._trt
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        if strategy is not None:
+        self._cache, self.cache_loaded = None, False
+        if library() == "tensorrt-rtx":
+            config = self.engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(strategy.USER_MANAGED)
+            self._cache = config.create_runtime_cache()
+            if runtime_cache:  # rejected (False) when made on another GPU, driver or TensorRT-RTX
+                self.cache_loaded = bool(self._cache.deserialize(runtime_cache))
+            config.set_runtime_cache(self._cache)
+            self._config = config  # the context refers to it: keep it alive
+            self.context = self.engine.create_execution_context(config)
+        elif strategy is not None:
             self.context = self.engine.create_execution_context(strategy.USER_MANAGED)
         else:  # pragma: no cover - TensorRT < 10
             self.context = self.engine.create_execution_context_without_device_memory()
         if self.context is None:
             raise KoalaError("TensorRT could not create an execution context (out of device memory?)")
+
+    def runtime_cache(self) -> bytes | None:
+        """TensorRT-RTX's runtime cache as bytes (the kernels compiled so far); None with TensorRT."""
+        cache = getattr(self, "_cache", None)
+        return None if cache is None else bytes(cache.serialize())
 
     def set_device_memory(self, ptr: int, size: int) -> None:
         if hasattr(self.context, "set_device_memory"):
@@ -305,4 +321,5 @@ class Engine:
 
     def close(self) -> None:
         self.context = None
+        self._cache = self._config = None
         self.engine = None

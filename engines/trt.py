@@ -167,7 +167,10 @@ def _build_rtx(onnx_path: Path, profile: Any, flags: dict[str, Any], targets: li
                 io_[t.name] = {"mode": "output", "dtype": _numpy_dtype(t.dtype).name}
             layers = int(net.num_layers)
     except PolygraphyException as e:
-        raise KoalaError(f"TensorRT-RTX could not build {onnx_path}: {_first_error(log.getvalue(), e)}") from None
+        first = _first_error(log.getvalue(), e)
+        hint = ("; the builder needs more scratch than the workspace cap: raise [build] workspace_gib in the profile"
+                if "OutOfMemory" in first else "")
+        raise KoalaError(f"TensorRT-RTX could not build {onnx_path}: {first}{hint}") from None
     finally:
         G_LOGGER.module_severity = old
         if verbose:

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision,rtx]'
 	@touch $@
 
 # On a GPU machine: onnxruntime-gpu and TensorRT instead of the CPU onnxruntime (never both).
@@ -25,7 +25,7 @@ install-gpu:
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	-$(BIN)/python -m pip uninstall -q -y onnxruntime
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,gpu,precision,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,gpu,precision,rtx,test]'
 	@touch $(VENV)/.installed-gpu
 
 test: install

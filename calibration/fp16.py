@@ -38,6 +38,7 @@ Log = Callable[[str], None]
 FP16_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 # Normalizations stay FP32: their mean/variance reductions are where FP16 overflows first.
 KEEP_FP32_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean", "Pow", "Sqrt")
+GEMM_OPS = ("MatMul", "Gemm")
 DATA_MAX = 512.0  # AutoCast's default: activations beyond this magnitude keep their node in FP32
 INIT_MAX = 65504.0  # FP16's largest finite value
 RANGE_SIDE = 256  # without a calibration set, the U-Net's ranges are taken on spec inputs at this side
@@ -47,6 +48,7 @@ RANGE_SIDE = 256  # without a calibration set, the U-Net's ranges are taken on s
 class Fp16Options:
     components: list[str] = field(default_factory=lambda: list(FP16_COMPONENTS))
     vae_fp16: bool = False
+    vae_gemm_fp16: bool = False  # the VAE decoder with only its GEMMs (attention) in FP16: builds for Turing
     calib: Path | None = None
     samples: int = 4  # calibration samples the FP32 graph runs on for the ranges
     keep_fp32_ops: tuple[str, ...] = KEEP_FP32_OPS
@@ -153,6 +155,10 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
 
     samples = _range_inputs(src, name, opts)
     path = src.onnx_path(name)
+    gemm_only = name == "vae_decoder" and opts.vae_gemm_fp16
+    keep_ops = list(opts.keep_fp32_ops)
+    if gemm_only:  # every op type but the GEMMs stays FP32 (TensorRT-RTX has no FP32 GEMM on Turing)
+        keep_ops = sorted({n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node} - set(GEMM_OPS))
     with Meter() as mr, tempfile.TemporaryDirectory(prefix="koala-fp16-", dir=scratch) as tmp:
         names = _float_tensors(onnx.load(str(path), load_external_data=False))
         per_sample = collect_ranges(path, names, iter(samples), scratch=Path(tmp))
@@ -163,7 +169,7 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
         model = convert_to_mixed_precision(
             str(path), low_precision_type="fp16", keep_io_types=True, data_max=np.inf,
             custom_rule=_range_rule(absmax, opts.data_max),
-            op_types_to_exclude=list(opts.keep_fp32_ops), init_max=INIT_MAX, providers=["cpu"])
+            op_types_to_exclude=keep_ops, init_max=INIT_MAX, providers=["cpu"])
         census = _precision_census(model)
         # AutoCast leaves value_info shapes specialised to the calibration inputs; ONNX Runtime then
         # fails at other sizes ("shape mismatch attempting to re-use buffer"). Infer them afresh.
@@ -184,7 +190,7 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
             "autocast": {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)},
             "range_inputs": {"samples": len(samples), "shapes": shape,
                              "from": "calibration set" if name == "unet" and opts.calib else ("prompts" if "text" in name else "spec dummy inputs")},
-            "data_max": opts.data_max, "keep_fp32_ops": list(opts.keep_fp32_ops), **census}
+            "data_max": opts.data_max, "keep_fp32_ops": keep_ops, "fp16_ops": "gemm" if gemm_only else "all", **census}
 
 
 def convert_fp16(onnx_dir: Path, out: Path, opts: Fp16Options, log: Log = print, check: Check | None = None,
@@ -192,10 +198,15 @@ def convert_fp16(onnx_dir: Path, out: Path, opts: Fp16Options, log: Log = print,
     """A complete FP16 artifacts folder at `out` from the FP32 folder `onnx_dir`."""
     src = load_fp32_source(onnx_dir)
     names = [n for n in opts.components if n in src.components]
-    if opts.vae_fp16 and "vae_decoder" in src.components and "vae_decoder" not in names:
+    if opts.vae_fp16 and opts.vae_gemm_fp16:
+        raise UsageError("--vae-fp16 and --vae-gemm-fp16 exclude each other: choose the whole VAE decoder in FP16 "
+                         "(fp16-safe VAEs only) or its GEMMs only")
+    vae = opts.vae_fp16 or opts.vae_gemm_fp16
+    if vae and "vae_decoder" in src.components and "vae_decoder" not in names:
         names.append("vae_decoder")
-    if not opts.vae_fp16 and "vae_decoder" in names:
-        raise UsageError("the SDXL VAE decoder overflows in FP16: it stays FP32 unless you pass --vae-fp16 (with an fp16-safe VAE)")
+    if not vae and "vae_decoder" in names:
+        raise UsageError("the SDXL VAE decoder overflows in FP16: it stays FP32 unless you pass --vae-fp16 (with an "
+                         "fp16-safe VAE) or --vae-gemm-fp16 (its GEMMs only)")
     if not names:
         raise UsageError(f"{onnx_dir} holds none of the components to convert ({', '.join(opts.components)})")
     if opts.calib is None:

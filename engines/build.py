@@ -1,8 +1,10 @@
 """Run a build plan: one strongly typed engine per component, written with the engines manifest.
 
-Every TensorRT call is in engines/trt.py; this module checks what the build needs (TensorRT,
-Polygraphy, cuda-python, a GPU of the profile's compute capability), verifies the source ONNX files
-against their recorded sha256, and writes ENGINES/ through a staging folder (nothing half-written).
+Every TensorRT call is in engines/trt.py; this module checks what the build needs (for standard
+TensorRT: the library, Polygraphy, cuda-python and a GPU of the profile's compute capability; for
+TensorRT-RTX: the library and Polygraphy only, since it builds without a GPU), verifies the source
+ONNX files against their recorded sha256, and writes ENGINES/ through a staging folder (nothing
+half-written).
 """
 
 from __future__ import annotations
@@ -18,23 +20,31 @@ from typing import Any, Callable
 from engines.buildplan import TIMING_CACHE, BuildPlan, ComponentBuild
 from engines.cuda import DeviceInfo
 from engines.engine_manifest import FORMAT, FORMAT_VERSION, MANIFEST, device_allowed
+from engines.libraries import TENSORRT, Library
 from exporter.manifest import sha256_file
 from koala_core.jsonfile import write_json
 from koala_core import __version__
 from koala_core.atomic import staged_dir
 from koala_core.errors import KoalaError, UsageError
+from koala_core.machine import cpu_model
+
+
 
 # What the sampler needs beside the engines: copied so an engines folder is self-contained.
 SAMPLER_FILES = ("tokenizer", "tokenizer_2", "scheduler")
 
 
-def missing_requirements() -> list[str]:
-    """What a real build lacks on this machine (checked without importing TensorRT)."""
+def missing_requirements(library: Library = TENSORRT, run: bool = False) -> list[str]:
+    """What a real build with `library` (or, with run=True, running its engines) lacks on this machine,
+    checked without importing it. Running always needs cuda-python and a GPU."""
     missing = []
-    if importlib.util.find_spec("tensorrt") is None:
-        missing.append("TensorRT (the tensorrt Python package, from NVIDIA's index: pip install 'koala-trt[gpu]')")
+    if importlib.util.find_spec(library.module) is None:
+        what = "TensorRT" if library is TENSORRT else "TensorRT-RTX"
+        missing.append(f"{what} (the {library.module} Python package: {library.install})")
     if importlib.util.find_spec("polygraphy") is None:
         missing.append("Polygraphy (pip install polygraphy)")
+    if library.builds_without_gpu and not run:
+        return missing
     from engines import cuda
 
     if not cuda.available():
@@ -80,27 +90,49 @@ def _reuse_timing_cache(out: Path, stage: Path, device: DeviceInfo, trt_version:
         d = json.loads(old.read_text())
     except (OSError, json.JSONDecodeError):
         return
-    g = d.get("gpu", {})
-    if (g.get("name"), g.get("compute_capability"), d.get("tensorrt"), d.get("cuda", {}).get("runtime")) == \
+    host = d.get("build_host") or {}
+    g, cuda_ = host.get("gpu") or {}, host.get("cuda") or {}
+    if (g.get("name"), g.get("compute_capability"), (d.get("library") or {}).get("version"), cuda_.get("runtime")) == \
             (device.name, device.compute_capability, trt_version, device.runtime):
         shutil.copy2(out / TIMING_CACHE, stage / TIMING_CACHE)
         log(f"reusing the timing cache of {out}")
 
 
+def check_requirements(library: Library) -> None:
+    missing = missing_requirements(library)
+    if missing:
+        raise KoalaError(f"cannot build {library.name} engines on this machine, missing: {'; '.join(missing)}. "
+                         "`koala-trt build --dry-run` shows the plan without them")
+
+
+def _build_gpu(library: Library, log: Callable[[str], None]) -> DeviceInfo | None:
+    """The GPU a build runs on: required for standard TensorRT; for TensorRT-RTX the one present, if
+    any (it is recorded, not used: the build targets the listed compute capabilities)."""
+    from engines import cuda
+
+    if not library.builds_without_gpu:
+        return cuda.device_info()
+    try:
+        return cuda.device_info() if cuda.available() and cuda.device_count() > 0 else None
+    except KoalaError as e:
+        log(f"note: no usable GPU ({e}); TensorRT-RTX builds without one")
+        return None
+
+
 def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build every engine of the plan into plan.out; returns the written manifest's data."""
-    missing = missing_requirements()
-    if missing:
-        raise KoalaError(f"cannot build engines on this machine, missing: {'; '.join(missing)}. "
-                         "`koala-trt build --dry-run` shows the plan without them")
-    from engines import cuda, trt
+    library = plan.library
+    check_requirements(library)
+    from engines import trt
 
-    device = cuda.device_info()
+    trt.use_library(library.name)
+    device = _build_gpu(library, log)
     trt_version = trt.version()
     if plan.trt_version != trt_version:
-        raise KoalaError(f"the plan was made for TensorRT {plan.trt_version}, this is {trt_version}")
-    check_device(plan, device, log)
+        raise KoalaError(f"the plan was made for {library.name} {plan.trt_version}, this is {trt_version}")
+    if device is not None and not library.builds_without_gpu:
+        check_device(plan, device, log)
     if plan.out.exists() and not force:
         raise UsageError(f"{plan.out} already exists; pass --force to replace it")
     log("verifying the source ONNX files against their sha256")
@@ -109,18 +141,21 @@ def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
     engines: dict[str, Any] = {}
     flags = plan.flags
     with staged_dir(plan.out, force=force) as stage:
-        if flags["timing_cache"]:
+        if flags["timing_cache"] and device is not None:
             _reuse_timing_cache(plan.out, stage, device, trt_version, log)
-        for name, c in plan.components.items():
-            log(f"building {name} ({c.precision}, {'static' if c.static else 'dynamic'} shapes) -> {c.engine}")
+        targets = ", ".join("sm_" + t.replace(".", "") for t in plan.targets)
+        for i, (name, c) in enumerate(plan.components.items(), 1):
+            log(f"[{i}/{len(plan.components)}] building {name} ({c.precision}, "
+                f"{'static' if c.static else 'dynamic'} shapes, {library.name} for {targets}) -> {c.engine}")
             t0 = time.perf_counter()
             built = trt.build_engine(c.onnx_path, c.profile_shapes, flags,
-                                     stage / TIMING_CACHE if flags["timing_cache"] else None, verbose=verbose)
+                                     stage / TIMING_CACHE if flags["timing_cache"] else None, verbose=verbose,
+                                     targets=list(plan.targets))
             seconds = time.perf_counter() - t0
             (stage / c.engine).write_bytes(built.data)
             engines[name] = engine_entry(c, len(built.data), sha256_file(stage / c.engine), built.device_memory_bytes,
                                          built.layers, {n: v["dtype"] for n, v in built.io.items()}, seconds,
-                                         stripped=flags["refit"] != "none")
+                                         stripped=flags["refit"] != "none", weights_bytes=built.weights_bytes)
             log(f"  {name}: {len(built.data) / 2**20:,.1f} MiB, activations {built.device_memory_bytes / 2**20:,.1f} MiB, "
                 f"{seconds:.1f} s")
         first = next(iter(plan.components.values())).manifest
@@ -137,7 +172,8 @@ def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
 
 
 def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_bytes: int, layers: int,
-                 io_dtypes: dict[str, str], seconds: float, stripped: bool) -> dict[str, Any]:
+                 io_dtypes: dict[str, str], seconds: float, stripped: bool,
+                 weights_bytes: int | None = None) -> dict[str, Any]:
     """One component's record in ENGINES/manifest.json: its spec and profile (so the runtime needs no
     torch and no artifacts folder), its source ONNX and what the build measured."""
     return {
@@ -145,22 +181,33 @@ def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_byte
         "spec": c.spec.to_json(), "shape_range": c.shape_range.to_json(),
         "inputs": {n: {"min": list(a), "opt": list(b), "max": list(x)} for n, (a, b, x) in c.profile_shapes.items()},
         "static": c.static, "io_dtypes": io_dtypes, "device_memory_bytes": device_memory_bytes, "layers": layers,
+        "weights_bytes": weights_bytes,  # as the builder reports them (None where it does not)
         "source": {"artifacts": str(c.manifest.root), "onnx": str(c.onnx_path), "onnx_sha256": c.onnx_sha256,
                    "onnx_bytes": c.onnx_bytes, "files": {rel: f.to_json() for rel, f in c.onnx_files.items()}},
         "stripped": stripped, "build_seconds": round(seconds, 2),
     }
 
 
-def compose_manifest(plan: BuildPlan, device: DeviceInfo, trt_version: str, engines: dict[str, Any], seconds: float,
-                     timing_cache: bool = False, tokenizers: list[str] | None = None,
+def compose_manifest(plan: BuildPlan, device: DeviceInfo | None, trt_version: str, engines: dict[str, Any],
+                     seconds: float, timing_cache: bool = False, tokenizers: list[str] | None = None,
                      scheduler: bool = False) -> dict[str, Any]:
-    """ENGINES/manifest.json: the card, the TensorRT and CUDA versions, the flags, every engine."""
+    """ENGINES/manifest.json: the library and its version, the target compute capabilities, the build
+    host (the GPU it ran on, or none: TensorRT-RTX builds on a CPU), the flags, every engine."""
     first = next(iter(plan.components.values())).manifest
+    b = plan.profile.build
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "gpu": {"name": device.name, "compute_capability": device.compute_capability, "memory_bytes": device.memory_bytes},
-        "tensorrt": trt_version, "cuda": {"runtime": device.runtime, "driver": device.driver},
+        "library": {"name": plan.library.name, "version": trt_version},
+        "targets": {"compute_capabilities": list(plan.targets),
+                    "hardware_compatibility": "none" if plan.library.builds_without_gpu else b.hardware_compatibility,
+                    "version_compatible": b.version_compatible},
+        "build_host": {
+            "gpu": None if device is None else {"name": device.name, "compute_capability": device.compute_capability,
+                                                "memory_bytes": device.memory_bytes},
+            "cpu": cpu_model(),
+            "cuda": None if device is None else {"runtime": device.runtime, "driver": device.driver}},
+        "notes": plan.notes(),
         "koala-trt": __version__,
         "profile": plan.profile.to_json(),
         "flags": plan.flags,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from engines.libraries import LIBRARIES, RTX_NOT_APPLICABLE, TENSORRT, Library, sm
 from engines.planner import MemoryPlan
 from engines.profile import GIB, GpuProfile
 from exporter.manifest import Manifest, load_manifest
@@ -20,18 +20,17 @@ from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import UsageError
 from koala_core.schema import FileRecord
 
-TRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu11")
 TIMING_CACHE = "timing.cache"
+
+# Components whose graphs hold GEMMs (MatMul/Gemm): all of them, the VAE's through its mid-block attention.
+GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+INT8_ON_RTX = ("full INT8 Q/DQ (activations and weights) builds for TensorRT-RTX, but NVIDIA documents only "
+               "weight-only INT8 GEMMs for it: whether it runs as true INT8 on the card is unverified")
 
 
 def installed_trt_version() -> str | None:
-    """The installed TensorRT's version from package metadata, without importing it."""
-    for dist in TRT_DISTRIBUTIONS:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
+    """The installed standard TensorRT's version from package metadata, without importing it."""
+    return TENSORRT.installed_version()
 
 
 def _part(t: tuple[int, int, int]) -> str:
@@ -43,18 +42,22 @@ def shapes_token(rng: ShapeRange, spatial: bool) -> str:
     return f"b{_part(rng.batch)}" + (f".{_part(rng.height)}x{_part(rng.width)}" if spatial else "")
 
 
-def target_token(compute_capability: str, hardware_compatibility: str) -> str:
-    """sm86, or sm80plus for AMPERE_PLUS engines (they run on any sm_80+ GPU)."""
+def target_token(targets: str | tuple[str, ...], hardware_compatibility: str = "none") -> str:
+    """sm86; sm80plus for AMPERE_PLUS engines (they run on any sm_80+ GPU); sm86-89-120 for an
+    engine with several targets (TensorRT-RTX)."""
     if hardware_compatibility == "ampere_plus":
         return "sm80plus"
-    return "sm" + compute_capability.replace(".", "")
+    ccs = (targets,) if isinstance(targets, str) else tuple(targets)
+    return "sm" + "-".join(cc.replace(".", "") for cc in ccs)
 
 
-def engine_name(component: str, precision: str, rng: ShapeRange, spatial: bool, compute_capability: str,
-                trt_version: str | None, hardware_compatibility: str = "none") -> str:
-    """<component>.<precision>.<shapes>.<sm>.trt<version>.plan, e.g. unet.fp16.b2.1024x1024.sm86.trt10.8.0.43.plan"""
+def engine_name(component: str, precision: str, rng: ShapeRange, spatial: bool, targets: str | tuple[str, ...],
+                version: str | None, hardware_compatibility: str = "none", library: str = "tensorrt") -> str:
+    """<component>.<precision>.<shapes>.<sm>.<library><version>.plan, e.g.
+    unet.fp16.b2.1024x1024.sm86.trt10.8.0.43.plan (TensorRT) or unet.fp16.b2.1024x1024.sm86.rtx1.7.1.116.plan
+    (TensorRT-RTX)."""
     return (f"{component}.{precision}.{shapes_token(rng, spatial)}."
-            f"{target_token(compute_capability, hardware_compatibility)}.trt{trt_version or 'none'}.plan")
+            f"{target_token(targets, hardware_compatibility)}.{LIBRARIES[library].token}{version or 'none'}.plan")
 
 
 @dataclass
@@ -97,32 +100,53 @@ class BuildPlan:
     profile: GpuProfile
     onnx_dirs: list[Path]
     out: Path
-    trt_version: str | None
+    trt_version: str | None  # the version of the plan's library (TensorRT or TensorRT-RTX)
     components: dict[str, ComponentBuild] = field(default_factory=dict)
     memory: MemoryPlan | None = None
     args: dict[str, Any] = field(default_factory=dict)  # what the command line said: for the rebuild command
 
     @property
+    def library(self) -> Library:
+        return LIBRARIES[self.profile.build.library]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.profile.build.targets
+
+    @property
     def flags(self) -> dict[str, Any]:
         b = self.profile.build
-        return {
+        rtx = self.library.name == "tensorrt-rtx"
+        flags = {
+            "library": self.library.name,
             "strongly_typed": True,
             "precision_flags": "none: strongly typed, precision comes from the ONNX graph",
             "builder_optimization_level": b.optimization_level,
             "workspace_bytes": int(b.workspace_gib * GIB),
-            "hardware_compatibility": b.hardware_compatibility,
+            "hardware_compatibility": "not applicable" if rtx else b.hardware_compatibility,
             "version_compatible": b.version_compatible,
             "refit": "REFIT_IDENTICAL+STRIP_PLAN" if b.refit == "identical" else "none",
-            "timing_cache": TIMING_CACHE if b.timing_cache else None,
+            "timing_cache": TIMING_CACHE if b.timing_cache and not rtx else None,
             "tf32": False,
         }
+        if rtx:
+            flags["compute_capabilities"] = list(self.targets)
+            flags["not_applicable"] = dict(RTX_NOT_APPLICABLE)
+        return flags
+
+    def notes(self) -> list[str]:
+        """What the manifest should say about this build beyond its flags."""
+        if self.library.name == "tensorrt-rtx" and any(c.precision == "int8" for c in self.components.values()):
+            return [INT8_ON_RTX]
+        return []
 
     def rebuild_command(self) -> str:
         return build_command(self.args, self.out)
 
     def to_json(self) -> dict[str, Any]:
         return {"profile": self.profile.name, "profile_source": self.profile.source,
-                "compute_capability": self.profile.gpu.compute_capability, "tensorrt": self.trt_version,
+                "compute_capability": self.profile.gpu.compute_capability, "library": self.library.name,
+                "library_version": self.trt_version, "targets": list(self.targets), "notes": self.notes(),
                 "onnx": [str(d) for d in self.onnx_dirs], "out": str(self.out), "flags": self.flags,
                 "components": {k: {**v.to_json(), **({"memory": self.memory.components[k].to_json()}
                                                     if self.memory and k in self.memory.components else {})}
@@ -138,6 +162,8 @@ def build_command(args: dict[str, Any], out: Path | str) -> str:
     for d in args.get("onnx", []):
         parts += ["--onnx", str(d)]
     parts += ["--profile", str(args.get("profile", "PROFILE")), "--out", str(out)]
+    if args.get("library"):
+        parts += ["--library", str(args["library"])]
     if args.get("components"):
         parts += ["--components", ",".join(args["components"])]
     for key in ("precision", "batch", "height", "width"):
@@ -157,19 +183,34 @@ def _component_files(m: Manifest, component: str) -> dict[str, FileRecord]:
     return files
 
 
+def _vae_fp16_ops(m: Manifest, component: str) -> str:
+    """"gemm" when only the VAE's GEMMs were converted (convert --vae-gemm-fp16), else "all"."""
+    return str((m.component(component).get("conversion") or {}).get("fp16_ops", "all"))
+
+
 def _pick_folder(manifests: list[Manifest], component: str, precision: str, profile: GpuProfile) -> Manifest:
     holding = [m for m in manifests if component in m.components]
     if not holding:
         raise UsageError(f"no --onnx folder holds {component} ({', '.join(str(m.root) for m in manifests)})")
+    gemm_only = component.startswith("vae") and precision == "fp16" and profile.vae.fp16_ops == "gemm"
     for m in holding:
-        if m.precision(component) == precision:
+        if m.precision(component) == precision and (not gemm_only or profile.vae.fp16_safe
+                                                    or _vae_fp16_ops(m, component) == "gemm"):
             return m
     have = ", ".join(f"{m.root} holds {m.precision(component)}" for m in holding)
-    remedy = (f"make one with `koala-trt convert --onnx {holding[0].root} --precision {precision} --out DIR` and pass "
-              "both folders with --onnx" if precision == "fp16" else
-              f"make one with `koala-trt quantize --onnx {holding[0].root} --calib CALIB --out DIR` and pass both "
-              "folders with --onnx" if precision == "int8" else "pass an fp32 export with --onnx")
-    raise UsageError(f"profile {profile.name} wants {component} in {precision} but no --onnx folder holds it "
+    if gemm_only:
+        remedy = (f"make one with `koala-trt convert --onnx {holding[0].root} --vae-gemm-fp16 --out DIR` (FP16 GEMMs, "
+                  "FP32 elsewhere) and pass both folders with --onnx")
+    elif precision == "fp16":
+        remedy = (f"make one with `koala-trt convert --onnx {holding[0].root} --precision {precision} --out DIR` and pass "
+                  "both folders with --onnx")
+    elif precision == "int8":
+        remedy = (f"make one with `koala-trt quantize --onnx {holding[0].root} --calib CALIB --out DIR` and pass both "
+                  "folders with --onnx")
+    else:
+        remedy = "pass an fp32 export with --onnx"
+    what = f"{precision} (GEMMs only)" if gemm_only else precision
+    raise UsageError(f"profile {profile.name} wants {component} in {what} but no --onnx folder holds it "
                      f"({have}); {remedy}, or choose the precision with --precision")
 
 
@@ -196,6 +237,23 @@ def check_shapes(component: str, spec: ComponentSpec, rng: ShapeRange, exported:
             spec.check_size(h, w)
 
 
+def check_precision(component: str, precision: str, profile: GpuProfile) -> None:
+    """What a target cannot build, refused before building: TensorRT-RTX has no FP32 GEMMs on Turing
+    (sm_75), and FP8 needs sm_89 or newer."""
+    b = profile.build
+    if precision == "fp8":
+        low = [t for t in b.targets if tuple(int(x) for x in t.split(".")) < (8, 9)]
+        if low:
+            raise UsageError(f"fp8 needs sm_89 or newer; {profile.name} is {sm(low[0])}")
+    if b.library == "tensorrt-rtx" and "7.5" in b.targets and precision == "fp32" and component in GEMM_COMPONENTS:
+        remedy = ("use --precision fp16" if not component.startswith("vae") else
+                  "make its VAE with FP16 GEMMs (`koala-trt convert --vae-gemm-fp16`) and set vae.precision = "
+                  "\"fp16\" with vae.fp16_ops = \"gemm\" in the profile (rtx2080ti does), or build on the card "
+                  "with --library tensorrt")
+        raise UsageError(f"{profile.name} ({sm('7.5')}, TensorRT-RTX) cannot build {component} in fp32: TensorRT-RTX "
+                         f"has no FP32 GEMM on Turing; {remedy}")
+
+
 def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, components: list[str] | None = None,
                     trt_version: str | None = None, estimate: bool = True, args: dict[str, Any] | None = None,
                     log: Any = None) -> BuildPlan:
@@ -209,6 +267,7 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
     plan.args.setdefault("profile", profile.name if profile.source == "builtin" else profile.source)
     for name in components or profile.components():
         precision = profile.precision_for(name)
+        check_precision(name, precision, profile)
         m = _pick_folder(manifests, name, precision, profile)
         spec = m.spec(name)
         rng = profile.shape_range(spec.kind)
@@ -216,8 +275,8 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
         plan.components[name] = ComponentBuild(
             component=name, precision=precision, manifest=m, spec=spec, shape_range=rng,
             profile_shapes=spec.profile_shapes(rng),
-            engine=engine_name(name, precision, rng, spec.spatial, profile.gpu.compute_capability, trt_version,
-                               profile.build.hardware_compatibility),
+            engine=engine_name(name, precision, rng, spec.spatial, profile.build.targets, trt_version,
+                               profile.build.hardware_compatibility, profile.build.library),
             onnx_files=_component_files(m, name))
     if estimate:
         plan.memory = estimate_memory(plan, log)

@@ -38,8 +38,9 @@ from typing import Any
 
 from engines.cuda import DeviceInfo
 from engines.engines_record import Compat, Library, normalize_cc
+from engines.libraries import LIBRARIES, installed_version
 
-MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # library name -> Python module
+MODULES = {name: lib.module for name, lib in LIBRARIES.items()}  # library name -> Python module
 CROSS_MAJOR = {(8, 9), (8, 10), (10, 11)}  # (built, runtime) majors NVIDIA documents for version-compatible plans
 VERSION_COMPATIBLE_SINCE = (8, 6, 0)
 
@@ -108,7 +109,7 @@ def version_problem(library: Library, version_compatible: bool, local: str | Non
         return (f"built with {built} but {label} is not installed here (no `{MODULES[library.name]}` Python module)")
     b, here = release(library.version), release(local)
     if library.name == "tensorrt-rtx":
-        if b == here:
+        if library.version == local:  # exact: its engines and runtime cache are tied to the build's release
             return None
         why = "TensorRT-RTX engines load only in the TensorRT-RTX release that built them"
     elif version_compatible:
@@ -173,26 +174,6 @@ def describe(compat: Compat) -> str:
 
 
 # --- fact gatherers ----------------------------------------------------------------------------------
-def installed_version(module: str) -> str | None:
-    """The version of an installed Python module (tensorrt, tensorrt_rtx) from its distribution's metadata,
-    without importing it (TensorRT's import loads its CUDA libraries); None when it is not installed."""
-    try:
-        if importlib.util.find_spec(module) is None:
-            return None
-    except (ImportError, ValueError):
-        return None
-    for dist in importlib.metadata.packages_distributions().get(module, []):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    try:  # no metadata (a tar-file install): ask the module
-        mod = __import__(module)
-    except Exception:
-        return None
-    return str(getattr(mod, "__version__", "")) or None
-
-
 def gpus_from_cuda() -> tuple[tuple[DeviceInfo, ...], str]:
     """The GPUs cuda-python sees (engines/cuda.py), or () and why not."""
     from engines import cuda

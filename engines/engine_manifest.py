@@ -22,7 +22,7 @@ from koala_core.jsonfile import read_folder_manifest
 
 MANIFEST = "manifest.json"
 FORMAT = "koala-trt/engines"
-FORMAT_VERSION = 1  # what engines/build.py writes today; load_engines_manifest reads READ_VERSIONS (1 and 2)
+FORMAT_VERSION = 2  # what engines/build.py writes (library, targets, build_host); load_engines_manifest reads 1 and 2
 
 
 @dataclass

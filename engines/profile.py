@@ -18,6 +18,8 @@ Schema (every field is checked; an error names the field):
     [vae]                                    # the VAE policy
     precision = "fp32"                       # SDXL's VAE overflows in FP16: fp16 needs fp16_safe = true
     fp16_safe = false                        # true only with an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)
+    fp16_ops = "all"                         # all | gemm: only the GEMMs in FP16 (convert --vae-gemm-fp16),
+                                             # safe for SDXL's VAE: needs no fp16_safe (Turing + TensorRT-RTX)
     encoder = false                          # also build vae_encoder
     [shapes]                                 # a value (static) or [min, opt, max]
     batch = 1                                # images per call
@@ -30,7 +32,10 @@ Schema (every field is checked; an error names the field):
     hardware_compatibility = "none"          # none | ampere_plus | same_compute_capability
     version_compatible = false               # VERSION_COMPATIBLE engines (run on later TensorRT)
     refit = "none"                           # none | identical (REFIT_IDENTICAL + STRIP_PLAN)
-    timing_cache = true                      # keep a timing cache in the engines folder
+    timing_cache = true                      # keep a timing cache in the engines folder (standard TensorRT)
+    library = "tensorrt"                     # tensorrt | tensorrt-rtx (engines/libraries.py)
+    targets = ["8.6", "8.9", "12.0"]         # TensorRT-RTX: compute capabilities to build for
+                                             # (default: gpu.compute_capability; several: a portable engine)
     [runtime]
     residency = "resident"                   # resident | sequential (one component at a time)
     cuda_graphs = true                       # replay CUDA graphs for engines with static shapes
@@ -46,6 +51,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from engines.libraries import LIBRARIES, RTX_NEEDS_GPU, library as get_library, sm
 from exporter.specs import COMPONENTS, ShapeRange
 from koala_core.errors import UsageError
 from koala_core.schema import Fields as _Fields, Triple
@@ -86,6 +92,7 @@ class VaePolicy:
     precision: str = "fp32"
     fp16_safe: bool = False
     encoder: bool = False
+    fp16_ops: str = "all"  # all | gemm
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ class BuildOptions:
     version_compatible: bool = False
     refit: str = "none"
     timing_cache: bool = True
+    library: str = "tensorrt"
+    targets: tuple[str, ...] = ()  # TensorRT-RTX: the compute capabilities built for (set by validation)
 
 
 @dataclass(frozen=True)
@@ -170,10 +179,29 @@ class GpuProfile:
             prec = {k: precision for k in prec}
         return replace(self, shapes=shapes, precision=prec)
 
+    def with_library(self, name: str) -> "GpuProfile":
+        """This profile built with another TensorRT library (`build --library`), checked as the TOML
+        field build.library would be."""
+        lib = get_library(name)
+        if name == self.build.library:
+            return self
+        if not lib.can_target(self.gpu.compute_capability):
+            raise UsageError(f"--library {name} cannot build for {self.name} ({sm(self.gpu.compute_capability)}): "
+                             f"{name} targets {', '.join(sm(t) for t in lib.targets or ())}; use --library tensorrt "
+                             "and build on the card")
+        data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.data.items()}
+        build = data.setdefault("build", {})
+        build["library"] = name
+        build.pop("targets", None)
+        if name == "tensorrt-rtx":  # what does not apply to TensorRT-RTX falls away instead of failing
+            build.pop("hardware_compatibility", None)
+        return profile_from_dict(data, f"profile {self.name} with --library {name}", self.source)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("data")
         d["gpu"]["names"] = list(self.gpu.names)
+        d["build"]["targets"] = list(self.build.targets)
         d["shapes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["shapes"].items()}
         return d
 
@@ -216,10 +244,13 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
 
     v = top.table_of("vae")
     vae = VaePolicy(v.string("precision", "fp32", ("fp32", "fp16")), v.boolean("fp16_safe", False),
-                    v.boolean("encoder", False))
-    if vae.precision == "fp16" and not vae.fp16_safe:
+                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")))
+    if vae.fp16_ops == "gemm" and vae.precision != "fp16":
+        raise v.err("fp16_ops", "= \"gemm\" needs vae.precision = \"fp16\"")
+    if vae.precision == "fp16" and vae.fp16_ops == "all" and not vae.fp16_safe:
         raise v.err("precision", "= \"fp16\" needs vae.fp16_safe = true: SDXL's VAE overflows in FP16 "
-                    "(NaN, black images); use an fp16-safe VAE such as sdxl-vae-fp16-fix, or keep \"fp32\"")
+                    "(NaN, black images); use an fp16-safe VAE such as sdxl-vae-fp16-fix, set vae.fp16_ops = \"gemm\" "
+                    "(only its GEMMs in FP16), or keep \"fp32\"")
     v.done()
 
     s = top.table_of("shapes")
@@ -231,7 +262,8 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
     build = BuildOptions(b.number("workspace_gib", 2.0, positive=True), b.integer("optimization_level", 3, 0, 5),
                          b.string("hardware_compatibility", "none", HARDWARE_COMPATIBILITY),
                          b.boolean("version_compatible", False), b.string("refit", "none", REFIT),
-                         b.boolean("timing_cache", True))
+                         b.boolean("timing_cache", True), b.string("library", "tensorrt", tuple(LIBRARIES)))
+    build = replace(build, targets=_targets(b, build, gpu))
     if build.hardware_compatibility == "ampere_plus" and int(cc.split(".")[0]) < 8:
         raise b.err("hardware_compatibility", f"= \"ampere_plus\" needs an Ampere or newer GPU (sm_80+); "
                     f"this profile's GPU is sm_{gpu.sm}")
@@ -247,6 +279,44 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
     top.done()
     return GpuProfile(name=name, gpu=gpu, precision=precision, vae=vae, shapes=shapes, build=build,
                       runtime=runtime, description=description, source=source, data=dict(data))
+
+
+def _targets(b: _Fields, build: BuildOptions, gpu: GpuSpec) -> tuple[str, ...]:
+    """build.targets, checked against the library: TensorRT-RTX builds for listed compute
+    capabilities (the card's own among them); standard TensorRT builds for the GPU it runs on."""
+    lib = LIBRARIES[build.library]
+    raw = b.get("targets")
+    if raw is None:
+        targets: tuple[str, ...] = (gpu.compute_capability,)
+    elif lib.targets is None:
+        raise b.err("targets", "applies to library = \"tensorrt-rtx\" only: standard TensorRT builds for the GPU "
+                    "it runs on")
+    elif (not isinstance(raw, list) or not raw or not all(isinstance(t, str) and re.match(r"^\d+\.\d$", t) for t in raw)
+          or len(set(raw)) != len(raw)):
+        raise b.err("targets", f"must be a list of distinct compute capabilities like [\"8.6\", \"8.9\"] (got {raw!r})")
+    else:
+        targets = tuple(raw)
+        if gpu.compute_capability not in targets:
+            raise b.err("targets", f"must include the profile's own gpu.compute_capability {gpu.compute_capability} "
+                        f"(got {list(targets)})")
+    if lib.targets is not None:
+        known = ", ".join(sm(x) for x in lib.targets)
+        for t in targets:
+            if t not in lib.targets and raw is None:
+                raise b.err("library", f"= \"tensorrt-rtx\" cannot build for this profile's {sm(t)}: TensorRT-RTX "
+                            f"targets {known}; use library = \"tensorrt\" and build on the card")
+            if t not in lib.targets:
+                raise b.err("targets", f"lists {sm(t)}, which TensorRT-RTX cannot target (it targets {known})")
+        if build.refit != "none":
+            raise b.err("refit", f"= \"{build.refit}\": {RTX_NEEDS_GPU['refit']} needs a GPU at build time with "
+                        "TensorRT-RTX; build on the card with library = \"tensorrt\" or drop refit")
+        if build.hardware_compatibility != "none":
+            raise b.err("hardware_compatibility", "does not apply to TensorRT-RTX: its engines run on the compute "
+                        "capabilities listed in build.targets")
+        if build.version_compatible:
+            raise b.err("version_compatible", "is not supported with TensorRT-RTX: its engines are tied to the "
+                        "TensorRT-RTX version that built them (rebuild after an upgrade)")
+    return tuple(sorted(targets, key=lambda t: tuple(int(x) for x in t.split("."))))
 
 
 def _builtin_dir() -> Any:

@@ -12,6 +12,9 @@ of engines/runtime.py. No torch, no diffusers: numpy, cuda-python (engines/cuda.
   for the largest: the memory planner's resident case.
 - Engines whose shapes are static may replay a CUDA graph captured on their first call.
 - residency "sequential" keeps one engine on the device at a time (for cards where all do not fit).
+- TensorRT-RTX engines (the manifest's library) load with `tensorrt_rtx`; the kernels the card
+  JIT-compiles at first run are kept in a runtime cache beside the engines
+  (runtime-cache/<component>.<gpu>.sm<cc>.driver<version>.rtx<version>.cache), so later runs start fast.
 """
 
 from __future__ import annotations
@@ -69,13 +72,17 @@ class TensorRTBackend(Backend):
         self.manifest: EnginesManifest = load_engines_manifest(engines_dir)
         self.specs: dict[str, ComponentSpec] = self.manifest.specs()
         from engines.build import missing_requirements
+        from engines.libraries import library as get_library
 
-        missing = missing_requirements()
+        self.library = get_library(str((self.manifest.data.get("library") or {}).get("name", "tensorrt")))
+        missing = missing_requirements(self.library, run=True)
         if missing:
-            raise KoalaError(f"the TensorRT backend cannot run on this machine, missing: {'; '.join(missing)} "
-                             "(the onnxruntime backend runs the same pipeline without them)")
+            raise KoalaError(f"the TensorRT backend cannot run the {self.library.name} engines of {self.manifest.root} "
+                             f"on this machine, missing: {'; '.join(missing)} (the onnxruntime backend runs the "
+                             "same pipeline without them)")
         from engines import cuda, trt
 
+        trt.use_library(self.library.name)
         self._cuda, self._trt, self.verbose, self.log = cuda, trt, verbose, log
         self.device = cuda.device_info()
         self.trt_version = trt.version()
@@ -139,7 +146,8 @@ class TensorRTBackend(Backend):
             for other in list(self._sessions):
                 self._unload(other)
         engine = self._trt.Engine(self._plan_bytes(component), self._refit_source(component), verbose=self.verbose)
-        engine.create_context()
+        cache = self._runtime_cache_path(component)
+        engine.create_context(cache.read_bytes() if cache is not None and cache.is_file() else None)
         entry = self.manifest.entry(component)
         session = _Session(engine=engine, static=bool(entry.get("static")))
         self._sessions[component] = session
@@ -154,8 +162,29 @@ class TensorRTBackend(Backend):
             graph.destroy()
         return None
 
+    def _runtime_cache_path(self, component: str) -> Path | None:
+        """TensorRT-RTX's runtime cache file of a component, keyed by GPU, driver and library version."""
+        if self.library.name != "tensorrt-rtx":
+            return None
+        gpu = "".join(ch if ch.isalnum() else "-" for ch in self.device.name.lower()).strip("-")
+        key = f"{gpu}.sm{self.device.sm}.driver{self.device.driver}.rtx{self.trt_version}"
+        return self.manifest.root / "runtime-cache" / f"{component}.{key}.cache"
+
+    def _save_runtime_cache(self, component: str, engine: Any) -> None:
+        path, data = self._runtime_cache_path(component), engine.runtime_cache()
+        if path is None or not data:
+            return
+        from koala_core.atomic import staged_file
+
+        try:
+            with staged_file(path) as tmp:
+                tmp.write_bytes(data)
+        except (OSError, KoalaError) as e:  # a read-only engines folder: the kernels are compiled again next time
+            self.log(f"warning: cannot keep TensorRT-RTX's runtime cache in {path.parent} ({e.strerror or e})")
+
     def _unload(self, component: str) -> None:
         s = self._sessions.pop(component)
+        self._save_runtime_cache(component, s.engine)
         s.graph = self._drop_graph(s.graph)
         for b in s.buffers.values():
             b.release()

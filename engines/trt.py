@@ -8,6 +8,12 @@ builds on TensorRT 10 and 11: the precision is the ONNX graph's, never BuilderFl
 calibrator (removed in 11). Flags are set by name (STRONGLY_TYPED's integer changed between 10 and
 11). Refittable engines use REFIT_IDENTICAL with STRIP_PLAN, never bare REFIT (wrong results in 11.3).
 
+Two libraries, one path: standard TensorRT (`tensorrt`, datacenter cards and Jetson, builds on the
+card) and TensorRT for RTX (`tensorrt_rtx`, GeForce/RTX cards): its ahead-of-time build needs no GPU
+once the target compute capabilities are set explicitly; the card JIT-compiles kernels at first run.
+Polygraphy drives either; it picks TensorRT-RTX when POLYGRAPHY_USE_TENSORRT_RTX=1 is set before it is
+imported and reads that once, so the library is chosen once per process (use_library).
+
 Run: Engine wraps a deserialized engine and one execution context through TensorRT 10's name-based
 I/O API (set_input_shape, set_tensor_address, execute_async_v3). Device memory comes from the
 caller (engines/cuda.py), so the activation memory can be shared between engines.
@@ -16,6 +22,9 @@ caller (engines/cuda.py), so the activation memory can be shared between engines
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from engines.libraries import library as get_library
 from koala_core.errors import KoalaError
 
 # ONNX parser flag: TensorRT's native InstanceNormalization (the default; needed for hardware- and
@@ -30,10 +40,37 @@ from koala_core.errors import KoalaError
 PARSER_FLAGS = ("NATIVE_INSTANCENORM",)
 
 
-def version() -> str:
-    import tensorrt
+POLYGRAPHY_SWITCH = "POLYGRAPHY_USE_TENSORRT_RTX"
+_chosen: list[str] = []  # the library this process uses, once chosen
 
-    return str(tensorrt.__version__)
+
+def use_library(library: str) -> None:
+    """Choose this process's TensorRT library before Polygraphy is imported (it reads the switch once)."""
+    get_library(library)  # an unknown name is refused here
+    if _chosen and _chosen[0] != library:
+        raise KoalaError(f"this process already uses {_chosen[0]}; {library} needs a process of its own "
+                         "(Polygraphy picks its TensorRT once per process)")
+    want = "1" if library == "tensorrt-rtx" else "0"
+    if "polygraphy.mod.trt_importer" in sys.modules and os.environ.get(POLYGRAPHY_SWITCH, "0") != want:
+        raise KoalaError(f"Polygraphy was imported for the other TensorRT library before {library} was chosen; "
+                         "run this in a fresh process")
+    os.environ[POLYGRAPHY_SWITCH] = want
+    if not _chosen:
+        _chosen.append(library)
+
+
+def library() -> str:
+    return _chosen[0] if _chosen else "tensorrt"
+
+
+def _module() -> Any:
+    import importlib
+
+    return importlib.import_module(get_library(library()).module)
+
+
+def version() -> str:
+    return str(_module().__version__)
 
 
 @contextlib.contextmanager
@@ -51,7 +88,7 @@ def _quiet(verbose: bool) -> Iterator[None]:
 
 
 def _numpy_dtype(trt_dtype: Any) -> np.dtype:
-    import tensorrt as trt
+    trt = _module()
 
     table = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT32: np.int32,
              trt.DataType.INT8: np.int8, trt.DataType.BOOL: np.bool_, trt.DataType.UINT8: np.uint8}
@@ -68,21 +105,106 @@ class BuiltEngine:
     device_memory_bytes: int
     layers: int
     io: dict[str, dict[str, Any]]  # name -> {"mode": "input"|"output", "dtype": numpy dtype name}
+    weights_bytes: int | None = None  # as the builder's log reports them (TensorRT-RTX)
+
+
+# The builder's verbose report (TensorRT-RTX 1.7): "Total Weights Memory: 6980096 bytes".
+_REPORT = {"weights_bytes": re.compile(r"Total Weights Memory: (\d+) bytes"),
+           "activation_bytes": re.compile(r"Total Activation Memory: (\d+) bytes")}
+
+
+def parse_build_report(log: str) -> dict[str, int | None]:
+    """Weights and activation memory from the builder's verbose log (None where it does not say)."""
+    out: dict[str, int | None] = {}
+    for key, rx in _REPORT.items():
+        found = rx.findall(log)
+        out[key] = int(found[-1]) if found else None
+    return out
+
+
+def _rtx_targets(trt: Any, targets: list[str]) -> list[Any]:
+    caps = []
+    for cc in targets:
+        name = "SM" + cc.replace(".", "")
+        if not hasattr(trt.ComputeCapability, name):
+            raise KoalaError(f"TensorRT-RTX {trt.__version__} cannot target sm_{cc.replace('.', '')}")
+        caps.append(getattr(trt.ComputeCapability, name))
+    return caps
+
+
+def _build_rtx(onnx_path: Path, profile: Any, flags: dict[str, Any], targets: list[str], verbose: bool) -> BuiltEngine:
+    """TensorRT-RTX's ahead-of-time build: no GPU, the target compute capabilities set explicitly;
+    nothing is deserialized (that needs a GPU), so I/O types come from the network and the memory
+    figures from the builder's verbose report."""
+    trt = _module()
+    from polygraphy.backend.trt import CreateConfig, PostprocessConfig, engine_bytes_from_network, network_from_onnx_path
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    caps = _rtx_targets(trt, targets)
+
+    def set_targets(builder: Any, network: Any, cfg: Any) -> None:
+        cfg.num_compute_capabilities = len(caps)
+        for i, cap in enumerate(caps):
+            cfg.set_compute_capability(cap, i)
+
+    config = PostprocessConfig(CreateConfig(
+        profiles=[profile], memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(flags["workspace_bytes"])},
+        builder_optimization_level=int(flags["builder_optimization_level"])), set_targets)
+    old, log = G_LOGGER.module_severity, io.StringIO()
+    G_LOGGER.module_severity = G_LOGGER.VERBOSE  # the memory report is verbose-level
+    try:
+        with contextlib.redirect_stdout(log):
+            network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+            data = bytes(engine_bytes_from_network(network, config=config))
+            _, net, _parser = network
+            io_ = {}
+            for i in range(net.num_inputs):
+                t = net.get_input(i)
+                io_[t.name] = {"mode": "input", "dtype": _numpy_dtype(t.dtype).name}
+            for i in range(net.num_outputs):
+                t = net.get_output(i)
+                io_[t.name] = {"mode": "output", "dtype": _numpy_dtype(t.dtype).name}
+            layers = int(net.num_layers)
+    except PolygraphyException as e:
+        first = _first_error(log.getvalue(), e)
+        hint = ("; the builder needs more scratch than the workspace cap: raise [build] workspace_gib in the profile"
+                if "OutOfMemory" in first else "")
+        raise KoalaError(f"TensorRT-RTX could not build {onnx_path}: {first}{hint}") from None
+    finally:
+        G_LOGGER.module_severity = old
+        if verbose:
+            sys.stderr.write(log.getvalue())
+    report = parse_build_report(log.getvalue())
+    return BuiltEngine(data=data, device_memory_bytes=int(report["activation_bytes"] or 0), layers=layers, io=io_,
+                       weights_bytes=report["weights_bytes"])
+
+
+def _first_error(log: str, e: Exception) -> str:
+    """The builder's or parser's first error line, else the exception's last line (one line)."""
+    for line in log.splitlines():
+        if line.startswith("[E]") or "ERROR" in line[:40]:
+            return line.removeprefix("[E]").strip()[:300]
+    return str(e).strip().splitlines()[-1][:300]
 
 
 def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...], ...]], flags: dict[str, Any],
-                 timing_cache: Path | None, verbose: bool = False) -> BuiltEngine:
+                 timing_cache: Path | None, verbose: bool = False, targets: list[str] | None = None) -> BuiltEngine:
     """One strongly typed engine from an ONNX file with one optimization profile (min/opt/max per
-    input). `flags` is BuildPlan.flags."""
+    input). `flags` is BuildPlan.flags; `targets` the compute capabilities (TensorRT-RTX only)."""
+    from polygraphy.backend.trt import Profile
+
+    profile = Profile()
+    for name, (lo, opt, hi) in profile_shapes.items():
+        profile.add(name, min=list(lo), opt=list(opt), max=list(hi))
+    if library() == "tensorrt-rtx":
+        return _build_rtx(onnx_path, profile, flags, list(targets or []), verbose)
     import tensorrt as trt
-    from polygraphy.backend.trt import (CreateConfig, PostprocessConfig, Profile, engine_bytes_from_network,
+    from polygraphy.backend.trt import (CreateConfig, PostprocessConfig, engine_bytes_from_network,
                                         engine_from_bytes, network_from_onnx_path)
     from polygraphy.exception import PolygraphyException
 
     parser_flags = [getattr(trt.OnnxParserFlag, f) for f in PARSER_FLAGS if hasattr(trt.OnnxParserFlag, f)]
-    profile = Profile()
-    for name, (lo, opt, hi) in profile_shapes.items():
-        profile.add(name, min=list(lo), opt=list(opt), max=list(hi))
     hc = flags.get("hardware_compatibility", "none")
     if hc != "none" and not hasattr(trt.HardwareCompatibilityLevel, hc.upper()):
         raise KoalaError(f"TensorRT {trt.__version__} has no hardware compatibility level {hc.upper()}")
@@ -122,7 +244,7 @@ class Engine:
     """A deserialized engine and its one execution context; activation memory supplied by the caller."""
 
     def __init__(self, data: bytes, refit_onnx: Path | None = None, verbose: bool = False) -> None:
-        import tensorrt as trt
+        trt = _module()  # tensorrt or tensorrt_rtx, as use_library chose
         from polygraphy.backend.trt import engine_from_bytes
         from polygraphy.exception import PolygraphyException
 
@@ -151,16 +273,33 @@ class Engine:
         if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
             raise KoalaError(f"could not refit the weight-stripped engine from {onnx_path}")
 
-    def create_context(self) -> None:
-        """An execution context whose activation memory the caller provides (set_device_memory)."""
+    def create_context(self, runtime_cache: bytes | None = None) -> None:
+        """An execution context whose activation memory the caller provides (set_device_memory). With
+        TensorRT-RTX, a runtime cache (its JIT-compiled kernels) is attached: loaded from
+        `runtime_cache` when it suits this GPU, driver and version, else started empty."""
         trt = self._trt
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        if strategy is not None:
+        self._cache, self.cache_loaded = None, False
+        if library() == "tensorrt-rtx":
+            config = self.engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(strategy.USER_MANAGED)
+            self._cache = config.create_runtime_cache()
+            if runtime_cache:  # rejected (False) when made on another GPU, driver or TensorRT-RTX
+                self.cache_loaded = bool(self._cache.deserialize(runtime_cache))
+            config.set_runtime_cache(self._cache)
+            self._config = config  # the context refers to it: keep it alive
+            self.context = self.engine.create_execution_context(config)
+        elif strategy is not None:
             self.context = self.engine.create_execution_context(strategy.USER_MANAGED)
         else:  # pragma: no cover - TensorRT < 10
             self.context = self.engine.create_execution_context_without_device_memory()
         if self.context is None:
             raise KoalaError("TensorRT could not create an execution context (out of device memory?)")
+
+    def runtime_cache(self) -> bytes | None:
+        """TensorRT-RTX's runtime cache as bytes (the kernels compiled so far); None with TensorRT."""
+        cache = getattr(self, "_cache", None)
+        return None if cache is None else bytes(cache.serialize())
 
     def set_device_memory(self, ptr: int, size: int) -> None:
         if hasattr(self.context, "set_device_memory"):
@@ -185,4 +324,5 @@ class Engine:
 
     def close(self) -> None:
         self.context = None
+        self._cache = self._config = None
         self.engine = None

@@ -45,9 +45,12 @@ def run(model: str, out: Path) -> None:
     step("GPU profiles", "profiles", "list")
     step("Memory plan: KOALA-700M on the paper's 8 GB RTX 3060 Ti at 1024x1024", "plan", "--model", "random:koala-700m", "--profile", "rtx3060ti")
     step("Memory plan: SDXL-Base on the same card", "plan", "--model", "random:sdxl-base", "--profile", "rtx3060ti")
-    step("TensorRT build plan for the FP16 folder (dry run: no TensorRT needed)",
-         "build", "--onnx", str(fp16), "--profile", "rtx3060ti", "--out", str(out / "engines-rtx3060ti"), "--precision", "fp16",
-         *size, "--dry-run")
+    step("Real TensorRT-RTX engines for the RTX 3060 Ti, built on this machine without a GPU (FP16, FP32 VAE)",
+         "build", "--onnx", str(art), "--onnx", str(fp16), "--profile", "rtx3060ti", "--out", str(out / "engines-rtx3060ti"),
+         *size, "--batch", "1", "--force")
+    step("The same for a datacenter card with standard TensorRT: the plan only (it builds on the card)",
+         "build", "--onnx", str(art), "--onnx", str(fp16), "--profile", "l4", "--out", str(out / "engines-l4"),
+         *size, "--batch", "1", "--dry-run", "--no-estimate")
     step("Bundle the artifacts for an edge device",
          "pack", "--artifacts", str(art), "--out", str(out / "artifacts.tar.gz"), "--force")
     step("Verify the bundle", "verify", str(out / "artifacts.tar.gz"))

@@ -40,7 +40,12 @@ def _dry_run(*args: object) -> dict:
 
 def _check_plan(plan: dict, profile: str, precisions: dict[str, str], folders: dict[str, Path]) -> None:
     p = load_profile(profile)
-    assert plan["dry_run"] and plan["profile"] == profile and plan["tensorrt"] is None  # not installed here
+    from importlib import metadata
+
+    rtx = p.build.library == "tensorrt-rtx"  # installed here (make install); standard TensorRT is not
+    version = metadata.version("tensorrt-rtx-cu12") if rtx else None
+    assert plan["dry_run"] and plan["profile"] == profile and plan["library"] == p.build.library
+    assert plan["library_version"] == version and plan["targets"] == list(p.build.targets)
     assert list(plan["components"]) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
     f = plan["flags"]
     assert f["strongly_typed"] is True and f["tf32"] is False and "FP16" not in json.dumps(f)
@@ -49,7 +54,9 @@ def _check_plan(plan: dict, profile: str, precisions: dict[str, str], folders: d
     for name, c in plan["components"].items():
         assert c["precision"] == precisions[name]
         assert c["onnx"] == str(folders[name].resolve() / name / "model.onnx")
-        assert c["engine"].startswith(f"{name}.{precisions[name]}.") and f".sm{p.gpu.sm}.trtnone.plan" in c["engine"]
+        sm = "sm" + "-".join(t.replace(".", "") for t in p.build.targets)
+        assert c["engine"].startswith(f"{name}.{precisions[name]}.")
+        assert c["engine"].endswith(f".{sm}.rtx{version}.plan" if rtx else f".{sm}.trtnone.plan")
         assert c["memory"]["activations_bytes"] > 0 and c["memory"]["weights_from"] == "onnx files"
     b = p.shapes.batch
     unet = plan["components"]["unet"]["inputs"]["sample"]
@@ -64,6 +71,11 @@ def _check_plan(plan: dict, profile: str, precisions: dict[str, str], folders: d
 def test_dry_run_every_profile_and_precision(profile: str, tiny_artifacts: Path, labelled: dict[str, Path],
                                              tmp_path: Path) -> None:
     comps = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+    if profile == "rtx2080ti":  # Turing with TensorRT-RTX: no FP32 GEMMs (its real builds: tests/test_rtx_build.py)
+        code, out, err = run_cli("build", "--onnx", tiny_artifacts, "--profile", profile, "--out", tmp_path / "e",
+                                 "--precision", "fp32", *SIZE, "--dry-run")
+        assert_one_line_error(code, err, 2, "rtx2080ti (sm_75, TensorRT-RTX) cannot build text_encoder in fp32")
+        return
     # fp32: the export itself, precision chosen on the command line
     plan = _dry_run("--onnx", tiny_artifacts, "--profile", profile, "--out", tmp_path / "e", "--precision", "fp32", *SIZE)
     _check_plan(plan, profile, dict.fromkeys(comps, "fp32"), dict.fromkeys(comps, tiny_artifacts))
@@ -140,10 +152,13 @@ def test_dry_run_never_imports_tensorrt(tiny_artifacts: Path, tmp_path: Path) ->
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_build_without_tensorrt_is_one_line_saying_what_is_missing(tiny_artifacts: Path, tmp_path: Path) -> None:
-    code, out, err = run_cli("build", "--onnx", tiny_artifacts, "--profile", "rtx3060ti", "--out", tmp_path / "e",
-                             "--precision", "fp32", *SIZE)
-    assert_one_line_error(code, err, 1, "missing: TensorRT", "--dry-run")
-    assert not (tmp_path / "e").exists() and out == ""
+    for args in (("--profile", "a10"), ("--profile", "rtx3060ti", "--library", "tensorrt")):
+        code, out, err = run_cli("build", "--onnx", tiny_artifacts, *args, "--out", tmp_path / "e",
+                                 "--precision", "fp32", *SIZE)
+        assert_one_line_error(code, err, 1, "Error: cannot build tensorrt engines on this machine, missing: TensorRT "
+                              "(the tensorrt Python package: standard TensorRT, from NVIDIA's index: pip install "
+                              "'koala-trt[gpu]')", "--dry-run")
+        assert not (tmp_path / "e").exists() and out == ""
 
 
 def test_compatibility_and_refit_flags_in_the_plan(tiny_artifacts: Path, tmp_path: Path) -> None:

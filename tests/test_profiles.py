@@ -14,7 +14,12 @@ from test_cli import assert_one_line_error
 
 SHIPPED = {"rtx3060ti": ("8.6", 8), "rtx2080ti": ("7.5", 11), "rtx4090": ("8.9", 24), "l4": ("8.9", 24),
            "a10": ("8.6", 24), "a100-40gb": ("8.0", 40), "a100-80gb": ("8.0", 80), "h100-80gb": ("9.0", 80),
-           "jetson-agx-orin": ("8.7", 64)}
+           "jetson-agx-orin": ("8.7", 64), "rtx5090": ("12.0", 32), "rtx-portable": ("8.6", 8)}
+# The library each card's engines are built with: TensorRT-RTX for the GeForce cards (here, on a CPU),
+# standard TensorRT on the card for the datacenter cards and Jetson (TensorRT-RTX has no sm_87/sm_90).
+LIBRARY = {"rtx3060ti": "tensorrt-rtx", "rtx2080ti": "tensorrt-rtx", "rtx4090": "tensorrt-rtx", "rtx5090": "tensorrt-rtx",
+           "rtx-portable": "tensorrt-rtx"}
+TARGETS = {"rtx-portable": ("8.6", "8.9", "12.0")}
 
 BASE = """
 name = "mycard"
@@ -32,8 +37,13 @@ def test_every_card_is_shipped_with_its_compute_capability_and_memory() -> None:
         assert p.source == "builtin"
         assert 0 < p.gpu.usable_bytes < mem * (1 << 30)
         assert p.components() == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
-        assert p.vae.precision == "fp32"  # SDXL's VAE overflows in FP16
+        if name == "rtx2080ti":  # Turing: TensorRT-RTX has no FP32 GEMM, so only the VAE's GEMMs are FP16
+            assert (p.vae.precision, p.vae.fp16_ops, p.vae.fp16_safe) == ("fp16", "gemm", False)
+        else:
+            assert p.vae.precision == "fp32"  # SDXL's VAE overflows in FP16
         assert p.build.hardware_compatibility == "none" and p.build.refit == "none"  # opt-in features
+        assert p.build.library == LIBRARY.get(name, "tensorrt")
+        assert p.build.targets == TARGETS.get(name, (cc,))
 
 
 def test_paper_cards_default_to_static_1024_batch_1() -> None:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import POSITIVE, components_option, log, print_json, table
+from engines.libraries import LIBRARIES
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json, table
 
 GIB = 1 << 30
 
@@ -27,14 +28,20 @@ def print_plan(plan: object, dry_run: bool) -> None:
                                      else f">={m.total_bytes / GIB:.2f}")
         rows.append([name, c.precision, str(c.onnx_path), _ranges(c.profile_shapes), est, c.engine])
     prof = p.profile  # type: ignore[attr-defined]
+    lib = p.library  # type: ignore[attr-defined]
+    targets = ", ".join("sm_" + t.replace(".", "") for t in p.targets)  # type: ignore[attr-defined]
     click.echo(f"{'build plan (dry run: nothing built, TensorRT not imported)' if dry_run else 'build plan'} for "
-               f"{prof.name} (sm_{prof.gpu.sm}, TensorRT {p.trt_version or 'not installed'}) -> {p.out}")  # type: ignore[attr-defined]
+               f"{prof.name} ({targets}, {lib.name} {p.trt_version or 'not installed'}"  # type: ignore[attr-defined]
+               f"{', no GPU needed' if lib.builds_without_gpu else ''}) -> {p.out}")  # type: ignore[attr-defined]
     click.echo(table(rows, ["component", "precision", "onnx", "input shapes (min..max)", "est. GiB", "engine"]))
     f = p.flags  # type: ignore[attr-defined]
+    na = f.get("not_applicable", {})
     click.echo(f"flags: strongly typed; builder optimization level {f['builder_optimization_level']}; workspace "
                f"{f['workspace_bytes'] / GIB:g} GiB; hardware compatibility {f['hardware_compatibility']}; version "
                f"compatible {str(f['version_compatible']).lower()}; refit {f['refit']}; timing cache "
-               f"{f['timing_cache'] or 'off'}; TF32 off")
+               f"{'not applicable' if 'timing_cache' in na else f['timing_cache'] or 'off'}; TF32 off")
+    for note in p.notes():  # type: ignore[attr-defined]
+        click.echo(f"note: {note}")
     if mem:
         v = mem.verdict()
         note = "" if v["complete"] else " (weights only: activations not estimated)"
@@ -49,6 +56,8 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @click.option("--profile", "-p", "profile_ref", required=True, help="GPU profile name or TOML path.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Engines folder to write.")
 @components_option("default: the profile's pipeline (text_encoder,text_encoder_2,unet,vae_decoder)")
+@click.option("--library", type=click.Choice(["tensorrt", "tensorrt-rtx"]),
+              help="TensorRT library instead of the profile's (where both can serve: L4, A10 with tensorrt-rtx).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="Precision of the text encoders and U-Net instead of the profile's (the VAE keeps its policy).")
 @click.option("--batch", type=POSITIVE, help="Images per call (static), instead of the profile's range.")
@@ -60,44 +69,54 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @click.option("--verbose", is_flag=True, help="Show TensorRT's and Polygraphy's build log.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, components: tuple[str, ...],
-              precision: str | None, batch: int | None, height: int | None, width: int | None, dry_run: bool,
-              no_estimate: bool, force: bool, verbose: bool, as_json: bool) -> None:
+              library: str | None, precision: str | None, batch: int | None, height: int | None, width: int | None,
+              dry_run: bool, no_estimate: bool, force: bool, verbose: bool, as_json: bool) -> None:
     """Build one strongly typed TensorRT engine per component for a GPU profile, from the artifacts
-    folder(s) holding the precision the profile asks for; --dry-run prints the plan only."""
-    from engines.buildplan import installed_trt_version, make_build_plan
+    folder(s) holding the precision the profile asks for; --dry-run prints the plan only.
+    Profiles of GeForce cards build with TensorRT-RTX, here, without a GPU."""
+    from engines.buildplan import make_build_plan
     from engines.profile import load_profile
     from exporter.specs import parse_components
 
-    profile = load_profile(profile_ref).with_overrides(batch, height, width, precision)
+    profile = load_profile(profile_ref)
+    if library:
+        profile = profile.with_library(library)
+    profile = profile.with_overrides(batch, height, width, precision)
     comps = parse_components(components, default=tuple(profile.components())) if components else None
     args = {"onnx": [str(Path(d).resolve()) for d in onnx_dirs],
             "profile": profile_ref if not Path(profile_ref).exists() else str(Path(profile_ref).resolve()),
-            "components": comps, "precision": precision, "batch": batch, "height": height, "width": width}
+            "components": comps, "library": library, "precision": precision, "batch": batch, "height": height,
+            "width": width}
+    lib = LIBRARIES[profile.build.library]
+    if not dry_run:
+        check_out_dir(out, force)
     if dry_run:
-        plan = make_build_plan(list(onnx_dirs), profile, out, comps, installed_trt_version(), not no_estimate, args)
+        plan = make_build_plan(list(onnx_dirs), profile, out, comps, lib.installed_version(), not no_estimate, args)
         if as_json:
             print_json({"dry_run": True, **plan.to_json()})
         else:
             print_plan(plan, dry_run=True)
         return
-    from engines.build import missing_requirements, run_build
-    from koala_core.errors import KoalaError
+    from engines.build import check_requirements, run_build
 
-    missing = missing_requirements()
-    if missing:
-        raise KoalaError(f"cannot build engines on this machine, missing: {'; '.join(missing)}. "
-                         "`koala-trt build --dry-run` shows the plan without them")
+    check_requirements(lib)
     from engines import trt
 
+    trt.use_library(lib.name)
     plan = make_build_plan(list(onnx_dirs), profile, out, comps, trt.version(), not no_estimate, args)
     if not as_json:
         print_plan(plan, dry_run=False)
     data = run_build(plan, force=force, verbose=verbose, log=log)
     if as_json:
-        print_json({"dry_run": False, "engines": str(out), **{k: data[k] for k in ("gpu", "tensorrt", "cuda", "flags", "engines", "build")}})
+        print_json({"dry_run": False, "engines": str(out),
+                    **{k: data[k] for k in ("library", "targets", "build_host", "flags", "notes", "engines", "build")}})
         return
-    rows = [[n, e["precision"], f"{e['bytes'] / 2**20:,.1f}", f"{e['device_memory_bytes'] / 2**20:,.1f}",
-             f"{e['build_seconds']:.1f}", e["file"]] for n, e in data["engines"].items()]
-    click.echo(table(rows, ["component", "precision", "engine MiB", "activations MiB", "build s", "file"]))
-    click.echo(f"engines: {out} ({data['gpu']['name']}, sm_{data['gpu']['compute_capability'].replace('.', '')}, "
-               f"TensorRT {data['tensorrt']}, {data['build']['seconds']:.1f} s)")
+    targets = ",".join("sm" + t.replace(".", "") for t in data["targets"]["compute_capabilities"])
+    rows = [[e["file"], f"{e['bytes'] / 2**20:,.1f}", e["precision"], targets,
+             "?" if e.get("weights_bytes") is None else f"{e['weights_bytes'] / 2**20:,.1f}",
+             f"{e['device_memory_bytes'] / 2**20:,.1f}", f"{e['build_seconds']:.1f}"] for e in data["engines"].values()]
+    click.echo(table(rows, ["file", "MiB", "precision", "targets", "weights MiB", "activations MiB", "build s"]))
+    host = data["build_host"]
+    click.echo(f"engines: {out} ({data['library']['name']} {data['library']['version']}, built on "
+               f"{host['gpu']['name'] if host['gpu'] else 'a CPU without a GPU (' + host['cpu'] + ')'}, "
+               f"{data['build']['seconds']:.1f} s)")

@@ -123,7 +123,7 @@ class BuildPlan:
             "precision_flags": "none: strongly typed, precision comes from the ONNX graph",
             "builder_optimization_level": b.optimization_level,
             "workspace_bytes": int(b.workspace_gib * GIB),
-            "hardware_compatibility": "not applicable" if rtx else b.hardware_compatibility,
+            "hardware_compatibility": b.hardware_compatibility,  # "none" for TensorRT-RTX (see not_applicable)
             "version_compatible": b.version_compatible,
             "refit": "REFIT_IDENTICAL+STRIP_PLAN" if b.refit == "identical" else "none",
             "timing_cache": TIMING_CACHE if b.timing_cache and not rtx else None,

@@ -23,15 +23,16 @@ def relabelled_copy(src: Path, dst: Path, precisions: dict[str, str]) -> Path:
 
 
 def fake_engines_dir(tiny_artifacts: Path, out: Path, profile: str = "rtx4090", device: DeviceInfo | None = None,
-                     trt: str = "10.8.0.43", **build: object) -> Path:
-    """An engines folder's manifest as a build of random:tiny on `device` (default an RTX 4090) would write
-    it, composed by the functions `koala-trt build` uses. LABELLED TEST DATA: no plan files."""
+                     trt: str = "10.8.0.43", library: str = "tensorrt", **build: object) -> Path:
+    """An engines folder's manifest as a build of random:tiny on `device` (default an RTX 4090, with
+    standard TensorRT unless `library` says otherwise) would write it, composed by the functions
+    `koala-trt build` uses. LABELLED TEST DATA: no plan files."""
     from engines.build import compose_manifest, engine_entry
     from engines.buildplan import make_build_plan
     from engines.profile import load_profile
 
     device = device or DeviceInfo("NVIDIA GeForce RTX 4090", "8.9", 24 << 30, "12.8", "12.6")
-    prof = load_profile(profile).with_overrides(height=256, width=256, precision="fp32")
+    prof = load_profile(profile).with_library(library).with_overrides(height=256, width=256, precision="fp32")
     if build:
         from dataclasses import replace
 

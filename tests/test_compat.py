@@ -50,7 +50,12 @@ MODEL = "does not promise speed or correctness across GPU models"
 def v1(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A format-1 manifest as `koala-trt build` composes it for random:tiny on an RTX 4090."""
     root = fake_engines_dir(tiny_artifacts, tmp_path_factory.mktemp("compat") / "e")
-    return json.loads((root / "manifest.json").read_text())
+    d = json.loads((root / "manifest.json").read_text())  # the build writes format 2: rewrite it as format 1 did
+    assert d["format_version"] == 2
+    host = d.pop("build_host")
+    d.update(format_version=1, gpu=host["gpu"], tensorrt=d.pop("library")["version"], cuda=host["cuda"])
+    del d["targets"], d["notes"]
+    return d
 
 
 def standard(v1: dict[str, Any], built_on: DeviceInfo, hc: str = "none", vc: bool = False, version: str = TRT) -> dict[str, Any]:
@@ -125,7 +130,7 @@ CASES: list[tuple[str, Any, DeviceInfo, str | None, str | None, list[str], bool]
     ("rtx-portable-out-of-targets-sm90", lambda d: v2(d, "tensorrt-rtx", RTX, ["8.6", "8.9", "12.0"], None), H100, None, RTX,
      [CC], False),
     ("rtx-single-target-other-cc", lambda d: v2(d, "tensorrt-rtx", RTX, ["8.6"], None), RTX4090, None, RTX, [CC], False),
-    ("rtx-version-equal-other-build", lambda d: v2(d, "tensorrt-rtx", RTX, ["8.9"], None), RTX4090, None, "1.7.1.117", [], False),
+    ("rtx-version-other-build", lambda d: v2(d, "tensorrt-rtx", RTX, ["8.9"], None), RTX4090, None, "1.7.1.117", [RTX_RELEASE], False),
     ("rtx-version-patch", lambda d: v2(d, "tensorrt-rtx", RTX, ["8.9"], None), RTX4090, None, "1.7.2.3", [RTX_RELEASE], False),
     ("rtx-version-minor", lambda d: v2(d, "tensorrt-rtx", RTX, ["8.9"], None), RTX4090, None, "1.8.0.10", [RTX_RELEASE], False),
     ("rtx-version-older", lambda d: v2(d, "tensorrt-rtx", RTX, ["8.9"], None), RTX4090, None, "1.6.0.5", [RTX_RELEASE], False),

@@ -37,8 +37,11 @@ def test_manifest_records_card_versions_sources_and_specs(tiny_artifacts: Path, 
     d = m.data
     # literal expectations, not the DeviceInfo fields read back: 24 GiB = 25769803776 bytes; DeviceInfo's
     # 4th field is the driver's CUDA version, the 5th the runtime's
-    assert d["gpu"] == {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", "memory_bytes": 25769803776}
-    assert d["tensorrt"] == "10.8.0.43" and d["cuda"] == {"runtime": "12.6", "driver": "12.8"}
+    assert d["format_version"] == 2 and d["library"] == {"name": "tensorrt", "version": "10.8.0.43"}
+    assert d["targets"] == {"compute_capabilities": ["8.9"], "hardware_compatibility": "none", "version_compatible": False}
+    assert d["build_host"]["gpu"] == {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9",
+                                      "memory_bytes": 25769803776}
+    assert d["build_host"]["cuda"] == {"runtime": "12.6", "driver": "12.8"}
     assert d["flags"]["strongly_typed"] and d["profile"]["name"] == "rtx4090"
     art = load_manifest(tiny_artifacts)
     for name, e in m.engines.items():
@@ -175,7 +178,7 @@ def test_shipping_reads_the_manifest_the_build_writes(tiny_artifacts: Path, tmp_
     root = _engines_dir(tiny_artifacts, tmp_path / "eng", device=RTX3060TI)
     rec = load_engines_manifest(root).record
     # literal expectations (the profile's card and the TRT string the helper was given), not RTX3060TI's fields
-    assert (rec.format_version, rec.library.name, rec.library.version) == (1, "tensorrt", "10.8.0.43")
+    assert (rec.format_version, rec.library.name, rec.library.version) == (2, "tensorrt", "10.8.0.43")
     assert rec.targets.compute_capabilities == ("8.6",) and rec.targets.hardware_compatibility == "none"
     assert rec.build_host.gpu is not None and rec.build_host.gpu.name == "NVIDIA GeForce RTX 3060 Ti"
     assert rec.build_host.cuda == {"runtime": "12.6", "driver": "12.8"}

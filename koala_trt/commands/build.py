@@ -37,7 +37,8 @@ def print_plan(plan: object, dry_run: bool) -> None:
     f = p.flags  # type: ignore[attr-defined]
     na = f.get("not_applicable", {})
     click.echo(f"flags: strongly typed; builder optimization level {f['builder_optimization_level']}; workspace "
-               f"{f['workspace_bytes'] / GIB:g} GiB; hardware compatibility {f['hardware_compatibility']}; version "
+               f"{f['workspace_bytes'] / GIB:g} GiB; hardware compatibility "
+               f"{'not applicable' if 'hardware_compatibility' in na else f['hardware_compatibility']}; version "
                f"compatible {str(f['version_compatible']).lower()}; refit {f['refit']}; timing cache "
                f"{'not applicable' if 'timing_cache' in na else f['timing_cache'] or 'off'}; TF32 off")
     for note in p.notes():  # type: ignore[attr-defined]

@@ -199,7 +199,9 @@ def compose_manifest(plan: BuildPlan, device: DeviceInfo | None, trt_version: st
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "library": {"name": plan.library.name, "version": trt_version},
-        "targets": {"compute_capabilities": list(plan.targets),
+        # standard TensorRT builds for the GPU it runs on; TensorRT-RTX for the capabilities it was given
+        "targets": {"compute_capabilities": list(plan.targets) if plan.library.builds_without_gpu or device is None
+                    else [device.compute_capability],
                     "hardware_compatibility": "none" if plan.library.builds_without_gpu else b.hardware_compatibility,
                     "version_compatible": b.version_compatible},
         "build_host": {

@@ -52,13 +52,33 @@ def test_unknown_component(tmp_path: Path) -> None:
     assert_one_line_error(code, err, 2, "unknown component 'vea'")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_output_non_root(tmp_path: Path) -> None:
+def _cli_in_read_only_bind(folder: Path, *args: str) -> tuple[int, str]:
+    """Run `koala-trt ARGS` as root with `folder` bind-mounted read-only onto itself, in a mount
+    namespace of its own (nothing outside the child sees the mount). Root writes through any
+    chmod, but not through a read-only mount: os.access(W_OK) reports EROFS, the refusal under test."""
+    script = "import sys; from koala_trt.cli import main; sys.exit(main(sys.argv[1:]))"
+    cmd = 'mount --bind -o ro "$0" "$0" || exit 97; exec "$1" -c "$2" "${@:3}"'
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", cmd, str(folder), sys.executable, script,
+                        *map(str, args)], capture_output=True, text=True, timeout=120)
+    if r.returncode == 97 or r.stderr.startswith("unshare:"):  # the mount namespace could not be set up
+        pytest.fail("as root this test needs a private mount namespace (unshare --mount and CAP_SYS_ADMIN) to make a folder "
+                    f"root cannot write; run it as a regular user or give it CAP_SYS_ADMIN: {r.stderr.strip()[-200:]}")
+    return r.returncode, r.stderr
+
+
+def test_unwritable_output_folder(tmp_path: Path) -> None:
+    """An existing folder this user cannot write: refused before any model work. A regular user gets a
+    chmod 0500 folder; root (who writes through chmod) gets the same folder as a read-only bind mount."""
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    code, _, err = run_cli("export", "--model", "random:tiny", "--out", ro / "a", "-c", "text_encoder")
-    assert_one_line_error(code, err, 2, "not a writable folder")
+    args = ("export", "--model", "random:tiny", "--out", ro / "a", "-c", "text_encoder")
+    if os.geteuid() == 0:
+        code, err = _cli_in_read_only_bind(ro, *args)
+    else:
+        code, _, err = run_cli(*args)
+    assert_one_line_error(code, err, 2, f"cannot write {ro / 'a'}: {ro} is not a writable folder")
+    assert list(ro.iterdir()) == []
 
 
 def test_unwritable_output(tmp_path: Path) -> None:

@@ -68,8 +68,20 @@ class EnginesManifest:
         return build_command(args, self.root)
 
 
+ENTRY_KEYS = ("file", "spec", "shape_range", "inputs")  # what the runtime reads of each engine
+
+
 def load_engines_manifest(root: Path | str) -> EnginesManifest:
     data = read_folder_manifest(root, MANIFEST, FORMAT, "engines", "create one with `koala-trt build`", FORMAT_VERSION)
+    where = Path(root) / MANIFEST
+    engines = data.get("engines")
+    if not isinstance(engines, dict):
+        raise UsageError(f"{where} is not a complete engines manifest: no \"engines\" table (rebuild with `koala-trt build`)")
+    for name, entry in engines.items():
+        missing = [k for k in ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise UsageError(f"{where} is not a complete engines manifest: engines.{name} has no "
+                             f"{', '.join(repr(k) for k in missing)} (rebuild with `koala-trt build`)")
     return EnginesManifest(Path(root), data)
 
 

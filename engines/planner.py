@@ -199,6 +199,10 @@ def plan_memory(source: Any, profile: GpuProfile, components: list[str] | None =
     `weights_override` (bytes of ONNX files) come from an artifacts folder when planning a build."""
     specs = specs or specs_from_configs(source.configs)
     plan = MemoryPlan(model=source.ref, profile=profile, mode=mode or profile.runtime.residency)
+    for name in components or profile.components():  # every shape checked before any tracing
+        rng = profile.shape_range(specs[name].kind)
+        for h, w in ((rng.height[0], rng.width[0]), (rng.height[2], rng.width[2])):
+            specs[name].check_size(h, w)
     for name in components or profile.components():
         spec = specs[name]
         precision = (precisions or {}).get(name) or profile.precision_for(name)

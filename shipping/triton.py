@@ -148,7 +148,14 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
             raise UsageError(f"{engines} has engines for {', '.join(unknown)}, which {artifacts} does not hold")
     files = m.data.get("files") or {}
     for comp in m.components:  # everything present before anything is written
-        if info is None or comp not in info.engines:
+        if info is not None and comp in info.engines:
+            e = info.engines[comp]
+            plan = info.root / e.file
+            if not plan.is_file():
+                raise UsageError(f"{info.root} is incomplete: engine {e.file} of {comp} is missing")
+            if plan.stat().st_size != e.bytes:
+                raise UsageError(f"{plan} has {plan.stat().st_size} bytes, the engines manifest says {e.bytes} (changed or corrupt)")
+        else:
             lacking = [rel for rel in _graph_files(m, comp) if not (m.root / rel).is_file()]
             if lacking:
                 raise UsageError(f"{comp}: {lacking[0]} is missing from {artifacts} (a bundle packed with --no-graphs? "

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import POSITIVE, components_option, log, print_json, table
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json, table
 
 GIB = 1 << 30
 
@@ -83,6 +83,7 @@ def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, componen
     from engines.build import missing_requirements, run_build
     from koala_core.errors import KoalaError
 
+    check_out_dir(out, force)  # before the machine's requirements: a refusal the user can act on anywhere
     missing = missing_requirements()
     if missing:
         raise KoalaError(f"cannot build engines on this machine, missing: {'; '.join(missing)}. "

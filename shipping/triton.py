@@ -160,9 +160,14 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
             if lacking:
                 raise UsageError(f"{comp}: {lacking[0]} is missing from {artifacts} (a bundle packed with --no-graphs? "
                                  "pass its engines with --engines)")
+            for rel in _graph_files(m, comp):  # a cut-short graph, before any copy (its sha256 is checked as it is copied)
+                size, meta = (m.root / rel).stat().st_size, files.get(rel)
+                if meta and size != meta["bytes"]:
+                    raise UsageError(f"{m.root / rel} has {size} bytes, its manifest records {meta['bytes']} (changed or corrupt)")
     result = RepoResult(Path(out))
     graph_files: set[str] = set()
     layout: dict[str, dict[str, Any]] = {}
+    log(f"writing Triton model repository {out}")
     with staged_dir(Path(out), force) as stage:
         for comp in m.components:
             spec = m.spec(comp)

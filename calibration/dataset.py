@@ -37,9 +37,14 @@ def load_prompts(path: Path | str | None = None, heldout: bool = False) -> list[
         text = resources.files("calibration").joinpath("heldout_prompts.txt" if heldout else "prompts.txt").read_text(encoding="utf-8")
     else:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise UsageError(f"prompts file {p} does not exist")
-        text = p.read_text(encoding="utf-8")
+        if not p.is_file():
+            raise UsageError(f"prompts file {p} is not a file (one prompt per line)")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"prompts file {p} is not UTF-8 text (one prompt per line)") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UsageError(f"no prompts in {path or 'the shipped prompt list'}")

@@ -212,6 +212,10 @@ def convert_fp16(onnx_dir: Path, out: Path, opts: Fp16Options, log: Log = print,
     if opts.calib is None:
         log("note: no --calib given: the U-Net's FP16 ranges come from spec dummy inputs; a calibration set "
             "(`koala-trt calibrate`) gives ranges from real denoising trajectories")
+    if opts.calib is not None and "unet" in names:  # refused before any graph is converted
+        from calibration.dataset import check_same_unet, load_calibration
+
+        check_same_unet(load_calibration(opts.calib), src)
     started = time.perf_counter()
     with staged_dir(out, force=opts.force) as stage:
         manifest = copy_artifacts(src, stage)

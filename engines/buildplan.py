@@ -15,6 +15,7 @@ from typing import Any
 from engines.libraries import LIBRARIES, RTX_NOT_APPLICABLE, TENSORRT, Library, sm
 from engines.planner import MemoryPlan
 from engines.profile import GIB, GpuProfile
+from engines.artifacts_check import check_files
 from exporter.manifest import Manifest, load_manifest
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import UsageError
@@ -278,6 +279,7 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
             engine=engine_name(name, precision, rng, spec.spatial, profile.build.targets, trt_version,
                                profile.build.hardware_compatibility, profile.build.library),
             onnx_files=_component_files(m, name))
+        check_files(m, [f"{name}/"], full_hash=False)  # a missing or cut-short graph, before any work
     if estimate:
         plan.memory = estimate_memory(plan, log)
     return plan

@@ -63,10 +63,22 @@ class EnginesManifest:
         return build_command(args, self.root)
 
 
+ENTRY_KEYS = ("file", "spec", "shape_range", "inputs")  # what the runtime reads of each engine
+
+
 def load_engines_manifest(root: Path | str) -> EnginesManifest:
     """ROOT/manifest.json, either format version (engines_record.READ_VERSIONS), its keys checked."""
     data = read_folder_manifest(root, MANIFEST, FORMAT, "engines", "create one with `koala-trt build`", max(READ_VERSIONS))
-    return EnginesManifest(Path(root), data, EnginesRecord.from_json(data, str(Path(root) / MANIFEST)))
+    where = Path(root) / MANIFEST
+    engines = data.get("engines")
+    if not isinstance(engines, dict):
+        raise UsageError(f"{where} is not a complete engines manifest: no \"engines\" table (rebuild with `koala-trt build`)")
+    for name, entry in engines.items():
+        missing = [k for k in ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise UsageError(f"{where} is not a complete engines manifest: engines.{name} has no "
+                             f"{', '.join(repr(k) for k in missing)} (rebuild with `koala-trt build`)")
+    return EnginesManifest(Path(root), data, EnginesRecord.from_json(data, str(where)))
 
 
 def device_allowed(built_cc: str, hardware_compatibility: str, local_cc: str) -> bool:

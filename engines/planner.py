@@ -192,12 +192,21 @@ def io_bytes(spec: ComponentSpec, batch: int, height: int, width: int) -> int:
     return total
 
 
+def check_plan_sizes(specs: dict[str, ComponentSpec], profile: GpuProfile, components: list[str] | None = None) -> None:
+    """The profile's smallest and largest sizes suit every component's size multiple (before any tracing)."""
+    for name in components or profile.components():
+        rng = profile.shape_range(specs[name].kind)
+        for h, w in ((rng.height[0], rng.width[0]), (rng.height[2], rng.width[2])):
+            specs[name].check_size(h, w)
+
+
 def plan_memory(source: Any, profile: GpuProfile, components: list[str] | None = None, mode: str | None = None,
                 specs: dict[str, ComponentSpec] | None = None, precisions: dict[str, str] | None = None,
                 weights_override: dict[str, int] | None = None) -> MemoryPlan:
     """The memory plan of `source` (a ModelSource) on `profile`'s card. `specs`, `precisions` and
     `weights_override` (bytes of ONNX files) come from an artifacts folder when planning a build."""
     specs = specs or specs_from_configs(source.configs)
+    check_plan_sizes(specs, profile, components)
     plan = MemoryPlan(model=source.ref, profile=profile, mode=mode or profile.runtime.residency)
     for name in components or profile.components():
         spec = specs[name]

@@ -339,8 +339,10 @@ def load_profile(ref: str | Path) -> GpuProfile:
     s = str(ref)
     path = Path(s).expanduser()
     if s.endswith(".toml") or path.exists() or "/" in s:
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"profile file {path} does not exist")
+        if not path.is_file():
+            raise UsageError(f"profile file {path} is not a file (a GPU profile is one .toml file)")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

@@ -91,6 +91,7 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
 
     specs = specs_from_configs(source.configs)
     height, width = _validate(source, specs, opts)
+    log(f"exporting {source.ref} ({', '.join(opts.components)}) to {out}")
     trace_batch = opts.batch if opts.static else max(2, opts.batch)  # torch.export specializes a batch of 1
     started = time.perf_counter()
     components: dict[str, Any] = {}

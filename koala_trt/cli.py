@@ -89,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return 2 if isinstance(e, click.UsageError) else e.exit_code
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except click.exceptions.Abort as e:  # Click turns Ctrl-C / SIGTERM inside a command into Abort
+        interrupted = isinstance(e.__context__, KeyboardInterrupt)
+        click.echo("Interrupted: nothing was left half-written." if interrupted else "Aborted.", err=True)
         return 130
     except KeyboardInterrupt:
         click.echo("Interrupted: nothing was left half-written.", err=True)

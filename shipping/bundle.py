@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable
 
-from exporter.manifest import MANIFEST, load_manifest, read_artifacts
+from exporter.manifest import FORMAT as ARTIFACTS_FORMAT, MANIFEST, load_manifest, read_artifacts
 from koala_core import __version__
 from koala_core.atomic import staged_dir, staged_file
 from koala_core.errors import KoalaError, UsageError
@@ -521,10 +521,23 @@ def _scan_archive(path: Path, scan: _Scan) -> None:
     scan.finish()
 
 
+def _folder_hint(root: Path) -> str:
+    """What a folder without bundle.json is, from its manifest's format (an artifacts or an engines folder)."""
+    try:
+        kind = json.loads((root / MANIFEST).read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if kind == em.FORMAT:
+        return " (it is an engines folder; pack it with its artifacts: `koala-trt pack --artifacts DIR --engines DIR`)"
+    if kind == ARTIFACTS_FORMAT:
+        return " (it is an artifacts folder; pack it with `koala-trt pack`)"
+    return ""
+
+
 def _scan_folder(root: Path, scan: _Scan) -> None:
     head = root / BUNDLE_MANIFEST
     if not head.is_file():
-        hint = " (it is an artifacts folder; pack it with `koala-trt pack`)" if (root / MANIFEST).is_file() else ""
+        hint = _folder_hint(root)
         raise UsageError(f"{root} is not a bundle: no {BUNDLE_MANIFEST}{hint}")
     with open(head, "rb") as f:
         scan.entry(BUNDLE_MANIFEST, "file", head.stat().st_size, f)

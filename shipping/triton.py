@@ -149,14 +149,26 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
             raise UsageError(f"{engines} has engines for {', '.join(unknown)}, which {artifacts} does not hold")
     files = m.view.files
     for comp in m.components:  # everything present before anything is written
-        if info is None or comp not in info.engines:
+        if info is not None and comp in info.engines:
+            e = info.engines[comp]
+            plan = info.root / e.file
+            if not plan.is_file():
+                raise UsageError(f"{info.root} is incomplete: engine {e.file} of {comp} is missing")
+            if plan.stat().st_size != e.bytes:
+                raise UsageError(f"{plan} has {plan.stat().st_size} bytes, the engines manifest says {e.bytes} (changed or corrupt)")
+        else:
             lacking = [rel for rel in _graph_files(m, comp) if not (m.root / rel).is_file()]
             if lacking:
                 raise UsageError(f"{comp}: {lacking[0]} is missing from {artifacts} (a bundle packed with --no-graphs? "
                                  "pass its engines with --engines)")
+            for rel in _graph_files(m, comp):  # a cut-short graph, before any copy (its sha256 is checked as it is copied)
+                size, meta = (m.root / rel).stat().st_size, files.get(rel)
+                if meta and size != meta["bytes"]:
+                    raise UsageError(f"{m.root / rel} has {size} bytes, its manifest records {meta['bytes']} (changed or corrupt)")
     result = RepoResult(Path(out))
     graph_files: set[str] = set()
     layout: dict[str, dict[str, Any]] = {}
+    log(f"writing Triton model repository {out}")
     with staged_dir(Path(out), force) as stage:
         for comp in m.components:
             spec = m.spec(comp)

@@ -105,7 +105,7 @@ def broken_copy(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) 
     (["--height", "136"], 2, "multiples of 32"),
     (["--height", "1024"], 2, "outside the sizes unet was exported for"),
     (["--batch", "5"], 2, "batch 10 (2 x --batch with classifier-free guidance)"),
-    (["--steps", "0"], 2, "--steps must be between 1 and 1000"),
+    (["--steps", "5000"], 2, "--steps must be between 1 and 1000"),  # 0 is Click's range error: tests/test_bad_inputs_generate.py
     (["--guidance", "nan"], 2, "--guidance must be a finite number"),
     (["--latents", "{tmp}/wrong_shape.npy"], 2, "--latents: shape (1, 4, 8, 8), expected (1, 4, 16, 16)"),
     (["--latents", "{tmp}/wrong_dtype.npy"], 2, "--latents: dtype float64, expected float32"),

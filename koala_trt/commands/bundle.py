@@ -86,7 +86,7 @@ def verify_cmd(bundle: Path, no_device_check: bool, as_json: bool) -> None:
     if as_json:
         print_json(r.to_json())
     if not r.ok:
-        raise KoalaError(f"{bundle}: {r.problem}")
+        raise KoalaError(r.problem if str(r.problem).startswith(str(bundle)) else f"{bundle}: {r.problem}")
     if as_json:
         return
     click.echo(f"OK {bundle}: {r.files} files ({_size(r.data_bytes)}), every sha256 matches, nothing missing or extra")

@@ -25,6 +25,7 @@ def calibrate_cmd(model: str, out: Path, prompts_file: Path | None, num: int, st
     from calibration.capture import CaptureOptions, capture
     from calibration.dataset import load_prompts
     from exporter.sources import resolve
+    from koala_core.atomic import check_writable_parent
     from koala_core.errors import UsageError
     from koala_core.meter import Meter
 
@@ -33,6 +34,7 @@ def calibrate_cmd(model: str, out: Path, prompts_file: Path | None, num: int, st
     prompts = load_prompts(prompts_file)
     if num > len(prompts):
         raise UsageError(f"--num {num} is more than the {len(prompts)} prompts in {prompts_file or 'calibration/prompts.txt'}")
+    check_writable_parent(out)
     source = resolve(model)
     opts = CaptureOptions(prompts=prompts[:num], steps=steps, height=source.default_size if height is None else height,
                           width=source.default_size if width is None else width,

@@ -34,7 +34,6 @@ def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Pat
     source = resolve(model)
     if vae_path is not None:
         source = with_vae(source, vae_path)
-    log(f"exporting {source.ref} ({', '.join(opts.components)}) to {out}")
     manifest = export(source, out, opts, log=log)
     comps = manifest.view.components
     if as_json:

@@ -54,7 +54,7 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--model", "-m", help="PyTorch reference for --backend torch: hub id, diffusers folder or random:<preset>.")
 @click.option("--prompt", "-p", required=True, help="What to draw.")
 @click.option("--negative-prompt", "-n", default="", help="What to steer away from [default: none; zero embeddings as SDXL's force_zeros_for_empty_prompt].")
-@click.option("--steps", type=int, help="Denoising steps [default: the manifest's: 25 for KOALA, 10 for Lightning].")
+@click.option("--steps", type=POSITIVE, help="Denoising steps [default: the manifest's: 25 for KOALA, 10 for Lightning].")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 turns CFG off [default: the manifest's: 5.0, Lightning 3.5].")
 @click.option("--seed", type=NON_NEGATIVE, help="Seed of the initial noise (numpy PCG64, image i uses seed+i) [default: random, printed].")
 @click.option("--height", type=POSITIVE, help="Image height in pixels [default: the model's native size].")

@@ -35,12 +35,14 @@ def plan_cmd(model: str, profile_ref: str, batch: int | None, height: int | None
     """Will the model's engines fit the card? Device memory per component at the profile's largest
     shapes (weights + activations traced on the meta device + I/O), resident and one-at-a-time peaks,
     and a verdict with its margin."""
-    from engines.planner import plan_memory
+    from engines.planner import check_plan_sizes, plan_memory
     from engines.profile import load_profile
     from exporter.sources import resolve
+    from exporter.specs import specs_from_configs
 
     profile = load_profile(profile_ref).with_overrides(batch, height, width, precision)
     source = resolve(model)
+    check_plan_sizes(specs_from_configs(source.configs), profile)
     log(f"planning {source.ref} on {profile.name} (tracing each component on the meta device)")
     plan = plan_memory(source, profile, mode=residency)
     if as_json:

@@ -30,7 +30,6 @@ def triton_cmd(artifacts: Path, engines: Path | None, out: Path, name: str, devi
     from shipping.triton import write_repository
 
     check_out_dir(out, force)
-    log(f"writing Triton model repository {out}")
     r = write_repository(artifacts, out, engines, name=name, device=device, max_batch=max_batch,
                          instances=instances, hardlink=hardlink, force=force, log=log)
     if as_json:

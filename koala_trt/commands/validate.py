@@ -15,8 +15,10 @@ DEFAULT_PROMPTS = 2  # from calibration/heldout_prompts.txt when --prompts is no
 
 def _read_prompts(path: Path | None) -> list[str]:
     src = path or Path(__file__).resolve().parents[2] / "calibration" / "heldout_prompts.txt"
-    if not src.is_file():
+    if not src.exists():
         raise UsageError(f"--prompts: no such file {src}")
+    if not src.is_file():
+        raise UsageError(f"--prompts {src} is a folder; give a text file (one prompt per line)")
     try:
         lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError:

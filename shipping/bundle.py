@@ -39,7 +39,7 @@ from koala_core.errors import KoalaError, UsageError
 from koala_core.schema import FileRecord
 from engines.compat import MachineFacts, engine_verdict, gather_facts
 from engines.cuda import DeviceInfo
-from engines.engine_manifest import MANIFEST as ENGINES_MANIFEST_NAME
+from engines.engine_manifest import FORMAT as ENGINES_FORMAT, MANIFEST as ENGINES_MANIFEST_NAME
 from engines.engine_manifest import load_engines_manifest
 from engines.engines_record import Compat, EnginesRecord, Library, Targets, normalize_cc, safe_relpath
 from shipping.bundle_manifest import (BUNDLE_MANIFEST, FORMAT, FORMAT_VERSION, BundleProblem, BundleView, bundle_json,
@@ -527,7 +527,7 @@ def _folder_hint(root: Path) -> str:
         kind = json.loads((root / MANIFEST).read_text(encoding="utf-8")).get("format")
     except (OSError, ValueError, AttributeError):
         return ""
-    if kind == em.FORMAT:
+    if kind == ENGINES_FORMAT:
         return " (it is an engines folder; pack it with its artifacts: `koala-trt pack --artifacts DIR --engines DIR`)"
     if kind == ARTIFACTS_FORMAT:
         return " (it is an artifacts folder; pack it with `koala-trt pack`)"

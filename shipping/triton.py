@@ -151,9 +151,9 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
     for comp in m.components:  # everything present before anything is written
         if info is not None and comp in info.engines:
             e = info.engines[comp]
-            plan = info.root / e.file
+            plan = Path(engines) / e.file  # type: ignore[arg-type]
             if not plan.is_file():
-                raise UsageError(f"{info.root} is incomplete: engine {e.file} of {comp} is missing")
+                raise UsageError(f"{engines} is incomplete: engine {e.file} of {comp} is missing")
             if plan.stat().st_size != e.bytes:
                 raise UsageError(f"{plan} has {plan.stat().st_size} bytes, the engines manifest says {e.bytes} (changed or corrupt)")
         else:
@@ -163,8 +163,8 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
                                  "pass its engines with --engines)")
             for rel in _graph_files(m, comp):  # a cut-short graph, before any copy (its sha256 is checked as it is copied)
                 size, meta = (m.root / rel).stat().st_size, files.get(rel)
-                if meta and size != meta["bytes"]:
-                    raise UsageError(f"{m.root / rel} has {size} bytes, its manifest records {meta['bytes']} (changed or corrupt)")
+                if meta and size != meta.bytes:
+                    raise UsageError(f"{m.root / rel} has {size} bytes, its manifest records {meta.bytes} (changed or corrupt)")
     result = RepoResult(Path(out))
     graph_files: set[str] = set()
     layout: dict[str, dict[str, Any]] = {}

@@ -165,8 +165,17 @@ def expand(items: list[str], t: Path, fx: dict[str, Path]) -> list[str]:
         for key, build in BUILDERS.items():
             if "{" + key + "}" in s and key not in fx:
                 fx[key] = build(t, fx)
-        out.append(s.format(T=t, **fx))
+        out.append(s.format(T=t, **fx, **_graph_sizes(fx)))
     return out
+
+
+def _graph_sizes(fx: dict[str, Path]) -> dict[str, int]:
+    """The U-Net graph's bytes in the artifacts under test, and what _truncated_graph leaves of it
+    (read from the file: an export's size is not a constant to write into a test)."""
+    if "ART" not in fx:
+        return {}
+    full = (fx["ART"] / "unet" / "model.onnx").stat().st_size
+    return {"UNET_BYTES": full, "UNET_HALF": full // 2}
 
 
 def check_case(argv: list[str], code: int, stderr: str, t: Path, fx: dict[str, Path]) -> None:

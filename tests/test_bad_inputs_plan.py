@@ -18,7 +18,7 @@ DRY = [*DRY_ON, "{ART}"]
 BUILD = ["build", "--onnx", "{ART}", "--profile", "rtx4090", "--precision", "fp32", "--height", "256", "--width", "256"]
 NOT_TOML = "Error: {FILE} is not valid TOML (Expected '=' after a key in a key/value pair (at line 1, column 5))"
 UNKNOWN_PROFILE = ("Error: unknown GPU profile 'nosuch'; built-in profiles: a10, a100-40gb, a100-80gb, h100-80gb, "
-                   "jetson-agx-orin, l4, rtx2080ti, rtx3060ti, rtx4090 (or pass the path of your own .toml)")
+                   "jetson-agx-orin, l4, rtx-portable, rtx2080ti, rtx3060ti, rtx4090, rtx5090 (or pass the path of your own .toml)")
 
 CASES = [
     # --- plan (had no bad-input test before)
@@ -62,7 +62,7 @@ CASES = [
      "Error: {ENG}/manifest.json is not a koala-trt artifacts manifest (format 'koala-trt/engines')"),
     ("build-onnx-graph-missing", [*DRY_ON, "{NOGRAPH}"], 2, "Error: missing artifact file {NOGRAPH}/unet/model.onnx"),
     ("build-onnx-graph-truncated", [*DRY_ON, "{TRUNC}"], 2,
-     "Error: {TRUNC}/unet/model.onnx is corrupt: 4,684,391 bytes, the manifest records 9,368,782"),
+     "Error: {TRUNC}/unet/model.onnx is corrupt: {UNET_HALF:,} bytes, the manifest records {UNET_BYTES:,}"),
     # --- build proper: its output is checked before the machine's requirements
     ("build-out-exists", [*BUILD, "--out", "{DIR}"], 2, "Error: {DIR} already exists; pass --force to replace it"),
     ("build-out-is-a-file", [*BUILD, "--out", "{FILE}", "--force"], 2, "Error: --out {FILE} is a file; give a folder name"),

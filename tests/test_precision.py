@@ -117,7 +117,7 @@ def tiny_fp16(tiny_artifacts: Path, tiny_calibration: Path, tmp_path_factory: py
 
 
 def test_fp16_folder(tiny_fp16: tuple[Path, str], tiny_artifacts: Path) -> None:
-    from calibration.accuracy import TOLERANCES
+    from exporter.tolerances import tolerance
 
     folder, stdout = tiny_fp16
     _check_folder(folder, tiny_artifacts, {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32"})
@@ -130,7 +130,7 @@ def test_fp16_folder(tiny_fp16: tuple[Path, str], tiny_artifacts: Path) -> None:
     out = _ort_run(folder, "unet")["out_sample"]
     assert out.dtype == np.float32 and np.isfinite(out).all()
     report = json.loads((folder / "accuracy.json").read_text())
-    tol = TOLERANCES["fp16"]
+    tol = tolerance("", "fp16")
     assert report["passed"] and set(report["components"]) == {"text_encoder", "text_encoder_2", "unet"}
     for comp in report["components"].values():
         for s in comp["outputs"].values():
@@ -171,7 +171,7 @@ def _axis(node: onnx.NodeProto) -> int:
 
 
 def _check_int8(folder: Path, source: Path, activation_dtype: type, rel_l2_bound: float | None = None) -> dict:
-    from calibration.accuracy import TOLERANCES
+    from exporter.tolerances import tolerance
 
     _check_folder(folder, source, {"text_encoder": "fp32", "text_encoder_2": "fp32", "unet": "int8", "vae_decoder": "fp32"})
     model = onnx.load(str(folder / "unet" / "model.onnx"))
@@ -210,7 +210,7 @@ def _check_int8(folder: Path, source: Path, activation_dtype: type, rel_l2_bound
             assert node.input[1] not in dq_by_output
     s = report["components"]["unet"]["outputs"]["out_sample"]
     if rel_l2_bound is None:  # the product's gate
-        assert report["passed"] and 0 < s["rel_l2"] <= TOLERANCES["int8"].rel_l2
+        assert report["passed"] and 0 < s["rel_l2"] <= tolerance("", "int8").rel_l2
     else:
         assert 0 < s["rel_l2"] <= rel_l2_bound
     assert np.isfinite(_ort_run(folder, "unet")["out_sample"]).all()

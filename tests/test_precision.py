@@ -139,6 +139,32 @@ def test_fp16_folder(tiny_fp16: tuple[Path, str], tiny_artifacts: Path) -> None:
     assert "unet" in stdout and "end-to-end" in stdout and "rel L2" in stdout  # the printed table
 
 
+def test_accuracy_json_is_validates_figures(tiny_fp16: tuple[Path, str], tmp_path: Path) -> None:
+    """convert's accuracy.json and `koala-trt validate` on the same folder, prompts, size, steps and
+    seed give the same numbers (one comparison, not two harnesses)."""
+    folder, _ = tiny_fp16
+    acc = json.loads((folder / "accuracy.json").read_text())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(acc["heldout_prompts"]) + "\n")
+    report = tmp_path / "validate.json"
+    code, _, err = run_cli("validate", "-a", folder, "--prompts", prompts, "--height", acc["height"], "--width", acc["width"],
+                           "--steps", acc["steps"], "--seed", acc["seed"], "--random-samples", "1", "--report", report)
+    assert code in (0, 1) and report.is_file(), err  # the verdict of validate's random sets is not what this compares
+    checks = {c["id"]: c for c in json.loads(report.read_text())["checks"]}
+    assert set(acc["components"]) == {"text_encoder", "text_encoder_2", "unet"}
+    compared = 0
+    for name, comp in acc["components"].items():
+        metrics = checks[f"{name}/prompts"]["metrics"]
+        assert comp["samples"] == checks[f"{name}/prompts"]["samples"]
+        assert comp["outputs"] == {o: {m["metric"]: m["value"] for m in metrics if m["output"] == o} for o in comp["outputs"]}
+        assert {m["output"] for m in metrics} == set(comp["outputs"])
+        compared += sum(len(v) for v in comp["outputs"].values())
+    assert compared >= 12  # 3 components x >= 1 output x 4 metrics, all exactly equal
+    e2e = {m["metric"]: m["value"] for m in checks["end_to_end"]["metrics"]}
+    assert acc["end_to_end"]["latents"]["rel_l2"] == e2e["latent_rel_l2"] and np.isfinite(e2e["latent_rel_l2"])
+    assert acc["end_to_end"]["images"] == {"psnr": e2e["psnr"], "ssim": e2e["ssim"]}
+
+
 def test_vae_decoder_stays_fp32_unless_asked(tiny_artifacts: Path, tmp_path: Path) -> None:
     code, _, err = run_cli("convert", "--onnx", tiny_artifacts, "--out", tmp_path / "x", "-c", "unet,vae_decoder", "--no-accuracy")
     assert code == 2 and "--vae-fp16" in err

@@ -93,30 +93,33 @@ def check_io_types(manifest: Manifest, name: str) -> None:
         raise KoalaError(f"{name}: the converted graph changed its interface ({'; '.join(bad)})")
 
 
-Check = Callable[[Manifest], dict[str, Any]]
+Check = Callable[[Path], dict[str, Any]]
 
 
 def finish(manifest: Manifest, variant: dict[str, Any], check: Check | None = None,
            on_report: Callable[[dict[str, Any]], None] | None = None, gate: bool = True) -> dict[str, Any] | None:
-    """Write accuracy.json (from `check`, run on the staged folder), record the variant, re-hash
-    every file and save the manifest. A failed accuracy gate raises after `on_report` has seen the
-    report, so the staged folder is removed and nothing half-trusted is left."""
+    """Record the variant, hash every file and save the manifest; then write accuracy.json (from
+    `check`, run on the staged folder as `koala-trt validate` reads it) and add it to the manifest.
+    A failed accuracy gate raises after `on_report` has seen the report, so the staged folder is
+    removed and nothing half-trusted is left."""
+    from exporter.manifest import file_record
+    from koala_core.errors import CheckFailed
     from koala_core.jsonfile import write_json
 
     manifest.data["variant"] = variant
+    manifest.rehash()
+    manifest.save()
     report = None
     if check is not None:
-        report = check(manifest)
+        report = check(manifest.root)
         write_json(manifest.root / ACCURACY, report)
+        manifest.data["files"][ACCURACY] = file_record(manifest.root / ACCURACY)
         manifest.data["accuracy"] = {"file": ACCURACY, "passed": report["passed"]}
+        manifest.save()
         if on_report:
             on_report(report)
         if gate and not report["passed"]:
-            from calibration.accuracy import raise_if_failed
-
-            raise_if_failed(report)
-    manifest.rehash()
-    manifest.save()
+            raise CheckFailed("accuracy gate failed: " + "; ".join(report["failure_summary"]))
     return report
 
 

@@ -1,4 +1,4 @@
-"""Inputs to run the graphs on for range analysis and accuracy: real token ids from prompts, U-Net
+"""Inputs to run the graphs on for range analysis: real token ids from prompts, U-Net
 inputs from a calibration set, or spec dummy inputs where nothing better is given."""
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 per-component exceptions, used by every gate that compares a graph with the FP32 PyTorch
 reference:
 - the export check (`exporter.check`, FP32 ONNX Runtime vs PyTorch: `tolerance(component, "fp32")`);
-- the accuracy report of `convert` / `quantize` (accuracy.json, FP16 / INT8);
-- `koala-trt validate` (every metric, with `-t component.metric=value` overrides).
+- `koala-trt validate` (every metric, with `-t component.metric=value` overrides), and through it
+  the accuracy report of `convert` / `quantize` (accuracy.json, FP16 / INT8,
+  engines/validation/heldout.py).
 It lives in exporter/ (the lowest layer that compares outputs) so that exporter/, calibration/
 and engines/ all read the same limits.
 

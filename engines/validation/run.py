@@ -30,6 +30,7 @@ class ValidateOptions:
     prompts: list[str] = field(default_factory=list)
     seed: int = 0
     random_samples: int = 2
+    random_sets: bool = True  # the random input sets (convert/quantize's accuracy.json runs the prompt sets only)
     trajectory_samples: int = 2  # U-Net calls taken from the reference trajectories (first and last step)
     overrides: list[Override] = field(default_factory=list)
     end_to_end: bool = True
@@ -138,7 +139,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                 continue
             ref_runner = BackendRunner(reference, c, spec, "pytorch")
             cand_runner = runner_for(backend, c, spec, opts.backend)
-            sets = [random_inputs(spec, batch_for(c, ranges[c]), height, width, opts.random_samples, opts.seed + 1000)]
+            sets = [random_inputs(spec, batch_for(c, ranges[c]), height, width, opts.random_samples, opts.seed + 1000)] if opts.random_sets else []
             if spec.kind == "text_encoder":
                 tok_dir = manifest.root / manifest.view.tokenizers[0 if c == "text_encoder" else 1]
                 sets.append(token_inputs(tok_dir, spec, opts.prompts))

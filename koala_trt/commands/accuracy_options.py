@@ -28,8 +28,8 @@ def make_check(onnx_dir: Path, heldout: Path | None, heldout_num: int, steps: in
     """The accuracy check to run on the staged variant (None with --no-accuracy)."""
     if no_accuracy:
         return None
-    from calibration.accuracy import AccuracyOptions, accuracy_report
     from calibration.dataset import load_prompts
+    from engines.validation.heldout import AccuracyOptions, accuracy_report
     from exporter.manifest import load_manifest
     from koala_core.errors import UsageError
 
@@ -49,15 +49,16 @@ def make_check(onnx_dir: Path, heldout: Path | None, heldout_num: int, steps: in
     ref = src.view.source.model
     opts = AccuracyOptions(prompts=prompts, height=h, width=w, steps=steps)
 
-    def check(manifest: Any) -> dict[str, Any]:
-        log(f"accuracy: against PyTorch FP32 ({ref}) on {len(prompts)} held-out prompts, {steps} steps at {w}x{h}")
-        return accuracy_report(manifest, ref, opts, log=log)
+    def check(folder: Path) -> dict[str, Any]:
+        log(f"accuracy: `koala-trt validate` against PyTorch FP32 ({ref}) on {len(prompts)} held-out prompts, "
+            f"{steps} steps at {w}x{h}, seed {opts.seed}")
+        return accuracy_report(folder, opts, log=lambda m: log(f"      {m}"))
 
     return check
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from calibration.accuracy import REPORT_HEADER, report_rows
+    from engines.validation.heldout import REPORT_HEADER, report_rows
 
     click.echo(table(report_rows(report), REPORT_HEADER))
     tol = report["tolerance"]

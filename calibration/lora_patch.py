@@ -1,0 +1,165 @@
+"""`koala-trt lora`: LoRA adapters patched straight into an exported folder's ONNX initializers.
+
+No PyTorch: each adapted layer's weight is found among the graph's initializers, by name where
+torch's exporter kept the parameter's name (Conv, Gemm), or, for a Linear whose weight the
+exporter's constant folding transposed into an anonymous `val_N` initializer (MatMul), by the
+node metadata torch writes (`pkg.torch.onnx.name_scopes`: the module path). The delta is the one
+`export --lora` adds (exporter/lora.py), transposed where the graph holds W^T, added in FP32 and
+cast back to the initializer's dtype (FP16 folders). Quantized folders are refused: their weights
+are Q/DQ-scaled, so the adapter has to be fused before quantizing.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from calibration.artifacts import copy_artifacts, save_onnx
+from exporter.lora import Adapter, check_adapters, resolve_layers
+from exporter.manifest import Manifest, load_manifest
+from koala_core.atomic import staged_dir
+from koala_core.errors import KoalaError, UsageError
+
+Log = Callable[[str], None]
+
+PATCHABLE = ("fp32", "fp16")
+WRAPPER_ATTR = {"unet": "unet.", "text_encoder": "encoder."}  # exporter/wrappers.py: the wrapped module's attribute
+LINEAR_ARG = re.compile(r"aten\.linear\.default\]\(args = \(%[\w.]+, %p_(\w+)")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a layer weight lives in a graph: the initializer and whether it holds W^T."""
+
+    initializer: str
+    transposed: bool
+    shape: tuple[int, ...]  # the PyTorch weight's shape ([out, in, *k])
+
+
+def weight_sites(model: Any, prefix: str) -> dict[str, Site]:
+    """Linear/Conv weights of an exported graph, by their module-relative PyTorch name."""
+    g = model.graph
+    inits = {i.name: tuple(int(d) for d in i.dims) for i in g.initializer}
+    produced_by = {o: n for n in g.node for o in n.output}
+
+    def source(name: str) -> str | None:  # through Casts an FP16 conversion may insert
+        while name not in inits:
+            n = produced_by.get(name)
+            if n is None or n.op_type != "Cast":
+                return None
+            name = n.input[0]
+        return name
+
+    sites: dict[str, Site] = {}
+    for n in g.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1:
+            init = source(n.input[1])
+            if init is None:
+                continue
+            if init.startswith(prefix) and init.endswith(".weight") and len(inits[init]) >= 2 and n.op_type != "MatMul":
+                trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+                if n.op_type == "Conv" or trans_b == 1:
+                    sites[init[len(prefix):]] = Site(init, False, inits[init])
+                    continue
+            meta = {p.key: p.value for p in n.metadata_props}
+            m = LINEAR_ARG.search(meta.get("pkg.torch.onnx.fx_node", ""))
+            scopes = meta.get("pkg.torch.onnx.name_scopes")
+            if m is None or not scopes or len(inits[init]) != 2:
+                continue
+            module = ast.literal_eval(scopes)[-2]
+            name = f"{module}.weight"
+            if not name.startswith(prefix) or name.replace(".", "_") != m.group(1):
+                continue
+            sites[name[len(prefix):]] = Site(init, True, inits[init][::-1])
+    return sites
+
+
+def add_pruned_last_layer(sites: dict[str, Site]) -> int:
+    """A text encoder's graph has no last transformer layer (SDXL reads the penultimate hidden
+    states, so the exporter drops it): an adapter's layers there change nothing the graph computes.
+    They are given placeholder sites (no initializer; the shapes of the layer before, CLIP's layers
+    being alike) so they match as they do at export; the number added."""
+    layer = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+    found = [(int(m.group(1)), m.group(2), s) for k, s in sites.items() if (m := layer.match(k))]
+    if not found:
+        return 0
+    last = max(i for i, _, _ in found)
+    extra = {f"encoder.layers.{last + 1}.{rest}": Site("", s.transposed, s.shape) for i, rest, s in found if i == last}
+    sites.update(extra)
+    return len(extra)
+
+
+def quantized_refusal(root: Path, src: Manifest, name: str, precision: str) -> str:
+    model = src.data.get("source", {}).get("model", "MODEL")
+    return (f"{root}: the {name} is {precision}; a LoRA cannot be patched into quantized weights. Fuse it at export "
+            f"and quantize again: koala-trt export --model {model} --lora FILE[:SCALE] --out FP32_DIR, then "
+            f"koala-trt quantize --onnx FP32_DIR --calib CALIB --out OUT")
+
+
+def patch_artifacts(src_dir: Path, adapters: list[Adapter], out: Path, force: bool = False, log: Log = print) -> Manifest:
+    """Copy `src_dir` to `out` with every adapter's deltas added to the graphs' initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    started = time.perf_counter()
+    src = load_manifest(src_dir)
+    problems = list(src.verify())
+    if problems:
+        raise UsageError(f"{src_dir}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    wanted = sorted({m for a in adapters for m, v in a.layers.items() if v})
+    sites: dict[str, dict[str, Site]] = {}
+    for name in wanted:
+        if name not in src.components:
+            continue  # check_adapters names the keys
+        precision = src.precision(name)
+        if precision not in PATCHABLE:
+            raise UsageError(quantized_refusal(src_dir, src, name, precision))
+        header = onnx.load(str(src.onnx_path(name)), load_external_data=False)
+        kind = src.spec(name).kind
+        sites[name] = weight_sites(header, WRAPPER_ATTR[kind])
+        if kind == "text_encoder" and not src.spec(name).outputs[1:]:  # no pooled output: penultimate layer is the last one kept
+            add_pruned_last_layer(sites[name])
+        del header
+    check_adapters(adapters, {m: {k: s.shape for k, s in v.items()} for m, v in sites.items()})
+
+    with staged_dir(out, force=force) as stage:
+        manifest = copy_artifacts(src, stage)
+        counts: dict[str, int] = {}
+        for name, by_weight in sites.items():
+            t0 = time.perf_counter()
+            path = manifest.onnx_path(name)
+            model = onnx.load(str(path))
+            inits = {i.name: i for i in model.graph.initializer}
+            touched: dict[str, np.ndarray] = {}
+            for a in adapters:
+                for weight, layer in resolve_layers(a, name, {k: s.shape for k, s in by_weight.items()}).items():
+                    site = by_weight[weight]
+                    if not site.initializer:
+                        continue  # in the pruned last layer: nothing to patch
+                    if site.initializer not in touched:
+                        touched[site.initializer] = numpy_helper.to_array(inits[site.initializer]).astype(np.float32)
+                    d = layer.delta(a.arg.scale, site.shape)
+                    touched[site.initializer] += d.T if site.transposed else d
+            for init_name, w in touched.items():
+                old = inits[init_name]
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+                new = numpy_helper.from_array(w.astype(dtype, copy=False), init_name)
+                if not np.isfinite(w.astype(dtype)).all():
+                    raise KoalaError(f"{name}: patched weight {init_name} is not finite in {dtype.name}")
+                old.CopyFrom(new)
+            save_onnx(model, path)
+            del model
+            counts[name] = len(touched)
+            log(f"{name}: patched {len(touched)} weight(s) in {time.perf_counter() - t0:.1f} s")
+        manifest.data["loras"] = manifest.data.get("loras", []) + [dict(a.record(), applied="patch") for a in adapters]
+        manifest.data["lora_patch"] = {"from": str(src_dir), "weights": counts, "seconds": round(time.perf_counter() - started, 1)}
+        manifest.rehash()
+        manifest.save()
+    manifest.root = out
+    return manifest

@@ -127,6 +127,7 @@ def patch_artifacts(src_dir: Path, adapters: list[Adapter], out: Path, force: bo
             add_pruned_last_layer(sites[name])
         del header
     check_adapters(adapters, {m: {k: s.shape for k, s in v.items()} for m, v in sites.items()})
+    log(f"patching {', '.join(a.arg.label for a in adapters)} into {src_dir} -> {out}")
 
     with staged_dir(out, force=force) as stage:
         manifest = copy_artifacts(src, stage)

@@ -130,3 +130,139 @@ def test_fuse_matches_diffusers(tiny_source, tmp_path: Path, kohya: bool) -> Non
         base = dict(tiny_source.build(module).named_parameters())[layer + ".weight"].detach().numpy()
         assert np.abs(ref - base).max() > 1e-3, f"diffusers did not change {module}.{layer}"
         np.testing.assert_allclose(got, ref, rtol=0, atol=ATOL, err_msg=f"{module}.{layer}")
+
+
+# ----- the CLI: export --lora, koala-trt lora, bad input ---------------------------------------
+
+def _graph_weights(folder: Path, component: str) -> dict[str, np.ndarray]:
+    """Every Linear/Conv weight of a component's graph by PyTorch name, in PyTorch's layout."""
+    import onnx
+    from onnx import numpy_helper
+
+    from calibration.lora_patch import WRAPPER_ATTR, weight_sites
+    from exporter.manifest import load_manifest
+
+    m = load_manifest(folder)
+    model = onnx.load(str(m.onnx_path(component)))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    sites = weight_sites(model, WRAPPER_ATTR[m.spec(component).kind])
+    return {k: (inits[s.initializer].T if s.transposed else inits[s.initializer]) for k, s in sites.items()}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_source, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path, dict]:
+    d = tmp_path_factory.mktemp("lora")
+    # the text encoder's last layer (encoder.layers.2) is outside its graph (SDXL reads the penultimate
+    # hidden states): an adapter layer there must still be accepted, and change nothing.
+    layers = LAYERS + [("text_encoder", "encoder.layers.2.self_attn.k_proj", None)]
+    return (d / "peft.safetensors", make_adapter(tiny_source, d / "peft.safetensors", layers=layers, seed=5),
+            d / "kohya.safetensors", make_adapter(tiny_source, d / "kohya.safetensors", layers=LAYERS[2:7], kohya=True, seed=6))
+
+
+@pytest.fixture(scope="module")
+def fresh_lora_export(adapters, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    peft, _, kohya, _ = adapters
+    out = tmp_path_factory.mktemp("lora-export") / "fused"
+    code, _, err = run_cli("export", "-m", "random:tiny", "-o", out, "--components", "text_encoder,text_encoder_2,unet",
+                           "--lora", f"{peft}:0.8", "--lora", kohya)
+    assert code == 0, err
+    return out
+
+
+def test_export_lora_manifest_and_weights(tiny_source, adapters, fresh_lora_export: Path) -> None:
+    from exporter.manifest import sha256_file
+
+    peft, t1, kohya, t2 = adapters
+    m = json.loads((fresh_lora_export / "manifest.json").read_text())
+    assert m["loras"] == [
+        {"file": "peft.safetensors", "sha256": sha256_file(peft), "scale": 0.8, "format": "peft",
+         "layers": {"unet": 5, "text_encoder": 3, "text_encoder_2": 1}},
+        {"file": "kohya.safetensors", "sha256": sha256_file(kohya), "scale": 1.0, "format": "kohya",
+         "layers": {"unet": 3, "text_encoder": 2}},
+    ]
+    # the graphs hold W + deltas (independent formula), transposed back where the exporter folded W^T
+    for module in ("unet", "text_encoder"):
+        graph = _graph_weights(fresh_lora_export, module)
+        base = {n: p.detach().numpy() for n, p in tiny_source.build(module).named_parameters()}
+        for (mod, layer), _ in {**t1, **t2}.items():
+            if mod != module or layer.startswith("encoder.layers.2."):
+                continue
+            want = expected_weight(base[layer + ".weight"], [(t1, 0.8), (t2, 1.0)], mod, layer)
+            np.testing.assert_allclose(graph[layer + ".weight"], want, rtol=0, atol=ATOL, err_msg=layer)
+
+
+def test_lora_patch_equals_fresh_export(tiny_artifacts: Path, adapters, fresh_lora_export: Path, tmp_path: Path) -> None:
+    from exporter.check import compare, fp32_tolerance, onnx_outputs
+    from exporter.manifest import load_manifest
+
+    peft, _, kohya, _ = adapters
+    out = tmp_path / "patched"
+    code, stdout, err = run_cli("lora", "--artifacts", tiny_artifacts, "--lora", f"{peft}:0.8", "--lora", kohya, "--out", out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    # weights: unet 5 + 3 (conv1, conv_shortcut and time_emb_proj shared by both adapters: 5 distinct),
+    # text_encoder: q_proj, fc1 (the layers.2 one is outside the graph), text_encoder_2: out_proj
+    assert report["weights"] == {"text_encoder": 2, "text_encoder_2": 1, "unet": 5}
+    assert [a["file"] for a in report["loras"]] == ["peft.safetensors", "kohya.safetensors"]
+    patched, fresh = load_manifest(out), load_manifest(fresh_lora_export)
+    assert list(patched.verify()) == []
+    for name in ("text_encoder", "text_encoder_2", "unet"):
+        a, b = _graph_weights(out, name), _graph_weights(fresh_lora_export, name)
+        assert a.keys() == b.keys()
+        # same float32 W, same float32 delta added once in the same order: equal to the bit
+        assert [k for k in a if not np.array_equal(a[k], b[k])] == [], name
+        spec = patched.spec(name)
+        feeds = spec.dummy_inputs(2, 128, 128, seed=3)
+        result = compare(spec, onnx_outputs(spec, fresh.onnx_path(name), feeds), onnx_outputs(spec, patched.onnx_path(name), feeds),
+                         feeds, fp32_tolerance(name))
+        assert result.passed, result.failure_message()
+    # the source folder is untouched
+    assert list(load_manifest(tiny_artifacts).verify()) == []
+    assert "loras" not in load_manifest(tiny_artifacts).data
+
+
+def _int8_copy(tiny_artifacts: Path, dst: Path) -> Path:
+    """A copy of the tiny export whose manifest says its U-Net is INT8 (what `quantize` writes)."""
+    import shutil
+
+    from exporter.manifest import load_manifest
+
+    shutil.copytree(tiny_artifacts, dst)
+    m = load_manifest(dst)
+    m.components["unet"]["precision"] = "int8"
+    m.save()
+    return dst
+
+
+def test_lora_bad_input(tiny_artifacts: Path, adapters, tmp_path: Path, tiny_source) -> None:
+    peft, _, _, _ = adapters
+    out = tmp_path / "out"
+    notsafe = tmp_path / "x.safetensors"
+    notsafe.write_text("not a tensor file")
+    alien = tmp_path / "alien.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file({f"unet.mid_block.attentions.0.proj_{i}.lora_A.weight": np.zeros((2, 4), np.float32) for i in range(5)}
+              | {f"unet.mid_block.attentions.0.proj_{i}.lora_B.weight": np.zeros((4, 2), np.float32) for i in range(5)}, str(alien))
+    cases = [
+        (["--lora", tmp_path / "none.safetensors"], 2, f"Error: --lora {tmp_path / 'none.safetensors'}: no such file"),
+        (["--lora", f"{peft}:strong"], 2, f"Error: --lora {peft}:strong: scale 'strong' is not a number (FILE or FILE:SCALE, e.g. style.safetensors:0.8)"),
+        (["--lora", notsafe], 2, f"Error: --lora {notsafe}: not a safetensors file"),
+        (["--lora", alien], 2, f"Error: --lora {alien}: 10 key(s) match no layer of the unet: "
+                               "unet.mid_block.attentions.0.proj_0.lora_A.weight, unet.mid_block.attentions.0.proj_0.lora_B.weight, "
+                               "unet.mid_block.attentions.0.proj_1.lora_A.weight and 7 more"),
+    ]
+    for extra, rc, line in cases:
+        for cmd in (["lora", "--artifacts", tiny_artifacts, "--out", out], ["export", "-m", "random:tiny", "-o", out]):
+            code, _, err = run_cli(*cmd, *extra)
+            assert (code, err.strip().splitlines()[-1][: len(line)]) == (rc, line), (cmd, err)
+            # one Error line, no traceback (export's "exporting ..." progress line may come first)
+            assert [ln for ln in err.splitlines() if ln.startswith("Error")] == [err.strip().splitlines()[-1]], err
+            assert "Traceback" not in err
+            assert not out.exists()
+    int8 = _int8_copy(tiny_artifacts, tmp_path / "int8")
+    code, _, err = run_cli("lora", "--artifacts", int8, "--lora", peft, "--out", out)
+    assert (code, err.strip()) == (2, f"Error: {int8}: the unet is int8; a LoRA cannot be patched into quantized weights. "
+                                      "Fuse it at export and quantize again: koala-trt export --model random:tiny --lora FILE[:SCALE] "
+                                      "--out FP32_DIR, then koala-trt quantize --onnx FP32_DIR --calib CALIB --out OUT")
+    assert not out.exists()

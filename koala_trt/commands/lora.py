@@ -21,7 +21,6 @@ def lora_cmd(src: Path, loras: tuple[str, ...], out: Path, force: bool, as_json:
 
     adapters = [read_adapter(parse_lora_arg(a)) for a in loras]
     check_out_dir(out, force)
-    log(f"patching {', '.join(a.arg.label for a in adapters)} into {src} -> {out}")
     manifest = patch_artifacts(src, adapters, out, force=force, log=log)
     info = manifest.data["lora_patch"]
     if as_json:

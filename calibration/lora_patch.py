@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from calibration.artifacts import copy_artifacts, save_onnx
+from calibration.artifacts import ACCURACY, copy_artifacts, save_onnx
 from exporter.lora import Adapter, check_adapters, resolve_layers
-from exporter.manifest import Manifest, load_manifest
+from exporter.manifest import Manifest, file_record, load_manifest
 from koala_core.atomic import staged_dir
 from koala_core.errors import KoalaError, UsageError
 
@@ -102,6 +102,18 @@ def quantized_refusal(root: Path, src: Manifest, name: str, precision: str) -> s
             f"koala-trt quantize --onnx FP32_DIR --calib CALIB --out OUT")
 
 
+def _rehash_patched(manifest: Manifest, folders: list[Path]) -> None:
+    """Hash only the rewritten components' files: the copied ones keep their verified records
+    (re-hashing a full-size folder would cost more than the patch)."""
+    rels = [f.relative_to(manifest.root).as_posix() + "/" for f in folders]
+    files = {k: v for k, v in manifest.data.get("files", {}).items() if k != ACCURACY and not k.startswith(tuple(rels))}
+    for folder in folders:
+        for p in folder.rglob("*"):
+            if p.is_file():
+                files[p.relative_to(manifest.root).as_posix()] = file_record(p)
+    manifest.data["files"] = dict(sorted(files.items()))
+
+
 def patch_artifacts(src_dir: Path, adapters: list[Adapter], out: Path, force: bool = False, log: Log = print) -> Manifest:
     """Copy `src_dir` to `out` with every adapter's deltas added to the graphs' initializers."""
     import onnx
@@ -160,7 +172,7 @@ def patch_artifacts(src_dir: Path, adapters: list[Adapter], out: Path, force: bo
             log(f"{name}: patched {len(touched)} weight(s) in {time.perf_counter() - t0:.1f} s")
         manifest.data["loras"] = manifest.data.get("loras", []) + [dict(a.record(), applied="patch") for a in adapters]
         manifest.data["lora_patch"] = {"from": str(src_dir), "weights": counts, "seconds": round(time.perf_counter() - started, 1)}
-        manifest.rehash()
+        _rehash_patched(manifest, [manifest.onnx_path(n).parent for n in counts])
         manifest.save()
     manifest.root = out
     return manifest

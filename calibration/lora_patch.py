@@ -102,6 +102,24 @@ def quantized_refusal(root: Path, src: Manifest, name: str, precision: str) -> s
             f"koala-trt quantize --onnx FP32_DIR --calib CALIB --out OUT")
 
 
+def _add_fp32_sites(src_dir: Path, src: Manifest, name: str, header: Any, sites: dict[str, Site]) -> None:
+    """An FP16 conversion (ModelOpt AutoCast) keeps initializer names but drops torch's node
+    metadata, so the Linear weights' module paths are read from the FP32 export it was made from."""
+    import onnx
+
+    origin = Path(src.data.get("variant", {}).get("from", ""))
+    try:
+        fp32 = load_manifest(origin)
+        header32 = onnx.load(str(fp32.onnx_path(name)), load_external_data=False)
+    except (KoalaError, OSError):
+        raise UsageError(f"{src_dir}: the {name} is FP16 and its FP32 export {origin} (where its layer names are read) "
+                         "is not there; patch the FP32 export with `koala-trt lora` and convert it again") from None
+    dims = {i.name: tuple(int(d) for d in i.dims) for i in header.graph.initializer}
+    for k, s in weight_sites(header32, WRAPPER_ATTR[src.spec(name).kind]).items():
+        if k not in sites and dims.get(s.initializer) == (s.shape[::-1] if s.transposed else s.shape):
+            sites[k] = s
+
+
 def _rehash_patched(manifest: Manifest, folders: list[Path]) -> None:
     """Hash only the rewritten components' files: the copied ones keep their verified records
     (re-hashing a full-size folder would cost more than the patch)."""
@@ -135,6 +153,8 @@ def patch_artifacts(src_dir: Path, adapters: list[Adapter], out: Path, force: bo
         header = onnx.load(str(src.onnx_path(name)), load_external_data=False)
         kind = src.spec(name).kind
         sites[name] = weight_sites(header, WRAPPER_ATTR[kind])
+        if precision != "fp32":
+            _add_fp32_sites(src_dir, src, name, header, sites[name])
         if kind == "text_encoder" and not src.spec(name).outputs[1:]:  # no pooled output: penultimate layer is the last one kept
             add_pruned_last_layer(sites[name])
         del header

@@ -266,3 +266,40 @@ def test_lora_bad_input(tiny_artifacts: Path, adapters, tmp_path: Path, tiny_sou
                                       "Fuse it at export and quantize again: koala-trt export --model random:tiny --lora FILE[:SCALE] "
                                       "--out FP32_DIR, then koala-trt quantize --onnx FP32_DIR --calib CALIB --out OUT")
     assert not out.exists()
+
+
+def test_lora_patch_fp16(tiny_artifacts: Path, adapters, fresh_lora_export: Path, tmp_path: Path) -> None:
+    """An FP16 folder (AutoCast drops torch's node metadata; the Linear sites come from its FP32 export):
+    weights patched in FP32 and cast back, so within two FP16 roundings of the fresh FP32 export's."""
+    pytest.importorskip("modelopt", reason="FP16 conversion needs nvidia-modelopt")
+    peft, _, kohya, _ = adapters
+    fp16 = tmp_path / "fp16"
+    code, _, err = run_cli("convert", "--onnx", tiny_artifacts, "--out", fp16, "--components", "text_encoder_2,unet", "--no-accuracy")
+    assert code == 0, err
+    out = tmp_path / "fp16-lora"
+    code, stdout, err = run_cli("lora", "--artifacts", fp16, "--lora", f"{peft}:0.8", "--lora", kohya, "--out", out, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["weights"] == {"text_encoder": 2, "text_encoder_2": 1, "unet": 5}
+    for name in ("text_encoder_2", "unet"):
+        got, want = _graph_weights_fp16(out, fp16, name), _graph_weights(fresh_lora_export, name)
+        changed = [k for k in got if not np.array_equal(got[k], _graph_weights_fp16(fp16, fp16, name)[k])]
+        assert len(changed) == {"text_encoder_2": 1, "unet": 5}[name]
+        for k in changed:
+            # each FP16 rounding is within 2^-11 relative; two of them (convert, then patch) plus the
+            # smallest subnormal step near zero bound the difference on any CPU (casts are exact IEEE ops)
+            np.testing.assert_allclose(got[k].astype(np.float32), want[k], rtol=2 ** -10, atol=2 ** -14, err_msg=k)
+
+
+def _graph_weights_fp16(folder: Path, fp16_folder: Path, component: str) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    from calibration.lora_patch import WRAPPER_ATTR, _add_fp32_sites, weight_sites
+    from exporter.manifest import load_manifest
+
+    m, src = load_manifest(folder), load_manifest(fp16_folder)
+    model = onnx.load(str(m.onnx_path(component)))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    sites = weight_sites(model, WRAPPER_ATTR[m.spec(component).kind])
+    _add_fp32_sites(fp16_folder, src, component, model, sites)
+    return {k: (inits[s.initializer].T if s.transposed else inits[s.initializer]) for k, s in sites.items()}

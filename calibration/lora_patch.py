@@ -132,10 +132,84 @@ def _rehash_patched(manifest: Manifest, folders: list[Path]) -> None:
     manifest.data["files"] = dict(sorted(files.items()))
 
 
+class _Weights:
+    """A graph's initializers, read and rewritten in place: in the external data file when the graph
+    has one (same dtype, same byte length, same offset: the graph itself is unchanged, so nothing
+    but the patched bytes is rewritten), else in the loaded model, saved on close."""
+
+    def __init__(self, path: Path) -> None:
+        import onnx
+
+        self.path = path
+        self.model = onnx.load(str(path), load_external_data=False)
+        self.inits = {i.name: i for i in self.model.graph.initializer}
+        self.external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in self.inits.values())
+        self.dirty = False  # an embedded initializer of an external-data graph was rewritten
+        if self.external:
+            self.files: dict[str, Any] = {}
+        else:
+            onnx.load_external_data_for_model(self.model, str(path.parent))
+
+    def _where(self, name: str) -> tuple[Any, int, int] | None:
+        import onnx
+
+        t = self.inits[name]
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        info = {e.key: e.value for e in t.external_data}
+        loc = info["location"]
+        if loc not in self.files:
+            self.files[loc] = open(self.path.parent / loc, "r+b")
+        return self.files[loc], int(info.get("offset", 0)), int(info["length"])
+
+    def _dtype(self, name: str) -> np.dtype:
+        import onnx
+
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.inits[name].data_type))
+
+    def read(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        where = self._where(name) if self.external else None
+        if where is None:
+            return numpy_helper.to_array(self.inits[name])
+        f, offset, length = where
+        f.seek(offset)
+        return np.frombuffer(f.read(length), dtype=self._dtype(name).newbyteorder("<")).reshape(tuple(self.inits[name].dims))
+
+    def write(self, name: str, w: np.ndarray, component: str) -> None:
+        from onnx import numpy_helper
+
+        dtype = self._dtype(name)
+        cast = w.astype(dtype)
+        if not np.isfinite(cast).all():
+            raise KoalaError(f"{component}: patched weight {name} is not finite in {dtype.name}")
+        where = self._where(name) if self.external else None
+        if where is None:
+            self.inits[name].CopyFrom(numpy_helper.from_array(cast, name))
+            self.dirty = True
+            return
+        f, offset, length = where
+        data = cast.astype(dtype.newbyteorder("<"), copy=False).tobytes()
+        assert len(data) == length, (name, len(data), length)
+        f.seek(offset)
+        f.write(data)
+
+    def close(self) -> None:
+        if self.external:
+            for f in self.files.values():
+                f.close()
+            if self.dirty:  # the proto keeps its external references; only it is rewritten
+                import onnx
+
+                onnx.save_model(self.model, str(self.path))
+        else:
+            save_onnx(self.model, self.path)
+
+
 def patch_artifacts(src_dir: Path, adapters: list[Adapter], out: Path, force: bool = False, log: Log = print) -> Manifest:
     """Copy `src_dir` to `out` with every adapter's deltas added to the graphs' initializers."""
     import onnx
-    from onnx import numpy_helper
 
     started = time.perf_counter()
     src = load_manifest(src_dir)
@@ -167,8 +241,7 @@ def patch_artifacts(src_dir: Path, adapters: list[Adapter], out: Path, force: bo
         for name, by_weight in sites.items():
             t0 = time.perf_counter()
             path = manifest.onnx_path(name)
-            model = onnx.load(str(path))
-            inits = {i.name: i for i in model.graph.initializer}
+            store = _Weights(path)
             touched: dict[str, np.ndarray] = {}
             for a in adapters:
                 for weight, layer in resolve_layers(a, name, {k: s.shape for k, s in by_weight.items()}).items():
@@ -176,18 +249,12 @@ def patch_artifacts(src_dir: Path, adapters: list[Adapter], out: Path, force: bo
                     if not site.initializer:
                         continue  # in the pruned last layer: nothing to patch
                     if site.initializer not in touched:
-                        touched[site.initializer] = numpy_helper.to_array(inits[site.initializer]).astype(np.float32)
+                        touched[site.initializer] = store.read(site.initializer).astype(np.float32)
                     d = layer.delta(a.arg.scale, site.shape)
                     touched[site.initializer] += d.T if site.transposed else d
             for init_name, w in touched.items():
-                old = inits[init_name]
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
-                new = numpy_helper.from_array(w.astype(dtype, copy=False), init_name)
-                if not np.isfinite(w.astype(dtype)).all():
-                    raise KoalaError(f"{name}: patched weight {init_name} is not finite in {dtype.name}")
-                old.CopyFrom(new)
-            save_onnx(model, path)
-            del model
+                store.write(init_name, w, name)
+            store.close()
             counts[name] = len(touched)
             log(f"{name}: patched {len(touched)} weight(s) in {time.perf_counter() - t0:.1f} s")
         manifest.data["loras"] = manifest.data.get("loras", []) + [dict(a.record(), applied="patch") for a in adapters]

@@ -110,6 +110,10 @@ def read_adapter(arg: LoraArg) -> Adapter:
     from safetensors import SafetensorError, safe_open
 
     try:
+        import ml_dtypes  # noqa: F401  (gives numpy the bfloat16 that bf16-saved adapters use; onnx depends on it)
+    except ImportError:
+        pass
+    try:
         tensors: dict[str, np.ndarray] = {}
         with safe_open(str(arg.path), framework="numpy") as f:
             for k in f.keys():

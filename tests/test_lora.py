@@ -303,3 +303,20 @@ def _graph_weights_fp16(folder: Path, fp16_folder: Path, component: str) -> dict
     sites = weight_sites(model, WRAPPER_ATTR[m.spec(component).kind])
     _add_fp32_sites(fp16_folder, src, component, model, sites)
     return {k: (inits[s.initializer].T if s.transposed else inits[s.initializer]) for k, s in sites.items()}
+
+
+def test_read_half_precision_adapters(tmp_path: Path) -> None:
+    """Adapters are often saved in bf16 (kohya's save_precision) or fp16: read exactly, as float32."""
+    import torch
+    from safetensors.torch import save_file
+
+    from exporter.lora import LoraArg, read_adapter
+
+    a = torch.randn(2, 8, 3, 3).to(torch.bfloat16)
+    b = torch.randn(4, 2, 1, 1).to(torch.float16)
+    save_file({"lora_unet_conv_in.lora_down.weight": a, "lora_unet_conv_in.lora_up.weight": b,
+               "lora_unet_conv_in.alpha": torch.tensor(1.0, dtype=torch.bfloat16)}, str(tmp_path / "h.safetensors"))
+    layer = read_adapter(LoraArg(tmp_path / "h.safetensors")).layers["unet"]["conv_in"]
+    assert layer.A.dtype == layer.B.dtype == np.float32
+    assert np.array_equal(layer.A, a.float().numpy()) and np.array_equal(layer.B, b.float().numpy())
+    assert layer.alpha == 1.0

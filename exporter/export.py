@@ -35,6 +35,7 @@ class ExportOptions:
     tolerance: Tolerance | None = None  # default: exporter.check.fp32_tolerance(component)
     force: bool = False
     static: bool = False  # fixed shapes (batch, height, width): faster to export, runs at that shape only
+    loras: list[Any] = field(default_factory=list)  # exporter.lora.Adapter, fused in order before export
 
 
 def tool_versions() -> dict[str, str]:
@@ -52,6 +53,11 @@ def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: Export
         raise UsageError(f"--opset {opts.opset} is outside what the exporter supports (7..23; 17+ recommended)")
     for name in opts.components:
         specs[name].check_size(height, width)
+    if opts.loras:
+        from exporter.lora import check_adapters, layer_weights
+
+        modules = {specs[n].module for n in opts.components}
+        check_adapters(opts.loras, {m: layer_weights(source.build(m, device="meta")) for m in modules})
     return height, width
 
 
@@ -109,6 +115,10 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
                 module = source.build(module_name)
             params = sum(p.numel() for p in module.parameters())
             log(f"loaded {module_name} ({params / 1e6:,.1f}M parameters) in {load.seconds:.1f} s")
+            if opts.loras:
+                from exporter.lora import fuse
+
+                log(f"      fused {fuse(module, module_name, opts.loras)} LoRA layer weight(s) into the {module_name}")
             references: dict[str, tuple[dict, dict]] = {}
             for name in names:
                 step += 1
@@ -169,6 +179,7 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
                     "scale_factor": source.vae_scale_factor},
             "tokenizers": ["tokenizer", "tokenizer_2"], "scheduler": "scheduler/scheduler_config.json",
             "opset": opts.opset, "versions": tool_versions(),
+            **({"loras": [a.record() for a in opts.loras]} if opts.loras else {}),
             "components": components,
             "export": {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(process_peak_rss_mb(), 1)},
         })

@@ -255,11 +255,17 @@ def test_corrupt_onnx(folders: dict[str, Path], tmp_path: Path) -> None:
     shutil.copytree(folders["fp32"], src)
     onnx_file = src / "text_encoder" / "model.onnx"
     data = onnx_file.read_bytes()
-    onnx_file.write_bytes(data[: len(data) // 2])  # truncated: the recorded sha256 catches it
+    onnx_file.write_bytes(data[: len(data) // 2])  # truncated: its recorded size catches it, before any build
+    r = koala("build", "--profile", "rtx4090", "--onnx", src, "--precision", "fp32", "-c", "text_encoder", *SIZE,
+              "--no-estimate", "--out", tmp_path / "out", check=False)
+    assert (r.returncode, error_line(r)) == (2, f"Error: {onnx_file} is corrupt: {len(data) // 2:,} bytes, the manifest "
+                                                f"records {len(data):,}")
+    onnx_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped: its sha256 catches it
     r = koala("build", "--profile", "rtx4090", "--onnx", src, "--precision", "fp32", "-c", "text_encoder", *SIZE,
               "--no-estimate", "--out", tmp_path / "out", check=False)
     assert (r.returncode, error_line(r)) == (2, f"Error: text_encoder: {onnx_file} does not match its sha256 "
                                                 f"in {src}/manifest.json (changed or corrupt); export it again")
+    _nothing_at(tmp_path / "out")
     _nothing_at(tmp_path / "out")
     # garbage whose sha256 the manifest was made to agree with: the parser's first error, one line
     onnx_file.write_bytes(b"not an onnx model" * 100)

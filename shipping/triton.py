@@ -142,7 +142,8 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
         raise UsageError(f"--max-batch must be at least 1 (got {max_batch})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
-    info = load_engines_manifest(engines).record if engines is not None else None
+    em = load_engines_manifest(engines) if engines is not None else None
+    info = em.record if em is not None else None
     if info is not None:
         unknown = [c for c in info.engines if c not in m.components]
         if unknown:
@@ -176,6 +177,11 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
             version_dir = stage / model / "1"
             version_dir.mkdir(parents=True)
             mb = m.shape_range(comp).batch[2]
+            if em is not None and info is not None and comp in info.engines:
+                # a plan serves only the batches its profile was built for: Triton refuses a larger
+                # max_batch_size (server#7056) and cannot batch a static batch dim (server#1105)
+                lo, _, hi = em.shape_range(comp).batch
+                mb = hi if lo == 1 < hi else 0
             if max_batch is not None:
                 mb = min(mb, max_batch)
             batched = batchable(spec)
@@ -196,6 +202,7 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
                     _copy_checked(m.root / rel, version_dir / sub, meta.sha256 if meta else None, hardlink)
                 platform, filename, kind = "onnxruntime_onnx", graph.name, ("KIND_GPU" if device == "gpu" else "KIND_CPU")
             (stage / model / "config.pbtxt").write_text(component_config(model, spec, platform, mb, kind, filename, note), encoding="utf-8")
+            batched = batched and mb > 0
             layout[comp] = {"model": model, "platform": platform, "batched": batched, "max_batch_size": mb if batched else 0}
             result.models[model] = {"component": comp, **layout[comp]}
 

@@ -56,9 +56,14 @@ def engines_folder(root: Path, tiny_artifacts: Path, cc: str = "8.9", name: str 
     root.mkdir(parents=True)
     plan = root / "unet.fp32.sm89.plan"
     plan.write_bytes(FAKE_PLAN_NOTE.encode() * 1000)
+    from engines_helpers import fake_engines_dir
+
+    # the unet's spec, shape range and optimization profile as the build records them (static batch 2, 256 px)
+    built = json.loads((fake_engines_dir(tiny_artifacts, root.parent / f".{root.name}-composed") / "manifest.json").read_text())
+    runtime = {k: built["engines"]["unet"][k] for k in ("spec", "shape_range", "inputs")}
     data = {"format": "koala-trt/engines", "gpu": {"name": name, "compute_capability": cc},
             "tensorrt": "10.8.0.43", "cuda": {"runtime": "12.8"}, "source": {"artifacts": str(tiny_artifacts)},
-            "engines": {"unet": {"file": plan.name, "sha256": sha(plan), "bytes": plan.stat().st_size}}}
+            "engines": {"unet": {"file": plan.name, "sha256": sha(plan), "bytes": plan.stat().st_size, **runtime}}}
     (root / "manifest.json").write_text(json.dumps(data, indent=2))
     return root
 
@@ -442,16 +447,26 @@ def check_repository(repo: Path, artifacts: Path, config_cls, engines: dict[str,
         spec = m.spec(comp)
         assert cfg.name == model
         assert cfg.platform == ("tensorrt_plan" if comp in engines else "onnxruntime_onnx")
-        assert cfg.max_batch_size == m.shape_range(comp).batch[2] == 8
-        assert cfg.HasField("dynamic_batching")
+        # ONNX models batch up to the export's range (8); the test engines folders' plans have a static
+        # batch dim (engines_folder), which Triton cannot batch: max_batch_size 0, batch in the dims
+        batched = comp not in engines
+        assert cfg.max_batch_size == (8 if batched else 0) and m.shape_range(comp).batch[2] == 8
+        assert cfg.HasField("dynamic_batching") == batched
         assert (repo / model / "1" / cfg.default_model_filename).is_file()
-        assert layout[comp] == {"model": model, "platform": cfg.platform, "batched": True, "max_batch_size": 8}
+        assert layout[comp] == {"model": model, "platform": cfg.platform, "batched": batched,
+                                "max_batch_size": 8 if batched else 0}
         feeds = spec.dummy_inputs(2, 64, 64)
         for tensors, declared in ((spec.inputs, cfg.input), (spec.outputs, cfg.output)):
             assert [t.name for t in tensors] == [d.name for d in declared]
             for t, d in zip(tensors, declared):
                 assert config_cls.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type \
                     .values_by_number[d.data_type].name == dtypes[t.dtype]
+                if not batched:  # the whole shape is declared, dynamic dims as -1
+                    assert list(d.dims) == [x if isinstance(x, int) else -1 for x in t.dims]
+                    assert not d.HasField("reshape")
+                    if tensors is spec.inputs:
+                        assert to_triton(t, feeds[t.name], False).shape == feeds[t.name].shape
+                    continue
                 rest = [x if isinstance(x, int) else -1 for x in t.dims[1:]]  # Triton owns dim 0 (batch)
                 assert list(d.dims) == (rest or [1])
                 assert d.HasField("reshape") == (not rest)
@@ -495,6 +510,10 @@ def test_triton_repository_with_an_engine(tiny_artifacts: Path, tmp_path: Path) 
     assert code == 0, err
     models = json.loads(stdout)["models"]
     assert models["koala_unet"]["platform"] == "tensorrt_plan" and models["koala_vae_decoder"]["platform"] == "onnxruntime_onnx"
+    # the plan was built for the static CFG batch 2 (rtx4090's batch 1 x guidance): Triton cannot batch it, so
+    # max_batch_size is 0 with the batch dim in the shapes; the ONNX model keeps the export's range (8)
+    assert (models["koala_unet"]["max_batch_size"], models["koala_unet"]["batched"]) == (0, False)
+    assert models["koala_vae_decoder"]["max_batch_size"] == 8
     check_repository(out, tiny_artifacts, minimal_model_config(), engines={"unet": sha(eng / "unet.fp32.sm89.plan")})
     assert 'kind: KIND_GPU' in (out / "koala_unet" / "config.pbtxt").read_text()
 

@@ -198,4 +198,4 @@ def test_bundle_json_newer_format_version_is_one_error_line(tmp_path: Path) -> N
                f"(this one reads koala-trt/bundle up to version {BUNDLE_VERSION}); upgrade koala-trt")
     assert verify(tmp_path, device_check=False).problem == problem
     assert (code, out) == (1, "")
-    assert err == f"Error: {tmp_path}: {problem}\n"  # `verify` puts the bundle's path before every problem
+    assert err == f"Error: {problem}\n"  # the problem names the bundle once (not twice, as it did)

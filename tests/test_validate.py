@@ -278,7 +278,7 @@ def test_tensorrt_backend_unavailable(tiny_artifacts: Path, tmp_path: Path) -> N
     eng = fake_engines_dir(tiny_artifacts, tmp_path / "engines")
     code, _, err = run_cli("validate", "--artifacts", tiny_artifacts, "--backend", "tensorrt", "--engines", eng, "-c", "unet",
                            "--report", tmp_path / "r.json")
-    assert _last_error(err) == ("Error: the TensorRT backend cannot run on this machine, missing: "
+    assert _last_error(err) == (f"Error: the TensorRT backend cannot run the tensorrt engines of {eng} on this machine, missing: "
                                 + "; ".join(missing_requirements())
                                 + " (the onnxruntime backend runs the same pipeline without them)")
     assert code == 1 and not (tmp_path / "r.json").exists()

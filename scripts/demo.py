@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,16 @@ from pathlib import Path
 from koala_trt.cli import main as koala_trt
 
 
-def step(title: str, *args: str) -> None:
+def step(title: str, *args: str, fresh_process: bool = False) -> None:
+    """One `koala-trt` command, in this process, or in a process of its own where it must choose its
+    TensorRT library (Polygraphy, imported by earlier steps, fixes that choice once per process)."""
     print(f"\n=== {title}\n$ koala-trt {shlex.join(args)}", flush=True)
     t0 = time.perf_counter()
-    code = koala_trt(list(args))
+    if fresh_process:
+        code = subprocess.call([sys.executable, "-c", "import sys; from koala_trt.cli import main; sys.exit(main(sys.argv[1:]))",
+                                *args])
+    else:
+        code = koala_trt(list(args))
     if code != 0:
         print(f"demo: step failed with exit code {code}", file=sys.stderr)
         sys.exit(code)
@@ -47,7 +54,7 @@ def run(model: str, out: Path) -> None:
     step("Memory plan: SDXL-Base on the same card", "plan", "--model", "random:sdxl-base", "--profile", "rtx3060ti")
     step("Real TensorRT-RTX engines for the RTX 3060 Ti, built on this machine without a GPU (FP16, FP32 VAE)",
          "build", "--onnx", str(art), "--onnx", str(fp16), "--profile", "rtx3060ti", "--out", str(out / "engines-rtx3060ti"),
-         *size, "--batch", "1", "--force")
+         *size, "--batch", "1", "--force", fresh_process=True)
     step("The same for a datacenter card with standard TensorRT: the plan only (it builds on the card)",
          "build", "--onnx", str(art), "--onnx", str(fp16), "--profile", "l4", "--out", str(out / "engines-l4"),
          *size, "--batch", "1", "--dry-run", "--no-estimate")

@@ -144,6 +144,10 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
         raise UsageError(f"--instances must be at least 1 (got {instances})")
     em = load_engines_manifest(engines) if engines is not None else None
     info = em.record if em is not None else None
+    if info is not None and info.compat.library.name != "tensorrt":
+        raise UsageError(f"{engines} holds {info.compat.library.name} engines, but Triton's TensorRT backend (platform "
+                         "tensorrt_plan) loads standard TensorRT plans only: serve the ONNX models (omit --engines), or "
+                         "build the engines with --library tensorrt on the card")
     if info is not None:
         unknown = [c for c in info.engines if c not in m.components]
         if unknown:

@@ -289,6 +289,15 @@ def test_runtime_without_a_gpu_says_so(built: dict[str, Path]) -> None:
         "missing: cuda-python"), r.stderr[-1500:]
 
 
+def test_triton_refuses_tensorrt_rtx_engines(folders: dict[str, Path], built: dict[str, Path], tmp_path: Path) -> None:
+    code, _, err = run_cli("triton", "--artifacts", folders["fp16"], "--engines", built["rtx3060ti"], "--out", tmp_path / "r")
+    assert (code, err.strip().splitlines()[-1]) == (2, (
+        f"Error: {built['rtx3060ti']} holds tensorrt-rtx engines, but Triton's TensorRT backend (platform tensorrt_plan) "
+        "loads standard TensorRT plans only: serve the ONNX models (omit --engines), or build the engines with "
+        "--library tensorrt on the card"))
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.gpu
 def test_rtx_engines_run_on_the_card(built: dict[str, Path], tmp_path: Path) -> None:
     """On an RTX card: the engines built here on the CPU for its compute capability run and match ONNX

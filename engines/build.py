@@ -10,7 +10,6 @@ half-written).
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import time
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ from typing import Any, Callable
 
 from engines.buildplan import TIMING_CACHE, BuildPlan, ComponentBuild
 from engines.cuda import DeviceInfo
-from engines.engine_manifest import FORMAT, FORMAT_VERSION, MANIFEST, device_allowed
+from engines.engine_manifest import FORMAT, FORMAT_VERSION, MANIFEST, device_allowed, load_engines_manifest
 from engines.libraries import TENSORRT, Library
 from exporter.manifest import sha256_file
 from koala_core.jsonfile import write_json
@@ -83,16 +82,14 @@ def _verify_sources(plan: BuildPlan) -> None:
 
 def _reuse_timing_cache(out: Path, stage: Path, device: DeviceInfo, trt_version: str, log: Callable[[str], None]) -> None:
     """Keep the old folder's timing cache when it was made on this card with this TensorRT and CUDA."""
-    old = out / MANIFEST
-    if not (out / TIMING_CACHE).is_file() or not old.is_file():
+    if not (out / TIMING_CACHE).is_file() or not (out / MANIFEST).is_file():
         return
     try:
-        d = json.loads(old.read_text())
-    except (OSError, json.JSONDecodeError):
+        rec = load_engines_manifest(out).record
+    except KoalaError:  # an unreadable old folder: build without its cache
         return
-    host = d.get("build_host") or {}
-    g, cuda_ = host.get("gpu") or {}, host.get("cuda") or {}
-    if (g.get("name"), g.get("compute_capability"), (d.get("library") or {}).get("version"), cuda_.get("runtime")) == \
+    g, cuda_ = rec.build_host.gpu, rec.build_host.cuda or {}
+    if g is not None and (g.name, g.compute_capability, rec.library.version, cuda_.get("runtime")) == \
             (device.name, device.compute_capability, trt_version, device.runtime):
         shutil.copy2(out / TIMING_CACHE, stage / TIMING_CACHE)
         log(f"reusing the timing cache of {out}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.libraries import LIBRARIES, RTX_NOT_APPLICABLE, TENSORRT, Library, sm
+from engines.libraries import LIBRARIES, RTX_NOT_APPLICABLE, Library, sm
 from engines.planner import MemoryPlan
 from engines.profile import GIB, GpuProfile
 from engines.artifacts_check import check_files
@@ -27,11 +27,6 @@ TIMING_CACHE = "timing.cache"
 GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 INT8_ON_RTX = ("full INT8 Q/DQ (activations and weights) builds for TensorRT-RTX, but NVIDIA documents only "
                "weight-only INT8 GEMMs for it: whether it runs as true INT8 on the card is unverified")
-
-
-def installed_trt_version() -> str | None:
-    """The installed standard TensorRT's version from package metadata, without importing it."""
-    return TENSORRT.installed_version()
 
 
 def _part(t: tuple[int, int, int]) -> str:

@@ -24,13 +24,12 @@ The rules, from NVIDIA's documentation:
   any of its targets. "TensorRT-RTX engines are not compatible between different releases of
   TensorRT-RTX" (TensorRT-RTX developer guide, "Engine Compatibility",
   https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/inference-library/engine-compatibility.html):
-  the release (major.minor.patch) must equal the build's, else the engines are rebuilt.
+  the version must equal the build's exactly (build number included: engines and the runtime cache are
+  tied to it), else the engines are rebuilt.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import shutil
 import subprocess
 from dataclasses import dataclass, field

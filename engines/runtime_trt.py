@@ -74,7 +74,7 @@ class TensorRTBackend(Backend):
         from engines.build import missing_requirements
         from engines.libraries import library as get_library
 
-        self.library = get_library(str((self.manifest.data.get("library") or {}).get("name", "tensorrt")))
+        self.library = get_library(self.manifest.record.compat.library.name)
         missing = missing_requirements(self.library, run=True)
         if missing:
             raise KoalaError(f"the TensorRT backend cannot run the {self.library.name} engines of {self.manifest.root} "

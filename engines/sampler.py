@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from engines.scheduler_euler import EulerDiscreteScheduler
-from engines.tokenize import ClipTokenizer
+from engines.tokenize import ClipTokenizer, chunk_prompts, prompt_tokens
 from exporter.manifest import Manifest
 from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange
 from koala_core.errors import UsageError
@@ -133,6 +133,7 @@ class Plan:
     width: int
     batch: int
     noise: np.ndarray  # float32 [batch, C, height/f, width/f]
+    chunks: int = 1  # prompt chunks of 77 tokens each prompt is encoded as (engines.tokenize.chunk_prompts)
 
     @property
     def cfg(self) -> bool:
@@ -262,6 +263,7 @@ class Sampler:
                 continue
             what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp == "unet" and unet_batch != batch else "")
             r.check(comp, self.specs[comp].spatial, height, width, batch=b, batch_what=what)
+        chunks = self.check_prompt(req.prompt, req.negative_prompt if prompts == 2 else None)
         shape = (batch, c_in, height // f, width // f)
         if lat is not None:
             if lat.dtype != np.float32:
@@ -275,7 +277,21 @@ class Sampler:
             if req.seed < 0:
                 raise UsageError(f"--seed must be >= 0 (got {req.seed})")
             noise, seed = initial_noise(int(req.seed), batch, shape[1:]), int(req.seed)
-        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise)
+        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks)
+
+    def check_prompt(self, prompt: str, negative_prompt: str | None = None) -> int:
+        """The chunks the prompt (and the negative prompt, when it is encoded) take, inside the U-Net's
+        sequence range (its backend's, else its export's; one chunk for a graph without the axis);
+        UsageError naming the limit."""
+        tokens = prompt_tokens(self.tokenizers, [prompt] if negative_prompt is None else [negative_prompt, prompt])
+        r = self._range("unet")
+        if r is None and self.unet.has_sequence:  # a backend without a recorded range (torch from a model source)
+            r = ShapeRange((1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1 << 20))
+        elif r is None:
+            r = ShapeRange((1, 1, 1), (1, 1, 1), (1, 1, 1))
+        elif not self.unet.has_sequence:
+            r = ShapeRange(r.batch, r.height, r.width)  # a U-Net exported before long prompts: one chunk
+        return r.check_prompt("unet", tokens)
 
     # ----- the loop -----------------------------------------------------------------------------
     def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -289,22 +305,25 @@ class Sampler:
 
     def encode_prompt(self, plan: Plan, timings: Timings, warn: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
         """(encoder_hidden_states, text_embeds) for the U-Net batch: SDXL's penultimate hidden states
-        of both encoders concatenated, and text_encoder_2's projected pooled output; negatives first
-        (zeros for an empty negative prompt, force_zeros_for_empty_prompt), each repeated per image."""
+        of both encoders concatenated on the feature axis per chunk of 77 tokens, the chunks on the
+        sequence axis ([rows, 77 x plan.chunks, features]), and text_encoder_2's projected pooled output
+        of the first chunk; negatives first (zeros for an empty negative prompt,
+        force_zeros_for_empty_prompt), each repeated per image."""
         prompts = [plan.negative_prompt, plan.prompt] if plan.encode_negative else [plan.prompt]
         if plan.cfg and not plan.negative_prompt and not self.assets.force_zeros_for_empty_prompt:
             prompts = ["", plan.prompt]
         t0 = time.perf_counter()
-        tok = [t(prompts) for t in self.tokenizers]
+        ids = chunk_prompts(self.tokenizers, prompts, plan.chunks)  # per tokenizer [prompts, chunks, 77]
         timings.add("tokenize", time.perf_counter() - t0)
-        for name, tk in zip(("text_encoder", "text_encoder_2"), tok):
-            for text, dropped in zip(prompts, tk.truncated):
-                if dropped:
-                    warn(f"prompt truncated to {self.seq_len} tokens for {name} (CLIP's limit); dropped: {dropped!r}")
-        h1 = self._run(timings, "text_encoder", {"input_ids": tok[0].ids})["hidden_states"]
-        o2 = self._run(timings, "text_encoder_2", {"input_ids": tok[1].ids})
-        hidden = np.concatenate([h1, o2["hidden_states"]], axis=-1).astype(F32, copy=False)
-        pooled = o2["text_embeds"].astype(F32, copy=False)
+        chunks, pooled = [], None
+        for c in range(plan.chunks):  # one call per chunk: the encoders' batch stays the prompts' count
+            h1 = self._run(timings, "text_encoder", {"input_ids": np.ascontiguousarray(ids[0][:, c])})["hidden_states"]
+            o2 = self._run(timings, "text_encoder_2", {"input_ids": np.ascontiguousarray(ids[1][:, c])})
+            chunks.append(np.concatenate([h1, o2["hidden_states"]], axis=-1))
+            if c == 0:
+                pooled = o2["text_embeds"].astype(F32, copy=False)
+        assert pooled is not None
+        hidden = np.concatenate(chunks, axis=1).astype(F32, copy=False)
         pos_h, pos_p = hidden[-1:], pooled[-1:]
         n = plan.batch
         if not plan.cfg:

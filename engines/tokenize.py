@@ -6,6 +6,10 @@ i.e. <|startoftext|> + at most 75 BPE tokens + <|endoftext|>, then the tokenizer
 77 (<|endoftext|> for CLIP ViT-L, "!" for OpenCLIP bigG). `ClipTokenizer` does the same from the
 tokenizer.json (the BPE model, normalizer and post-processor) and tokenizer_config.json (pad
 token, model_max_length) that `koala-trt export` copies into the artifacts folder.
+
+Prompts longer than that are chunked as ComfyUI and compel do (`chunk_prompts`): the ids without
+start/end token in chunks of 75, each <|startoftext|> + chunk + <|endoftext|> + padding to 77
+(exporter.specs.prompt_chunk_ids); the sampler encodes every chunk and joins them on the sequence axis.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from exporter.specs import prompt_chunk_count, prompt_chunk_ids
 from koala_core.errors import UsageError
 
 
@@ -63,9 +68,10 @@ class ClipTokenizer:
         self.pad_token = pad
         pad_id = self._tok.token_to_id(pad)
         eos_id = self._tok.token_to_id(self.eos)
-        if pad_id is None or eos_id is None:
-            raise UsageError(f"{path}: pad token {pad!r} or end token {self.eos!r} is not in the vocabulary")
-        self.pad_id, self.eos_id = pad_id, eos_id
+        bos_id = self._tok.token_to_id(self.bos)
+        if pad_id is None or eos_id is None or bos_id is None:
+            raise UsageError(f"{path}: pad token {pad!r}, start token {self.bos!r} or end token {self.eos!r} is not in the vocabulary")
+        self.pad_id, self.eos_id, self.bos_id = pad_id, eos_id, bos_id
         # Two configured copies: one pads/truncates as the pipeline does, one sees the whole prompt.
         self._full = Tokenizer.from_str(self._tok.to_str())
         self._full.no_truncation()
@@ -83,3 +89,33 @@ class ClipTokenizer:
             dropped = self._full.decode(full[self.max_length - 1:-1]) if len(full) > self.max_length else ""
             truncated.append(" ".join(dropped.replace("</w>", " ").split()))
         return Tokenized(ids, tuple(truncated))
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """The prompt's BPE ids, whole, without start and end token."""
+        return list(self._full.encode(prompt, add_special_tokens=False).ids)
+
+    def chunk_count(self, prompt: str) -> int:
+        return prompt_chunk_count(len(self.token_ids(prompt)), self.max_length)
+
+    def chunked(self, prompts: list[str], chunks: int) -> np.ndarray:
+        """int32 [prompts, chunks, max_length]: each prompt in `chunks` chunks (empty ones past its end)."""
+        return np.stack([prompt_chunk_ids(self.token_ids(p), chunks, self.bos_id, self.eos_id, self.pad_id, self.max_length)
+                         for p in prompts])
+
+
+def prompt_tokens(tokenizers: tuple[ClipTokenizer, ...] | list[ClipTokenizer], prompts: list[str]) -> int:
+    """The longest prompt's token count (without start/end token), under either tokenizer."""
+    return max(len(t.token_ids(p)) for t in tokenizers for p in prompts)
+
+
+def prompt_chunks(tokenizers: tuple[ClipTokenizer, ...] | list[ClipTokenizer], prompts: list[str]) -> int:
+    """The chunk count a set of prompts encodes at: the longest prompt's, under either tokenizer."""
+    return max(t.chunk_count(p) for t in tokenizers for p in prompts)
+
+
+def chunk_prompts(tokenizers: tuple[ClipTokenizer, ...] | list[ClipTokenizer], prompts: list[str],
+                  chunks: int | None = None) -> tuple[np.ndarray, ...]:
+    """Per tokenizer: int32 [prompts, chunks, max_length], every prompt padded with empty chunks to
+    `chunks` (default: the longest prompt's count), as compel pads a shorter negative prompt."""
+    k = prompt_chunks(tokenizers, prompts) if chunks is None else chunks
+    return tuple(t.chunked(prompts, k) for t in tokenizers)

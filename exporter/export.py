@@ -15,7 +15,8 @@ from exporter.check import compare, fp32_tolerance, onnx_outputs, torch_outputs
 from exporter.manifest import FORMAT, FORMAT_VERSION, Manifest, file_record, hash_tree
 from exporter.metrics import Tolerance
 from exporter.sources import ModelSource
-from exporter.specs import DEFAULT_COMPONENTS, ComponentSpec, ShapeRange, default_range, specs_from_configs
+from exporter.specs import (CHUNK_TOKENS, DEFAULT_COMPONENTS, DEFAULT_PROMPT_CHUNKS, ComponentSpec, ShapeRange,
+                            default_range, specs_from_configs)
 from koala_core.atomic import staged_dir
 from koala_core.errors import CheckFailed, UsageError
 from koala_core.meter import Meter, process_peak_rss_mb
@@ -36,6 +37,7 @@ class ExportOptions:
     force: bool = False
     static: bool = False  # fixed shapes (batch, height, width): faster to export, runs at that shape only
     loras: list[Any] = field(default_factory=list)  # exporter.lora.Adapter, fused in order before export
+    max_prompt_chunks: int | None = None  # the U-Net's sequence range: 1..N chunks of 77 tokens [DEFAULT_PROMPT_CHUNKS]
 
 
 def tool_versions() -> dict[str, str]:
@@ -49,6 +51,10 @@ def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: Export
     width = source.default_size if opts.width is None else opts.width
     if opts.batch < 1:
         raise UsageError("--batch must be at least 1")
+    if opts.max_prompt_chunks is not None and not 1 <= opts.max_prompt_chunks <= 16:
+        raise UsageError(f"--max-prompt-chunks must be between 1 and 16 (got {opts.max_prompt_chunks})")
+    if opts.static and opts.max_prompt_chunks is not None:
+        raise UsageError("--max-prompt-chunks does not apply with --static (a static U-Net takes one chunk of 77 tokens)")
     if not 7 <= opts.opset <= 23:
         raise UsageError(f"--opset {opts.opset} is outside what the exporter supports (7..23; 17+ recommended)")
     for name in opts.components:
@@ -123,12 +129,15 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
             for name in names:
                 step += 1
                 spec = specs[name]
-                rng = default_range(spec, opts.batch, height, width)
+                rng = default_range(spec, opts.batch, height, width, opts.max_prompt_chunks or DEFAULT_PROMPT_CHUNKS)
                 if opts.static:
-                    rng = ShapeRange(*(((v,) * 3) for v in (opts.batch, height, width)))
+                    rng = ShapeRange(*(((v,) * 3) for v in (opts.batch, height, width)),
+                                     prompt_chunks=(1, 1, 1) if spec.has_sequence else None)
                 path = stage / name / "model.onnx"
                 log(f"[{step}/{len(opts.components)}] {name}: exporting (opset {opts.opset}, batch {rng.batch[0]}..{rng.batch[2]}"
-                    + (f", {rng.height[0]}..{rng.height[2]} x {rng.width[0]}..{rng.width[2]} px" if spec.spatial else "") + ")")
+                    + (f", {rng.height[0]}..{rng.height[2]} x {rng.width[0]}..{rng.width[2]} px" if spec.spatial else "")
+                    + (f", prompt {rng.prompt_chunks[0] * CHUNK_TOKENS}..{rng.prompt_chunks[2] * CHUNK_TOKENS} tokens"
+                       if rng.prompt_chunks else "") + ")")
                 with Meter() as m:
                     stats = export_onnx(spec, module, path, trace_batch, height, width, rng, opts.opset, opts.static)
                 for f in sorted(path.parent.iterdir()):
@@ -145,7 +154,8 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
                 }
                 if opts.check:
                     cb, ch, cw = (opts.batch, height, width) if opts.static else check_shape(spec, opts.batch, height, width, opts.check_size)
-                    feeds = spec.dummy_inputs(cb, ch, cw, seed=2)
+                    # A sequence axis is checked at its longest prompt: more than one chunk where the range allows.
+                    feeds = spec.dummy_inputs(cb, ch, cw, seed=2, chunks=rng.max_prompt_chunks)
                     with Meter() as m:
                         references[name] = (feeds, torch_outputs(spec, wrap(spec, module), feeds))
                     components[name]["check"] = {"torch_seconds": round(m.seconds, 2)}

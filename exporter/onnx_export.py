@@ -32,7 +32,8 @@ def _dynamic_shapes(spec: ComponentSpec, r: ShapeRange) -> dict[str, dict[int, A
     """torch.export Dims per input axis, from the spec's symbols and the claimed shape range.
 
     Spatial dims are multiples of the spec's granularity (the U-Net needs latents divisible by its
-    downsampling factor), which torch.export must be told, or it specializes or rejects them."""
+    downsampling factor), which torch.export must be told, or it specializes or rejects them; the
+    `sequence` axis likewise is a whole number of prompt chunks (fixed where the range is one count)."""
     from torch.export import Dim
 
     f, m = spec.latent_factor, spec.size_multiple
@@ -43,6 +44,9 @@ def _dynamic_shapes(spec: ComponentSpec, r: ShapeRange) -> dict[str, dict[int, A
             return made[sym]
         if sym == "batch":
             d = Dim("batch", min=r.batch[0], max=r.batch[2])
+        elif sym == "sequence":
+            lo, _, hi = r.prompt_chunks or (1, 1, 1)
+            d = None if lo == hi else int(spec.sizes(1, 8, 8, 1)["sequence"]) * Dim("prompt_chunks", min=lo, max=hi)
         else:
             lo, hi = (r.height[0], r.height[2]) if "height" in sym else (r.width[0], r.width[2])
             unit = f if sym.startswith("latent") else 1  # pixels per unit of this axis
@@ -52,16 +56,27 @@ def _dynamic_shapes(spec: ComponentSpec, r: ShapeRange) -> dict[str, dict[int, A
         made[sym] = d
         return d
 
-    return {t.name: {i: dim(d) for i, d in enumerate(t.dims) if isinstance(d, str)} for t in spec.inputs}
+    return {t.name: {i: v for i, d in enumerate(t.dims) if isinstance(d, str) and (v := dim(d)) is not None}
+            for t in spec.inputs}
 
 
-def _name_dims(model: Any, spec: ComponentSpec) -> None:
-    """Give graph inputs and outputs the spec's symbolic dim names (torch writes s0, 4*s1, ...)."""
+def trace_chunks(r: ShapeRange) -> int:
+    """Prompt chunks of the traced dummy input: 2 where the range allows (torch.export specializes a
+    dim traced at 1), else the range's only count."""
+    lo, _, hi = r.prompt_chunks or (1, 1, 1)
+    return lo if lo == hi else max(lo, min(2, hi))
+
+
+def _name_dims(model: Any, spec: ComponentSpec, r: ShapeRange) -> None:
+    """Give graph inputs and outputs the spec's symbolic dim names (torch writes s0, 4*s1, ...); a
+    sequence range of one chunk count was traced fixed, so its length is written, not a symbol."""
     import onnx_ir as ir
 
+    lo, _, hi = r.prompt_chunks or (1, 1, 1)
+    fixed = {"sequence": spec.sizes(1, 8, 8, lo)["sequence"]} if lo == hi else {}
     for values, tensors in ((model.graph.inputs, spec.inputs), (model.graph.outputs, spec.outputs)):
         for v, t in zip(values, tensors):
-            v.shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in t.dims])
+            v.shape = ir.Shape([d if isinstance(d, int) else fixed.get(d) or ir.SymbolicDim(d) for d in t.dims])
 
 
 def export_onnx(spec: ComponentSpec, module: torch.nn.Module, path: Path, batch: int, height: int, width: int,
@@ -70,7 +85,7 @@ def export_onnx(spec: ComponentSpec, module: torch.nn.Module, path: Path, batch:
     (or with every shape fixed at batch x height x width when `static`)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
     wrapper = wrap(spec, module)
-    dummy = spec.dummy_inputs(batch, height, width, seed=1)
+    dummy = spec.dummy_inputs(batch, height, width, seed=1, chunks=trace_chunks(shape_range))
     args = tuple(torch.from_numpy(dummy[t.name]) for t in spec.inputs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,7 +98,7 @@ def export_onnx(spec: ComponentSpec, module: torch.nn.Module, path: Path, batch:
     program.optimize()  # onnxscript: constant folding, dead code and redundant op removal
     after = _count_nodes(program.model.graph)
     if not static:
-        _name_dims(program.model, spec)
+        _name_dims(program.model, spec, shape_range)
     size = sum(int(v.const_value.nbytes) for v in program.model.graph.initializers.values() if v.const_value is not None)
     external = size >= TWO_GB - (64 << 20)
     path.parent.mkdir(parents=True, exist_ok=True)

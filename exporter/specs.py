@@ -6,8 +6,9 @@ specs, or the manifest written from them; nothing else declares a tensor name or
 This module imports numpy only, so the torch-free runtime can use it.
 
 Symbolic dims: `batch` (the tensor's batch, CFG doubled where the U-Net sees it), `height`/`width`
-(pixels), `latent_height`/`latent_width` (pixels / the VAE scale factor). Every other dim is fixed
-by the model's config and written as an integer.
+(pixels), `latent_height`/`latent_width` (pixels / the VAE scale factor), `sequence` (the U-Net's
+prompt tokens: CHUNK_TOKENS per prompt chunk, see `prompt_chunk_ids`). Every other dim is fixed by
+the model's config and written as an integer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,31 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_enco
 DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 NUMPY_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 MAX_BATCH = 8  # default upper end of every batch range: 4 images with classifier-free guidance
+# Long prompts, the convention of ComfyUI and compel: the token ids without start/end token split into
+# chunks of CHUNK_TOKENS - 2, each encoded as <start> + chunk + <end> + padding to CHUNK_TOKENS (CLIP's
+# 77 positions); the U-Net's encoder_hidden_states is the chunks' hidden states one after another.
+CHUNK_TOKENS = 77
+DEFAULT_PROMPT_CHUNKS = 3  # default upper end of the U-Net's sequence range: 231 tokens (`export --max-prompt-chunks`)
+
+
+def prompt_chunk_count(tokens: int, chunk_tokens: int = CHUNK_TOKENS) -> int:
+    """Chunks a prompt of `tokens` ids (without start/end token) takes: at least one (the empty prompt)."""
+    return max(1, -(-tokens // (chunk_tokens - 2)))
+
+
+def prompt_chunk_ids(ids: list[int], chunks: int, bos: int, eos: int, pad: int,
+                     chunk_tokens: int = CHUNK_TOKENS) -> np.ndarray:
+    """int32 [chunks, chunk_tokens]: `ids` (no start/end token) in chunks of chunk_tokens - 2, each
+    <bos> + chunk + <eos> + `pad` up to chunk_tokens; chunks past the prompt's own are empty
+    (<bos>, <eos>, padding), as a shorter negative prompt is padded to the positive's length."""
+    body = chunk_tokens - 2
+    if prompt_chunk_count(len(ids), chunk_tokens) > chunks:
+        raise ValueError(f"{len(ids)} tokens need more than {chunks} chunk(s) of {body}")
+    out = np.full((chunks, chunk_tokens), pad, dtype=np.int32)
+    for c in range(chunks):
+        part = ids[c * body:(c + 1) * body]
+        out[c, 0], out[c, 1:1 + len(part)], out[c, 1 + len(part)] = bos, part, eos
+    return out
 
 
 @dataclass(frozen=True)
@@ -44,18 +70,38 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ShapeRange:
-    """min/opt/max of the batch and of the image size in pixels, as a TensorRT profile takes them."""
+    """min/opt/max of the batch, of the image size in pixels and (for a graph with a `sequence` axis,
+    the U-Net) of the prompt chunks of CHUNK_TOKENS tokens, as a TensorRT profile takes them.
+    prompt_chunks None: no sequence axis (or one fixed at one chunk, as exports before long prompts)."""
 
     batch: tuple[int, int, int]
     height: tuple[int, int, int]
     width: tuple[int, int, int]
+    prompt_chunks: tuple[int, int, int] | None = None
 
     def to_json(self) -> dict[str, list[int]]:
-        return {k: list(v) for k, v in asdict(self).items()}
+        return {k: list(v) for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "ShapeRange":
-        return cls(tuple(d["batch"]), tuple(d["height"]), tuple(d["width"]))  # type: ignore[arg-type]
+        chunks = d.get("prompt_chunks")
+        return cls(tuple(d["batch"]), tuple(d["height"]), tuple(d["width"]),  # type: ignore[arg-type]
+                   None if chunks is None else tuple(chunks))  # type: ignore[arg-type]
+
+    @property
+    def max_prompt_chunks(self) -> int:
+        return 1 if self.prompt_chunks is None else self.prompt_chunks[2]
+
+    def check_prompt(self, component: str, tokens: int, fix: str = "shorten the prompt, or re-export with "
+                     "`koala-trt export --max-prompt-chunks N`") -> int:
+        """A prompt of `tokens` ids (no start/end token) must fit the sequence range; returns its chunk
+        count, or raises UsageError naming the limit."""
+        chunks, body = prompt_chunk_count(tokens), CHUNK_TOKENS - 2
+        lo, hi = (1, 1) if self.prompt_chunks is None else (self.prompt_chunks[0], self.prompt_chunks[2])
+        if chunks > hi:
+            raise UsageError(f"the prompt is {tokens} tokens but {component} takes at most {hi * body} "
+                             f"({hi} chunk(s) of {body}, {hi * CHUNK_TOKENS} encoder tokens); {fix}")
+        return max(chunks, lo)
 
     def contains(self, batch: int, height: int, width: int) -> bool:
         return all(lo <= v <= hi for v, (lo, _, hi) in ((batch, self.batch), (height, self.height), (width, self.width)))
@@ -88,21 +134,28 @@ class ComponentSpec:
     kind: ClassVar[str] = ""
 
     # ----- shapes ---------------------------------------------------------------------------
-    def sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
+    def sizes(self, batch: int, height: int, width: int, chunks: int = 1) -> dict[str, int]:
         return {"batch": batch, "height": height, "width": width,
-                "latent_height": height // self.latent_factor, "latent_width": width // self.latent_factor}
+                "latent_height": height // self.latent_factor, "latent_width": width // self.latent_factor,
+                "sequence": chunks * int(self.extra.get("chunk_tokens", CHUNK_TOKENS))}
 
-    def input_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        s = self.sizes(batch, height, width)
+    @property
+    def has_sequence(self) -> bool:
+        """Does the graph take a prompt of any number of chunks (the U-Net's `sequence` axis)?"""
+        return any("sequence" in t.dims for t in self.inputs)
+
+    def input_shapes(self, batch: int, height: int, width: int, chunks: int = 1) -> dict[str, tuple[int, ...]]:
+        s = self.sizes(batch, height, width, chunks)
         return {t.name: t.shape(s) for t in self.inputs}
 
-    def output_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        s = self.sizes(batch, height, width)
+    def output_shapes(self, batch: int, height: int, width: int, chunks: int = 1) -> dict[str, tuple[int, ...]]:
+        s = self.sizes(batch, height, width, chunks)
         return {t.name: t.shape(s) for t in self.outputs}
 
     def profile_shapes(self, r: ShapeRange) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """Per input: (min, opt, max) shapes, as a TensorRT optimization profile takes them."""
-        lo, opt, hi = (self.input_shapes(r.batch[i], r.height[i], r.width[i]) for i in range(3))
+        chunks = r.prompt_chunks or (1, 1, 1)
+        lo, opt, hi = (self.input_shapes(r.batch[i], r.height[i], r.width[i], chunks[i]) for i in range(3))
         return {n: (lo[n], opt[n], hi[n]) for n in lo}
 
     def check_size(self, height: int, width: int) -> None:
@@ -124,7 +177,8 @@ class ComponentSpec:
                 raise UsageError(f"{self.name}.{t.name}: shape {tuple(a.shape)}, expected {_pretty(t.dims)}")
 
     # ----- dummy inputs ---------------------------------------------------------------------
-    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
+        """Random inputs of the spec's shapes; `chunks` sets the prompt length of a `sequence` axis."""
         raise NotImplementedError
 
     # ----- (de)serialization for the manifest ----------------------------------------------
@@ -170,7 +224,7 @@ class TextEncoderSpec(ComponentSpec):
                    outputs=tuple(outputs), spatial=False, size_multiple=1,
                    extra={"vocab_size": int(cfg["vocab_size"])})
 
-    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
         # Token ids below the end token (the highest id), a prompt of random length, end, padding.
         rng = np.random.default_rng(seed)
         seq = self.inputs[0].dims[1]
@@ -188,7 +242,8 @@ class UNetSpec(ComponentSpec):
     kind = "unet"
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], vae_scale_factor: int, seq_len: int = 77) -> "UNetSpec":
+    def from_config(cls, cfg: Mapping[str, Any], vae_scale_factor: int, seq_len: int = CHUNK_TOKENS) -> "UNetSpec":
+        """encoder_hidden_states has a `sequence` axis: `seq_len` (the text encoders' positions) per prompt chunk."""
         c_in, c_out, ctx = int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["cross_attention_dim"])
         time_dim = 6  # micro-conditioning: original (h, w), crop top-left (y, x), target (h, w)
         text_dim = int(cfg["projection_class_embeddings_input_dim"]) - time_dim * int(cfg["addition_time_embed_dim"])
@@ -197,15 +252,16 @@ class UNetSpec(ComponentSpec):
             name="unet", module="unet",
             inputs=(TensorSpec("sample", "float32", ("batch", c_in, "latent_height", "latent_width")),
                     TensorSpec("timestep", "float32", ("batch",)),
-                    TensorSpec("encoder_hidden_states", "float32", ("batch", seq_len, ctx)),
+                    TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", ctx)),
                     TensorSpec("text_embeds", "float32", ("batch", text_dim)),
                     TensorSpec("time_ids", "float32", ("batch", time_dim))),
             outputs=(TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width")),),
-            latent_factor=vae_scale_factor, size_multiple=vae_scale_factor * down, extra={"downsample": down})
+            latent_factor=vae_scale_factor, size_multiple=vae_scale_factor * down,
+            extra={"downsample": down, "chunk_tokens": seq_len})
 
-    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
-        shapes = self.input_shapes(batch, height, width)
+        shapes = self.input_shapes(batch, height, width, chunks)
         time_ids = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (batch, 1))
         return {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
                 "timestep": np.full((batch,), float(rng.integers(1, 1000)), np.float32),
@@ -228,7 +284,7 @@ class VaeDecoderSpec(ComponentSpec):
                    latent_factor=vae_scale_factor, size_multiple=vae_scale_factor,
                    extra={"scaling_factor": float(cfg.get("scaling_factor", 0.18215))})
 
-    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         shape = self.input_shapes(batch, height, width)["latent_sample"]
         return {"latent_sample": rng.standard_normal(shape, dtype=np.float32) / np.float32(self.extra["scaling_factor"])}
@@ -247,7 +303,7 @@ class VaeEncoderSpec(ComponentSpec):
                    latent_factor=vae_scale_factor, size_multiple=vae_scale_factor,
                    extra={"scaling_factor": float(cfg.get("scaling_factor", 0.18215))})
 
-    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         shape = self.input_shapes(batch, height, width)["sample"]
         return {"sample": rng.uniform(-1, 1, shape).astype(np.float32)}
@@ -268,15 +324,18 @@ def specs_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Co
     }
 
 
-def default_range(spec: ComponentSpec, batch: int, height: int, width: int) -> ShapeRange:
+def default_range(spec: ComponentSpec, batch: int, height: int, width: int,
+                  max_prompt_chunks: int = DEFAULT_PROMPT_CHUNKS) -> ShapeRange:
     """The shape range an export claims: batch 1..MAX_BATCH, each side from half to twice the export
-    size (at most 2048 px, in the spec's granularity), opt at the export size."""
+    size (at most 2048 px, in the spec's granularity), opt at the export size; a graph with a
+    `sequence` axis takes 1..max_prompt_chunks prompt chunks (opt 1: most prompts fit one)."""
     m = spec.size_multiple
 
     def side(v: int) -> tuple[int, int, int]:
         return (max(m, (v // 2) // m * m), v, max(v, min(2048, 2 * v) // m * m))
 
-    return ShapeRange((1, batch, max(MAX_BATCH, batch)), side(height), side(width))
+    chunks = (1, 1, max_prompt_chunks) if spec.has_sequence else None
+    return ShapeRange((1, batch, max(MAX_BATCH, batch)), side(height), side(width), chunks)
 
 
 def parse_components(names: tuple[str, ...] | list[str] | None, default: tuple[str, ...] = DEFAULT_COMPONENTS) -> list[str]:

@@ -19,13 +19,15 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, components_option
 @click.option("--check-size", type=POSITIVE, help="Image side (px) to check U-Net and VAE at [default: U-Net 512, VAE 256, at most the export size].")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (not recommended).")
 @click.option("--static", is_flag=True, help="Fixed shapes (batch x height x width): faster export; the graphs run at that shape only.")
+@click.option("--max-prompt-chunks", type=POSITIVE, help="Longest prompt the U-Net takes, in chunks of 75 tokens "
+              "(77 encoder positions each) [default: 3, i.e. 231 tokens].")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse a LoRA adapter (diffusers/PEFT or kohya safetensors) into the weights, at SCALE [default 1.0]; repeatable.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's component summary as JSON.")
 def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Path | None, opset: int, batch: int, height: int | None,
-               width: int | None, check_size: int | None, no_check: bool, static: bool, loras: tuple[str, ...], force: bool,
-               as_json: bool) -> None:
+               width: int | None, check_size: int | None, no_check: bool, static: bool, max_prompt_chunks: int | None,
+               loras: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Export a KOALA/SDXL pipeline's components to ONNX, each checked in ONNX Runtime against PyTorch."""
     from exporter.export import ExportOptions, export
     from exporter.lora import parse_lora_arg, read_adapter
@@ -34,7 +36,7 @@ def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Pat
 
     opts = ExportOptions(components=parse_components(components), opset=opset, batch=batch, height=height,
                          width=width, check=not no_check, check_size=check_size, force=force, static=static,
-                         loras=[read_adapter(parse_lora_arg(a)) for a in loras])
+                         max_prompt_chunks=max_prompt_chunks, loras=[read_adapter(parse_lora_arg(a)) for a in loras])
     check_out_dir(out, force)
     source = resolve(model)
     if vae_path is not None:

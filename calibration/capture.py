@@ -146,6 +146,8 @@ def capture(source: ModelSource, out: Path, opts: CaptureOptions, log: Log = pri
     import torch
     from tqdm import tqdm
 
+    from calibration.prompt_embeds import pipeline_embeds
+
     with Meter() as m:
         pipe = source.pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -159,7 +161,8 @@ def capture(source: ModelSource, out: Path, opts: CaptureOptions, log: Log = pri
             recorder.calls.clear()
             started = time.perf_counter()
             with torch.no_grad():
-                pipe(prompt=opts.prompts[i], height=opts.height, width=opts.width, num_inference_steps=opts.steps,
+                # Chunked as the sampler encodes a prompt over 75 tokens (diffusers alone would cut it at 77).
+                pipe(**pipeline_embeds(pipe, opts.prompts[i]), height=opts.height, width=opts.width, num_inference_steps=opts.steps,
                      guidance_scale=opts.guidance, generator=torch.Generator().manual_seed(opts.seed + i),
                      output_type="latent", callback_on_step_end=lambda p, s, t, kw: (bar.update(1), kw)[1])
             shard = _to_shard(recorder.calls)

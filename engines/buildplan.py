@@ -8,7 +8,7 @@ memory estimate.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,22 @@ def _pick_folder(manifests: list[Manifest], component: str, precision: str, prof
                      f"({have}); {remedy}, or choose the precision with --precision")
 
 
+def resolve_prompt_chunks(component: str, spec: ComponentSpec, rng: ShapeRange, exported: ShapeRange, root: Path) -> ShapeRange:
+    """The prompt-chunk range an engine is built for: the profile's [shapes] prompt_chunks, else the
+    export's (min and opt at its minimum: 77 tokens, max its longest); none for a graph without a
+    sequence axis or one exported before long prompts (fixed at 77)."""
+    if not spec.has_sequence or exported.prompt_chunks is None:
+        if rng.prompt_chunks is not None and rng.prompt_chunks[2] > 1:
+            raise UsageError(f"{component}: [shapes] prompt_chunks asks for up to {rng.prompt_chunks[2]} chunks but its export "
+                             f"takes one (77 tokens, {root}); re-export with `koala-trt export --max-prompt-chunks "
+                             f"{rng.prompt_chunks[2]}`, or set prompt_chunks = 1")
+        return replace(rng, prompt_chunks=None)
+    if rng.prompt_chunks is None:
+        lo, _, hi = exported.prompt_chunks
+        return replace(rng, prompt_chunks=(lo, lo, hi))
+    return rng
+
+
 def check_shapes(component: str, spec: ComponentSpec, rng: ShapeRange, exported: ShapeRange, root: Path) -> None:
     """The engine's shape range must lie inside the range the export recorded and checked."""
     dims = {"batch": ("batch", "batch", ""), "height": ("height", "latent_height", " px"),
@@ -228,6 +244,12 @@ def check_shapes(component: str, spec: ComponentSpec, rng: ShapeRange, exported:
         raise UsageError(f"{component}: input {carrier} needs {bad}, outside the range its export recorded "
                          f"({what} {have[0]}..{have[2]}{unit}, {root}): the limit is {limit}; set --{what} "
                          f"within it, or re-export at a size whose range covers it")
+    if rng.prompt_chunks is not None and exported.prompt_chunks is not None:
+        (lo, _, hi), (have_lo, _, have_hi) = rng.prompt_chunks, exported.prompt_chunks
+        if hi > have_hi or lo < have_lo:
+            raise UsageError(f"{component}: input encoder_hidden_states needs prompt_chunks {lo}..{hi}, outside the range "
+                             f"its export recorded ({have_lo}..{have_hi} chunks of 77 tokens, {root}); set [shapes] "
+                             f"prompt_chunks within it, or re-export with --max-prompt-chunks {hi}")
     if spec.spatial:
         for h, w in zip(rng.height, rng.width):
             spec.check_size(h, w)
@@ -266,7 +288,7 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
         check_precision(name, precision, profile)
         m = _pick_folder(manifests, name, precision, profile)
         spec = m.spec(name)
-        rng = profile.shape_range(spec.kind)
+        rng = resolve_prompt_chunks(name, spec, profile.shape_range(spec.kind), m.shape_range(name), m.root)
         check_shapes(name, spec, rng, m.shape_range(name), m.root)
         plan.components[name] = ComponentBuild(
             component=name, precision=precision, manifest=m, spec=spec, shape_range=rng,

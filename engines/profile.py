@@ -26,6 +26,9 @@ Schema (every field is checked; an error names the field):
     height = 1024                            # pixels
     width = 1024
     guidance = true                          # classifier-free guidance doubles the U-Net's batch
+    prompt_chunks = [1, 1, 3]                # U-Net prompt length in chunks of 77 tokens (75 of the prompt);
+                                             # default: the export's range, min and opt at its minimum
+                                             # (1 keeps the U-Net engine static: CUDA graphs)
     [build]
     workspace_gib = 2                        # TensorRT workspace (tactic scratch) cap
     optimization_level = 3                   # builder optimization level 0..5
@@ -101,10 +104,11 @@ class Shapes:
     height: Triple = (1024, 1024, 1024)
     width: Triple = (1024, 1024, 1024)
     guidance: bool = True
+    prompt_chunks: Triple | None = None  # None: the U-Net export's range (engines.buildplan)
 
     @property
     def static(self) -> bool:
-        return all(t[0] == t[2] for t in (self.batch, self.height, self.width))
+        return all(t[0] == t[2] for t in (self.batch, self.height, self.width, self.prompt_chunks or (1, 1, 1)))
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,8 @@ class GpuProfile:
     def shape_range(self, kind: str) -> ShapeRange:
         """The tensor shape range of a component of `kind` (a ComponentSpec.kind). With guidance the
         U-Net sees negative and positive prompts in one batch; text encoders are given either one
-        prompt set per call or both at once, so their batch spans both; the VAE sees the images."""
+        prompt set per call or both at once, so their batch spans both; the VAE sees the images.
+        Only the U-Net has a prompt-chunk range (None here: the build takes its export's)."""
         b, g = self.shapes.batch, 2 if self.shapes.guidance else 1
         if kind == "unet":
             batch = (b[0] * g, b[1] * g, b[2] * g)
@@ -159,7 +164,7 @@ class GpuProfile:
             batch = (b[0], b[1] * g, b[2] * g)
         else:
             batch = b
-        return ShapeRange(batch, self.shapes.height, self.shapes.width)
+        return ShapeRange(batch, self.shapes.height, self.shapes.width, self.shapes.prompt_chunks if kind == "unet" else None)
 
     def with_overrides(self, batch: int | None = None, height: int | None = None, width: int | None = None,
                        precision: str | None = None) -> "GpuProfile":
@@ -202,7 +207,8 @@ class GpuProfile:
         d.pop("data")
         d["gpu"]["names"] = list(self.gpu.names)
         d["build"]["targets"] = list(self.build.targets)
-        d["shapes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["shapes"].items()}
+        d["shapes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["shapes"].items()
+                       if k != "prompt_chunks" or v is not None}
         return d
 
 
@@ -255,7 +261,8 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
 
     s = top.table_of("shapes")
     shapes = Shapes(s.triple("batch", (1, 1, 1)), s.triple("height", (1024,) * 3, 8),
-                    s.triple("width", (1024,) * 3, 8), s.boolean("guidance", True))
+                    s.triple("width", (1024,) * 3, 8), s.boolean("guidance", True),
+                    s.triple("prompt_chunks", (1, 1, 1)) if s.get("prompt_chunks") is not None else None)
     s.done()
 
     b = top.table_of("build")

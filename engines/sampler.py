@@ -145,6 +145,19 @@ class Plan:
         return self.cfg and bool(self.negative_prompt)
 
 
+def check_prompt_range(unet: ComponentSpec, r: ShapeRange | None, tokens: int) -> int:
+    """The one prompt-length check (sampler, validate): a prompt of `tokens` ids against the U-Net's
+    range `r` (one chunk for a U-Net exported before long prompts; any length for a backend without a
+    recorded range, torch from a model source); its chunk count, or UsageError naming the limit."""
+    if r is None and unet.has_sequence:
+        r = ShapeRange((1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1 << 20))
+    elif r is None:
+        r = ShapeRange((1, 1, 1), (1, 1, 1), (1, 1, 1))
+    elif not unet.has_sequence:
+        r = ShapeRange(r.batch, r.height, r.width)
+    return r.check_prompt(unet.name, tokens)
+
+
 def initial_noise(seed: int, batch: int, shape: tuple[int, ...]) -> np.ndarray:
     """The initial latents for --seed: image i is standard normal noise from numpy's PCG64 seeded with
     seed + i, so every backend starts from the same noise and image i of a batch equals a batch-1
@@ -281,17 +294,9 @@ class Sampler:
 
     def check_prompt(self, prompt: str, negative_prompt: str | None = None) -> int:
         """The chunks the prompt (and the negative prompt, when it is encoded) take, inside the U-Net's
-        sequence range (its backend's, else its export's; one chunk for a graph without the axis);
-        UsageError naming the limit."""
+        sequence range (its backend's, else its export's); UsageError naming the limit."""
         tokens = prompt_tokens(self.tokenizers, [prompt] if negative_prompt is None else [negative_prompt, prompt])
-        r = self._range("unet")
-        if r is None and self.unet.has_sequence:  # a backend without a recorded range (torch from a model source)
-            r = ShapeRange((1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1 << 20))
-        elif r is None:
-            r = ShapeRange((1, 1, 1), (1, 1, 1), (1, 1, 1))
-        elif not self.unet.has_sequence:
-            r = ShapeRange(r.batch, r.height, r.width)  # a U-Net exported before long prompts: one chunk
-        return r.check_prompt("unet", tokens)
+        return check_prompt_range(self.unet, self._range("unet"), tokens)
 
     # ----- the loop -----------------------------------------------------------------------------
     def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

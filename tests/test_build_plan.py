@@ -61,6 +61,8 @@ def _check_plan(plan: dict, profile: str, precisions: dict[str, str], folders: d
     b = p.shapes.batch
     unet = plan["components"]["unet"]["inputs"]["sample"]
     assert unet["min"] == [2 * b[0], 4, 32, 32] and unet["max"] == [2 * b[2], 4, 32, 32]
+    ehs = plan["components"]["unet"]["inputs"]["encoder_hidden_states"]  # the export's 1..3 prompt chunks of 77
+    assert (ehs["min"][1], ehs["opt"][1], ehs["max"][1]) == (77, 77, 231)
     assert plan["components"]["text_encoder"]["inputs"]["input_ids"]["max"] == [2 * b[2], 77]
     assert plan["components"]["vae_decoder"]["inputs"]["latent_sample"]["max"][0] == b[2]
     assert plan["memory"]["complete"] and plan["memory"]["fits"]

@@ -143,3 +143,52 @@ def test_generate_refuses_a_prompt_beyond_the_range(tiny_artifacts: Path, tmp_pa
     assert stderr.strip().splitlines()[-1] == ("Error: the prompt is 252 tokens but unet takes at most 225 (3 chunk(s) of 75, 231 encoder "
                               "tokens); shorten the prompt, or re-export with `koala-trt export --max-prompt-chunks N`")
     assert not out.parent.exists()
+
+
+def test_export_records_the_range_and_profiles_carry_it(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """The manifest's unet range holds the prompt chunks; the build plan's profile takes min 77, opt 77,
+    max 231 tokens from it, a profile's [shapes] prompt_chunks narrows it, and one past it is refused."""
+    import json
+
+    from engines.profile import load_profile
+
+    m = load_manifest(tiny_artifacts)
+    assert m.shape_range("unet").prompt_chunks == (1, 1, 3)
+    assert m.spec("unet").input("encoder_hidden_states").dims[1] == "sequence"
+    assert m.shape_range("text_encoder").prompt_chunks is None
+    base = (Path(__file__).parents[1] / "engines" / "profiles" / "rtx4090.toml").read_text()
+    args = ("--onnx", tiny_artifacts, "--precision", "fp32", "--height", "128", "--width", "128", "--batch", "1",
+            "--dry-run", "--no-estimate", "--out", tmp_path / "e")
+    static = tmp_path / "one.toml"
+    static.write_text(base.replace("[shapes]", "[shapes]\nprompt_chunks = 1"))
+    assert load_profile(static).shapes.prompt_chunks == (1, 1, 1)
+    code, out, err = run_cli("build", *args, "--profile", static, "-c", "unet", "--json")
+    assert code == 0, err
+    unet = json.loads(out)["components"]["unet"]
+    assert unet["static"] and unet["inputs"]["encoder_hidden_states"]["max"][1] == 77
+    wide = tmp_path / "wide.toml"
+    wide.write_text(base.replace("[shapes]", "[shapes]\nprompt_chunks = [1, 1, 4]"))
+    code, _, err = run_cli("build", *args, "--profile", wide, "-c", "unet")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"Error: unet: input encoder_hidden_states needs prompt_chunks 1..4, outside the range its export recorded "
+        f"(1..3 chunks of 77 tokens, {tiny_artifacts.resolve()}); set [shapes] prompt_chunks within it, or re-export "
+        f"with --max-prompt-chunks 4")
+
+
+def test_export_options_and_dynamic_axis(tmp_path: Path) -> None:
+    """--max-prompt-chunks N sets the U-Net's range (1..N); N = 1 traces the axis fixed at 77."""
+    from exporter.onnx_export import _dynamic_shapes, trace_chunks
+    from exporter.sources import resolve
+    from exporter.specs import default_range, specs_from_configs
+
+    spec = specs_from_configs(resolve("random:tiny").configs)["unet"]
+    r = default_range(spec, 2, 256, 256, 5)
+    assert r.prompt_chunks == (1, 1, 5) and trace_chunks(r) == 2
+    assert str(_dynamic_shapes(spec, r)["encoder_hidden_states"][1]) == "77*prompt_chunks"
+    one = default_range(spec, 2, 256, 256, 1)
+    assert trace_chunks(one) == 1 and 1 not in _dynamic_shapes(spec, one)["encoder_hidden_states"]
+    assert spec.input_shapes(2, 256, 256, chunks=3)["encoder_hidden_states"][1] == 231
+    code, _, err = run_cli("export", "--model", "random:tiny", "--out", tmp_path / "x", "--static", "--max-prompt-chunks", "2")
+    assert code == 2 and err.strip() == ("Error: --max-prompt-chunks does not apply with --static (a static U-Net takes one "
+                                          "chunk of 77 tokens)")
+    assert not (tmp_path / "x").exists()

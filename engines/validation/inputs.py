@@ -1,5 +1,5 @@
 """The inputs every component is validated on, at the artifact's real shapes (--height/--width, the
-spec's 77 tokens):
+spec's 77 tokens per prompt chunk):
 
 - random: the spec's dummy inputs (`ComponentSpec.dummy_inputs`) with fresh seeds: values a real run
   never produces, so a graph that only works along real trajectories (a swapped or ignored input)
@@ -50,11 +50,12 @@ def random_inputs(spec: ComponentSpec, batch: int, height: int, width: int, samp
 
 
 def token_inputs(tokenizer_dir: Any, spec: ComponentSpec, prompts: list[str]) -> InputSet:
-    """input_ids of each prompt (batch 1), padded/truncated to the spec's sequence length as the sampler does."""
+    """input_ids of each prompt chunk (batch 1), chunked and padded to the spec's sequence length as
+    the sampler does (a prompt over 75 tokens gives one feed per chunk)."""
     from engines.tokenize import ClipTokenizer
 
     seq = int(spec.inputs[0].dims[1])
     tok = ClipTokenizer(tokenizer_dir, max_length=seq)
-    feeds = [{spec.inputs[0].name: tok([p]).ids.astype(np.int32)} for p in prompts]
-    return InputSet("prompts", f"token ids of {len(prompts)} prompts ({seq} tokens)", feeds)
+    feeds = [{spec.inputs[0].name: row[None]} for p in prompts for row in tok.chunked([p], tok.chunk_count(p))[0]]
+    return InputSet("prompts", f"token ids of {len(prompts)} prompts ({len(feeds)} chunks of {seq} tokens)", feeds)
 

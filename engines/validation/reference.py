@@ -73,10 +73,12 @@ def load_pipeline(source: Any) -> Any:
 def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], steps: int, guidance: float,
                      height: int, width: int) -> Trajectories:
     """Run the pipeline once per prompt (CFG with SDXL's zero negative embeddings, as the sampler),
-    recording the U-Net's inputs and the latents after the last scheduler step."""
+    recording the U-Net's inputs and the latents after the last scheduler step. Prompts are encoded
+    in chunks of 77 tokens by the pipeline's own encoders, as the sampler encodes them."""
     import torch
 
     from calibration.capture import UNetRecorder
+    from calibration.prompt_embeds import pipeline_embeds
 
     out = Trajectories(list(prompts), list(noise))
     recorder = UNetRecorder()
@@ -90,7 +92,7 @@ def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], ste
     try:
         for prompt, n in zip(prompts, noise):
             with torch.no_grad():
-                res = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                res = pipe(**pipeline_embeds(pipe, prompt), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                            latents=torch.from_numpy(n.copy()), output_type="np", callback_on_step_end=on_step_end,
                            callback_on_step_end_tensor_inputs=["latents"])
             out.latents.append(final.pop("latents"))

@@ -102,6 +102,12 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     precisions = {c: backend.run_precision(c, p) for c, p in precisions.items()}  # openvino's BF16 gets BF16 limits
     try:
         pipeline.check_size(comps, height, width)
+        if "unet" in comps:  # every prompt within the U-Net's sequence range, before the reference runs
+            from engines.sampler import check_prompt_range
+            from engines.tokenize import ClipTokenizer, prompt_tokens
+
+            toks = [ClipTokenizer(manifest.root / t) for t in manifest.view.tokenizers]
+            check_prompt_range(specs["unet"], ranges["unet"], prompt_tokens(toks, opts.prompts))
     except BaseException:
         backend.close()
         raise

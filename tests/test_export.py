@@ -135,11 +135,12 @@ def test_inspect_artifacts(tiny_artifacts: Path) -> None:
     assert code == 0, err
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[3:7]}  # after the title, header and rule lines
     assert out.splitlines()[0] == f"artifacts {tiny_artifacts}: from random:tiny (opset 18)"
-    assert rows["unet"] == ["unet", "fp32", "1.7M", "sample[B,4,h,w]", "timestep[B]", "encoder_hidden_states[B,77,96]",
+    assert rows["unet"] == ["unet", "fp32", "1.7M", "sample[B,4,h,w]", "timestep[B]", "encoder_hidden_states[B,T,96]",
                             "text_embeds[B,64]", "time_ids[B,6]", "out_sample[B,4,h,w]", "1..8", "128..512", "x", "128..512"]
     assert rows["text_encoder_2"] == ["text_encoder_2", "fp32", "0.2M", "input_ids[B,77]", "hidden_states[B,77,64]",
                                       "text_embeds[B,64]", "1..8", "-"]
     assert list(rows) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    assert "T prompt tokens (77 per chunk, 77..231)" in out
 
 
 def test_corrupt_onnx_is_a_clear_error(tmp_path: Path) -> None:

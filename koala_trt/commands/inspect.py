@@ -5,7 +5,7 @@ import click
 from koala_trt.commands.common import print_json, table
 
 
-_SHORT = {"batch": "B", "height": "H", "width": "W", "latent_height": "h", "latent_width": "w"}
+_SHORT = {"batch": "B", "height": "H", "width": "W", "latent_height": "h", "latent_width": "w", "sequence": "T"}
 
 
 def _dims(t: dict) -> str:
@@ -33,7 +33,9 @@ def inspect_cmd(target: str, as_json: bool) -> None:
                          " ".join(_dims(t) for t in spec["inputs"]), " ".join(_dims(t) for t in spec["outputs"]),
                          f"{r['batch'][0]}..{r['batch'][2]}", size])
         click.echo(table(rows, ["component", "precision", "params", "inputs", "outputs", "batch", "pixels (h x w)"]))
-        click.echo("dims: B batch, H/W image pixels, h/w latent cells")
+        chunks = [c["shape_range"]["prompt_chunks"] for c in info["components"].values() if c["shape_range"].get("prompt_chunks")]
+        click.echo("dims: B batch, H/W image pixels, h/w latent cells"
+                   + (f", T prompt tokens (77 per chunk, {chunks[0][0] * 77}..{chunks[0][2] * 77})" if chunks else ""))
         click.echo(f"{len(info.get('files', {}))} files with sha256 in manifest.json")
         cpu = info.get("cpu")
         if cpu:

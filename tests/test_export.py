@@ -71,7 +71,8 @@ def test_sdxl_shaped_unet_with_mid_block(tmp_path: Path) -> None:
     assert m["configs"]["unet"]["mid_block_type"] == "UNetMidBlock2DCrossAttn"
     assert m["components"]["unet"]["check"]["passed"]
     assert m["components"]["unet"]["check"]["inputs"]["sample"] == [2, 4, 16, 24]
-    assert m["components"]["unet"]["shape_range"] == {"batch": [2, 2, 2], "height": [128, 128, 128], "width": [192, 192, 192]}
+    assert m["components"]["unet"]["shape_range"] == {"batch": [2, 2, 2], "height": [128, 128, 128], "width": [192, 192, 192],
+                                                      "prompt_chunks": [1, 1, 1]}  # static: one chunk of 77 tokens
     graph = onnx.load(str(out / "unet" / "model.onnx"))
     assert any(n.op_type == "Softmax" for n in graph.graph.node)
     assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [2, 4, 16, 24]

@@ -114,6 +114,10 @@ def test_engines_built_without_a_gpu(built: dict[str, Path], name: str, targets:
         # shrink them), never more than the plan; activations present
         assert 0.1 * e["source"]["onnx_bytes"] / (4 if e["precision"] == "int8" else 1) < e["weights_bytes"] < e["bytes"]
         assert e["device_memory_bytes"] > 0
+        if component == "unet":  # the prompt's dynamic sequence axis: the export's 1..3 chunks of 77 tokens
+            ehs = e["inputs"]["encoder_hidden_states"]
+            assert (ehs["min"][1], ehs["opt"][1], ehs["max"][1]) == (77, 77, 231) and not e["static"]
+            assert e["shape_range"]["prompt_chunks"] == [1, 1, 3]
     assert sorted(p.name for p in folder.glob("*.plan")) == sorted(e["file"] for e in m["engines"].values())
     note = [n for n in m["notes"] if "INT8" in n]
     assert bool(note) == (name == "unet-int8")

@@ -192,3 +192,33 @@ def test_export_options_and_dynamic_axis(tmp_path: Path) -> None:
     assert code == 2 and err.strip() == ("Error: --max-prompt-chunks does not apply with --static (a static U-Net takes one "
                                           "chunk of 77 tokens)")
     assert not (tmp_path / "x").exists()
+
+
+def test_validate_refuses_a_prompt_beyond_the_range(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """validate checks its prompts against the U-Net's range before the PyTorch reference runs."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n{TOO_LONG}\n")
+    report = tmp_path / "r.json"
+    code, _, err = run_cli("validate", "--artifacts", tiny_artifacts, "--height", "128", "--width", "128", "--steps", "1",
+                           "--prompts", prompts, "--report", report)
+    assert code == 2 and "Traceback" not in err and "reference:" not in err
+    assert err.strip().splitlines()[-1] == ("Error: the prompt is 252 tokens but unet takes at most 225 (3 chunk(s) of 75, "
+                                            "231 encoder tokens); shorten the prompt, or re-export with `koala-trt export "
+                                            "--max-prompt-chunks N`")
+    assert not report.exists()
+
+
+def test_calibration_capture_records_chunked_states(tiny_source, pipe, tmp_path: Path) -> None:
+    """`calibrate` feeds the PyTorch pipeline the chunked embeddings: the U-Net sees [2, 231, D] (zero
+    negative half), as the sampler gives it."""
+    from calibration.capture import CaptureOptions, capture
+    from calibration.prompt_embeds import pipeline_embeds
+
+    cs = capture(tiny_source, tmp_path / "calib", CaptureOptions(prompts=[LONG], steps=1, height=SIZE, width=SIZE),
+                 log=lambda m: None)
+    shard = np.load(cs.root / cs.view.shards[0].file)
+    ehs = shard["encoder_hidden_states"]
+    assert ehs.shape == (2, 231, 96) and not ehs[0].any()
+    ref = pipeline_embeds(pipe, LONG)
+    np.testing.assert_array_equal(ehs[1], ref["prompt_embeds"][0].numpy())  # the same PyTorch encoders: bit for bit
+    np.testing.assert_array_equal(shard["text_embeds"][1], ref["pooled_prompt_embeds"][0].numpy())

@@ -182,6 +182,8 @@ def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_byte
         "source": {"artifacts": str(c.manifest.root), "onnx": str(c.onnx_path), "onnx_sha256": c.onnx_sha256,
                    "onnx_bytes": c.onnx_bytes, "files": {rel: f.to_json() for rel, f in c.onnx_files.items()}},
         "stripped": stripped, "build_seconds": round(seconds, 2),
+        # the LoRA adapters fused into this component's weights (the artifacts manifest's record, this component's layers)
+        "loras": [a.to_json() for a in c.manifest.view.adapters(c.component)],
     }
 
 

@@ -12,7 +12,9 @@ Two layouts are read (`format_version`):
        "targets": {"compute_capabilities": [...], "hardware_compatibility", "version_compatible"},
        "build_host": {"gpu": null | {"name", "compute_capability", "memory_bytes"}, "cpu", "cuda": null | {...}}
 
-Both: "format": "koala-trt/engines", "engines": {<component>: {"file", "sha256", "bytes", ...}}.
+Both: "format": "koala-trt/engines", "engines": {<component>: {"file", "sha256", "bytes", ...}}, and
+optionally per engine "loras": the LoRA adapters fused into the weights it was built (or refitted)
+from, as koala_core.schema.AdapterRecord (absent before koala-trt recorded them: read as none).
 Nothing else is interpreted here; bundles copy the manifest verbatim.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 
 from engines.cuda import DeviceInfo
 from koala_core.errors import UsageError
+from koala_core.schema import AdapterRecord, Fields, read_adapters
 
 FORMAT = "koala-trt/engines"
 READ_VERSIONS = (1, 2)
@@ -79,6 +82,27 @@ class EngineFile:
     file: str  # relative to the engines folder, POSIX
     sha256: str
     bytes: int
+    loras: tuple[AdapterRecord, ...] = ()  # the LoRA adapters in its weights, in order
+
+
+def _labels(adapters: tuple[AdapterRecord, ...]) -> str:
+    return " + ".join(a.label() for a in adapters) or "none"
+
+
+def adapter_mismatch(engines: dict[str, EngineFile], artifacts: dict[str, tuple[AdapterRecord, ...]],
+                     where: str = "the engines") -> str | None:
+    """One line naming every engine whose LoRA adapters (sha256 and scale; fused in any order) are not
+    those of the artifacts' weights for its component (`artifacts`: component -> adapters, see
+    exporter.manifest.ArtifactsView.adapters), or None when they agree."""
+    diffs = []
+    for comp, e in engines.items():
+        mine, theirs = artifacts.get(comp, ()), e.loras
+        if sorted(a.key for a in mine) != sorted(a.key for a in theirs):
+            diffs.append(f"{comp} engine has {_labels(theirs)}, the artifacts' {comp} has {_labels(mine)}")
+    if not diffs:
+        return None
+    return (f"LoRA adapters differ between {where} and the artifacts: {'; '.join(diffs)}; rebuild the engines from "
+            "the artifacts (koala-trt build), or refit refittable TensorRT engines (koala-trt refit)")
 
 
 @dataclass(frozen=True)
@@ -182,7 +206,7 @@ class EnginesRecord:
             sha, size = r.str(e, "sha256", at), r.get(e, "bytes", at)
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise UsageError(f"{where}: key '{at}.bytes' must be a byte count (got {size!r})")
-            engines[comp] = EngineFile(comp, rel, sha, size)
+            engines[comp] = EngineFile(comp, rel, sha, size, read_adapters(Fields(where, e, f"{at}.", UsageError)))
         if not engines:
             raise UsageError(f"{where} lists no engines")
         return cls(version, lib, targets, host, engines)

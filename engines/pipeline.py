@@ -97,6 +97,16 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     runtime: Backend = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads,
                                     cpu_precision=cpu_precision)
     try:
+        from engines.engine_manifest import EnginesManifest
+        from engines.engines_record import adapter_mismatch
+
+        em_ = getattr(runtime, "manifest", None)
+        if manifest is not None and isinstance(em_, EnginesManifest) and log is not None:  # engines used with artifacts
+
+            line = adapter_mismatch(em_.record.engines, {c: manifest.view.adapters(c) for c in em_.record.engines},
+                                    f"the engines in {em_.root}")
+            if line:
+                log(f"warning: {line}")
         if assets is None:
             em = runtime.manifest  # type: ignore[attr-defined]
             assets = PipelineAssets.from_engines(em.root, em.data, runtime.specs, {c: em.shape_range(c) for c in runtime.specs})

@@ -114,7 +114,7 @@ def inspect_engines(root: Path | str) -> dict[str, Any]:
     m = load_engines_manifest(root)
     r = m.record
     return {"engines_folder": str(root), **r.compat.to_json(),
-            "refit": (m.data.get("flags") or {}).get("refit", "none"),
+            "refit": r.refit,
             "engines": {c: {"file": e.file, "bytes": e.bytes, "sha256": e.sha256,
                             "precision": m.entry(c).get("precision"), "loras": [a.to_json() for a in e.loras],
                             **({"refit": m.entry(c)["refit"]} if "refit" in m.entry(c) else {})}

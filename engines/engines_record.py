@@ -26,6 +26,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from engines.cuda import DeviceInfo
+from engines.profile import REFIT_FLAGS
 from koala_core.errors import UsageError
 from koala_core.schema import AdapterRecord, Fields, read_adapters
 
@@ -33,6 +34,7 @@ FORMAT = "koala-trt/engines"
 READ_VERSIONS = (1, 2)
 LIBRARIES = ("tensorrt", "tensorrt-rtx")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+RECORDED_REFIT = tuple(REFIT_FLAGS.values())  # what a build records as flags.refit (engines/profile.py)
 
 
 def normalize_cc(value: Any) -> str:
@@ -146,6 +148,7 @@ class EnginesRecord:
     targets: Targets
     build_host: BuildHost
     engines: dict[str, EngineFile] = field(default_factory=dict)
+    refit: str = "none"  # flags.refit: "none" | "REFIT_IDENTICAL+STRIP_PLAN" | "REFIT" (refittable with other weights)
 
     @property
     def compat(self) -> Compat:
@@ -209,7 +212,11 @@ class EnginesRecord:
             engines[comp] = EngineFile(comp, rel, sha, size, read_adapters(Fields(where, e, f"{at}.", UsageError)))
         if not engines:
             raise UsageError(f"{where} lists no engines")
-        return cls(version, lib, targets, host, engines)
+        flags = data.get("flags") or {}
+        refit = flags.get("refit", "none") if isinstance(flags, dict) else "none"
+        if refit not in RECORDED_REFIT:
+            raise UsageError(f"{where}: key 'flags.refit' is {refit!r}, expected one of {', '.join(RECORDED_REFIT)}")
+        return cls(version, lib, targets, host, engines, refit)
 
 
 class _Reader:

@@ -47,7 +47,7 @@ def _refusal(em: EnginesManifest, artifacts: Path) -> str | None:
     if em.record.library.name == "tensorrt-rtx":
         return (f"{em.root}: {RTX_REFIT_REFUSAL}; rebuild them from the patched folder (TensorRT-RTX builds on a CPU): "
                 f"{rebuild_hint(em, artifacts)}")
-    refit = (em.data.get("flags") or {}).get("refit", "none")
+    refit = em.record.refit
     if refit == "REFIT":
         return None
     how = ("with refit = \"identical\" (REFIT_IDENTICAL + STRIP_PLAN: they take only the weights they were built from)"

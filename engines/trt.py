@@ -212,7 +212,7 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
     if hc != "none" and not hasattr(trt.HardwareCompatibilityLevel, hc.upper()):
         raise KoalaError(f"TensorRT {trt.__version__} has no hardware compatibility level {hc.upper()}")
     stripped = flags.get("refit") == "REFIT_IDENTICAL+STRIP_PLAN"
-    refittable = flags.get("refit") == "REFIT"  # weights replaceable later (koala-trt refit); not 11.3 (buildplan)
+    replaceable = flags.get("refit") == "REFIT"  # weights replaceable later (koala-trt refit); not 11.3 (buildplan)
     config = CreateConfig(
         profiles=[profile],
         tf32=bool(flags.get("tf32", False)),
@@ -225,7 +225,7 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
     )
     if stripped:  # REFIT_IDENTICAL, set by name; CreateConfig's `refittable` would set bare REFIT
         config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT_IDENTICAL))
-    elif refittable:  # bare REFIT: the engine may get other weights (a LoRA patched into the ONNX)
+    elif replaceable:  # bare REFIT: the engine may get other weights (a LoRA patched into the ONNX)
         config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT))
     try:
         with _quiet(verbose):

@@ -152,7 +152,7 @@ def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
             (stage / c.engine).write_bytes(built.data)
             engines[name] = engine_entry(c, len(built.data), sha256_file(stage / c.engine), built.device_memory_bytes,
                                          built.layers, {n: v["dtype"] for n, v in built.io.items()}, seconds,
-                                         stripped=flags["refit"] != "none", weights_bytes=built.weights_bytes)
+                                         stripped=flags["refit"] == "REFIT_IDENTICAL+STRIP_PLAN", weights_bytes=built.weights_bytes)
             log(f"  {name}: {len(built.data) / 2**20:,.1f} MiB, activations {built.device_memory_bytes / 2**20:,.1f} MiB, "
                 f"{seconds:.1f} s")
         first = next(iter(plan.components.values())).manifest

@@ -102,7 +102,6 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
 
         em_ = getattr(runtime, "manifest", None)
         if manifest is not None and isinstance(em_, EnginesManifest) and log is not None:  # engines used with artifacts
-
             line = adapter_mismatch(em_.record.engines, {c: manifest.view.adapters(c) for c in em_.record.engines},
                                     f"the engines in {em_.root}")
             if line:

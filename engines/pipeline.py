@@ -94,18 +94,11 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     else:
         assets = None  # tensorrt without --artifacts: the engines folder carries tokenizers, scheduler and defaults
     verify_s = time.perf_counter() - t0
+    if backend == "tensorrt" and engines is not None and manifest is not None and log is not None:
+        _report_adapters(Path(engines), manifest, log)
     runtime: Backend = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads,
                                     cpu_precision=cpu_precision)
     try:
-        from engines.engine_manifest import EnginesManifest
-        from engines.engines_record import adapter_mismatch
-
-        em_ = getattr(runtime, "manifest", None)
-        if manifest is not None and isinstance(em_, EnginesManifest) and log is not None:  # engines used with artifacts
-            line = adapter_mismatch(em_.record.engines, {c: manifest.view.adapters(c) for c in em_.record.engines},
-                                    f"the engines in {em_.root}")
-            if line:
-                log(f"warning: {line}")
         if assets is None:
             em = runtime.manifest  # type: ignore[attr-defined]
             assets = PipelineAssets.from_engines(em.root, em.data, runtime.specs, {c: em.shape_range(c) for c in runtime.specs})
@@ -113,3 +106,14 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
         runtime.close()
         raise
     return Pipeline(runtime, assets, manifest, checked, verify_s, model)
+
+
+def _report_adapters(engines: Path, manifest: Manifest, log: Callable[[str], None]) -> None:
+    """Engines used with an artifacts folder: one warning line when their LoRA adapters differ."""
+    from engines.engine_manifest import load_engines_manifest
+    from engines.engines_record import adapter_mismatch
+
+    record = load_engines_manifest(engines).record
+    line = adapter_mismatch(record.engines, {c: manifest.view.adapters(c) for c in record.engines}, f"the engines in {engines}")
+    if line:
+        log(f"warning: {line}")

@@ -296,3 +296,21 @@ def test_refit_standard_tensorrt_engines_with_a_lora(tiny_artifacts: Path, lora:
     with TensorRTBackend(back) as b:
         for c in feeds:
             _compare(plain.run(c, feeds[c]), b.run(c, feeds[c]), rel_l2=1e-3)
+
+
+@RTX
+def test_generate_reports_engines_without_the_artifacts_adapters(lora: tuple[Path, Path], rtx_engines: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """--engines with --artifacts: the mismatch is said before the backend opens (which needs a GPU:
+    here the run then stops with that error, on an RTX card it goes on)."""
+    adapter, patched = lora
+    e = rtx_engines["plain"]
+    code, _, err = run_cli("generate", "--backend", "tensorrt", "--engines", e, "--artifacts", patched, "--prompt", "a koala",
+                           "--height", "128", "--width", "128", "--steps", "1", "--out", tmp_path / "k.png")
+    want = (f"warning: LoRA adapters differ between the engines in {e} and the artifacts: unet engine has none, the "
+            f"artifacts' unet has style.safetensors x0.8 (sha256 {sha256(adapter)[:12]}); rebuild the engines from the "
+            "artifacts (koala-trt build), or refit refittable TensorRT engines (koala-trt refit)")
+    assert [ln for ln in err.splitlines() if ln.startswith("warning: LoRA")] == [want], err
+    code, _, err = run_cli("generate", "--backend", "tensorrt", "--engines", rtx_engines["lora"], "--artifacts", patched,
+                           "--prompt", "a koala", "--height", "128", "--width", "128", "--steps", "1", "--out", tmp_path / "k.png")
+    assert not [ln for ln in err.splitlines() if ln.startswith("warning: LoRA")], err

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from engines.runtime import ONNX_BACKENDS, Backend, open_backend
 from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets
 from exporter.manifest import Manifest, load_manifest
-from koala_core.errors import UsageError
+from koala_core.errors import KoalaError, UsageError
 
 
 @dataclass
@@ -113,7 +113,10 @@ def _report_adapters(engines: Path, manifest: Manifest, log: Callable[[str], Non
     from engines.engine_manifest import load_engines_manifest
     from engines.engines_record import adapter_mismatch
 
-    record = load_engines_manifest(engines).record
+    try:
+        record = load_engines_manifest(engines).record
+    except KoalaError:  # not an engines folder: the backend says so, in its own words
+        return
     line = adapter_mismatch(record.engines, {c: manifest.view.adapters(c) for c in record.engines}, f"the engines in {engines}")
     if line:
         log(f"warning: {line}")

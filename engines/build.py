@@ -152,7 +152,7 @@ def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
             (stage / c.engine).write_bytes(built.data)
             engines[name] = engine_entry(c, len(built.data), sha256_file(stage / c.engine), built.device_memory_bytes,
                                          built.layers, {n: v["dtype"] for n, v in built.io.items()}, seconds,
-                                         stripped=flags["refit"] != "none", weights_bytes=built.weights_bytes)
+                                         stripped=flags["refit"] == "REFIT_IDENTICAL+STRIP_PLAN", weights_bytes=built.weights_bytes)
             log(f"  {name}: {len(built.data) / 2**20:,.1f} MiB, activations {built.device_memory_bytes / 2**20:,.1f} MiB, "
                 f"{seconds:.1f} s")
         first = next(iter(plan.components.values())).manifest
@@ -182,6 +182,8 @@ def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_byte
         "source": {"artifacts": str(c.manifest.root), "onnx": str(c.onnx_path), "onnx_sha256": c.onnx_sha256,
                    "onnx_bytes": c.onnx_bytes, "files": {rel: f.to_json() for rel, f in c.onnx_files.items()}},
         "stripped": stripped, "build_seconds": round(seconds, 2),
+        # the LoRA adapters fused into this component's weights (the artifacts manifest's record, this component's layers)
+        "loras": [a.to_json() for a in c.manifest.view.adapters(c.component)],
     }
 
 

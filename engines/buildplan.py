@@ -14,7 +14,7 @@ from typing import Any
 
 from engines.libraries import LIBRARIES, RTX_NOT_APPLICABLE, Library, sm
 from engines.planner import MemoryPlan
-from engines.profile import GIB, GpuProfile
+from engines.profile import GIB, REFIT_FLAGS, GpuProfile
 from engines.artifacts_check import check_files
 from exporter.manifest import Manifest, load_manifest
 from exporter.specs import ComponentSpec, ShapeRange
@@ -121,7 +121,7 @@ class BuildPlan:
             "workspace_bytes": int(b.workspace_gib * GIB),
             "hardware_compatibility": b.hardware_compatibility,  # "none" for TensorRT-RTX (see not_applicable)
             "version_compatible": b.version_compatible,
-            "refit": "REFIT_IDENTICAL+STRIP_PLAN" if b.refit == "identical" else "none",
+            "refit": REFIT_FLAGS[b.refit],
             "timing_cache": TIMING_CACHE if b.timing_cache and not rtx else None,
             "tf32": False,
         }
@@ -272,12 +272,19 @@ def check_precision(component: str, precision: str, profile: GpuProfile) -> None
                          f"has no FP32 GEMM on Turing; {remedy}")
 
 
+BARE_REFIT_BROKEN = "11.3."  # TensorRT 11.3's known issue: BuilderFlag.REFIT may drop a GEMM bias (REFIT_IDENTICAL does not)
+
+
 def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, components: list[str] | None = None,
                     trt_version: str | None = None, estimate: bool = True, args: dict[str, Any] | None = None,
                     log: Any = None) -> BuildPlan:
     """Everything the build needs decided, checked and named; imports no TensorRT."""
     if not onnx_dirs:
         raise UsageError("pass at least one artifacts folder with --onnx")
+    if profile.build.refit == "weights" and (trt_version or "").startswith(BARE_REFIT_BROKEN):
+        raise UsageError(f"{profile.name}: build.refit = \"weights\" builds with bare REFIT, which TensorRT {trt_version} "
+                         "can get wrong (NVIDIA's known issue in 11.3: a GEMM bias dropped); use another TensorRT version, "
+                         "or refit = \"none\" and rebuild from each LoRA-patched folder")
     manifests = [load_manifest(d) for d in onnx_dirs]
     plan = BuildPlan(profile=profile, onnx_dirs=[m.root.resolve() for m in manifests], out=Path(out),
                      trt_version=trt_version, args=dict(args or {}))

@@ -106,3 +106,16 @@ def check_compatible(m: EnginesManifest, device: DeviceInfo, library_version: st
         raise KoalaError(f"engines in {m.root} cannot run here: {'; '.join(verdict.problems)}. Rebuild them on this "
                          f"machine: {m.rebuild_command(profile)}{note}")
     return [f"engines in {m.root} were {w}; rebuild with: {m.rebuild_command()}" for w in verdict.warnings]
+
+
+def inspect_engines(root: Path | str) -> dict[str, Any]:
+    """What `koala-trt inspect ENGINES` shows: the library, targets, build host, refit flag and each
+    engine with the LoRA adapters in its weights (read through the one reader)."""
+    m = load_engines_manifest(root)
+    r = m.record
+    return {"engines_folder": str(root), **r.compat.to_json(),
+            "refit": r.refit,
+            "engines": {c: {"file": e.file, "bytes": e.bytes, "sha256": e.sha256,
+                            "precision": m.entry(c).get("precision"), "loras": [a.to_json() for a in e.loras],
+                            **({"refit": m.entry(c)["refit"]} if "refit" in m.entry(c) else {})}
+                        for c, e in r.engines.items()}}

@@ -12,7 +12,9 @@ Two layouts are read (`format_version`):
        "targets": {"compute_capabilities": [...], "hardware_compatibility", "version_compatible"},
        "build_host": {"gpu": null | {"name", "compute_capability", "memory_bytes"}, "cpu", "cuda": null | {...}}
 
-Both: "format": "koala-trt/engines", "engines": {<component>: {"file", "sha256", "bytes", ...}}.
+Both: "format": "koala-trt/engines", "engines": {<component>: {"file", "sha256", "bytes", ...}}, and
+optionally per engine "loras": the LoRA adapters fused into the weights it was built (or refitted)
+from, as koala_core.schema.AdapterRecord (absent before koala-trt recorded them: read as none).
 Nothing else is interpreted here; bundles copy the manifest verbatim.
 """
 
@@ -24,12 +26,15 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from engines.cuda import DeviceInfo
+from engines.profile import REFIT_FLAGS
 from koala_core.errors import UsageError
+from koala_core.schema import AdapterRecord, Fields, read_adapters
 
 FORMAT = "koala-trt/engines"
 READ_VERSIONS = (1, 2)
 LIBRARIES = ("tensorrt", "tensorrt-rtx")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+RECORDED_REFIT = tuple(REFIT_FLAGS.values())  # what a build records as flags.refit (engines/profile.py)
 
 
 def normalize_cc(value: Any) -> str:
@@ -79,6 +84,27 @@ class EngineFile:
     file: str  # relative to the engines folder, POSIX
     sha256: str
     bytes: int
+    loras: tuple[AdapterRecord, ...] = ()  # the LoRA adapters in its weights, in order
+
+
+def _labels(adapters: tuple[AdapterRecord, ...]) -> str:
+    return " + ".join(a.label() for a in adapters) or "none"
+
+
+def adapter_mismatch(engines: dict[str, EngineFile], artifacts: dict[str, tuple[AdapterRecord, ...]],
+                     where: str = "the engines") -> str | None:
+    """One line naming every engine whose LoRA adapters (sha256 and scale; fused in any order) are not
+    those of the artifacts' weights for its component (`artifacts`: component -> adapters, see
+    exporter.manifest.ArtifactsView.adapters), or None when they agree."""
+    diffs = []
+    for comp, e in engines.items():
+        mine, theirs = artifacts.get(comp, ()), e.loras
+        if sorted(a.key for a in mine) != sorted(a.key for a in theirs):
+            diffs.append(f"{comp} engine has {_labels(theirs)}, the artifacts' {comp} has {_labels(mine)}")
+    if not diffs:
+        return None
+    return (f"LoRA adapters differ between {where} and the artifacts: {'; '.join(diffs)}; rebuild the engines from "
+            "the artifacts (koala-trt build), or refit refittable TensorRT engines (koala-trt refit)")
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,7 @@ class EnginesRecord:
     targets: Targets
     build_host: BuildHost
     engines: dict[str, EngineFile] = field(default_factory=dict)
+    refit: str = "none"  # flags.refit: "none" | "REFIT_IDENTICAL+STRIP_PLAN" | "REFIT" (refittable with other weights)
 
     @property
     def compat(self) -> Compat:
@@ -182,10 +209,14 @@ class EnginesRecord:
             sha, size = r.str(e, "sha256", at), r.get(e, "bytes", at)
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise UsageError(f"{where}: key '{at}.bytes' must be a byte count (got {size!r})")
-            engines[comp] = EngineFile(comp, rel, sha, size)
+            engines[comp] = EngineFile(comp, rel, sha, size, read_adapters(Fields(where, e, f"{at}.", UsageError)))
         if not engines:
             raise UsageError(f"{where} lists no engines")
-        return cls(version, lib, targets, host, engines)
+        flags = data.get("flags") or {}
+        refit = flags.get("refit", "none") if isinstance(flags, dict) else "none"
+        if refit not in RECORDED_REFIT:
+            raise UsageError(f"{where}: key 'flags.refit' is {refit!r}, expected one of {', '.join(RECORDED_REFIT)}")
+        return cls(version, lib, targets, host, engines, refit)
 
 
 class _Reader:

@@ -6,8 +6,8 @@ without importing either (so `build --dry-run`, `plan` and the refusals run anyw
 - `tensorrt-rtx`: NVIDIA's TensorRT for RTX (module `tensorrt_rtx`), for GeForce/RTX cards. Its
   ahead-of-time build needs no GPU once the target compute capabilities are given; the card
   JIT-compiles kernels at first run. It targets sm_75, sm_80, sm_86, sm_89, sm_120 and sm_121, not
-  sm_87 (Jetson Orin) or sm_90 (H100). Refit, weight-stripped plans and the CURRENT capability need a
-  GPU even to build; timing caches and hardware compatibility levels do not apply (TensorRT-RTX 1.7,
+  sm_87 (Jetson Orin) or sm_90 (H100). Refit (REFIT or REFIT_IDENTICAL), weight-stripped plans and
+  the CURRENT capability need a GPU even to build; timing caches and hardware compatibility levels do not apply (TensorRT-RTX 1.7,
   checked on a CPU-only machine: see docs/profiles-and-build.md).
 """
 
@@ -66,7 +66,13 @@ LIBRARIES = {lib.name: lib for lib in (TENSORRT, TENSORRT_RTX)}
 
 # TensorRT-RTX build options that need a GPU at build time (they fail with a Myelin CUDA error on a
 # CPU-only machine, contrary to the docs), and options that do not apply to it.
-RTX_NEEDS_GPU = {"refit": "refit (REFIT_IDENTICAL + STRIP_PLAN)"}
+# TensorRT-RTX 1.7 has refit (BuilderFlag.REFIT, Refitter, OnnxParserRefitter), but building a refittable
+# engine needs the GPU: bare REFIT fails on a CPU-only machine with the same Myelin CUDA error (checked
+# here on random:tiny's U-Net for sm_86). So koala-trt's TensorRT-RTX engines, built on a CPU, are never
+# refittable: a LoRA reaches them by a rebuild from the patched folder (RTX_REFIT_REFUSAL).
+RTX_NEEDS_GPU = {"refit_identical": "refit (REFIT_IDENTICAL + STRIP_PLAN)", "refit_weights": "refit (REFIT)"}
+RTX_REFIT_REFUSAL = ("TensorRT-RTX engines are not refitted (TensorRT-RTX 1.7 builds refittable engines only on a GPU, "
+                     "and koala-trt builds them on the CPU without refit)")
 RTX_NOT_APPLICABLE = {
     "timing_cache": "TensorRT-RTX times no tactics at build time (kernels are compiled on the card at first run "
                     "and kept in its runtime cache)",

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from engines.runtime import ONNX_BACKENDS, Backend, open_backend
 from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets
 from exporter.manifest import Manifest, load_manifest
-from koala_core.errors import UsageError
+from koala_core.errors import KoalaError, UsageError
 
 
 @dataclass
@@ -94,6 +94,8 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     else:
         assets = None  # tensorrt without --artifacts: the engines folder carries tokenizers, scheduler and defaults
     verify_s = time.perf_counter() - t0
+    if backend == "tensorrt" and engines is not None and manifest is not None and log is not None:
+        _report_adapters(Path(engines), manifest, log)
     runtime: Backend = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads,
                                     cpu_precision=cpu_precision)
     try:
@@ -104,3 +106,17 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
         runtime.close()
         raise
     return Pipeline(runtime, assets, manifest, checked, verify_s, model)
+
+
+def _report_adapters(engines: Path, manifest: Manifest, log: Callable[[str], None]) -> None:
+    """Engines used with an artifacts folder: one warning line when their LoRA adapters differ."""
+    from engines.engine_manifest import load_engines_manifest
+    from engines.engines_record import adapter_mismatch
+
+    try:
+        record = load_engines_manifest(engines).record
+    except KoalaError:  # not an engines folder: the backend says so, in its own words
+        return
+    line = adapter_mismatch(record.engines, {c: manifest.view.adapters(c) for c in record.engines}, f"the engines in {engines}")
+    if line:
+        log(f"warning: {line}")

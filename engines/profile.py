@@ -34,7 +34,9 @@ Schema (every field is checked; an error names the field):
     optimization_level = 3                   # builder optimization level 0..5
     hardware_compatibility = "none"          # none | ampere_plus | same_compute_capability
     version_compatible = false               # VERSION_COMPATIBLE engines (run on later TensorRT)
-    refit = "none"                           # none | identical (REFIT_IDENTICAL + STRIP_PLAN)
+    refit = "none"                           # none | identical (REFIT_IDENTICAL + STRIP_PLAN: weights from
+                                             # the identical ONNX at load) | weights (REFIT: `koala-trt refit`
+                                             # gives the engine a LoRA-patched folder's weights)
     timing_cache = true                      # keep a timing cache in the engines folder (standard TensorRT)
     library = "tensorrt"                     # tensorrt | tensorrt-rtx (engines/libraries.py)
     targets = ["8.6", "8.9", "12.0"]         # TensorRT-RTX: compute capabilities to build for
@@ -66,7 +68,8 @@ else:  # pragma: no cover - Python 3.10
 
 PRECISIONS = ("fp32", "fp16", "int8")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
-REFIT = ("none", "identical")
+REFIT = ("none", "identical", "weights")
+REFIT_FLAGS = {"none": "none", "identical": "REFIT_IDENTICAL+STRIP_PLAN", "weights": "REFIT"}  # the build flags recorded
 RESIDENCY = ("resident", "sequential")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 GIB = 1 << 30
@@ -315,7 +318,7 @@ def _targets(b: _Fields, build: BuildOptions, gpu: GpuSpec) -> tuple[str, ...]:
             if t not in lib.targets:
                 raise b.err("targets", f"lists {sm(t)}, which TensorRT-RTX cannot target (it targets {known})")
         if build.refit != "none":
-            raise b.err("refit", f"= \"{build.refit}\": {RTX_NEEDS_GPU['refit']} needs a GPU at build time with "
+            raise b.err("refit", f"= \"{build.refit}\": {RTX_NEEDS_GPU['refit_' + build.refit]} needs a GPU at build time with "
                         "TensorRT-RTX; build on the card with library = \"tensorrt\" or drop refit")
         if build.hardware_compatibility != "none":
             raise b.err("hardware_compatibility", "does not apply to TensorRT-RTX: its engines run on the compute "

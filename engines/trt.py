@@ -6,7 +6,10 @@ engine_bytes_from_network(..., save_timing_cache=...) (engine_from_network's ser
 weight-stripped plan is written exactly as the builder made it). Networks are always strongly typed, so the same code
 builds on TensorRT 10 and 11: the precision is the ONNX graph's, never BuilderFlag.FP16/INT8 or a
 calibrator (removed in 11). Flags are set by name (STRONGLY_TYPED's integer changed between 10 and
-11). Refittable engines use REFIT_IDENTICAL with STRIP_PLAN, never bare REFIT (wrong results in 11.3).
+11). Weight-stripped engines use REFIT_IDENTICAL with STRIP_PLAN (refitted at load from the identical
+ONNX). Engines whose weights may change (a LoRA: `koala-trt refit`) use bare REFIT, which the build
+plan refuses with TensorRT 11.3 (its known wrong-results issue); refit_engine refits them from a
+patched ONNX file with TensorRT's ONNX parser refitter.
 
 Two libraries, one path: standard TensorRT (`tensorrt`, datacenter cards and Jetson, builds on the
 card) and TensorRT for RTX (`tensorrt_rtx`, GeForce/RTX cards): its ahead-of-time build needs no GPU
@@ -209,6 +212,7 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
     if hc != "none" and not hasattr(trt.HardwareCompatibilityLevel, hc.upper()):
         raise KoalaError(f"TensorRT {trt.__version__} has no hardware compatibility level {hc.upper()}")
     stripped = flags.get("refit") == "REFIT_IDENTICAL+STRIP_PLAN"
+    replaceable = flags.get("refit") == "REFIT"  # weights replaceable later (koala-trt refit); not 11.3 (buildplan)
     config = CreateConfig(
         profiles=[profile],
         tf32=bool(flags.get("tf32", False)),
@@ -221,6 +225,8 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
     )
     if stripped:  # REFIT_IDENTICAL, set by name; CreateConfig's `refittable` would set bare REFIT
         config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT_IDENTICAL))
+    elif replaceable:  # bare REFIT: the engine may get other weights (a LoRA patched into the ONNX)
+        config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT))
     try:
         with _quiet(verbose):
             network = network_from_onnx_path(str(onnx_path), flags=parser_flags or None, strongly_typed=True)
@@ -238,6 +244,49 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
                  "dtype": _numpy_dtype(engine.get_tensor_dtype(n)).name}
     mem = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", 0)
     return BuiltEngine(data=data, device_memory_bytes=int(mem), layers=int(engine.num_layers), io=io)
+
+
+@dataclass
+class Refitted:
+    data: bytes  # the refitted engine, serialized
+    weights: int  # refittable weights the engine has (all set from the ONNX file)
+
+
+def refit_engine(data: bytes, onnx_path: Path, verbose: bool = False) -> Refitted:
+    """Refit a refittable (bare REFIT) engine with every weight of `onnx_path`, an ONNX file of the
+    same graph whose initializers changed (`koala-trt lora`), and serialize it again. Polygraphy
+    loads and serializes; TensorRT's OnnxParserRefitter maps initializers to the engine's weights by
+    the names the parser gave them at build time. Needs the GPU the engine runs on."""
+    trt = _module()
+    from polygraphy.backend.trt import bytes_from_engine, engine_from_bytes
+    from polygraphy.backend.trt.util import get_trt_logger
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        with _quiet(verbose):
+            engine = engine_from_bytes(data)
+    except PolygraphyException as e:
+        raise KoalaError(f"TensorRT could not load the engine: {str(e).strip().splitlines()[-1][:300]}") from None
+    if not engine.refittable:
+        raise KoalaError("the engine is not refittable (built without refit = \"weights\" in its profile)")
+    logger = get_trt_logger()
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    with _quiet(verbose):
+        loaded = parser_refitter.refit_from_file(str(onnx_path))
+    errors = [str(parser_refitter.get_error(i).desc()) for i in range(parser_refitter.num_errors)]
+    if not loaded:
+        raise KoalaError(f"TensorRT could not read the weights of {onnx_path} for the engine: "
+                         f"{errors[0][:300] if errors else 'the graph does not match the engine'}")
+    missing = list(refitter.get_missing_weights())
+    if missing:
+        raise KoalaError(f"{onnx_path} lacks {len(missing)} weight(s) the engine needs, e.g. {missing[0]}: "
+                         "it is not the graph the engine was built from")
+    with _quiet(verbose):
+        if not refitter.refit_cuda_engine():
+            raise KoalaError(f"TensorRT could not refit the engine from {onnx_path} (see the log above)")
+    weights = len(refitter.get_all_weights())
+    return Refitted(bytes(bytes_from_engine(engine)), weights)
 
 
 class Engine:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import UsageError
 from koala_core.jsonfile import read_folder_manifest, write_json
-from koala_core.schema import Fields, FileRecord, read_files
+from koala_core.schema import AdapterRecord, Fields, FileRecord, read_adapters, read_files
 
 MANIFEST = "manifest.json"
 FORMAT = "koala-trt/artifacts"
@@ -80,6 +80,11 @@ class ArtifactsView:
     versions: dict[str, Any]
     export: dict[str, Any]
     variant: dict[str, Any]  # convert / quantize: what the variant is ({} for an export)
+    loras: tuple[AdapterRecord, ...] = ()  # LoRA adapters fused into the weights, in order (export --lora, koala-trt lora)
+
+    def adapters(self, component: str) -> tuple[AdapterRecord, ...]:
+        """The adapters that change `component`'s weights, as its engine records them."""
+        return tuple(a for a in (x.only(component) for x in self.loras) if a is not None)
 
 
 def _parsed(f: Fields, key: str, parse: Any) -> Any:
@@ -115,7 +120,8 @@ def read_artifacts(data: Any, where: str) -> ArtifactsView:
         components={n: _component(c) for n, c in top.tables("components", required=True).items()},
         files=read_files(top), tokenizers=top.strings("tokenizers", required=True),
         scheduler=top.string("scheduler", required=True), sampler=top.mapping("sampler"), vae=top.mapping("vae"),
-        opset=opset, versions=top.mapping("versions"), export=top.mapping("export"), variant=top.mapping("variant"))
+        opset=opset, versions=top.mapping("versions"), export=top.mapping("export"), variant=top.mapping("variant"),
+        loras=read_adapters(top))
 
 
 @dataclass

@@ -153,3 +153,49 @@ class FileRecord:
 def read_files(f: Fields, key: str = "files", required: bool = False) -> dict[str, FileRecord]:
     """A table {relative path: {sha256, bytes}}."""
     return {rel: FileRecord.read(t) for rel, t in f.tables(key, required).items()}
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One LoRA adapter's entry under a manifest's "loras" (artifacts and engines manifests alike):
+    the file's name and sha256, the scale it was fused at, its layout and the layers it adapts per
+    component. Two adapters are the same when file content and scale are (`key`)."""
+
+    file: str
+    sha256: str
+    scale: float
+    format: str = "peft"
+    layers: dict[str, int] | None = None  # component -> layers adapted
+
+    @property
+    def key(self) -> tuple[str, float]:
+        return (self.sha256, self.scale)
+
+    def label(self) -> str:
+        return f"{self.file} x{self.scale:g} (sha256 {self.sha256[:12]})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "scale": self.scale, "format": self.format,
+                "layers": dict(self.layers or {})}
+
+    def only(self, component: str) -> "AdapterRecord | None":
+        """This adapter as one component's engine carries it: its layers there, or None when it adapts none."""
+        n = (self.layers or {}).get(component, 0)
+        return AdapterRecord(self.file, self.sha256, self.scale, self.format, {component: n}) if n else None
+
+    @staticmethod
+    def read(f: Fields) -> "AdapterRecord":
+        layers = f.mapping("layers")
+        for comp, n in layers.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise f.err(f"layers.{comp}", f"must be a layer count (got {n!r})")
+        return AdapterRecord(f.string("file", required=True), f.string("sha256", required=True),
+                             f.number("scale", required=True, lo=float("-inf")), f.string("format", "peft"), layers)
+
+
+def read_adapters(f: Fields, key: str = "loras") -> tuple[AdapterRecord, ...]:
+    """A list of adapter records ({} entries read by AdapterRecord.read); () when absent."""
+    v = f.get(key, [])
+    if not isinstance(v, list):
+        raise f.err(key, f"must be a list of adapter records (got {v!r})")
+    return tuple(AdapterRecord.read(Fields(f.where, item, f"{f.prefix}{key}[{i}].", f.error)) for i, item in enumerate(v))

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "calibrate": ("koala_trt.commands.calibrate", "calibrate_cmd", "Record U-Net inputs along denoising trajectories for INT8 calibration."),
     "convert": ("koala_trt.commands.convert", "convert_cmd", "Make an FP16 artifacts folder (FP32 islands where ranges demand them)."),
     "lora": ("koala_trt.commands.lora", "lora_cmd", "Patch LoRA adapters into an FP32/FP16 artifacts folder's ONNX weights (no re-export)."),
+    "refit": ("koala_trt.commands.refit", "refit_cmd", "Refit refittable TensorRT engines with a LoRA-patched folder's weights (GPU; no rebuild)."),
     "quantize": ("koala_trt.commands.quantize", "quantize_cmd", "Make an INT8 artifacts folder (explicit Q/DQ U-Net) from a calibration set."),
     "generate": ("koala_trt.commands.generate", "generate_cmd", "Text to PNG with the numpy sampler on onnxruntime, tensorrt or torch."),
     "pack": ("koala_trt.commands.bundle", "pack_cmd", "Pack artifacts (and engines) into one archive with sha256s and runtime requirements."),

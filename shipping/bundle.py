@@ -41,7 +41,7 @@ from engines.compat import MachineFacts, engine_verdict, gather_facts
 from engines.cuda import DeviceInfo
 from engines.engine_manifest import FORMAT as ENGINES_FORMAT, MANIFEST as ENGINES_MANIFEST_NAME
 from engines.engine_manifest import load_engines_manifest
-from engines.engines_record import Compat, EnginesRecord, Library, Targets, normalize_cc, safe_relpath
+from engines.engines_record import Compat, EnginesRecord, Library, Targets, adapter_mismatch, normalize_cc, safe_relpath
 from shipping.bundle_manifest import (BUNDLE_MANIFEST, FORMAT, FORMAT_VERSION, BundleProblem, BundleView, bundle_json,
                                       parse_bundle)
 
@@ -302,11 +302,13 @@ class Report:
     device_checked: bool = False
     device: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    loras: dict[str, Any] = field(default_factory=dict)  # {"artifacts": [...], "engines": {component: [...]}}
 
     def to_json(self) -> dict[str, Any]:
         return {"bundle": str(self.path), "kind": self.kind, "ok": self.ok, "problem": self.problem,
                 "files": self.files, "data_bytes": self.data_bytes, "requirements": self.requirements,
-                "device_checked": self.device_checked, "device": self.device, "warnings": self.warnings}
+                "device_checked": self.device_checked, "device": self.device, "warnings": self.warnings,
+                "loras": self.loras}
 
 
 class _Scan:
@@ -458,6 +460,7 @@ class _Scan:
         for rel in [*(f"{t}/" for t in art.tokenizers), art.scheduler]:
             if rel and not any(f == rel or (rel.endswith("/") and f.startswith(rel)) for f in self.files):
                 self.fail(f"{rel} (tokenizer or scheduler config named in {MANIFEST}) is not in the bundle")
+        self.report.loras = {"artifacts": [a.to_json() for a in art.loras]}
         req = self.bundle.requirements
         for comp, c in art.components.items():
             r = req.components.get(comp)
@@ -487,6 +490,10 @@ class _Scan:
                 self.fail(f"engine {name} of {comp} (listed in {ENGINES_MANIFEST}) is not in the bundle")
             if self.files[name].sha256 != e.sha256:
                 self.fail(f"{name}: {BUNDLE_MANIFEST} and {ENGINES_MANIFEST} disagree on its sha256")
+        self.report.loras["engines"] = {c: [a.to_json() for a in e.loras] for c, e in info.engines.items()}
+        mismatch = adapter_mismatch(info.engines, {c: art.adapters(c) for c in info.engines}, f"the bundle's {ENGINES_MANIFEST}")
+        if mismatch:
+            self.report.warnings.append(mismatch)
 
 
 _KINDS = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",

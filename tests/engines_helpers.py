@@ -40,7 +40,7 @@ def fake_engines_dir(tiny_artifacts: Path, out: Path, profile: str = "rtx4090", 
     args = {"onnx": [str(tiny_artifacts.resolve())], "profile": profile, "precision": "fp32", "height": 256, "width": 256}
     plan = make_build_plan([tiny_artifacts], prof, out, None, trt, estimate=False, args=args)
     engines = {n: engine_entry(c, 0, "0" * 64, 1 << 20, 1, {t.name: t.dtype for t in (*c.spec.inputs, *c.spec.outputs)},
-                               0.0, stripped=prof.build.refit != "none")
+                               0.0, stripped=prof.build.refit == "identical")
                for n, c in plan.components.items()}
     out.mkdir(parents=True)
     (out / "manifest.json").write_text(json.dumps(compose_manifest(plan, device, trt, engines, 0.0)))

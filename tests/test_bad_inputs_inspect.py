@@ -24,8 +24,10 @@ CASES = [
     ("manifest-cut-off", ["inspect", "{HALFMANIFEST}"], 2,
      "Error: {HALFMANIFEST}/manifest.json is corrupt: Unterminated string starting at: line 8 column 20 (char 180)"),
     ("manifest-no-keys", ["inspect", "{NOKEYS}"], 2, "Error: {NOKEYS}/manifest.json is not a koala-trt artifacts manifest (format None)"),
-    ("engines-folder", ["inspect", "{ENG}"], 2,
-     "Error: {ENG}/manifest.json is not a koala-trt artifacts manifest (format 'koala-trt/engines')"),
+    # an engines folder is inspected (tests/test_lora_engines.py); an incomplete one is refused by the engines reader
+    ("engines-folder-incomplete", ["inspect", "{ENGNOSPEC}"], 2,
+     "Error: {ENGNOSPEC}/manifest.json is not a complete engines manifest: engines.unet has no 'spec' "
+     "(rebuild with `koala-trt build`)"),
     ("extra-argument", ["inspect", "random:tiny", "extra"], 2, "Error: Got unexpected extra argument (extra)"),
 ]
 

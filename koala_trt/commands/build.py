@@ -121,3 +121,7 @@ def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, componen
     click.echo(f"engines: {out} ({data['library']['name']} {data['library']['version']}, built on "
                f"{host['gpu']['name'] if host['gpu'] else 'a CPU without a GPU (' + host['cpu'] + ')'}, "
                f"{data['build']['seconds']:.1f} s)")
+    for name, e in data["engines"].items():
+        if e.get("loras"):
+            click.echo(f"LoRA in {name}: " + ", ".join(f"{a['file']} x{a['scale']:g} (sha256 {a['sha256'][:12]}, "
+                                                        f"{a['layers'].get(name, 0)} layers)" for a in e["loras"]))

@@ -91,6 +91,9 @@ def verify_cmd(bundle: Path, no_device_check: bool, as_json: bool) -> None:
         return
     click.echo(f"OK {bundle}: {r.files} files ({_size(r.data_bytes)}), every sha256 matches, nothing missing or extra")
     click.echo(f"requires {_requirements_line(r.requirements)}")
+    for a in r.loras.get("artifacts", []):
+        click.echo(f"LoRA {a['file']} x{a['scale']:g} (sha256 {a['sha256'][:12]}) in the weights of "
+                   f"{', '.join(c for c, n in a.get('layers', {}).items() if n)}")
     if r.requirements.get("backend") == "tensorrt":
         if r.device_checked:
             gpus = ", ".join(f"{g['name']} ({g['compute_capability']})" for g in (r.device or {}).get("gpus", []))

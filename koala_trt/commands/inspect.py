@@ -12,13 +12,48 @@ def _dims(t: dict) -> str:
     return f"{t['name']}[{','.join(_SHORT.get(str(d), str(d)) for d in t['dims'])}]"
 
 
+def _is_engines_folder(target: str) -> bool:
+    import json
+    from pathlib import Path
+
+    from engines.engine_manifest import FORMAT, MANIFEST
+
+    p = Path(target).expanduser() / MANIFEST
+    try:
+        return p.is_file() and json.loads(p.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _lora_cell(loras: list) -> str:
+    return ", ".join(f"{a['file']} x{a['scale']:g} ({a['sha256'][:12]})" for a in loras) or "none"
+
+
+def _inspect_engines(target: str, as_json: bool) -> None:
+    from engines.engine_manifest import inspect_engines
+
+    info = inspect_engines(target)
+    if as_json:
+        print_json(info)
+        return
+    lib, tg = info["library"], info["targets"]
+    ccs = ", ".join("sm_" + c.replace(".", "") for c in tg["compute_capabilities"])
+    built = info["built_on"]["name"] if info["built_on"] else "a CPU"
+    click.echo(f"engines {info['engines_folder']}: {lib['name']} {lib['version']} for {ccs}, built on {built}; refit {info['refit']}")
+    rows = [[c, e["file"], str(e["precision"]), f"{e['bytes'] / 2**20:,.1f}", _lora_cell(e["loras"])]
+            for c, e in info["engines"].items()]
+    click.echo(table(rows, ["component", "engine", "precision", "MiB", "LoRA adapters (scale, sha256)"]))
+
+
 @click.command("inspect")
 @click.argument("target", metavar="MODEL_OR_ARTIFACTS")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_cmd(target: str, as_json: bool) -> None:
-    """Show a model's components (hub id, diffusers folder, random:<preset>) or an artifacts folder's manifest."""
+    """Show a model's components (hub id, diffusers folder, random:<preset>), or an artifacts or engines folder's manifest."""
     from exporter.inspect import inspect
 
+    if _is_engines_folder(target):
+        return _inspect_engines(target, as_json)
     info = inspect(target)
     if as_json:
         print_json(info)
@@ -37,6 +72,9 @@ def inspect_cmd(target: str, as_json: bool) -> None:
         click.echo("dims: B batch, H/W image pixels, h/w latent cells"
                    + (f", T prompt tokens (77 per chunk, {chunks[0][0] * 77}..{chunks[0][2] * 77})" if chunks else ""))
         click.echo(f"{len(info.get('files', {}))} files with sha256 in manifest.json")
+        for a in info.get("loras", []):
+            layers = ", ".join(f"{c} {n}" for c, n in a.get("layers", {}).items())
+            click.echo(f"LoRA {a['file']} x{a['scale']:g} (sha256 {a['sha256'][:12]}): layers {layers}")
         cpu = info.get("cpu")
         if cpu:
             click.echo(f"this CPU: {cpu['model']} (ISA {cpu['isa']}); --backend openvino --cpu-precision auto runs "

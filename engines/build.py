@@ -182,6 +182,7 @@ def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_byte
         "source": {"artifacts": str(c.manifest.root), "onnx": str(c.onnx_path), "onnx_sha256": c.onnx_sha256,
                    "onnx_bytes": c.onnx_bytes, "files": {rel: f.to_json() for rel, f in c.onnx_files.items()}},
         "stripped": stripped, "build_seconds": round(seconds, 2),
+        **({"vae_tile": c.vae_tile} if c.vae_tile is not None else {}),  # the sampler decodes tiles of this size
     }
 
 

@@ -156,7 +156,8 @@ class GpuProfile:
     def shape_range(self, kind: str) -> ShapeRange:
         """The tensor shape range of a component of `kind` (a ComponentSpec.kind). With guidance the
         U-Net sees negative and positive prompts in one batch; text encoders are given either one
-        prompt set per call or both at once, so their batch spans both; the VAE sees the images, or with a [vae] tile its decoder sees tiles."""
+        prompt set per call or both at once, so their batch spans both; the VAE sees the images (with a
+        [vae] tile, the decoder sees tiles of that size: the engine is built for them)."""
         b, g = self.shapes.batch, 2 if self.shapes.guidance else 1
         if kind == "unet":
             batch = (b[0] * g, b[1] * g, b[2] * g)

@@ -184,6 +184,8 @@ def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_byte
         "stripped": stripped, "build_seconds": round(seconds, 2),
         # the LoRA adapters fused into this component's weights (the artifacts manifest's record, this component's layers)
         "loras": [a.to_json() for a in c.manifest.view.adapters(c.component)],
+
+        **({"vae_tile": c.vae_tile} if c.vae_tile is not None else {}),  # the sampler decodes tiles of this size
     }
 
 

@@ -66,6 +66,7 @@ class ComponentBuild:
     profile_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
     engine: str
     onnx_files: dict[str, FileRecord]  # rel path -> sha256 and size, as the artifacts manifest records them
+    vae_tile: int | None = None  # vae_decoder: built for tiles of this many pixels (the profile's [vae] tile)
 
     @property
     def onnx_path(self) -> Path:
@@ -88,7 +89,8 @@ class ComponentBuild:
                 "onnx_bytes": self.onnx_bytes, "engine": self.engine, "static": self.static,
                 "shape_range": self.shape_range.to_json(),
                 "export_range": self.manifest.shape_range(self.component).to_json(),
-                "inputs": {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in self.profile_shapes.items()}}
+                "inputs": {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in self.profile_shapes.items()},
+                **({"vae_tile": self.vae_tile} if self.vae_tile is not None else {})}
 
 
 @dataclass
@@ -226,8 +228,10 @@ def resolve_prompt_chunks(component: str, spec: ComponentSpec, rng: ShapeRange, 
     return rng
 
 
-def check_shapes(component: str, spec: ComponentSpec, rng: ShapeRange, exported: ShapeRange, root: Path) -> None:
-    """The engine's shape range must lie inside the range the export recorded and checked."""
+def check_shapes(component: str, spec: ComponentSpec, rng: ShapeRange, exported: ShapeRange, root: Path,
+                 tile: int | None = None) -> None:
+    """The engine's shape range must lie inside the range the export recorded and checked (for a
+    tiled VAE decoder, `tile` x `tile`: the profile's [vae] tile)."""
     dims = {"batch": ("batch", "batch", ""), "height": ("height", "latent_height", " px"),
             "width": ("width", "latent_width", " px")}
     for what, (pixel_dim, latent_dim, unit) in dims.items():
@@ -241,9 +245,11 @@ def check_shapes(component: str, spec: ComponentSpec, rng: ShapeRange, exported:
             bad, limit = f"{what} {want[0]}{unit}", f"at least {have[0]}{unit}"
         else:
             continue
+        fix = f"set [vae] tile within it (the decoder is built for {tile} px tiles)" if tile and what != "batch" \
+            else f"set --{what} within it"
         raise UsageError(f"{component}: input {carrier} needs {bad}, outside the range its export recorded "
-                         f"({what} {have[0]}..{have[2]}{unit}, {root}): the limit is {limit}; set --{what} "
-                         f"within it, or re-export at a size whose range covers it")
+                         f"({what} {have[0]}..{have[2]}{unit}, {root}): the limit is {limit}; {fix}, "
+                         f"or re-export at a size whose range covers it")
     if rng.prompt_chunks is not None and exported.prompt_chunks is not None:
         (lo, _, hi), (have_lo, _, have_hi) = rng.prompt_chunks, exported.prompt_chunks
         if hi > have_hi or lo < have_lo:
@@ -295,14 +301,15 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
         check_precision(name, precision, profile)
         m = _pick_folder(manifests, name, precision, profile)
         spec = m.spec(name)
-        rng = resolve_prompt_chunks(name, spec, profile.shape_range(spec.kind), m.shape_range(name), m.root)
-        check_shapes(name, spec, rng, m.shape_range(name), m.root)
+        rng = resolve_prompt_chunks(name, spec, profile.shape_range(spec.kind), m.shape_range(name), m.root)  # a tiled VAE decoder: the [vae] tile's size
+        tile = profile.vae.tile if spec.kind == "vae_decoder" else None
+        check_shapes(name, spec, rng, m.shape_range(name), m.root, tile)
         plan.components[name] = ComponentBuild(
             component=name, precision=precision, manifest=m, spec=spec, shape_range=rng,
             profile_shapes=spec.profile_shapes(rng),
             engine=engine_name(name, precision, rng, spec.spatial, profile.build.targets, trt_version,
                                profile.build.hardware_compatibility, profile.build.library),
-            onnx_files=_component_files(m, name))
+            onnx_files=_component_files(m, name), vae_tile=tile)
         check_files(m, [f"{name}/"], full_hash=False)  # a missing or cut-short graph, before any work
     if estimate:
         plan.memory = estimate_memory(plan, log)

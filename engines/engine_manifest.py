@@ -56,6 +56,14 @@ class EnginesManifest:
         return {n: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
                 for n, v in self.entry(component)["inputs"].items()}
 
+    def vae_tile(self) -> int | None:
+        """The tile (pixels) its vae_decoder engine was built for (a profile's [vae] tile); None: whole images."""
+        t = self.engines.get("vae_decoder", {}).get("vae_tile")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise UsageError(f"{self.root / MANIFEST}: engines.vae_decoder.vae_tile must be a positive integer (got {t!r}); "
+                             "rebuild with `koala-trt build`")
+        return t
+
     def rebuild_command(self, profile: str | None = None) -> str:
         args = dict(self.data.get("build", {}).get("args", {}))
         if profile:

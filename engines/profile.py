@@ -21,6 +21,10 @@ Schema (every field is checked; an error names the field):
     fp16_ops = "all"                         # all | gemm: only the GEMMs in FP16 (convert --vae-gemm-fp16),
                                              # safe for SDXL's VAE: needs no fp16_safe (Turing + TensorRT-RTX)
     encoder = false                          # also build vae_encoder
+    tile = 512                               # optional (default: none, whole images): decode in overlapping
+                                             # tiles of 512x512 px (a multiple of 8, not larger than the image);
+                                             # the decoder engine is built for the tile, so its activations no
+                                             # longer grow with the image (docs/generate.md, "Tiled VAE decode")
     [shapes]                                 # a value (static) or [min, opt, max]
     batch = 1                                # images per call
     height = 1024                            # pixels
@@ -99,6 +103,7 @@ class VaePolicy:
     fp16_safe: bool = False
     encoder: bool = False
     fp16_ops: str = "all"  # all | gemm
+    tile: int | None = None  # pixels: the decoder runs on tiles of tile x tile (engines/vae_tiling.py); None: whole images
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,8 @@ class GpuProfile:
     def shape_range(self, kind: str) -> ShapeRange:
         """The tensor shape range of a component of `kind` (a ComponentSpec.kind). With guidance the
         U-Net sees negative and positive prompts in one batch; text encoders are given either one
-        prompt set per call or both at once, so their batch spans both; the VAE sees the images.
+        prompt set per call or both at once, so their batch spans both; the VAE sees the images (with a
+        [vae] tile, the decoder sees tiles of that size: the engine is built for them).
         Only the U-Net has a prompt-chunk range (None here: the build takes its export's)."""
         b, g = self.shapes.batch, 2 if self.shapes.guidance else 1
         if kind == "unet":
@@ -167,6 +173,9 @@ class GpuProfile:
             batch = (b[0], b[1] * g, b[2] * g)
         else:
             batch = b
+        if kind == "vae_decoder" and self.vae.tile is not None:
+            t = self.vae.tile
+            return ShapeRange(batch, (t, t, t), (t, t, t))
         return ShapeRange(batch, self.shapes.height, self.shapes.width, self.shapes.prompt_chunks if kind == "unet" else None)
 
     def with_overrides(self, batch: int | None = None, height: int | None = None, width: int | None = None,
@@ -180,6 +189,11 @@ class GpuProfile:
             shapes = replace(shapes, height=_static("--height", height))
         if width is not None:
             shapes = replace(shapes, width=_static("--width", width))
+        t = self.vae.tile
+        if t is not None and (t > shapes.height[0] or t > shapes.width[0]):
+            flag, side = ("--height", shapes.height[0]) if t > shapes.height[0] else ("--width", shapes.width[0])
+            raise UsageError(f"{flag} {side} is smaller than profile {self.name}'s vae.tile ({t} px): the tile must "
+                             "not be larger than the image")
         prec = dict(self.precision)
         if precision is not None:
             if precision not in PRECISIONS:
@@ -253,7 +267,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
 
     v = top.table_of("vae")
     vae = VaePolicy(v.string("precision", "fp32", ("fp32", "fp16")), v.boolean("fp16_safe", False),
-                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")))
+                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")), _vae_tile(v))
     if vae.fp16_ops == "gemm" and vae.precision != "fp16":
         raise v.err("fp16_ops", "= \"gemm\" needs vae.precision = \"fp16\"")
     if vae.precision == "fp16" and vae.fp16_ops == "all" and not vae.fp16_safe:
@@ -267,6 +281,10 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
                     s.triple("width", (1024,) * 3, 8), s.boolean("guidance", True),
                     s.triple("prompt_chunks", (1, 1, 1)) if s.get("prompt_chunks") is not None else None)
     s.done()
+    if vae.tile is not None and (vae.tile > shapes.height[0] or vae.tile > shapes.width[0]):
+        side = "height" if vae.tile > shapes.height[0] else "width"
+        raise v.err("tile", f"must not be larger than the image ({vae.tile} px > shapes.{side} "
+                    f"{getattr(shapes, side)[0]} px, the smallest image the profile allows)")
 
     b = top.table_of("build")
     build = BuildOptions(b.number("workspace_gib", 2.0, positive=True), b.integer("optimization_level", 3, 0, 5),
@@ -289,6 +307,19 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
     top.done()
     return GpuProfile(name=name, gpu=gpu, precision=precision, vae=vae, shapes=shapes, build=build,
                       runtime=runtime, description=description, source=source, data=dict(data))
+
+
+def _vae_tile(v: _Fields) -> int | None:
+    """vae.tile: pixels, a positive multiple of 8 (the VAE's latent factor); absent: untiled decode."""
+    from engines.vae_tiling import check_tile
+
+    t = v.get("tile")
+    if t is not None:
+        try:
+            check_tile(t)
+        except ValueError as e:
+            raise v.err("tile", str(e)) from None
+    return t
 
 
 def _targets(b: _Fields, build: BuildOptions, gpu: GpuSpec) -> tuple[str, ...]:

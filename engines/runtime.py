@@ -47,6 +47,11 @@ class Backend:
         None: any size the spec's granularity allows."""
         return None
 
+    def vae_tile(self) -> int | None:
+        """The tile size (pixels) its VAE decoder was built for, where it runs tiles only (an engine
+        built for a profile's [vae] tile); None: it decodes whole images."""
+        return None
+
     def describe(self) -> str:
         """One line for logs and reports (providers, device, precision)."""
         return self.name

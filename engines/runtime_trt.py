@@ -194,6 +194,9 @@ class TensorRTBackend(Backend):
     def shape_range(self, component: str) -> ShapeRange | None:
         return self.manifest.shape_range(component) if component in self.specs else None
 
+    def vae_tile(self) -> int | None:
+        return self.manifest.vae_tile()
+
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if component not in self.specs:
             raise UsageError(f"{self.manifest.root} has no {component} engine (it holds {', '.join(self.specs)})")

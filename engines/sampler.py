@@ -118,6 +118,7 @@ class Request:
     width: int | None = None
     batch: int | None = None
     latents: np.ndarray | None = None  # initial noise as diffusers' `latents=` takes it (before * init_noise_sigma)
+    vae_tile: int | None = None  # decode in tiles of this many pixels (engines/vae_tiling.py); None: the engine's own, else untiled
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class Plan:
     batch: int
     noise: np.ndarray  # float32 [batch, C, height/f, width/f]
     chunks: int = 1  # prompt chunks of 77 tokens each prompt is encoded as (engines.tokenize.chunk_prompts)
+    vae_tile: int | None = None  # pixels; None: one untiled decode
 
     @property
     def cfg(self) -> bool:
@@ -268,6 +270,7 @@ class Sampler:
         for spec in (self.unet, self.vae):
             if height % spec.size_multiple or width % spec.size_multiple:
                 raise UsageError(f"{spec.name}: --height and --width must be multiples of {spec.size_multiple} for this model (got {height}x{width})")
+        vae_tile = self._vae_tile(req.vae_tile, height, width)
         prompts = 2 if (guidance > 1.0 and (req.negative_prompt or not a.force_zeros_for_empty_prompt)) else 1
         unet_batch = 2 * batch if guidance > 1.0 else batch
         for comp, b in (("text_encoder", prompts), ("text_encoder_2", prompts), ("unet", unet_batch), ("vae_decoder", batch)):
@@ -275,6 +278,10 @@ class Sampler:
             if r is None:
                 continue
             what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp == "unet" and unet_batch != batch else "")
+            if comp == "vae_decoder" and vae_tile:  # the decoder runs on tiles, not on the image
+                r.check(comp, self.specs[comp].spatial, vae_tile, vae_tile, batch=b, batch_what=what,
+                        fix=f"the VAE decodes {vae_tile}x{vae_tile} tiles: pick a --vae-tile inside that range")
+                continue
             r.check(comp, self.specs[comp].spatial, height, width, batch=b, batch_what=what)
         chunks = self.check_prompt(req.prompt, req.negative_prompt if prompts == 2 else None)
         shape = (batch, c_in, height // f, width // f)
@@ -290,13 +297,32 @@ class Sampler:
             if req.seed < 0:
                 raise UsageError(f"--seed must be >= 0 (got {req.seed})")
             noise, seed = initial_noise(int(req.seed), batch, shape[1:]), int(req.seed)
-        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks)
+        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile)
 
     def check_prompt(self, prompt: str, negative_prompt: str | None = None) -> int:
         """The chunks the prompt (and the negative prompt, when it is encoded) take, inside the U-Net's
         sequence range (its backend's, else its export's); UsageError naming the limit."""
         tokens = prompt_tokens(self.tokenizers, [prompt] if negative_prompt is None else [negative_prompt, prompt])
         return check_prompt_range(self.unet, self._range("unet"), tokens)
+
+    def _vae_tile(self, asked: int | None, height: int, width: int) -> int | None:
+        """The decode's tile size in pixels: --vae-tile, else the one the VAE engine was built for (a
+        profile's [vae] tile), else None (untiled); checked against the image and the VAE's granularity."""
+        from engines.vae_tiling import check_tile
+
+        built = getattr(self.backend, "vae_tile", lambda: None)()  # runtime.Backend.vae_tile
+        tile, what = (asked, "--vae-tile") if asked is not None else (built, f"the VAE engine's tile (built for {built} px)")
+        if tile is None:
+            return None
+        try:
+            check_tile(tile, height, width, self.vae.latent_factor)
+        except ValueError as e:
+            if asked is None:  # the engine runs tiles of its size only
+                fix = f"; generate at least {built}x{built} px, or rebuild the VAE engine with a smaller [vae] tile"
+            else:
+                fix = f"; use at most {min(height, width)} px, or no --vae-tile" if tile >= self.vae.latent_factor else ""
+            raise UsageError(f"{what} {e}{fix}") from None
+        return tile
 
     # ----- the loop -----------------------------------------------------------------------------
     def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -360,8 +386,7 @@ class Sampler:
         if not decode:
             timings.add("sample", time.perf_counter() - start)
             return latents, timings
-        latents = self.unscale_latents(latents)
-        image = self._run(timings, "vae_decoder", {"latent_sample": latents})["sample"]
+        image = self.decode(self.unscale_latents(latents), timings, plan.vae_tile)
         if not np.isfinite(image).all():
             warn("the VAE decoder returned NaN/inf (an fp16 SDXL VAE overflows; keep the decoder in fp32)")
         t0 = time.perf_counter()
@@ -369,6 +394,28 @@ class Sampler:
         timings.add("postprocess", time.perf_counter() - t0)
         timings.add("sample", time.perf_counter() - start)
         return images, timings
+
+    def decode(self, latents: np.ndarray, timings: Timings | None = None, tile: int | None = None) -> np.ndarray:
+        """Latents in the VAE's space (unscale_latents) to the decoder's image, float32 [batch, 3, H, W]
+        nominally in [-1, 1]: one decoder run, or with `tile` (pixels) overlapping tiles of that size
+        blended (engines/vae_tiling.py), so the decoder's activations are a tile's however large the image."""
+        timings = timings if timings is not None else Timings()
+
+        def run(lat: np.ndarray) -> np.ndarray:
+            return self._run(timings, "vae_decoder", {"latent_sample": lat})["sample"]
+
+        if tile is None:
+            return run(latents)
+        from engines.vae_tiling import TileGrid, decode_tiled
+
+        return decode_tiled(run, latents, TileGrid.make(latents.shape[2], latents.shape[3], tile, self.vae.latent_factor))
+
+    def tile_grid(self, plan: Plan) -> Any:
+        """The vae_tiling.TileGrid a tiled plan decodes over (None when untiled)."""
+        from engines.vae_tiling import TileGrid
+
+        f = self.vae.latent_factor
+        return None if plan.vae_tile is None else TileGrid.make(plan.height // f, plan.width // f, plan.vae_tile, f)
 
     def _denoise(self, plan: Plan, timings: Timings, warn: Callable[[str], None], bar: Any) -> np.ndarray:
         """Encode the prompts, then the Euler loop with CFG from the plan's noise; the final latents."""

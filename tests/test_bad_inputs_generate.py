@@ -34,6 +34,13 @@ CASES = [
     ("generate-threads-0", [*GEN, "--threads", "0"], 2, RANGE.format(flag="--threads", v=0, lo=1)),
     ("generate-height-not-a-multiple", [*GEN, "--height", "100"], 2,
      "...\nError: --height and --width must be positive multiples of 8 (got 100x256)"),
+    ("generate-vae-tile-not-a-multiple", [*GEN, "--vae-tile", "100"], 2, "Error: --vae-tile must be a positive multiple of 8 px (got 100)"),
+    ("generate-vae-tile-0", [*GEN, "--vae-tile", "0"], 2, "Error: --vae-tile must be a positive multiple of 8 px (got 0)"),
+    ("generate-vae-tile-larger-than-the-image", [*GEN, "--vae-tile", "512", "--width", "384"], 2,
+     "...\nError: --vae-tile must not be larger than the image (512 px > 384x256 px); use at most 256 px, or no --vae-tile"),
+    ("generate-vae-tile-below-the-export-range", [*GEN, "--vae-tile", "64"], 2,
+     "...\nError: 64x64 is outside the sizes vae_decoder was exported for (height 128..512, width 128..512); the VAE "
+     "decodes 64x64 tiles: pick a --vae-tile inside that range"),
     ("generate-out-is-a-folder", [*GEN, "--out", "{DIR}"], 2,
      "Error: --out {DIR} is a folder; give a file name such as {DIR}/image.png"),
     ("generate-out-unwritable", [*GEN, "--out", "{FILE}/out.png"], 2,

@@ -12,7 +12,9 @@ Two layouts are read (`format_version`):
        "targets": {"compute_capabilities": [...], "hardware_compatibility", "version_compatible"},
        "build_host": {"gpu": null | {"name", "compute_capability", "memory_bytes"}, "cpu", "cuda": null | {...}}
 
-Both: "format": "koala-trt/engines", "engines": {<component>: {"file", "sha256", "bytes", ...}}.
+Both: "format": "koala-trt/engines", "engines": {<component>: {"file", "sha256", "bytes", ...}}; an engine
+built streamable also has "weight_streaming": {"budget_bytes": int | null, "from": ...} (absent or null:
+not streamable).
 Nothing else is interpreted here; bundles copy the manifest verbatim.
 """
 
@@ -79,6 +81,8 @@ class EngineFile:
     file: str  # relative to the engines folder, POSIX
     sha256: str
     bytes: int
+    streamable: bool = False  # built with WEIGHT_STREAMING
+    streaming_budget_bytes: int | None = None  # weights kept on the device; None: TensorRT's automatic budget
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,14 @@ class EnginesRecord:
             sha, size = r.str(e, "sha256", at), r.get(e, "bytes", at)
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise UsageError(f"{where}: key '{at}.bytes' must be a byte count (got {size!r})")
-            engines[comp] = EngineFile(comp, rel, sha, size)
+            ws = e.get("weight_streaming")
+            if ws is not None:
+                budget = ws.get("budget_bytes") if isinstance(ws, dict) else "?"
+                if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+                    raise UsageError(f"{where}: key '{at}.weight_streaming.budget_bytes' must be a byte count or null "
+                                     f"(got {budget!r})")
+            engines[comp] = EngineFile(comp, rel, sha, size, ws is not None,
+                                       None if ws is None else ws.get("budget_bytes"))
         if not engines:
             raise UsageError(f"{where} lists no engines")
         return cls(version, lib, targets, host, engines)

@@ -21,6 +21,9 @@ Schema (every field is checked; an error names the field):
     fp16_ops = "all"                         # all | gemm: only the GEMMs in FP16 (convert --vae-gemm-fp16),
                                              # safe for SDXL's VAE: needs no fp16_safe (Turing + TensorRT-RTX)
     encoder = false                          # also build vae_encoder
+    tile = 512                               # decode in tiles of this many pixels (multiple of 8, not larger
+                                             # than the image; default: untiled): the decoder's activation
+                                             # peak is that of one tile, its engine is built for the tile
     [shapes]                                 # a value (static) or [min, opt, max]
     batch = 1                                # images per call
     height = 1024                            # pixels
@@ -34,11 +37,16 @@ Schema (every field is checked; an error names the field):
     refit = "none"                           # none | identical (REFIT_IDENTICAL + STRIP_PLAN)
     timing_cache = true                      # keep a timing cache in the engines folder (standard TensorRT)
     library = "tensorrt"                     # tensorrt | tensorrt-rtx (engines/libraries.py)
+    weight_streaming = false                 # WEIGHT_STREAMING engines: weights beyond a device budget stay
+                                             # in host memory and stream in at every call (TensorRT 10+, TensorRT-RTX)
     targets = ["8.6", "8.9", "12.0"]         # TensorRT-RTX: compute capabilities to build for
                                              # (default: gpu.compute_capability; several: a portable engine)
     [runtime]
     residency = "resident"                   # resident | sequential (one component at a time)
     cuda_graphs = true                       # replay CUDA graphs for engines with static shapes
+    weight_streaming_budget_gib = 3.5        # device memory kept for the U-Net's weights (needs
+                                             # build.weight_streaming; at most the card's usable memory;
+                                             # default: the planner's largest budget that fits)
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class VaePolicy:
     fp16_safe: bool = False
     encoder: bool = False
     fp16_ops: str = "all"  # all | gemm
+    tile: int = 0  # tiled decode: tile size in pixels (0: untiled)
 
 
 @dataclass(frozen=True)
@@ -117,12 +126,14 @@ class BuildOptions:
     timing_cache: bool = True
     library: str = "tensorrt"
     targets: tuple[str, ...] = ()  # TensorRT-RTX: the compute capabilities built for (set by validation)
+    weight_streaming: bool = False
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
     residency: str = "resident"
     cuda_graphs: bool = True
+    weight_streaming_budget_gib: float | None = None  # the U-Net engine's budget; None: the planner's
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,10 @@ class GpuProfile:
             batch = (b[0], b[1] * g, b[2] * g)
         else:
             batch = b
+        if kind == "vae_decoder" and self.vae.tile:  # tiled decode: the decoder sees one tile at a time
+            t = self.vae.tile
+            return ShapeRange(batch, tuple(min(x, t) for x in self.shapes.height),  # type: ignore[arg-type]
+                              tuple(min(x, t) for x in self.shapes.width))  # type: ignore[arg-type]
         return ShapeRange(batch, self.shapes.height, self.shapes.width)
 
     def with_overrides(self, batch: int | None = None, height: int | None = None, width: int | None = None,
@@ -177,7 +192,36 @@ class GpuProfile:
             if precision not in PRECISIONS:
                 raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
             prec = {k: precision for k in prec}
+        problem = tile_problem(self.vae.tile, shapes) if self.vae.tile else None
+        if problem:
+            raise UsageError(f"profile {self.name}: field vae.tile {problem} (set by --batch/--height/--width); "
+                             "pass a smaller --vae-tile")
         return replace(self, shapes=shapes, precision=prec)
+
+    def with_aids(self, tile: int | None = None, residency: str | None = None, weight_streaming: bool | None = None,
+                  budget_gib: float | None = None, flags: bool = True) -> "GpuProfile":
+        """This profile with the memory aids the planner (or the command line: --vae-tile, --residency,
+        --weight-streaming, --weight-streaming-budget) asks for, checked as their TOML fields are."""
+        vae, build, runtime = self.vae, self.build, self.runtime
+        if tile is not None:
+            problem = tile_problem(tile, self.shapes)
+            if problem:
+                raise UsageError(f"{'--vae-tile' if flags else 'field vae.tile'} {problem}")
+            vae = replace(vae, tile=tile)
+        if residency is not None:
+            if residency not in RESIDENCY:
+                raise UsageError(f"residency must be one of {', '.join(RESIDENCY)} (got {residency!r})")
+            runtime = replace(runtime, residency=residency)
+        if weight_streaming is not None:
+            build = replace(build, weight_streaming=weight_streaming)
+        if budget_gib is not None:
+            problem = budget_problem(budget_gib, self)
+            if problem:
+                raise UsageError(f"{'--weight-streaming-budget' if flags else 'field runtime.weight_streaming_budget_gib'} "
+                                 f"{problem}")
+            build = replace(build, weight_streaming=True)
+            runtime = replace(runtime, weight_streaming_budget_gib=budget_gib)
+        return replace(self, vae=vae, build=build, runtime=runtime)
 
     def with_library(self, name: str) -> "GpuProfile":
         """This profile built with another TensorRT library (`build --library`), checked as the TOML
@@ -204,6 +248,29 @@ class GpuProfile:
         d["build"]["targets"] = list(self.build.targets)
         d["shapes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["shapes"].items()}
         return d
+
+
+def tile_problem(tile: int, shapes: Shapes) -> str | None:
+    """What is wrong with a VAE tile of `tile` pixels for images of `shapes` (None: nothing)."""
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 8:
+        return f"must be a whole number of pixels, at least 8 (got {tile!r})"
+    if tile % 8:
+        return f"must be a multiple of 8 px (got {tile})"
+    h, w = shapes.height[2], shapes.width[2]
+    if tile > min(h, w):
+        return f"= {tile} px is larger than the image ({h}x{w} px at most); use a tile of at most {min(h, w)} px"
+    return None
+
+
+def budget_problem(budget_gib: float, profile: "GpuProfile") -> str | None:
+    """What is wrong with a weight-streaming budget of `budget_gib` GiB on `profile`'s card (None: nothing)."""
+    g = profile.gpu
+    if isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)) or budget_gib < 0:
+        return f"must be a number of GiB, at least 0 (got {budget_gib!r})"
+    if budget_gib * GIB > g.usable_bytes:
+        return (f"= {budget_gib:g} GiB is larger than the card: {profile.name} has {g.usable_bytes / GIB:g} GiB usable "
+                f"({g.memory_gib:g} GiB - {g.reserved_gib:g} GiB reserved)")
+    return None
 
 
 def _static(flag: str, v: int) -> Triple:
@@ -244,7 +311,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
 
     v = top.table_of("vae")
     vae = VaePolicy(v.string("precision", "fp32", ("fp32", "fp16")), v.boolean("fp16_safe", False),
-                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")))
+                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")), v.get("tile", 0))
     if vae.fp16_ops == "gemm" and vae.precision != "fp16":
         raise v.err("fp16_ops", "= \"gemm\" needs vae.precision = \"fp16\"")
     if vae.precision == "fp16" and vae.fp16_ops == "all" and not vae.fp16_safe:
@@ -257,12 +324,15 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
     shapes = Shapes(s.triple("batch", (1, 1, 1)), s.triple("height", (1024,) * 3, 8),
                     s.triple("width", (1024,) * 3, 8), s.boolean("guidance", True))
     s.done()
+    if vae.tile != 0 and (problem := tile_problem(vae.tile, shapes)):
+        raise v.err("tile", problem)
 
     b = top.table_of("build")
     build = BuildOptions(b.number("workspace_gib", 2.0, positive=True), b.integer("optimization_level", 3, 0, 5),
                          b.string("hardware_compatibility", "none", HARDWARE_COMPATIBILITY),
                          b.boolean("version_compatible", False), b.string("refit", "none", REFIT),
-                         b.boolean("timing_cache", True), b.string("library", "tensorrt", tuple(LIBRARIES)))
+                         b.boolean("timing_cache", True), b.string("library", "tensorrt", tuple(LIBRARIES)),
+                         weight_streaming=b.boolean("weight_streaming", False))
     build = replace(build, targets=_targets(b, build, gpu))
     if build.hardware_compatibility == "ampere_plus" and int(cc.split(".")[0]) < 8:
         raise b.err("hardware_compatibility", f"= \"ampere_plus\" needs an Ampere or newer GPU (sm_80+); "
@@ -274,11 +344,21 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
     b.done()
 
     r = top.table_of("runtime")
-    runtime = RuntimeOptions(r.string("residency", "resident", RESIDENCY), r.boolean("cuda_graphs", True))
+    budget = r.get("weight_streaming_budget_gib")
+    runtime = RuntimeOptions(r.string("residency", "resident", RESIDENCY), r.boolean("cuda_graphs", True),
+                             None if budget is None else budget)
     r.done()
     top.done()
-    return GpuProfile(name=name, gpu=gpu, precision=precision, vae=vae, shapes=shapes, build=build,
+    prof = GpuProfile(name=name, gpu=gpu, precision=precision, vae=vae, shapes=shapes, build=build,
                       runtime=runtime, description=description, source=source, data=dict(data))
+    if budget is not None:
+        if (problem := budget_problem(budget, prof)):
+            raise r.err("weight_streaming_budget_gib", problem)
+        if not build.weight_streaming:
+            raise r.err("weight_streaming_budget_gib", "needs build.weight_streaming = true (a budget applies to "
+                        "streamable engines only)")
+        prof = replace(prof, runtime=replace(runtime, weight_streaming_budget_gib=float(budget)))
+    return prof
 
 
 def _targets(b: _Fields, build: BuildOptions, gpu: GpuSpec) -> tuple[str, ...]:

@@ -30,10 +30,10 @@ needs scratch(c) = 2 x its largest weight tensor (assumed: one tensor in use and
     resident peak  = overhead + sum_c (kept(c) + io(c)) + max_c (activations(c) + scratch(c))
     one at a time  = overhead + max_c (kept(c) + io(c) + activations(c) + scratch(c))
 
-The budgets are the largest that fit with STREAMING_HEADROOM to spare (solve_budgets): resident, the
-components run once per image stream first (their cost is paid once per image), the U-Net last (its
-cost, weights(unet) - kept(unet), is paid at every denoising step); one at a time, each component on its
-own. A budget from the profile (runtime.weight_streaming_budget_gib) fixes kept(unet).
+The budgets are the largest that fit with streaming_headroom() to spare (256 MiB, or 5% of a small
+card's usable memory) (solve_budgets): resident, the components run once per image stream first
+(their cost is paid once per image), the U-Net last (its cost, weights(unet) - kept(unet), is paid at
+every denoising step); one at a time, each component on its own. A budget from the profile (runtime.weight_streaming_budget_gib) fixes kept(unet).
 
 With tiled VAE decode (vae.tile) the decoder is planned at the tile's size: its activations, I/O and engine
 are those of one tile (GpuProfile.shape_range).
@@ -55,7 +55,8 @@ from exporter.specs import NUMPY_DTYPES, ComponentSpec, specs_from_configs
 
 MIB = 1 << 20
 RUNTIME_OVERHEAD_BYTES = 512 * MIB
-STREAMING_HEADROOM_BYTES = 256 * MIB  # what a solved weight-streaming budget leaves free (estimate error)
+STREAMING_HEADROOM_BYTES = 256 * MIB  # what a solved weight-streaming budget leaves free (estimate error),
+STREAMING_HEADROOM_FRACTION = 0.05    # or this share of the usable memory where that is less (small cards)
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
 # NVIDIA's SDXL INT8 recipe keeps these layers out of quantization (TensorRT diffusion demo).
 INT8_EXCLUDED = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding",
@@ -271,11 +272,15 @@ def largest_weight_bytes(source: Any, spec: ComponentSpec, precision: str) -> in
     return _CACHE[key][0]
 
 
+def streaming_headroom(usable_bytes: int) -> int:
+    return min(STREAMING_HEADROOM_BYTES, int(STREAMING_HEADROOM_FRACTION * usable_bytes))
+
+
 def solve_budgets(plan: MemoryPlan, unet_budget: int | None = None) -> None:
     """Weight streaming: set each component's kept bytes to the largest that fits the card with
-    STREAMING_HEADROOM_BYTES free (see the module docstring). Components that fit keep all their weights
+    streaming_headroom() free (see the module docstring). Components that fit keep all their weights
     (kept = weights); where even budget 0 does not fit, the budget stays 0 and the plan does not fit."""
-    target = plan.usable_bytes - STREAMING_HEADROOM_BYTES
+    target = plan.usable_bytes - streaming_headroom(plan.usable_bytes)
     comps = plan.components
     for m in comps.values():
         m.kept_bytes = m.weights_bytes

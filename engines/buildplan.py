@@ -174,6 +174,7 @@ class BuildPlan:
                                for k, v in self.components.items()},
                 "memory": ({k: v for k, v in self.memory.to_json().items() if k != "components"}
                            if self.memory else None),
+                "weight_streaming": self.streaming_budgets() or None,
                 "command": self.rebuild_command()}
 
 

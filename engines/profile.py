@@ -206,7 +206,7 @@ class GpuProfile:
         if tile is not None:
             problem = tile_problem(tile, self.shapes)
             if problem:
-                raise UsageError(f"{'--vae-tile' if flags else 'field vae.tile'} {problem}")
+                raise UsageError(f"--vae-tile {problem.removeprefix('= ')}" if flags else f"field vae.tile {problem}")
             vae = replace(vae, tile=tile)
         if residency is not None:
             if residency not in RESIDENCY:
@@ -217,8 +217,8 @@ class GpuProfile:
         if budget_gib is not None:
             problem = budget_problem(budget_gib, self)
             if problem:
-                raise UsageError(f"{'--weight-streaming-budget' if flags else 'field runtime.weight_streaming_budget_gib'} "
-                                 f"{problem}")
+                raise UsageError(f"--weight-streaming-budget {problem.removeprefix('= ')}" if flags
+                                 else f"field runtime.weight_streaming_budget_gib {problem}")
             build = replace(build, weight_streaming=True)
             runtime = replace(runtime, weight_streaming_budget_gib=budget_gib)
         return replace(self, vae=vae, build=build, runtime=runtime)

@@ -14,6 +14,11 @@ once the target compute capabilities are set explicitly; the card JIT-compiles k
 Polygraphy drives either; it picks TensorRT-RTX when POLYGRAPHY_USE_TENSORRT_RTX=1 is set before it is
 imported and reads that once, so the library is chosen once per process (use_library).
 
+Weight streaming: CreateConfig(weight_streaming=True) sets BuilderFlag.WEIGHT_STREAMING (refused in one
+line where the library lacks it); every build reads the flags back from the builder's config (no
+deserialization, so TensorRT-RTX on a CPU records them too). At run time Engine.set_weight_streaming_budget
+sets weight_streaming_budget_v2 before the context is made.
+
 Run: Engine wraps a deserialized engine and one execution context through TensorRT 10's name-based
 I/O API (set_input_shape, set_tensor_address, execute_async_v3). Device memory comes from the
 caller (engines/cuda.py), so the activation memory can be shared between engines.

@@ -269,3 +269,29 @@ def test_build_plan_refuses_weight_streaming_with_an_old_tensorrt(tiny_artifacts
     plan = make_build_plan([tiny_artifacts], prof, tmp_path / "out", trt_version="10.8.0.43", estimate=False)
     assert plan.flags["weight_streaming"] is True and all(c.engine.endswith(".ws.plan") for c in plan.components.values())
     assert {k: v["from"] for k, v in plan.streaming_budgets().items()} == {c: "automatic" for c in plan.components}
+
+
+def test_build_auto_takes_the_plan_choice(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """A made-up card between random:tiny's one-at-a-time and all-resident peaks (at 512 px, where a
+    512 px tile adds nothing): --auto builds for sequential residency, and says so in the rebuild command."""
+    from engines.buildplan import auto_plan, make_build_plan, plan_function
+
+    card = _card(1.0, build='{"library": "tensorrt-rtx", "workspace_gib": 0.25}').with_overrides(
+        height=512, width=512, precision="fp32")
+    own = plan_function(make_build_plan([tiny_artifacts], card, tmp_path / "o", estimate=False))(card)
+    assert own.sequential_peak < own.resident_peak
+    memory = (own.sequential_peak + own.resident_peak) / 2 / GIB
+    card = _card(memory, build='{"library": "tensorrt-rtx", "workspace_gib": 0.25}').with_overrides(
+        height=512, width=512, precision="fp32")
+    plan, choice = auto_plan([tiny_artifacts], card, tmp_path / "o", trt_version="1.7.1.116", args={"auto": True})
+    assert not choice.rungs[0].plan.fits and choice.chosen.aids == ("sequential",)
+    assert plan.profile.runtime.residency == "sequential" and plan.memory is choice.chosen.plan and plan.memory.fits
+    assert "--residency sequential" in plan.rebuild_command() and "--auto" not in plan.rebuild_command()
+    tight = _card(own.overhead_bytes / GIB, build='{"library": "tensorrt-rtx", "workspace_gib": 0.25}').with_overrides(
+        height=512, width=512, precision="fp32")
+    from koala_core.errors import KoalaError
+
+    with pytest.raises(KoalaError) as e:  # nothing but the runtime's overhead fits: no aid helps
+        auto_plan([tiny_artifacts], tight, tmp_path / "o", trt_version="1.7.1.116")
+    assert str(e.value).startswith("--auto: no aid makes it fit: ") and str(e.value).endswith(
+        "even with sequential residency, weight streaming on card")

@@ -2,6 +2,8 @@
 
     1. the profile's own settings
     2. + tiled VAE decode       (vae.tile, default DEFAULT_TILE px): the decoder's peak is one tile's
+                                (not tried where the image is no larger than a tile, or the smallest
+                                image is smaller than one)
     3. + sequential residency   one engine on the device at a time: every engine is loaded again per image
     4. + weight streaming       the largest weight budgets that fit: what does not fit streams from host
                                 memory, the U-Net's share at every denoising step
@@ -163,10 +165,12 @@ def choose(profile: GpuProfile, plan_fn: Callable[[GpuProfile], MemoryPlan], com
         note = ""
         if aid in base:
             note = "already in the profile"
-        elif aid == "tile" and ("vae_decoder" not in comps
-                                or min(profile.shapes.height[2], profile.shapes.width[2]) <= DEFAULT_TILE):
-            note = ("no vae_decoder planned" if "vae_decoder" not in comps
-                    else f"the image is not larger than a {DEFAULT_TILE} px tile")
+        elif aid == "tile" and "vae_decoder" not in comps:
+            note = "no vae_decoder planned"
+        elif aid == "tile" and min(profile.shapes.height[2], profile.shapes.width[2]) <= DEFAULT_TILE:
+            note = f"the image is not larger than a {DEFAULT_TILE} px tile"
+        elif aid == "tile" and min(profile.shapes.height[0], profile.shapes.width[0]) < DEFAULT_TILE:
+            note = f"the smallest image is smaller than a {DEFAULT_TILE} px tile"
         else:
             aids = tuple(a for a in AIDS if a in aids or a == aid)
         choice.rungs.append(Rung(aid, aids, plan_for(aids), note))

@@ -21,9 +21,9 @@ Schema (every field is checked; an error names the field):
     fp16_ops = "all"                         # all | gemm: only the GEMMs in FP16 (convert --vae-gemm-fp16),
                                              # safe for SDXL's VAE: needs no fp16_safe (Turing + TensorRT-RTX)
     encoder = false                          # also build vae_encoder
-    tile = 512                               # decode in tiles of this many pixels (multiple of 8, not larger
-                                             # than the image; default: untiled): the decoder's activation
-                                             # peak is that of one tile, its engine is built for the tile
+    tile = 512                               # decode in tiles of tile x tile px (a multiple of 8, not larger
+                                             # than the smallest image; default: untiled): the decoder's
+                                             # activation peak is one tile's, its engine is built for the tile
     [shapes]                                 # a value (static) or [min, opt, max]
     batch = 1                                # images per call
     height = 1024                            # pixels
@@ -101,7 +101,7 @@ class VaePolicy:
     fp16_safe: bool = False
     encoder: bool = False
     fp16_ops: str = "all"  # all | gemm
-    tile: int = 0  # tiled decode: tile size in pixels (0: untiled)
+    tile: int | None = None  # tiled decode: tiles of tile x tile pixels; None: whole images
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,7 @@ class GpuProfile:
             batch = b
         if kind == "vae_decoder" and self.vae.tile:  # tiled decode: the decoder sees one tile at a time
             t = self.vae.tile
-            return ShapeRange(batch, tuple(min(x, t) for x in self.shapes.height),  # type: ignore[arg-type]
-                              tuple(min(x, t) for x in self.shapes.width))  # type: ignore[arg-type]
+            return ShapeRange(batch, (t, t, t), (t, t, t))
         return ShapeRange(batch, self.shapes.height, self.shapes.width)
 
     def with_overrides(self, batch: int | None = None, height: int | None = None, width: int | None = None,
@@ -256,9 +255,10 @@ def tile_problem(tile: int, shapes: Shapes) -> str | None:
         return f"must be a whole number of pixels, at least 8 (got {tile!r})"
     if tile % 8:
         return f"must be a multiple of 8 px (got {tile})"
-    h, w = shapes.height[2], shapes.width[2]
+    h, w = shapes.height[0], shapes.width[0]
     if tile > min(h, w):
-        return f"= {tile} px is larger than the image ({h}x{w} px at most); use a tile of at most {min(h, w)} px"
+        return (f"= {tile} px is larger than the image ({h}x{w} px, the smallest the profile allows); use a tile of "
+                f"at most {min(h, w)} px")
     return None
 
 
@@ -311,7 +311,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
 
     v = top.table_of("vae")
     vae = VaePolicy(v.string("precision", "fp32", ("fp32", "fp16")), v.boolean("fp16_safe", False),
-                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")), v.get("tile", 0))
+                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")), v.get("tile"))
     if vae.fp16_ops == "gemm" and vae.precision != "fp16":
         raise v.err("fp16_ops", "= \"gemm\" needs vae.precision = \"fp16\"")
     if vae.precision == "fp16" and vae.fp16_ops == "all" and not vae.fp16_safe:
@@ -324,7 +324,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
     shapes = Shapes(s.triple("batch", (1, 1, 1)), s.triple("height", (1024,) * 3, 8),
                     s.triple("width", (1024,) * 3, 8), s.boolean("guidance", True))
     s.done()
-    if vae.tile != 0 and (problem := tile_problem(vae.tile, shapes)):
+    if vae.tile is not None and (problem := tile_problem(vae.tile, shapes)):
         raise v.err("tile", problem)
 
     b = top.table_of("build")

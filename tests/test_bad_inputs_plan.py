@@ -42,7 +42,7 @@ CASES = [
      "Error: {ART} is not a diffusers model folder (no model_index.json)"),
     ("plan-vae-tile-not-a-multiple", [*PLAN, "--vae-tile", "500"], 2, "Error: --vae-tile must be a multiple of 8 px (got 500)"),
     ("plan-vae-tile-larger-than-the-image", [*PLAN, "--vae-tile", "2048"], 2,
-     "Error: --vae-tile 2048 px is larger than the image (1024x1024 px at most); use a tile of at most 1024 px"),
+     "Error: --vae-tile 2048 px is larger than the image (1024x1024 px, the smallest the profile allows); use a tile of at most 1024 px"),
     ("plan-vae-tile-0", [*PLAN, "--vae-tile", "0"], 2, "Error: --vae-tile must be a whole number of pixels, at least 8 (got 0)"),
     ("plan-budget-larger-than-the-card", [*PLAN, "--weight-streaming-budget", "30"], 2,
      "Error: --weight-streaming-budget 30 GiB is larger than the card: rtx4090 has 23.5 GiB usable (24 GiB - 0.5 GiB reserved)"),
@@ -52,7 +52,7 @@ CASES = [
      "Error: Invalid value for '--min-margin': -1.0 is not in the range x>=0."),
     # --- build --dry-run: every input it reads
     ("build-vae-tile-larger-than-the-image", [*DRY, "--vae-tile", "512"], 2,
-     "Error: --vae-tile 512 px is larger than the image (256x256 px at most); use a tile of at most 256 px"),
+     "Error: --vae-tile 512 px is larger than the image (256x256 px, the smallest the profile allows); use a tile of at most 256 px"),
     ("build-budget-larger-than-the-card", [*DRY, "--weight-streaming-budget", "24"], 2,
      "Error: --weight-streaming-budget 24 GiB is larger than the card: rtx4090 has 23.5 GiB usable (24 GiB - 0.5 GiB reserved)"),
     ("build-auto-without-the-estimate", [*DRY, "--auto", "--no-estimate"], 2,

@@ -206,11 +206,12 @@ def test_plan_cli_prints_the_ladder_and_the_choice() -> None:
 
 @pytest.mark.parametrize("toml, line", [
     ("[vae]\ntile = 500", "field vae.tile must be a multiple of 8 px (got 500)"),
-    ("[vae]\ntile = 2048", "field vae.tile = 2048 px is larger than the image (1024x1024 px at most); use a tile of at "
-                           "most 1024 px"),
+    ("[vae]\ntile = 2048", "field vae.tile = 2048 px is larger than the image (1024x1024 px, the smallest the profile "
+                           "allows); use a tile of at most 1024 px"),
     ("[vae]\ntile = \"512\"", "field vae.tile must be a whole number of pixels, at least 8 (got '512')"),
     ("[shapes]\nheight = 1024\nwidth = [512, 768, 768]\n[vae]\ntile = 1024",
-     "field vae.tile = 1024 px is larger than the image (1024x768 px at most); use a tile of at most 768 px"),
+     "field vae.tile = 1024 px is larger than the image (1024x512 px, the smallest the profile allows); use a tile of "
+     "at most 512 px"),
     ("[build]\nweight_streaming = 1", "field build.weight_streaming must be true or false (got 1)"),
     ("[build]\nweight_streaming = true\n[runtime]\nweight_streaming_budget_gib = 7.6",
      "field runtime.weight_streaming_budget_gib = 7.6 GiB is larger than the card: card has 7.5 GiB usable "
@@ -240,8 +241,9 @@ def test_aid_fields_that_are_fine(tmp_path: Path) -> None:
     assert prof.shape_range("unet").height == (1024, 1024, 1024)
     with pytest.raises(Exception) as e:
         prof.with_overrides(height=128)
-    assert str(e.value) == ("profile card: field vae.tile = 256 px is larger than the image (128x1024 px at most); "
-                            "use a tile of at most 128 px (set by --batch/--height/--width); pass a smaller --vae-tile")
+    assert str(e.value) == ("profile card: field vae.tile = 256 px is larger than the image (128x1024 px, the smallest "
+                            "the profile allows); use a tile of at most 128 px (set by --batch/--height/--width); pass "
+                            "a smaller --vae-tile")
 
 
 def test_weight_streaming_with_a_library_that_lacks_it() -> None:

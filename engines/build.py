@@ -155,8 +155,9 @@ def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
                                          built.layers, {n: v["dtype"] for n, v in built.io.items()}, seconds,
                                          stripped=flags["refit"] != "none", weights_bytes=built.weights_bytes,
                                          builder_flags=list(built.builder_flags),
-                                         weight_streaming=budgets.get(name) and {
-                                             **budgets[name], "streamable_weights_bytes": built.streamable_weights_bytes})
+                                         weight_streaming=({**budgets[name],
+                                                            "streamable_weights_bytes": built.streamable_weights_bytes}
+                                                           if name in budgets else None))
             log(f"  {name}: {len(built.data) / 2**20:,.1f} MiB, activations {built.device_memory_bytes / 2**20:,.1f} MiB, "
                 f"{seconds:.1f} s")
         first = next(iter(plan.components.values())).manifest

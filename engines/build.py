@@ -137,6 +137,7 @@ def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
     t_all = time.perf_counter()
     engines: dict[str, Any] = {}
     flags = plan.flags
+    budgets = plan.streaming_budgets()
     with staged_dir(plan.out, force=force) as stage:
         if flags["timing_cache"] and device is not None:
             _reuse_timing_cache(plan.out, stage, device, trt_version, log)
@@ -152,7 +153,11 @@ def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
             (stage / c.engine).write_bytes(built.data)
             engines[name] = engine_entry(c, len(built.data), sha256_file(stage / c.engine), built.device_memory_bytes,
                                          built.layers, {n: v["dtype"] for n, v in built.io.items()}, seconds,
-                                         stripped=flags["refit"] == "REFIT_IDENTICAL+STRIP_PLAN", weights_bytes=built.weights_bytes)
+                                         stripped=flags["refit"] == "REFIT_IDENTICAL+STRIP_PLAN", weights_bytes=built.weights_bytes,
+                                         builder_flags=list(built.builder_flags),
+                                         weight_streaming=({**budgets[name],
+                                                            "streamable_weights_bytes": built.streamable_weights_bytes}
+                                                           if name in budgets else None))
             log(f"  {name}: {len(built.data) / 2**20:,.1f} MiB, activations {built.device_memory_bytes / 2**20:,.1f} MiB, "
                 f"{seconds:.1f} s")
         first = next(iter(plan.components.values())).manifest
@@ -170,7 +175,8 @@ def run_build(plan: BuildPlan, force: bool = False, verbose: bool = False,
 
 def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_bytes: int, layers: int,
                  io_dtypes: dict[str, str], seconds: float, stripped: bool,
-                 weights_bytes: int | None = None) -> dict[str, Any]:
+                 weights_bytes: int | None = None, builder_flags: list[str] | None = None,
+                 weight_streaming: dict[str, Any] | None = None) -> dict[str, Any]:
     """One component's record in ENGINES/manifest.json: its spec and profile (so the runtime needs no
     torch and no artifacts folder), its source ONNX and what the build measured."""
     return {
@@ -184,8 +190,11 @@ def engine_entry(c: ComponentBuild, nbytes: int, sha256: str, device_memory_byte
         "stripped": stripped, "build_seconds": round(seconds, 2),
         # the LoRA adapters fused into this component's weights (the artifacts manifest's record, this component's layers)
         "loras": [a.to_json() for a in c.manifest.view.adapters(c.component)],
-
         **({"vae_tile": c.vae_tile} if c.vae_tile is not None else {}),  # the sampler decodes tiles of this size
+        "builder_flags": builder_flags or [],  # as set on the builder's config (read back from it)
+        # streamable engines: the budget the runtime sets (bytes of weights kept on the device; null: TensorRT's
+        # automatic budget) and where it came from (plan | profile | automatic)
+        "weight_streaming": weight_streaming or None,
     }
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engines.libraries import LIBRARIES, RTX_NOT_APPLICABLE, Library, sm
+from engines.libraries import LIBRARIES, RTX_NOT_APPLICABLE, Library, check_weight_streaming, sm
 from engines.planner import MemoryPlan
 from engines.profile import GIB, REFIT_FLAGS, GpuProfile
 from engines.artifacts_check import check_files
@@ -25,6 +25,8 @@ TIMING_CACHE = "timing.cache"
 
 # Components whose graphs hold GEMMs (MatMul/Gemm): all of them, the VAE's through its mid-block attention.
 GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+WEIGHT_STREAMING_NOTE = ("weight streaming: the engines are streamable (WEIGHT_STREAMING); the runtime keeps each engine's "
+                         "budget of weights on the device and streams the rest from host memory at every call")
 INT8_ON_RTX = ("full INT8 Q/DQ (activations and weights) builds for TensorRT-RTX, but NVIDIA documents only "
                "weight-only INT8 GEMMs for it: whether it runs as true INT8 on the card is unverified")
 
@@ -48,12 +50,14 @@ def target_token(targets: str | tuple[str, ...], hardware_compatibility: str = "
 
 
 def engine_name(component: str, precision: str, rng: ShapeRange, spatial: bool, targets: str | tuple[str, ...],
-                version: str | None, hardware_compatibility: str = "none", library: str = "tensorrt") -> str:
-    """<component>.<precision>.<shapes>.<sm>.<library><version>.plan, e.g.
+                version: str | None, hardware_compatibility: str = "none", library: str = "tensorrt",
+                streaming: bool = False) -> str:
+    """<component>.<precision>.<shapes>.<sm>.<library><version>[.ws].plan, e.g.
     unet.fp16.b2.1024x1024.sm86.trt10.8.0.43.plan (TensorRT) or unet.fp16.b2.1024x1024.sm86.rtx1.7.1.116.plan
-    (TensorRT-RTX)."""
+    (TensorRT-RTX); `.ws` marks a streamable (WEIGHT_STREAMING) engine."""
     return (f"{component}.{precision}.{shapes_token(rng, spatial)}."
-            f"{target_token(targets, hardware_compatibility)}.{LIBRARIES[library].token}{version or 'none'}.plan")
+            f"{target_token(targets, hardware_compatibility)}.{LIBRARIES[library].token}{version or 'none'}"
+            f"{'.ws' if streaming else ''}.plan")
 
 
 @dataclass
@@ -126,6 +130,7 @@ class BuildPlan:
             "refit": REFIT_FLAGS[b.refit],
             "timing_cache": TIMING_CACHE if b.timing_cache and not rtx else None,
             "tf32": False,
+            "weight_streaming": b.weight_streaming,
         }
         if rtx:
             flags["compute_capabilities"] = list(self.targets)
@@ -134,9 +139,29 @@ class BuildPlan:
 
     def notes(self) -> list[str]:
         """What the manifest should say about this build beyond its flags."""
+        out = []
         if self.library.name == "tensorrt-rtx" and any(c.precision == "int8" for c in self.components.values()):
-            return [INT8_ON_RTX]
-        return []
+            out.append(INT8_ON_RTX)
+        if self.profile.build.weight_streaming:
+            out.append(WEIGHT_STREAMING_NOTE)
+        return out
+
+    def streaming_budgets(self) -> dict[str, dict[str, Any]]:
+        """Per component, the weight-streaming budget the runtime sets (bytes of weights kept on the device):
+        the memory plan's, else the profile's for the U-Net, else TensorRT's automatic budget (null)."""
+        if not self.profile.build.weight_streaming:
+            return {}
+        user = self.profile.runtime.weight_streaming_budget_gib
+        out = {}
+        for name in self.components:
+            m = self.memory.components.get(name) if self.memory else None
+            if name == "unet" and user is not None:
+                out[name] = {"budget_bytes": int(user * GIB), "from": "profile"}
+            elif m is not None and m.kept_bytes is not None:
+                out[name] = {"budget_bytes": m.device_weights_bytes, "from": "plan"}
+            else:
+                out[name] = {"budget_bytes": None, "from": "automatic"}
+        return out
 
     def rebuild_command(self) -> str:
         return build_command(self.args, self.out)
@@ -151,6 +176,7 @@ class BuildPlan:
                                for k, v in self.components.items()},
                 "memory": ({k: v for k, v in self.memory.to_json().items() if k != "components"}
                            if self.memory else None),
+                "weight_streaming": self.streaming_budgets() or None,
                 "command": self.rebuild_command()}
 
 
@@ -164,9 +190,11 @@ def build_command(args: dict[str, Any], out: Path | str) -> str:
         parts += ["--library", str(args["library"])]
     if args.get("components"):
         parts += ["--components", ",".join(args["components"])]
-    for key in ("precision", "batch", "height", "width"):
+    for key in ("precision", "batch", "height", "width", "vae_tile", "residency", "weight_streaming_budget"):
         if args.get(key) is not None:
-            parts += [f"--{key}", str(args[key])]
+            parts += [f"--{key.replace('_', '-')}", str(args[key])]
+    if args.get("weight_streaming"):
+        parts.append("--weight-streaming")
     parts.append("--force")
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -296,6 +324,8 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
                      trt_version=trt_version, args=dict(args or {}))
     plan.args.setdefault("onnx", [str(d) for d in plan.onnx_dirs])
     plan.args.setdefault("profile", profile.name if profile.source == "builtin" else profile.source)
+    if profile.build.weight_streaming:
+        check_weight_streaming(plan.library, trt_version)
     for name in components or profile.components():
         precision = profile.precision_for(name)
         check_precision(name, precision, profile)
@@ -308,12 +338,60 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
             component=name, precision=precision, manifest=m, spec=spec, shape_range=rng,
             profile_shapes=spec.profile_shapes(rng),
             engine=engine_name(name, precision, rng, spec.spatial, profile.build.targets, trt_version,
-                               profile.build.hardware_compatibility, profile.build.library),
+                               profile.build.hardware_compatibility, profile.build.library,
+                               profile.build.weight_streaming),
             onnx_files=_component_files(m, name), vae_tile=tile)
         check_files(m, [f"{name}/"], full_hash=False)  # a missing or cut-short graph, before any work
     if estimate:
         plan.memory = estimate_memory(plan, log)
     return plan
+
+
+def plan_function(plan: BuildPlan) -> Any:
+    """profile -> MemoryPlan for this build's components, weights from the ONNX files' bytes (the
+    planner's chooser calls it once per rung); None when the source model cannot be traced here."""
+    from engines.planner import plan_memory
+
+    comps = plan.components
+    specs = {k: c.spec for k, c in comps.items()}
+    precisions = {k: c.precision for k, c in comps.items()}
+    weights = {k: c.onnx_bytes for k, c in comps.items()}
+    first = next(iter(comps.values())).manifest
+    try:
+        import torch  # noqa: F401
+
+        from exporter.sources import resolve
+
+        source = resolve(first.view.source.model)
+    except Exception:  # torch missing, or the source folder or hub id is not reachable from here
+        return None
+    return lambda profile: plan_memory(source, profile, list(comps), specs=specs, precisions=precisions,
+                                       weights_override=weights)
+
+
+def auto_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, components: list[str] | None = None,
+              trt_version: str | None = None, args: dict[str, Any] | None = None) -> tuple[BuildPlan, Any]:
+    """`build --auto`: the planner's choice of memory aids (plan_choice.choose) for these artifacts on this
+    card, then the build plan with them. Returns (plan, choice); refuses when nothing fits."""
+    from engines.plan_choice import choose
+    from koala_core.errors import KoalaError
+
+    first = make_build_plan(onnx_dirs, profile, out, components, trt_version, estimate=False, args=args)
+    plan_fn = plan_function(first)
+    if plan_fn is None:
+        raise UsageError(f"--auto needs the memory plan, which traces the source model "
+                         f"{next(iter(first.components.values())).manifest.view.source.model!r}: it is not available "
+                         "here (or torch is missing); choose the aids yourself (--vae-tile, --residency, --weight-streaming)")
+    choice = choose(profile, plan_fn, list(first.components))
+    if choice.chosen is None:
+        raise KoalaError(f"--auto: {choice.summary()} on {profile.name}")
+    chosen = choice.chosen.plan.profile
+    a = dict(args or {})
+    a.update(vae_tile=chosen.vae.tile or None, residency=chosen.runtime.residency,
+             weight_streaming=chosen.build.weight_streaming or None, auto=None)
+    plan = make_build_plan(onnx_dirs, chosen, out, components, trt_version, estimate=False, args=a)
+    plan.memory = choice.chosen.plan
+    return plan, choice
 
 
 def estimate_memory(plan: BuildPlan, log: Any = None) -> MemoryPlan:

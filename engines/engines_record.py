@@ -14,7 +14,9 @@ Two layouts are read (`format_version`):
 
 Both: "format": "koala-trt/engines", "engines": {<component>: {"file", "sha256", "bytes", ...}}, and
 optionally per engine "loras": the LoRA adapters fused into the weights it was built (or refitted)
-from, as koala_core.schema.AdapterRecord (absent before koala-trt recorded them: read as none).
+from, as koala_core.schema.AdapterRecord (absent before koala-trt recorded them: read as none); an
+engine built streamable also has "weight_streaming": {"budget_bytes": int | null, "from": ...} (absent
+or null: not streamable).
 Nothing else is interpreted here; bundles copy the manifest verbatim.
 """
 
@@ -85,6 +87,8 @@ class EngineFile:
     sha256: str
     bytes: int
     loras: tuple[AdapterRecord, ...] = ()  # the LoRA adapters in its weights, in order
+    streamable: bool = False  # built with WEIGHT_STREAMING
+    streaming_budget_bytes: int | None = None  # weights kept on the device; None: TensorRT's automatic budget
 
 
 def _labels(adapters: tuple[AdapterRecord, ...]) -> str:
@@ -209,7 +213,14 @@ class EnginesRecord:
             sha, size = r.str(e, "sha256", at), r.get(e, "bytes", at)
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise UsageError(f"{where}: key '{at}.bytes' must be a byte count (got {size!r})")
-            engines[comp] = EngineFile(comp, rel, sha, size, read_adapters(Fields(where, e, f"{at}.", UsageError)))
+            ws = e.get("weight_streaming")
+            if ws is not None:
+                budget = ws.get("budget_bytes") if isinstance(ws, dict) else "?"
+                if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+                    raise UsageError(f"{where}: key '{at}.weight_streaming.budget_bytes' must be a byte count or null "
+                                     f"(got {budget!r})")
+            engines[comp] = EngineFile(comp, rel, sha, size, read_adapters(Fields(where, e, f"{at}.", UsageError)),
+                                       ws is not None, None if ws is None else ws.get("budget_bytes"))
         if not engines:
             raise UsageError(f"{where} lists no engines")
         flags = data.get("flags") or {}

@@ -28,6 +28,7 @@ class Library:
     targets: tuple[str, ...] | None  # compute capabilities it can build for; None: any (built on the card)
     builds_without_gpu: bool
     install: str                    # how to get it
+    weight_streaming_since: str = "10.0"  # the first version with BuilderFlag.WEIGHT_STREAMING
 
     def can_target(self, compute_capability: str) -> bool:
         return self.targets is None or compute_capability in self.targets
@@ -61,7 +62,7 @@ TENSORRT = Library("tensorrt", "tensorrt", "trt",
                    None, False, "standard TensorRT, from NVIDIA's index: pip install 'koala-trt[gpu]'")
 TENSORRT_RTX = Library("tensorrt-rtx", "tensorrt_rtx", "rtx",
                        ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1"), True,
-                       "pip install tensorrt-rtx-cu12 (make install does)")
+                       "pip install tensorrt-rtx-cu12 (make install does)", "1.0")
 LIBRARIES = {lib.name: lib for lib in (TENSORRT, TENSORRT_RTX)}
 
 # TensorRT-RTX build options that need a GPU at build time (they fail with a Myelin CUDA error on a
@@ -91,3 +92,23 @@ def library(name: str) -> Library:
 def sm(compute_capability: str) -> str:
     """"8.6" -> "sm_86"."""
     return "sm_" + compute_capability.replace(".", "")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def check_weight_streaming(lib: Library, version: str | None) -> None:
+    """Weight streaming (BuilderFlag.WEIGHT_STREAMING) came with TensorRT 10.0 and is in every TensorRT-RTX:
+    refuse an older library in one line (nothing to say while the library is not installed: a dry run)."""
+    if version is None or _version_tuple(version) >= _version_tuple(lib.weight_streaming_since):
+        return
+    what = "TensorRT-RTX" if lib.name == "tensorrt-rtx" else "TensorRT"
+    raise UsageError(f"weight streaming needs {what} {lib.weight_streaming_since} or newer (BuilderFlag.WEIGHT_STREAMING); "
+                     f"this is {what} {version}: upgrade it, or drop build.weight_streaming / --weight-streaming")

@@ -23,6 +23,21 @@ and for the whole pipeline:
     usable         = gpu.memory - gpu.reserved (display, ECC, OS: from the profile)
     fits           = peak (resident by default, or the profile's residency) <= usable; margin = usable - peak
 
+With weight streaming (profile build.weight_streaming) a component c keeps kept(c) <= weights(c) bytes of
+its weights on the device and streams the rest from host memory at every call; a streaming component also
+needs scratch(c) = 2 x its largest weight tensor (assumed: one tensor in use and the next one arriving):
+
+    resident peak  = overhead + sum_c (kept(c) + io(c)) + max_c (activations(c) + scratch(c))
+    one at a time  = overhead + max_c (kept(c) + io(c) + activations(c) + scratch(c))
+
+The budgets are the largest that fit with streaming_headroom() to spare (256 MiB, or 5% of a small
+card's usable memory) (solve_budgets): resident, the components run once per image stream first
+(their cost is paid once per image), the U-Net last (its cost, weights(unet) - kept(unet), is paid at
+every denoising step); one at a time, each component on its own. A budget from the profile (runtime.weight_streaming_budget_gib) fixes kept(unet).
+
+With tiled VAE decode (vae.tile) the decoder is planned at the tile's size: its activations, I/O and engine
+are those of one tile (GpuProfile.shape_range).
+
 What this leaves out, and why it is still a fair verdict: TensorRT fuses element-wise layers into
 their producers, so its activation memory is usually below the eager trace (the estimate errs
 high); tactic scratch at run time is bounded by the workspace cap but usually far smaller, so it is
@@ -40,6 +55,8 @@ from exporter.specs import NUMPY_DTYPES, ComponentSpec, specs_from_configs
 
 MIB = 1 << 20
 RUNTIME_OVERHEAD_BYTES = 512 * MIB
+STREAMING_HEADROOM_BYTES = 256 * MIB  # what a solved weight-streaming budget leaves free (estimate error),
+STREAMING_HEADROOM_FRACTION = 0.05    # or this share of the usable memory where that is less (small cards)
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
 # NVIDIA's SDXL INT8 recipe keeps these layers out of quantization (TensorRT diffusion demo).
 INT8_EXCLUDED = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding",
@@ -60,16 +77,42 @@ class ComponentMemory:
     max_shapes: dict[str, tuple[int, ...]]
     peak_op: str = ""
     note: str = ""
+    largest_weight_bytes: int = 0  # the largest single weight tensor (weight streaming's scratch)
+    kept_bytes: int | None = None  # weight streaming: weights kept on the device (None: all of them)
+
+    @property
+    def streams(self) -> bool:
+        return self.kept_bytes is not None and self.kept_bytes < self.weights_bytes
+
+    @property
+    def device_weights_bytes(self) -> int:
+        return self.weights_bytes if self.kept_bytes is None else min(self.kept_bytes, self.weights_bytes)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes of weights streamed from host memory at every call."""
+        return self.weights_bytes - self.device_weights_bytes
+
+    @property
+    def scratch_bytes(self) -> int:
+        return 2 * self.largest_weight_bytes if self.streams else 0
+
+    @property
+    def run_bytes(self) -> int:
+        """Activations and streaming scratch: the part of the peak shared with the other components."""
+        return (self.activations_bytes or 0) + self.scratch_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + (self.activations_bytes or 0) + self.io_bytes
+        return self.device_weights_bytes + self.run_bytes + self.io_bytes
 
     def to_json(self) -> dict[str, Any]:
         return {"precision": self.precision, "parameters": self.parameters, "weights_bytes": self.weights_bytes,
                 "weights_from": self.weights_from, "activations_bytes": self.activations_bytes,
                 "io_bytes": self.io_bytes, "total_bytes": self.total_bytes,
                 "max_shapes": {k: list(v) for k, v in self.max_shapes.items()}, "activation_peak_at": self.peak_op,
+                **({"weight_streaming": {"budget_bytes": self.device_weights_bytes, "streamed_bytes": self.streamed_bytes,
+                                         "scratch_bytes": self.scratch_bytes}} if self.kept_bytes is not None else {}),
                 **({"note": self.note} if self.note else {})}
 
 
@@ -92,8 +135,8 @@ class MemoryPlan:
     @property
     def resident_peak(self) -> int:
         c = self.components.values()
-        return (self.overhead_bytes + sum(m.weights_bytes + m.io_bytes for m in c)
-                + max((m.activations_bytes or 0 for m in c), default=0))
+        return (self.overhead_bytes + sum(m.device_weights_bytes + m.io_bytes for m in c)
+                + max((m.run_bytes for m in c), default=0))
 
     @property
     def sequential_peak(self) -> int:
@@ -117,6 +160,17 @@ class MemoryPlan:
         return self.usable_bytes - self.peak
 
     @property
+    def streamed_per_step_bytes(self) -> int:
+        """U-Net weights streamed from host memory at every denoising step (one U-Net call per step)."""
+        u = self.components.get("unet")
+        return u.streamed_bytes if u else 0
+
+    @property
+    def streamed_per_image_bytes(self) -> int:
+        """Weights of the components run once per image streamed at their call."""
+        return sum(m.streamed_bytes for n, m in self.components.items() if n != "unet")
+
+    @property
     def complete(self) -> bool:
         """False when some component's activations could not be estimated (then peaks are lower bounds)."""
         return all(m.activations_bytes is not None for m in self.components.values())
@@ -129,7 +183,12 @@ class MemoryPlan:
 
     def to_json(self) -> dict[str, Any]:
         p = self.profile
-        return {"model": self.model, "profile": p.name,
+        streaming = None
+        if p.build.weight_streaming:
+            streaming = {"streamed_per_step_bytes": self.streamed_per_step_bytes,
+                         "streamed_per_image_bytes": self.streamed_per_image_bytes,
+                         "budgets_bytes": {k: m.device_weights_bytes for k, m in self.components.items()}}
+        return {"model": self.model, "profile": p.name, "vae_tile": p.vae.tile or None, "weight_streaming": streaming,
                 "gpu": {"compute_capability": p.gpu.compute_capability, "memory_gib": p.gpu.memory_gib,
                         "reserved_gib": p.gpu.reserved_gib, "usable_bytes": self.usable_bytes},
                 "shapes": {"batch": list(p.shapes.batch), "height": list(p.shapes.height),
@@ -200,6 +259,54 @@ def check_plan_sizes(specs: dict[str, ComponentSpec], profile: GpuProfile, compo
             specs[name].check_size(h, w)
 
 
+def largest_weight_bytes(source: Any, spec: ComponentSpec, precision: str) -> int:
+    """Bytes of the largest weight tensor `spec`'s component runs (fp32 4 per value, else 2: an upper bound
+    for int8), on the meta module; cached per process."""
+    key = ("largest", source.ref, spec.name, precision)
+    if key not in _CACHE:
+        module = source.build(spec.module, device="meta")
+        parts = VAE_PARTS.get(spec.name)
+        numel = max((p.numel() for n, p in module.named_parameters() if parts is None or n.split(".")[0] in parts),
+                    default=0)
+        _CACHE[key] = (numel * (4 if precision == "fp32" else 2), 0, None)
+    return _CACHE[key][0]
+
+
+def streaming_headroom(usable_bytes: int) -> int:
+    return min(STREAMING_HEADROOM_BYTES, int(STREAMING_HEADROOM_FRACTION * usable_bytes))
+
+
+def solve_budgets(plan: MemoryPlan, unet_budget: int | None = None) -> None:
+    """Weight streaming: set each component's kept bytes to the largest that fits the card with
+    streaming_headroom() free (see the module docstring). Components that fit keep all their weights
+    (kept = weights); where even budget 0 does not fit, the budget stays 0 and the plan does not fit."""
+    target = plan.usable_bytes - streaming_headroom(plan.usable_bytes)
+    comps = plan.components
+    for m in comps.values():
+        m.kept_bytes = m.weights_bytes
+    if unet_budget is not None and "unet" in comps:
+        comps["unet"].kept_bytes = min(unet_budget, comps["unet"].weights_bytes)
+    free = [n for n in sorted(comps, key=lambda n: -comps[n].weights_bytes) if n != "unet"]
+    if unet_budget is None and "unet" in comps:
+        free.append("unet")
+    if plan.mode == "sequential":
+        for n in free:
+            m = comps[n]
+            if plan.overhead_bytes + m.total_bytes <= target:
+                continue
+            m.kept_bytes = 0
+            room = target - (plan.overhead_bytes + m.total_bytes)
+            m.kept_bytes = min(m.weights_bytes, max(0, room))
+        return
+    for n in free:
+        if plan.resident_peak <= target:
+            break
+        m = comps[n]
+        m.kept_bytes = 0
+        room = target - plan.resident_peak
+        m.kept_bytes = min(m.weights_bytes, max(0, room))
+
+
 def plan_memory(source: Any, profile: GpuProfile, components: list[str] | None = None, mode: str | None = None,
                 specs: dict[str, ComponentSpec] | None = None, precisions: dict[str, str] | None = None,
                 weights_override: dict[str, int] | None = None) -> MemoryPlan:
@@ -224,7 +331,11 @@ def plan_memory(source: Any, profile: GpuProfile, components: list[str] | None =
         plan.components[name] = ComponentMemory(
             component=name, precision=precision, parameters=params, weights_bytes=wbytes, weights_from=weights_from,
             activations_bytes=trace.peak_bytes, io_bytes=io_bytes(spec, b, h, w),
-            max_shapes=spec.input_shapes(b, h, w), peak_op=trace.peak_op, note=note)
+            max_shapes=spec.input_shapes(b, h, w), peak_op=trace.peak_op, note=note,
+            largest_weight_bytes=largest_weight_bytes(source, spec, precision) if profile.build.weight_streaming else 0)
+    if profile.build.weight_streaming:
+        budget = profile.runtime.weight_streaming_budget_gib
+        solve_budgets(plan, None if budget is None else int(budget * GIB))
     return plan
 
 

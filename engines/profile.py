@@ -43,11 +43,16 @@ Schema (every field is checked; an error names the field):
                                              # gives the engine a LoRA-patched folder's weights)
     timing_cache = true                      # keep a timing cache in the engines folder (standard TensorRT)
     library = "tensorrt"                     # tensorrt | tensorrt-rtx (engines/libraries.py)
+    weight_streaming = false                 # WEIGHT_STREAMING engines: weights beyond a device budget stay
+                                             # in host memory and stream in at every call (TensorRT 10+, TensorRT-RTX)
     targets = ["8.6", "8.9", "12.0"]         # TensorRT-RTX: compute capabilities to build for
                                              # (default: gpu.compute_capability; several: a portable engine)
     [runtime]
     residency = "resident"                   # resident | sequential (one component at a time)
     cuda_graphs = true                       # replay CUDA graphs for engines with static shapes
+    weight_streaming_budget_gib = 3.5        # device memory kept for the U-Net's weights (needs
+                                             # build.weight_streaming; at most the card's usable memory;
+                                             # default: the planner's largest budget that fits)
 """
 
 from __future__ import annotations
@@ -129,12 +134,14 @@ class BuildOptions:
     timing_cache: bool = True
     library: str = "tensorrt"
     targets: tuple[str, ...] = ()  # TensorRT-RTX: the compute capabilities built for (set by validation)
+    weight_streaming: bool = False
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
     residency: str = "resident"
     cuda_graphs: bool = True
+    weight_streaming_budget_gib: float | None = None  # the U-Net engine's budget; None: the planner's
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,31 @@ class GpuProfile:
             prec = {k: precision for k in prec}
         return replace(self, shapes=shapes, precision=prec)
 
+    def with_aids(self, tile: int | None = None, residency: str | None = None, weight_streaming: bool | None = None,
+                  budget_gib: float | None = None, flags: bool = True) -> "GpuProfile":
+        """This profile with the memory aids the planner (or the command line: --vae-tile, --residency,
+        --weight-streaming, --weight-streaming-budget) asks for, checked as their TOML fields are."""
+        vae, build, runtime = self.vae, self.build, self.runtime
+        if tile is not None:
+            problem = tile_problem(tile, self.shapes)
+            if problem:
+                raise UsageError(f"--vae-tile {problem.removeprefix('= ')}" if flags else f"field vae.tile {problem}")
+            vae = replace(vae, tile=tile)
+        if residency is not None:
+            if residency not in RESIDENCY:
+                raise UsageError(f"residency must be one of {', '.join(RESIDENCY)} (got {residency!r})")
+            runtime = replace(runtime, residency=residency)
+        if weight_streaming is not None:
+            build = replace(build, weight_streaming=weight_streaming)
+        if budget_gib is not None:
+            problem = budget_problem(budget_gib, self)
+            if problem:
+                raise UsageError(f"--weight-streaming-budget {problem.removeprefix('= ')}" if flags
+                                 else f"field runtime.weight_streaming_budget_gib {problem}")
+            build = replace(build, weight_streaming=True)
+            runtime = replace(runtime, weight_streaming_budget_gib=budget_gib)
+        return replace(self, vae=vae, build=build, runtime=runtime)
+
     def with_library(self, name: str) -> "GpuProfile":
         """This profile built with another TensorRT library (`build --library`), checked as the TOML
         field build.library would be."""
@@ -227,6 +259,33 @@ class GpuProfile:
         d["shapes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["shapes"].items()
                        if k != "prompt_chunks" or v is not None}
         return d
+
+
+def tile_problem(tile: int, shapes: Shapes) -> str | None:
+    """What is wrong with a VAE tile of `tile` pixels for images of `shapes` (None: nothing): the tile's
+    own rule (engines.vae_tiling.check_tile), then the smallest image the profile allows."""
+    from engines.vae_tiling import check_tile
+
+    try:
+        check_tile(tile)
+    except ValueError as e:
+        return str(e)
+    h, w = shapes.height[0], shapes.width[0]
+    if tile > min(h, w):
+        return (f"= {tile} px is larger than the image ({h}x{w} px, the smallest the profile allows); use a tile of "
+                f"at most {min(h, w)} px")
+    return None
+
+
+def budget_problem(budget_gib: float, profile: "GpuProfile") -> str | None:
+    """What is wrong with a weight-streaming budget of `budget_gib` GiB on `profile`'s card (None: nothing)."""
+    g = profile.gpu
+    if isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)) or budget_gib < 0:
+        return f"must be a number of GiB, at least 0 (got {budget_gib!r})"
+    if budget_gib * GIB > g.usable_bytes:
+        return (f"= {budget_gib:g} GiB is larger than the card: {profile.name} has {g.usable_bytes / GIB:g} GiB usable "
+                f"({g.memory_gib:g} GiB - {g.reserved_gib:g} GiB reserved)")
+    return None
 
 
 def _static(flag: str, v: int) -> Triple:
@@ -267,7 +326,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
 
     v = top.table_of("vae")
     vae = VaePolicy(v.string("precision", "fp32", ("fp32", "fp16")), v.boolean("fp16_safe", False),
-                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")), _vae_tile(v))
+                    v.boolean("encoder", False), v.string("fp16_ops", "all", ("all", "gemm")), v.get("tile"))
     if vae.fp16_ops == "gemm" and vae.precision != "fp16":
         raise v.err("fp16_ops", "= \"gemm\" needs vae.precision = \"fp16\"")
     if vae.precision == "fp16" and vae.fp16_ops == "all" and not vae.fp16_safe:
@@ -281,16 +340,15 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
                     s.triple("width", (1024,) * 3, 8), s.boolean("guidance", True),
                     s.triple("prompt_chunks", (1, 1, 1)) if s.get("prompt_chunks") is not None else None)
     s.done()
-    if vae.tile is not None and (vae.tile > shapes.height[0] or vae.tile > shapes.width[0]):
-        side = "height" if vae.tile > shapes.height[0] else "width"
-        raise v.err("tile", f"must not be larger than the image ({vae.tile} px > shapes.{side} "
-                    f"{getattr(shapes, side)[0]} px, the smallest image the profile allows)")
+    if vae.tile is not None and (problem := tile_problem(vae.tile, shapes)):
+        raise v.err("tile", problem)
 
     b = top.table_of("build")
     build = BuildOptions(b.number("workspace_gib", 2.0, positive=True), b.integer("optimization_level", 3, 0, 5),
                          b.string("hardware_compatibility", "none", HARDWARE_COMPATIBILITY),
                          b.boolean("version_compatible", False), b.string("refit", "none", REFIT),
-                         b.boolean("timing_cache", True), b.string("library", "tensorrt", tuple(LIBRARIES)))
+                         b.boolean("timing_cache", True), b.string("library", "tensorrt", tuple(LIBRARIES)),
+                         weight_streaming=b.boolean("weight_streaming", False))
     build = replace(build, targets=_targets(b, build, gpu))
     if build.hardware_compatibility == "ampere_plus" and int(cc.split(".")[0]) < 8:
         raise b.err("hardware_compatibility", f"= \"ampere_plus\" needs an Ampere or newer GPU (sm_80+); "
@@ -302,24 +360,21 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
     b.done()
 
     r = top.table_of("runtime")
-    runtime = RuntimeOptions(r.string("residency", "resident", RESIDENCY), r.boolean("cuda_graphs", True))
+    budget = r.get("weight_streaming_budget_gib")
+    runtime = RuntimeOptions(r.string("residency", "resident", RESIDENCY), r.boolean("cuda_graphs", True),
+                             None if budget is None else budget)
     r.done()
     top.done()
-    return GpuProfile(name=name, gpu=gpu, precision=precision, vae=vae, shapes=shapes, build=build,
+    prof = GpuProfile(name=name, gpu=gpu, precision=precision, vae=vae, shapes=shapes, build=build,
                       runtime=runtime, description=description, source=source, data=dict(data))
-
-
-def _vae_tile(v: _Fields) -> int | None:
-    """vae.tile: pixels, a positive multiple of 8 (the VAE's latent factor); absent: untiled decode."""
-    from engines.vae_tiling import check_tile
-
-    t = v.get("tile")
-    if t is not None:
-        try:
-            check_tile(t)
-        except ValueError as e:
-            raise v.err("tile", str(e)) from None
-    return t
+    if budget is not None:
+        if (problem := budget_problem(budget, prof)):
+            raise r.err("weight_streaming_budget_gib", problem)
+        if not build.weight_streaming:
+            raise r.err("weight_streaming_budget_gib", "needs build.weight_streaming = true (a budget applies to "
+                        "streamable engines only)")
+        prof = replace(prof, runtime=replace(runtime, weight_streaming_budget_gib=float(budget)))
+    return prof
 
 
 def _targets(b: _Fields, build: BuildOptions, gpu: GpuSpec) -> tuple[str, ...]:

@@ -12,6 +12,10 @@ of engines/runtime.py. No torch, no diffusers: numpy, cuda-python (engines/cuda.
   for the largest: the memory planner's resident case.
 - Engines whose shapes are static may replay a CUDA graph captured on their first call.
 - residency "sequential" keeps one engine on the device at a time (for cards where all do not fit).
+- Streamable engines (built with WEIGHT_STREAMING, `build --weight-streaming`) get the weight budget their
+  manifest records (the memory plan's, or the profile's runtime.weight_streaming_budget_gib; none recorded:
+  TensorRT's automatic budget) before their context is made; the rest of their weights stream from host
+  memory at every call, and the activation buffer grows by the streaming scratch.
 - TensorRT-RTX engines (the manifest's library) load with `tensorrt_rtx`; the kernels the card
   JIT-compiles at first run are kept in a runtime cache beside the engines
   (runtime-cache/<component>.<gpu>.sm<cc>.driver<version>.rtx<version>.cache), so later runs start fast.
@@ -97,6 +101,7 @@ class TensorRTBackend(Backend):
         self._activations = cuda.DeviceBuffer()
         self._sessions: dict[str, _Session] = {}
         self._plans: dict[str, bytes] = {}
+        self.streaming_budgets: dict[str, int] = {}  # component -> the weight-streaming budget set, in bytes
         self.uploads = self.uploads_skipped = self.graph_launches = 0
         if self.residency == "resident":
             for component in self.specs:
@@ -146,6 +151,13 @@ class TensorRTBackend(Backend):
             for other in list(self._sessions):
                 self._unload(other)
         engine = self._trt.Engine(self._plan_bytes(component), self._refit_source(component), verbose=self.verbose)
+        rec = self.manifest.record.engines[component]
+        if rec.streamable:
+            budget = engine.set_weight_streaming_budget(rec.streaming_budget_bytes)
+            self.streaming_budgets[component] = budget
+            if self.verbose:
+                self.log(f"{component}: weight streaming, {budget / 2**20:,.0f} of "
+                         f"{engine.streamable_weights_bytes / 2**20:,.0f} MiB of streamable weights kept on the device")
         cache = self._runtime_cache_path(component)
         engine.create_context(cache.read_bytes() if cache is not None and cache.is_file() else None)
         entry = self.manifest.entry(component)

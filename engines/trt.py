@@ -17,6 +17,11 @@ once the target compute capabilities are set explicitly; the card JIT-compiles k
 Polygraphy drives either; it picks TensorRT-RTX when POLYGRAPHY_USE_TENSORRT_RTX=1 is set before it is
 imported and reads that once, so the library is chosen once per process (use_library).
 
+Weight streaming: CreateConfig(weight_streaming=True) sets BuilderFlag.WEIGHT_STREAMING (refused in one
+line where the library lacks it); every build reads the flags back from the builder's config (no
+deserialization, so TensorRT-RTX on a CPU records them too). At run time Engine.set_weight_streaming_budget
+sets weight_streaming_budget_v2 before the context is made.
+
 Run: Engine wraps a deserialized engine and one execution context through TensorRT 10's name-based
 I/O API (set_input_shape, set_tensor_address, execute_async_v3). Device memory comes from the
 caller (engines/cuda.py), so the activation memory can be shared between engines.
@@ -109,6 +114,8 @@ class BuiltEngine:
     layers: int
     io: dict[str, dict[str, Any]]  # name -> {"mode": "input"|"output", "dtype": numpy dtype name}
     weights_bytes: int | None = None  # as the builder's log reports them (TensorRT-RTX)
+    builder_flags: tuple[str, ...] = ()  # the BuilderFlags set on the config the builder was given
+    streamable_weights_bytes: int | None = None  # from the deserialized engine (standard TensorRT only)
 
 
 # The builder's verbose report (TensorRT-RTX 1.7): "Total Weights Memory: 6980096 bytes".
@@ -123,6 +130,32 @@ def parse_build_report(log: str) -> dict[str, int | None]:
         found = rx.findall(log)
         out[key] = int(found[-1]) if found else None
     return out
+
+
+def _check_weight_streaming(trt: Any, flags: dict[str, Any]) -> bool:
+    """True when the build asks for weight streaming; a library without the flag is refused in one line."""
+    if not flags.get("weight_streaming"):
+        return False
+    if not hasattr(trt.BuilderFlag, "WEIGHT_STREAMING"):
+        what = "TensorRT-RTX" if library() == "tensorrt-rtx" else "TensorRT"
+        raise KoalaError(f"weight streaming needs a {what} with BuilderFlag.WEIGHT_STREAMING (TensorRT 10.0 or newer); "
+                         f"this is {what} {trt.__version__}: upgrade it, or drop build.weight_streaming / --weight-streaming")
+    return True
+
+
+def _flag_recorder(trt: Any, record: list[str]) -> Any:
+    """A Polygraphy postprocess step that writes down every BuilderFlag set on the config the builder gets
+    (read back through the config's own get_flag: no engine is deserialized, so it works without a GPU)."""
+    def recorder(builder: Any, network: Any, cfg: Any) -> None:
+        record[:] = sorted(name for name, flag in trt.BuilderFlag.__members__.items() if cfg.get_flag(flag))
+    return recorder
+
+
+def _chain(*steps: Any) -> Any:
+    def run(builder: Any, network: Any, cfg: Any) -> None:
+        for step in steps:
+            step(builder, network, cfg)
+    return run
 
 
 def _rtx_targets(trt: Any, targets: list[str]) -> list[Any]:
@@ -145,15 +178,18 @@ def _build_rtx(onnx_path: Path, profile: Any, flags: dict[str, Any], targets: li
     from polygraphy.logger import G_LOGGER
 
     caps = _rtx_targets(trt, targets)
+    streaming = _check_weight_streaming(trt, flags)
 
     def set_targets(builder: Any, network: Any, cfg: Any) -> None:
         cfg.num_compute_capabilities = len(caps)
         for i, cap in enumerate(caps):
             cfg.set_compute_capability(cap, i)
 
+    builder_flags: list[str] = []
     config = PostprocessConfig(CreateConfig(
         profiles=[profile], memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(flags["workspace_bytes"])},
-        builder_optimization_level=int(flags["builder_optimization_level"])), set_targets)
+        builder_optimization_level=int(flags["builder_optimization_level"]), weight_streaming=streaming or None),
+        _chain(set_targets, _flag_recorder(trt, builder_flags)))
     old, log = G_LOGGER.module_severity, io.StringIO()
     G_LOGGER.module_severity = G_LOGGER.VERBOSE  # the memory report is verbose-level
     try:
@@ -180,7 +216,7 @@ def _build_rtx(onnx_path: Path, profile: Any, flags: dict[str, Any], targets: li
             sys.stderr.write(log.getvalue())
     report = parse_build_report(log.getvalue())
     return BuiltEngine(data=data, device_memory_bytes=int(report["activation_bytes"] or 0), layers=layers, io=io_,
-                       weights_bytes=report["weights_bytes"])
+                       weights_bytes=report["weights_bytes"], builder_flags=tuple(builder_flags))
 
 
 def _first_error(log: str, e: Exception) -> str:
@@ -213,6 +249,7 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
         raise KoalaError(f"TensorRT {trt.__version__} has no hardware compatibility level {hc.upper()}")
     stripped = flags.get("refit") == "REFIT_IDENTICAL+STRIP_PLAN"
     replaceable = flags.get("refit") == "REFIT"  # weights replaceable later (koala-trt refit); not 11.3 (buildplan)
+    streaming = _check_weight_streaming(trt, flags)
     config = CreateConfig(
         profiles=[profile],
         tf32=bool(flags.get("tf32", False)),
@@ -222,11 +259,15 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
         version_compatible=bool(flags.get("version_compatible")) or None,
         strip_plan=stripped or None,
         load_timing_cache=str(timing_cache) if timing_cache and timing_cache.is_file() else None,
+        weight_streaming=streaming or None,
     )
+    steps = []
     if stripped:  # REFIT_IDENTICAL, set by name; CreateConfig's `refittable` would set bare REFIT
-        config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT_IDENTICAL))
+        steps.append(lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT_IDENTICAL))
     elif replaceable:  # bare REFIT: the engine may get other weights (a LoRA patched into the ONNX)
-        config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT))
+        steps.append(lambda builder, network, cfg: cfg.set_flag(trt.BuilderFlag.REFIT))
+    builder_flags: list[str] = []
+    config = PostprocessConfig(config, _chain(*steps, _flag_recorder(trt, builder_flags)))
     try:
         with _quiet(verbose):
             network = network_from_onnx_path(str(onnx_path), flags=parser_flags or None, strongly_typed=True)
@@ -243,7 +284,10 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
         io[n] = {"mode": "input" if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else "output",
                  "dtype": _numpy_dtype(engine.get_tensor_dtype(n)).name}
     mem = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", 0)
-    return BuiltEngine(data=data, device_memory_bytes=int(mem), layers=int(engine.num_layers), io=io)
+    streamable = getattr(engine, "streamable_weights_size", None) if streaming else None
+    return BuiltEngine(data=data, device_memory_bytes=int(mem), layers=int(engine.num_layers), io=io,
+                       builder_flags=tuple(builder_flags), streamable_weights_bytes=None if streamable is None
+                       else int(streamable))
 
 
 @dataclass
@@ -312,6 +356,23 @@ class Engine:
         self.device_memory_bytes = int(getattr(self.engine, "device_memory_size_v2", None)
                                        or getattr(self.engine, "device_memory_size", 0))
         self.context: Any = None
+
+    def set_weight_streaming_budget(self, budget_bytes: int | None) -> int:
+        """For a streamable engine, before create_context: keep `budget_bytes` of its streamable weights on
+        the device (None: TensorRT's automatic budget), at most all of them; the rest streams from host
+        memory at every call. Returns the budget set; the activation size then includes the streaming scratch."""
+        total = int(self.engine.streamable_weights_size)
+        want = int(self.engine.get_weight_streaming_automatic_budget()) if budget_bytes is None else int(budget_bytes)
+        want = max(0, min(want, total))
+        self.engine.weight_streaming_budget_v2 = want
+        if int(self.engine.weight_streaming_budget_v2) != want:
+            raise KoalaError(f"TensorRT did not accept a weight-streaming budget of {want} bytes")
+        self.device_memory_bytes = int(self.engine.device_memory_size_v2)
+        return want
+
+    @property
+    def streamable_weights_bytes(self) -> int:
+        return int(getattr(self.engine, "streamable_weights_size", 0))
 
     def _refit(self, onnx_path: Path) -> None:
         """Weight-stripped plans get their weights back from the identical ONNX file they were built from."""

@@ -150,6 +150,45 @@ def test_dry_run_names_the_library(folders: dict[str, Path], tmp_path: Path) -> 
     assert "unet.fp16.b2.128x128.sm86-89-120.rtx" in out and "timing cache not applicable" in out
 
 
+def test_weight_streaming_engine(folders: dict[str, Path], built: dict[str, Path], tmp_path: Path) -> None:
+    """`build --weight-streaming`: a streamable U-Net (WEIGHT_STREAMING on the builder's config, read back
+    from it), its budget from the memory plan in the manifest, and a plan that is the plain build's but
+    for its streaming flag. Nothing is deserialized (that needs a GPU)."""
+    from engines.engine_manifest import load_engines_manifest
+
+    out = tmp_path / "ws"
+    koala("build", "--profile", "rtx3060ti", "--onnx", folders["fp32"], "--onnx", folders["fp16"], "-c", "unet", *SIZE,
+          "--batch", "1", "--weight-streaming", "--out", out)
+    m, plain = manifest(out), manifest(built["rtx3060ti"])["engines"]["unet"]
+    e = m["engines"]["unet"]
+    assert m["flags"]["weight_streaming"] is True and manifest(built["rtx3060ti"])["flags"]["weight_streaming"] is False
+    assert e["file"] == plain["file"].removesuffix(".plan") + ".ws.plan"
+    assert e["builder_flags"] == ["WEIGHT_STREAMING"] and plain["builder_flags"] == []
+    # random:tiny fits the 8 GB card many times over: the plan keeps every weight on the device
+    assert e["weight_streaming"]["from"] == "plan" and e["weight_streaming"]["budget_bytes"] == e["source"]["onnx_bytes"]
+    assert plain["weight_streaming"] is None
+    rec = load_engines_manifest(out).record.engines["unet"]
+    assert rec.streamable and rec.streaming_budget_bytes == e["source"]["onnx_bytes"]
+    assert not load_engines_manifest(built["rtx3060ti"]).record.engines["unet"].streamable
+    # TensorRT-RTX builds are deterministic here (same graph, settings and library give the same bytes), so
+    # the streamable plan is the plain one with a flag set: same size, a handful of bytes apart
+    a, b = (out / e["file"]).read_bytes(), (built["rtx3060ti"] / plain["file"]).read_bytes()
+    assert len(a) == len(b) and 0 < sum(x != y for x, y in zip(a, b)) < 64
+    assert any("weight streaming" in n for n in m["notes"])
+
+
+def test_weight_streaming_budget_from_the_profile(folders: dict[str, Path], tmp_path: Path) -> None:
+    code, out, err = run_cli("build", "--profile", "rtx3060ti", "--onnx", folders["fp32"], "--onnx", folders["fp16"],
+                             *SIZE, "--dry-run", "--no-estimate", "--weight-streaming-budget", "1.5", "--json",
+                             "--out", tmp_path / "e")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["flags"]["weight_streaming"] is True
+    assert d["weight_streaming"]["unet"] == {"budget_bytes": int(1.5 * (1 << 30)), "from": "profile"}
+    assert d["weight_streaming"]["text_encoder"] == {"budget_bytes": None, "from": "automatic"}
+    assert "--weight-streaming-budget 1.5" in d["command"]
+
+
 # ----- refusals: one line, non-zero exit, nothing left in OUT --------------------------------------
 
 def _nothing_at(out: Path) -> None:

@@ -249,6 +249,27 @@ def test_weight_stripped_refit_identical_engines(device, tiny_artifacts: Path, t
         _compare(ort.run("unet", feeds), b.run("unet", feeds), rel_l2=1e-3)
 
 
+def test_weight_streaming_engine_runs_with_its_budget(device, tiny_artifacts: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A streamable U-Net with a budget below its weights (1 MiB of about 9 MiB in FP32): the runtime sets
+    the recorded budget before making the context, the rest streams from host memory, and the output is
+    the reference's."""
+    from engines.runtime_trt import TensorRTBackend
+
+    out = tmp_path / "streaming"
+    code, _, err = run_cli("build", "--onnx", tiny_artifacts, "--profile", _local_profile(tmp_path / "p.toml", device),
+                           "--out", out, "--components", "unet", "--weight-streaming-budget", "0.0009765625")
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    e = m["engines"]["unet"]
+    assert e["weight_streaming"]["budget_bytes"] == 1 << 20 and e["weight_streaming"]["from"] == "profile"
+    assert e["builder_flags"].count("WEIGHT_STREAMING") == 1 and e["weight_streaming"]["streamable_weights_bytes"] > 1 << 20
+    ort = _reference(tiny_artifacts)
+    feeds = ort.specs["unet"].dummy_inputs(2, SIZE, SIZE, seed=9)
+    with TensorRTBackend(out) as b:
+        _compare(ort.run("unet", feeds), b.run("unet", feeds), rel_l2=1e-3)
+        assert b.streaming_budgets == {"unet": 1 << 20}
+
+
 def test_dynamic_batch_engine(device, tiny_artifacts: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from engines.runtime_trt import TensorRTBackend
 

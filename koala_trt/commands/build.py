@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from engines.libraries import LIBRARIES
+from koala_trt.commands.aid_options import aid_options, apply_aids
 from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json, table
 
 GIB = 1 << 30
@@ -43,6 +44,9 @@ def print_plan(plan: object, dry_run: bool) -> None:
                f"{'not applicable' if 'timing_cache' in na else f['timing_cache'] or 'off'}; TF32 off")
     for note in p.notes():  # type: ignore[attr-defined]
         click.echo(f"note: {note}")
+    for name, b in p.streaming_budgets().items():  # type: ignore[attr-defined]
+        budget = "automatic (TensorRT's)" if b["budget_bytes"] is None else f"{b['budget_bytes'] / GIB:.2f} GiB"
+        click.echo(f"weight streaming: {name} budget {budget} (from the {b['from']})")
     if mem:
         v = mem.verdict()
         note = "" if v["complete"] else " (weights only: activations not estimated)"
@@ -64,6 +68,8 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @click.option("--batch", type=POSITIVE, help="Images per call (static), instead of the profile's range.")
 @click.option("--height", type=POSITIVE, help="Image height in px (static), instead of the profile's range.")
 @click.option("--width", type=POSITIVE, help="Image width in px (static), instead of the profile's range.")
+@aid_options
+@click.option("--auto", is_flag=True, help="Take the memory aids `koala-trt plan` chooses for the card (needs the estimate).")
 @click.option("--dry-run", is_flag=True, help="Print the whole build plan; build nothing, import no TensorRT.")
 @click.option("--no-estimate", is_flag=True, help="Skip the memory estimate (it traces the model on the meta device).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -71,11 +77,13 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, components: tuple[str, ...],
               library: str | None, precision: str | None, batch: int | None, height: int | None, width: int | None,
-              dry_run: bool, no_estimate: bool, force: bool, verbose: bool, as_json: bool) -> None:
+              vae_tile: int | None, residency: str | None, weight_streaming: bool, weight_streaming_budget: float | None,
+              auto: bool, dry_run: bool, no_estimate: bool, force: bool, verbose: bool, as_json: bool) -> None:
     """Build one strongly typed TensorRT engine per component for a GPU profile, from the artifacts
     folder(s) holding the precision the profile asks for; --dry-run prints the plan only.
     Profiles of GeForce cards build with TensorRT-RTX, here, without a GPU."""
-    from engines.buildplan import make_build_plan
+    from engines.buildplan import auto_plan, make_build_plan
+    from koala_core.errors import UsageError
     from engines.profile import load_profile
     from exporter.specs import parse_components
 
@@ -83,16 +91,28 @@ def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, componen
     if library:
         profile = profile.with_library(library)
     profile = profile.with_overrides(batch, height, width, precision)
+    profile = apply_aids(profile, vae_tile, residency, weight_streaming, weight_streaming_budget)
+    if auto and no_estimate:
+        raise UsageError("--auto takes the memory plan's choice: drop --no-estimate")
     comps = parse_components(components, default=tuple(profile.components())) if components else None
     args = {"onnx": [str(Path(d).resolve()) for d in onnx_dirs],
             "profile": profile_ref if not Path(profile_ref).exists() else str(Path(profile_ref).resolve()),
             "components": comps, "library": library, "precision": precision, "batch": batch, "height": height,
-            "width": width}
+            "width": width, "vae_tile": vae_tile, "residency": residency, "weight_streaming": weight_streaming or None,
+            "weight_streaming_budget": weight_streaming_budget}
     lib = LIBRARIES[profile.build.library]
     if not dry_run:
         check_out_dir(out, force)
+
+    def make(version: str | None) -> object:
+        if auto:
+            plan, choice = auto_plan(list(onnx_dirs), profile, out, comps, version, args)
+            log(f"--auto: {choice.summary()}")
+            return plan
+        return make_build_plan(list(onnx_dirs), profile, out, comps, version, not no_estimate, args)
+
     if dry_run:
-        plan = make_build_plan(list(onnx_dirs), profile, out, comps, lib.installed_version(), not no_estimate, args)
+        plan = make(lib.installed_version())
         if as_json:
             print_json({"dry_run": True, **plan.to_json()})
         else:
@@ -104,7 +124,7 @@ def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, componen
     from engines import trt
 
     trt.use_library(lib.name)
-    plan = make_build_plan(list(onnx_dirs), profile, out, comps, trt.version(), not no_estimate, args)
+    plan = make(trt.version())
     if not as_json:
         print_plan(plan, dry_run=False)
     data = run_build(plan, force=force, verbose=verbose, log=log)

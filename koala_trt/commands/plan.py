@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import click
 
+from koala_trt.commands.aid_options import aid_options, apply_aids
 from koala_trt.commands.common import POSITIVE, log, print_json, table
 
 GIB = 1 << 30
@@ -20,6 +21,16 @@ def memory_table(plan: object) -> str:
                         "activation peak at"])
 
 
+def ladder_table(choice: object) -> str:
+    rows = []
+    for r in choice.rungs:  # type: ignore[attr-defined]
+        p = r.plan
+        rows.append([r.name, _gib(p.peak), f"{p.margin_bytes / GIB:+.2f}", "fits" if p.fits else "does not fit",
+                     _gib(p.streamed_per_step_bytes) if "streaming" in r.aids else "-", r.note])
+    return table(rows, ["tried (each adds to the ones before)", "peak GiB", "margin GiB", "verdict",
+                        "streamed GiB/step", "note"])
+
+
 @click.command("plan")
 @click.option("--model", "-m", required=True, help="Hub id, local diffusers folder, or random:<preset>.")
 @click.option("--profile", "-p", "profile_ref", required=True, help="GPU profile name or TOML path.")
@@ -27,26 +38,32 @@ def memory_table(plan: object) -> str:
 @click.option("--height", type=POSITIVE, help="Image height in px (static), instead of the profile's range.")
 @click.option("--width", type=POSITIVE, help="Image width in px (static), instead of the profile's range.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Precision of the text encoders and U-Net.")
-@click.option("--residency", type=click.Choice(["resident", "sequential"]),
-              help="Which peak the verdict uses [default: the profile's residency].")
+@aid_options
+@click.option("--min-margin", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="GIB",
+              help="The choice needs at least this much memory to spare.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan_cmd(model: str, profile_ref: str, batch: int | None, height: int | None, width: int | None,
-             precision: str | None, residency: str | None, as_json: bool) -> None:
+             precision: str | None, vae_tile: int | None, residency: str | None, weight_streaming: bool,
+             weight_streaming_budget: float | None, min_margin: float, as_json: bool) -> None:
     """Will the model's engines fit the card? Device memory per component at the profile's largest
     shapes (weights + activations traced on the meta device + I/O), resident and one-at-a-time peaks,
-    and a verdict with its margin."""
+    and a verdict with its margin. Then the memory aids, tried in order (tiled VAE decode, sequential
+    residency, weight streaming), and the first that fits with what it costs."""
+    from engines.plan_choice import choose
     from engines.planner import check_plan_sizes, plan_memory
     from engines.profile import load_profile
     from exporter.sources import resolve
     from exporter.specs import specs_from_configs
 
     profile = load_profile(profile_ref).with_overrides(batch, height, width, precision)
+    profile = apply_aids(profile, vae_tile, residency, weight_streaming, weight_streaming_budget)
     source = resolve(model)
     check_plan_sizes(specs_from_configs(source.configs), profile)
     log(f"planning {source.ref} on {profile.name} (tracing each component on the meta device)")
-    plan = plan_memory(source, profile, mode=residency)
+    choice = choose(profile, lambda p: plan_memory(source, p), min_margin_bytes=int(min_margin * GIB))
+    plan = choice.rungs[0].plan
     if as_json:
-        print_json(plan.to_json())
+        print_json({**plan.to_json(), **choice.to_json()})
         return
     g = profile.gpu
     s = profile.shapes
@@ -61,3 +78,5 @@ def plan_cmd(model: str, profile_ref: str, batch: int | None, height: int | None
     v = plan.verdict()
     word = "FITS" if v["fits"] else "DOES NOT FIT"
     click.echo(f"verdict ({v['mode']}): {word}, margin {v['margin_gib']:+.2f} GiB ({v['margin_percent']:+.1f}% of usable)")
+    click.echo(ladder_table(choice))
+    click.echo(f"choice: {choice.summary()}")

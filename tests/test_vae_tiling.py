@@ -256,8 +256,8 @@ def test_profile_tile_sets_the_decoder_shapes() -> None:
     (256, 0, "t.toml: field vae.tile must be a positive multiple of 8 px (got 0)"),
     (256, '"512"', "t.toml: field vae.tile must be a positive multiple of 8 px (got '512')"),
     (256, "true", "t.toml: field vae.tile must be a positive multiple of 8 px (got True)"),
-    ("[128, 256, 512]", 256, "t.toml: field vae.tile must not be larger than the image (256 px > shapes.height 128 px, "
-                             "the smallest image the profile allows)"),
+    ("[128, 256, 512]", 256, "t.toml: field vae.tile = 256 px is larger than the image (128x256 px, the smallest the "
+                             "profile allows); use a tile of at most 128 px"),
 ])
 def test_profile_tile_refusals(h: object, tile: object, line: str) -> None:
     from engines.profile import profile_from_dict

@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision,rtx]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision,rtx,serve]'
+	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
+	$(PYTHON) -m venv .venv-serve
+	.venv-serve/bin/python -m pip install -q 'numpy==1.26.4' 'onnxruntime==1.31.1' 'tokenizers==0.23.3' 'pillow==13.0.0' 'click==8.5.1' 'tqdm==4.70.1' 'onnx==1.23.2' 'protobuf==7.36.2'
+	.venv-serve/bin/python -m pip install -q --no-deps -e .
 	@touch $@
 
 # On a GPU machine: onnxruntime-gpu and TensorRT instead of the CPU onnxruntime (never both).

@@ -214,6 +214,14 @@ class Sampler:
         self.scheduler = EulerDiscreteScheduler.from_config(assets.scheduler_config)
 
     # ----- validation -----------------------------------------------------------------------------
+    def check_prompt_fits(self, *texts: str) -> None:
+        """Raise UsageError when a text is longer than the encoders' token range (CLIP's 77 tokens),
+        for callers that must refuse rather than truncate (the Triton model: a request is answered
+        with what it asked for or an error)."""
+        for name, tokenizer in zip(("text_encoder", "text_encoder_2"), self.tokenizers):
+            for text, dropped in zip(texts, tokenizer(list(texts)).truncated):
+                if dropped:
+                    raise UsageError(f"prompt longer than the {self.seq_len} tokens {name} was exported for; dropped would be: {dropped[:80]!r}")
     def _range(self, component: str) -> ShapeRange | None:
         """The sizes the backend can run `component` at: its own `shape_range`, else its manifest's (an
         engines folder records each engine's profile), else the artifacts' export range."""

@@ -21,17 +21,19 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, log, print_json, 
 @click.option("--max-batch", type=POSITIVE, help="Cap max_batch_size (default: each component's batch range maximum).")
 @click.option("--instances", type=POSITIVE, default=1, show_default=True, help="Instances of the pipeline model (concurrent prompts).")
 @click.option("--hardlink", is_flag=True, help="Hard-link graphs and engines instead of copying (same filesystem; skips the sha256 check).")
+@click.option("--flavour", type=click.Choice(["production", "python"]), default="production", show_default=True,
+              help="python: component models on the Python backend over koala-trt's runtime (servers without the ONNX Runtime/TensorRT backends).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the models written as JSON.")
 def triton_cmd(artifacts: Path, engines: Path | None, out: Path, name: str, device: str, max_batch: int | None,
-               instances: int, hardlink: bool, force: bool, as_json: bool) -> None:
+               instances: int, hardlink: bool, flavour: str, force: bool, as_json: bool) -> None:
     """Write a Triton model repository: one model per component (ONNX Runtime or TensorRT) with config.pbtxt
     from the component specs, plus a Python-backend model that runs the sampler over them (prompt in, image out)."""
     from shipping.triton import write_repository
 
     check_out_dir(out, force)
     r = write_repository(artifacts, out, engines, name=name, device=device, max_batch=max_batch,
-                         instances=instances, hardlink=hardlink, force=force, log=log)
+                         instances=instances, hardlink=hardlink, force=force, log=log, flavour=flavour)
     if as_json:
         print_json({"repository": str(r.path), "models": r.models})
         return

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -35,7 +36,13 @@ from shipping.triton import write_repository
 
 INSTALL_HINT = "install the serve extra: pip install -c constraints.txt -e '.[serve]' && pip install --no-deps nvidia-pytriton==0.7.0"
 READY_TIMEOUT_S = 300.0
-SERVE_ENV_VAR, DEFAULT_SERVE_ENV = "KOALA_TRT_SERVE_ENV", ".venv-serve"
+# On SIGINT/SIGTERM tritonserver stops taking requests, finishes those in flight and waits for clients
+# to close their HTTP connections, for at most this long; then it exits with status 1 ("Exit timeout
+# expired"). A client that keeps an idle keep-alive connection open therefore delays the stop by DRAIN_S.
+DRAIN_S = 30
+SERVE_ENV_VAR = "KOALA_TRT_SERVE_ENV"
+DEFAULT_SERVE_ENV = Path(__file__).resolve().parents[1] / ".venv-serve"  # `make serve-venv` in the checkout
+PIPELINE_LAYOUT = Path("1") / "pipeline" / "triton.json"
 
 Log = Callable[[str], None]
 
@@ -88,6 +95,23 @@ def check_address(host: str, ports: Ports) -> None:
         raise UsageError(f"--http-port, --grpc-port and --metrics-port must differ (got {ports.http}, {ports.grpc}, {ports.metrics})")
 
 
+def check_repository(repo: Path) -> str:
+    """A python-flavour repository (`koala-trt triton --flavour python`): its pipeline model's name.
+    A production repository is refused: its components need backends the bundled server lacks."""
+    if not Path(repo).is_dir():
+        raise UsageError(f"--repository {repo} is not a folder")
+    layouts = sorted(p for p in Path(repo).glob(f"*/{PIPELINE_LAYOUT.as_posix()}"))
+    if len(layouts) != 1:
+        raise UsageError(f"--repository {repo} is not a koala-trt model repository (no single */{PIPELINE_LAYOUT.as_posix()}; "
+                         "write one with `koala-trt triton --flavour python`)")
+    models = json.loads(layouts[0].read_text(encoding="utf-8"))["models"]
+    other = sorted({v["platform"] for v in models.values()} - {"python"})
+    if other:
+        raise UsageError(f"--repository {repo} is the production flavour (components on {', '.join(other)}, which the bundled "
+                         "tritonserver lacks): write it with `koala-trt triton --flavour python`")
+    return layouts[0].parents[2].name
+
+
 def backend_dir(dist: ServerDist, work: Path) -> Path:
     """A backend directory holding the Python backend with the stub for this interpreter beside it."""
     python = work / "backends" / "python"
@@ -100,7 +124,8 @@ def backend_dir(dist: ServerDist, work: Path) -> Path:
 
 
 def python_env(path: Path | None) -> Path:
-    """The serving environment (a venv folder): --python-env, else $KOALA_TRT_SERVE_ENV, else ./.venv-serve.
+    """The serving environment (a venv folder): --python-env, else $KOALA_TRT_SERVE_ENV, else the
+    checkout's .venv-serve.
     It must have this interpreter's Python version (the stub is per version) and numpy < 2."""
     chosen = path or (Path(os.environ[SERVE_ENV_VAR]) if os.environ.get(SERVE_ENV_VAR) else Path(DEFAULT_SERVE_ENV))
     python = chosen / "bin" / "python"
@@ -129,12 +154,14 @@ def server_env(dist: ServerDist, env_dir: Path) -> dict[str, str]:
     return env
 
 
-def server_command(dist: ServerDist, repo: Path, backends: Path, host: str, ports: Ports) -> list[str]:
+def server_command(dist: ServerDist, repo: Path, backends: Path, host: str, ports: Ports, exit_on_error: bool = True) -> list[str]:
+    """tritonserver's command line; exit_on_error False keeps it up with models that failed to load
+    (to read each model's state and reason from POST /v2/repository/index)."""
     return [str(dist.binary), "--model-repository", str(repo), "--backend-directory", str(backends),
             "--http-address", host, "--http-port", str(ports.http), "--grpc-address", host, "--grpc-port", str(ports.grpc),
             "--metrics-address", host, "--metrics-port", str(ports.metrics), "--allow-metrics", "true",
-            "--allow-gpu-metrics", "false", "--strict-readiness", "true", "--exit-on-error", "true",
-            "--disable-auto-complete-config", "--exit-timeout-secs", "10", "--log-info", "false", "--log-warning", "true"]
+            "--allow-gpu-metrics", "false", "--strict-readiness", "true", "--exit-on-error", str(exit_on_error).lower(),
+            "--disable-auto-complete-config", "--exit-timeout-secs", str(DRAIN_S), "--log-info", "false", "--log-warning", "true"]
 
 
 def wait_ready(proc: subprocess.Popen, host: str, port: int, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -172,11 +199,15 @@ def runtime_options(artifacts: Path, runtime: str, cpu_precision: str | None) ->
 
 def serve(artifacts: Path, engines: Path | None, host: str, ports: Ports, env_dir: Path, instances: int = 1,
           log: Log = lambda _: None, ready: Callable[[], None] | None = None, runtime: str = "onnxruntime",
-          cpu_precision: str | None = None, max_batch: int | None = None) -> int:
-    """Write a Python-flavour repository into a temporary folder, run tritonserver over it until
-    SIGINT/SIGTERM (passed on to the server, which drains and exits), remove the folder; returns
-    the server's exit status (0 for a clean stop)."""
+          cpu_precision: str | None = None, max_batch: int | None = None, repository: Path | None = None) -> int:
+    """Write a Python-flavour repository into a temporary folder (or take `repository` as it is), run
+    tritonserver over it until SIGINT/SIGTERM (passed on to the server, which drains and exits), remove
+    the folder; returns the server's exit status (0 for a clean stop). runtime: onnxruntime, openvino
+    or tensorrt (the engines; a component without one runs on onnxruntime)."""
     check_address(host, ports)
+    name = check_repository(repository) if repository is not None else "koala"
+    onnx_runtime = "onnxruntime" if runtime == "tensorrt" else runtime
+    options = runtime_options(artifacts, onnx_runtime, cpu_precision) if repository is None else {}
     dist = find_server()
     work = Path(tempfile.mkdtemp(prefix="koala-trt-serve-"))
     proc: subprocess.Popen | None = None
@@ -189,9 +220,12 @@ def serve(artifacts: Path, engines: Path | None, host: str, ports: Ports, env_di
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        repo = work / "repository"
-        write_repository(artifacts, repo, engines, device="cpu", max_batch=max_batch, instances=instances, hardlink=True,
-                         log=log, flavour="python", runtime=runtime, runtime_options=runtime_options(artifacts, runtime, cpu_precision))
+        if repository is None:
+            repo = work / "repository"
+            write_repository(artifacts, repo, engines, device="cpu", max_batch=max_batch, instances=instances, log=log,
+                             flavour="python", runtime=onnx_runtime, runtime_options=options, in_place=True)
+        else:
+            repo = Path(repository).resolve()
         backends = backend_dir(dist, work)
         if stopping:
             return 0
@@ -203,8 +237,8 @@ def serve(artifacts: Path, engines: Path | None, host: str, ports: Ports, env_di
             if stopping:
                 return 0
             raise
-        log(f"serving model koala on {host}: HTTP {ports.http}, gRPC {ports.grpc}, metrics {ports.metrics} "
-            f"(GET /v2/health/ready, POST /v2/models/koala/infer, GET /metrics); stop with Ctrl-C or SIGTERM")
+        log(f"serving model {name} on {host}: HTTP {ports.http}, gRPC {ports.grpc}, metrics {ports.metrics} "
+            f"(GET /v2/health/ready, POST /v2/models/{name}/infer, GET /metrics); stop with Ctrl-C or SIGTERM")
         if ready is not None:
             ready()
         while True:
@@ -214,7 +248,11 @@ def serve(artifacts: Path, engines: Path | None, host: str, ports: Ports, env_di
             except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
                 continue
         if stopping:
-            log(f"tritonserver stopped (exit status {code})")
+            if code not in (0, -signal.SIGTERM):
+                log(f"tritonserver stopped (exit status {code}): requests or client connections were still open after the "
+                    f"{DRAIN_S} s drain")
+            else:
+                log(f"tritonserver stopped (exit status {code})")
             return 0 if code in (0, -signal.SIGTERM) else code
         raise KoalaError(f"tritonserver exited unexpectedly with status {code}")
     finally:

@@ -144,25 +144,34 @@ def _graph_files(m: Manifest, component: str) -> list[str]:
 
 
 def _python_component(m: Manifest, comp: str, em: EnginesManifest | None, version_dir: Path, hardlink: bool,
-                      log: Log, model: str, runtime: str, runtime_options: dict[str, Any]) -> str:
+                      log: Log, model: str, runtime: str, runtime_options: dict[str, Any], in_place: bool) -> str:
     """Flavour python: 1/model.py over koala-trt's runtime backend `runtime` (onnxruntime or openvino
     over the graph, tensorrt over the engine), its manifest and files at the paths that manifest names
-    (so the backend opens 1/ as it opens an artifacts or engines folder); returns the runtime used."""
-    if em is not None and comp in em.record.engines:
+    (so the backend opens 1/ as it opens an artifacts or engines folder); returns the runtime used.
+    in_place: no copy, component.json names the artifacts (or engines) folder the backend opens
+    (`koala-trt serve`: a repository on this machine for the server's lifetime; ONNX Runtime refuses
+    hard-linked external data, and a full-size U-Net is gigabytes)."""
+    engine = em is not None and comp in em.record.engines
+    runtime = "tensorrt" if engine else runtime
+    if in_place:
+        folder = (em.root if engine else m.root).resolve()  # type: ignore[union-attr]
+        log(f"  {model}: {comp} of {folder} in place (Python backend, {runtime})")
+        info = {"component": comp, "runtime": runtime, "folder": str(folder), **runtime_options}
+    elif engine:
         e = em.record.engines[comp]
         log(f"  {model}: TensorRT engine {e.file} (Python backend)")
         _copy_checked(em.root / e.file, version_dir / e.file, e.sha256, hardlink)
         data = dict(em.data, engines={comp: em.engines[comp]})  # this process holds this engine only
-        runtime = "tensorrt"
     else:
         log(f"  {model}: ONNX {m.record(comp).file} (Python backend, {runtime})")
         for rel in _graph_files(m, comp):
             meta = m.view.files.get(rel)
             _copy_checked(m.root / rel, version_dir / rel, meta.sha256 if meta else None, hardlink)
         data = dict(m.data, components={comp: m.component(comp)})
-    (version_dir / MANIFEST).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    (version_dir / "component.json").write_text(json.dumps({"component": comp, "runtime": runtime, **runtime_options}) + "\n",
-                                                 encoding="utf-8")
+    if not in_place:
+        (version_dir / MANIFEST).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        info = {"component": comp, "runtime": runtime, **runtime_options}
+    (version_dir / "component.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
     template = resources.files("shipping").joinpath("templates/triton_component.py").read_text(encoding="utf-8")
     (version_dir / "model.py").write_text(template, encoding="utf-8")
     return runtime
@@ -172,16 +181,17 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
                      device: str = "gpu", max_batch: int | None = None, instances: int = 1,
                      hardlink: bool = False, force: bool = False, log: Log = lambda _: None,
                      flavour: str = "production", runtime: str = "onnxruntime",
-                     runtime_options: dict[str, Any] | None = None) -> RepoResult:
+                     runtime_options: dict[str, Any] | None = None, in_place: bool = False) -> RepoResult:
     """Write the model repository; returns the models written (name -> platform, files, batching).
 
     Flavour python only: `runtime` (onnxruntime or openvino) runs the ONNX components (an engine runs on
-    tensorrt), with `runtime_options` (openvino: cpu_precision, cache_dir) passed to it."""
+    tensorrt), with `runtime_options` (openvino: cpu_precision, cache_dir) passed to it; in_place: the
+    component models open the artifacts (engines) folder where it is instead of a copy."""
     if flavour not in FLAVOURS:
         raise UsageError(f"--flavour must be one of {', '.join(FLAVOURS)} (got {flavour!r})")
     if runtime not in PYTHON_RUNTIMES:
         raise UsageError(f"the python flavour runs ONNX components on {' or '.join(PYTHON_RUNTIMES)} (got {runtime!r})")
-    if flavour != "python" and (runtime != "onnxruntime" or runtime_options):
+    if flavour != "python" and (runtime != "onnxruntime" or runtime_options or in_place):
         raise UsageError("a runtime backend is for --flavour python (the production flavour uses Triton's own backends)")
     m = load_manifest(artifacts)
     if not name or not all(c.isalnum() or c in "_-" for c in name):
@@ -240,9 +250,9 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
                 mb = min(mb, max_batch)
             batched = batchable(spec)
             note = f"koala-trt {__version__}: {comp} of {m.view.source.model}, precision {m.precision(comp)}"
-            graph_files.update(_graph_files(m, comp))
+            graph_files.update(_graph_files(m, comp))  # the pipeline model's folder holds the rest
             if flavour == "python":
-                runs_on = _python_component(m, comp, em, version_dir, hardlink, log, model, runtime, runtime_options or {})
+                runs_on = _python_component(m, comp, em, version_dir, hardlink, log, model, runtime, runtime_options or {}, in_place)
                 platform, filename, kind = "python", "model.py", "KIND_CPU"
                 note += f", on the Python backend over koala-trt's {runs_on} backend"
             elif info is not None and comp in info.engines:

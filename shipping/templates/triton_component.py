@@ -5,7 +5,8 @@ pipeline model (`koala`) calls it through BLS unchanged.
 
 It runs on koala-trt's own runtime backend (engines/runtime.py: onnxruntime or openvino over the graph
 beside this file, or tensorrt over the engine), opened over this version folder: `manifest.json` here is the
-artifacts (or engines) manifest cut to this one component, its files at the paths it names.
+artifacts (or engines) manifest cut to this one component, its files at the paths it names (or, as
+`koala-trt serve` writes it, over the folder that component.json names).
 
 Requests that Triton's dynamic batcher hands over together are run as one batch when their non-batch
 shapes agree and the batch stays within the component's range (e.g. two prompts' CFG U-Net steps:
@@ -31,8 +32,8 @@ class TritonPythonModel:
         from engines.runtime import open_backend  # koala-trt, installed in this environment
         from shipping.triton_io import from_triton, to_triton
 
-        here = Path(__file__).resolve().parent
-        info = json.loads((here / "component.json").read_text(encoding="utf-8"))
+        info = json.loads((Path(__file__).resolve().parent / "component.json").read_text(encoding="utf-8"))
+        here = Path(info.get("folder") or Path(__file__).resolve().parent)  # in place (koala-trt serve), else this folder
         self.component = info["component"]
         config = json.loads(args["model_config"])
         self.batched = int(config.get("max_batch_size", 0)) > 0

@@ -134,12 +134,13 @@ class TritonPythonModel:
         self.backend = BlsBackend(specs, layout["models"])
         self.sampler = make_sampler(self.backend, pipeline_dir)
         self.name = args.get("model_name", "koala")
+        self.instance = args.get("model_instance_name", self.name)
         self.served = 0
 
     def _log(self, request, kwargs: dict, seconds: float, error: Exception | None) -> None:
         """One line per request on the server's stderr: id, size, steps, seconds, outcome."""
         self.served += 1
-        rid = getattr(request, "request_id", lambda: "")() or f"#{self.served}"
+        rid = getattr(request, "request_id", lambda: "")() or f"{self.instance}#{self.served}"
         size = f"{kwargs.get('width', 'default')}x{kwargs.get('height', 'default')}"
         outcome = "ok" if error is None else f"error: {' '.join(str(error).split())[:200]}"
         print(f"{self.name}: request {rid} size {size} steps {kwargs.get('steps', 'default')} {seconds:.2f} s {outcome}",

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,7 +171,7 @@ def main() -> int:
     if a.overhead:
         from PIL import Image
 
-        png = Path(tempfile.mkdtemp(prefix="serve-load-")) / "g.png"
+        png = Path(tempfile.mkdtemp(prefix="serve-load-")) / "g.png"  # removed below
         g = subprocess.run([sys.executable, "-m", "koala_trt.cli", "generate", "--artifacts", str(a.artifacts), "--backend", a.backend,
                             "--prompt", PROMPT, "--seed", "7", "--steps", str(a.steps), "--guidance", str(a.guidance),
                             "--height", str(a.size), "--width", str(a.size), "--out", str(png), "--no-progress", "--json"],
@@ -182,10 +183,15 @@ def main() -> int:
         result["generate_sampling_s"] = round(timings["total_ms"] / 1e3, 2)
         result["overhead_pct"] = round(100 * (result["alone_s"] / result["generate_sampling_s"] - 1), 1)
         result["same_image"] = bool(np.array_equal(served, np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB"))))
+        shutil.rmtree(png.parent, ignore_errors=True)
     print(json.dumps(result, indent=2))
     if a.json:
         a.json.write_text(json.dumps(result, indent=2) + "\n")
     ok = result.get("answered") == result.get("sent") and result.get("exit_status") == 0
+    if ok:
+        log_path.unlink()
+    else:
+        print(f"server log: {log_path}", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -51,6 +51,8 @@ def serve_cmd(artifacts: Path | None, engines: Path | None, repository: Path | N
             raise UsageError("--backend tensorrt needs --engines DIR (a `koala-trt build` folder)")
         if backend != "tensorrt" and engines is not None:
             raise UsageError("--engines is for --backend tensorrt")
+        if cpu_precision is not None and backend != "openvino":
+            raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
     ports = Ports(http_port, grpc_port, metrics_port)
     check_address(host, ports)
     find_server()

@@ -62,7 +62,7 @@ class BlsBackend:
 
 def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.ndarray]:
     """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`:
-    a function (prompt, **options) -> uint8 [H, W, 3] image. Options are engines.sampler.Request's
+    a function (prompt, **options) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). Options are engines.sampler.Request's
     fields (negative_prompt, seed, steps, guidance, height, width).
 
     This is the one place that names the sampler's API (engines/sampler.py)."""
@@ -75,7 +75,7 @@ def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.nd
         plan = sampler.plan(Request(prompt=prompt, batch=1, **options))  # type: ignore[arg-type]
         sampler.check_prompt_fits(plan.prompt, plan.negative_prompt)  # refuse, never truncate silently
         images, _ = sampler.sample(plan, progress=False)
-        return to_uint8(images)[0]
+        return to_uint8(images)[0], (plan.height, plan.width, plan.steps)
 
     return run
 
@@ -162,7 +162,8 @@ class TritonPythonModel:
                 prompt = _scalar(request, "prompt", str)
                 if prompt is None:
                     raise BadRequest("prompt: required input missing")
-                image = self.sampler(prompt, **kwargs)
+                image, (h, w, steps) = self.sampler(prompt, **kwargs)
+                kwargs.update(height=h, width=w, steps=steps)  # what it ran at, defaults resolved, for the log
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", to_uint8_hwc(image))]))
             except Exception as e:  # one bad request must not take the model down
                 error = e

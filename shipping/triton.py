@@ -204,7 +204,7 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
         raise UsageError(f"--instances must be at least 1 (got {instances})")
     em = load_engines_manifest(engines) if engines is not None else None
     info = em.record if em is not None else None
-    if info is not None and info.compat.library.name != "tensorrt":
+    if info is not None and info.compat.library.name != "tensorrt" and flavour != "python":  # python: koala-trt's runtime loads either
         raise UsageError(f"{engines} holds {info.compat.library.name} engines, but Triton's TensorRT backend (platform "
                          "tensorrt_plan) loads standard TensorRT plans only: serve the ONNX models (omit --engines), or "
                          "build the engines with --library tensorrt on the card")

@@ -7,7 +7,7 @@ OUT    ?= out
 DEMO_MODEL ?= random:tiny
 TORCH  := torch==2.13.0
 
-.PHONY: install install-gpu test test-gpu demo bench optimum-venv clean
+.PHONY: install install-gpu test test-gpu demo bench optimum-venv serve-venv clean
 
 install: $(STAMP)
 
@@ -16,8 +16,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision,rtx]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision,rtx,serve]'
+	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
+	$(MAKE) serve-venv
 	@touch $@
+
+# `koala-trt serve`: the environment its models run in. The Python-backend stub in nvidia-pytriton 0.7.0
+# was built against numpy 1 (under numpy 2 it hands models arrays read with stride 0), so the runtime
+# core (no torch) with numpy 1.26; the pins follow constraints.txt except numpy.
+serve-venv:
+	$(PYTHON) -m venv .venv-serve
+	.venv-serve/bin/python -m pip install -q 'numpy==1.26.4' 'onnxruntime==1.31.1' 'openvino==2026.4.1' 'openvino-telemetry==2025.2.0' 'tokenizers==0.23.3' 'pillow==13.0.0' 'click==8.5.1' 'tqdm==4.70.1' 'onnx==1.23.2' 'protobuf==7.36.2'
+	.venv-serve/bin/python -m pip install -q --no-deps -e .
 
 # On a GPU machine: onnxruntime-gpu and TensorRT instead of the CPU onnxruntime (never both).
 install-gpu:

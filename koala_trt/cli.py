@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify": ("koala_trt.commands.bundle", "verify_cmd", "Check a bundle's hashes, completeness and, for engines, this machine's GPU/TensorRT."),
     "validate": ("koala_trt.commands.validate", "validate_cmd", "Accuracy-drift gate: artifacts or engines against PyTorch, per component and end to end."),
     "bench": ("koala_trt.commands.bench", "bench_cmd", "Latency (median, p90), peak memory and images/minute per component and end to end."),
+    "serve": ("koala_trt.commands.serve", "serve_cmd", "Serve the pipeline as Triton model `koala` on a real tritonserver (HTTP, gRPC, metrics)."),
     "triton": ("koala_trt.commands.triton", "triton_cmd", "Write a Triton model repository: one model per component plus a sampler model."),
 }
 

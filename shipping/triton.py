@@ -9,6 +9,15 @@
       koala/1/model.py                  the sampler loop, calling the models above through BLS
       koala/1/pipeline/                 manifest.json, tokenizers, scheduler config, triton.json
 
+Flavour `python` (for servers without the ONNX Runtime / TensorRT backends, such as the tritonserver
+that `koala-trt serve` runs): the same models, names, inputs, outputs and batching, but each component
+model runs on the Python backend over koala-trt's own runtime backend (templates/triton_component.py):
+
+      koala_unet/config.pbtxt           backend python
+      koala_unet/1/model.py             opens the onnxruntime (or tensorrt) backend over 1/
+      koala_unet/1/component.json       component, runtime, batching
+      koala_unet/1/manifest.json        the artifacts (or engines) manifest, this component's files beside it
+
 Inputs, outputs, dtypes and dims come from the component specs in the manifest; batching follows
 the rule in shipping/triton_io.py. Every file is written under a temporary name and the repository
 renamed into place when complete; graphs and engines are copied in chunks and checked against the
@@ -32,7 +41,7 @@ from koala_core import __version__
 from koala_core.atomic import staged_dir
 from koala_core.errors import UsageError
 from engines.compat import describe as describe_engines
-from engines.engine_manifest import load_engines_manifest
+from engines.engine_manifest import EnginesManifest, load_engines_manifest
 from shipping.triton_io import TritonTensor, batchable, triton_tensor
 
 PIPELINE_INPUTS = (  # name, Triton type, optional
@@ -45,6 +54,8 @@ PIPELINE_INPUTS = (  # name, Triton type, optional
     ("width", "TYPE_INT32", True),
 )
 CHUNK = 4 << 20
+FLAVOURS = ("production", "python")
+PYTHON_RUNTIMES = ("onnxruntime", "openvino")  # what the python flavour runs ONNX components on
 
 Log = Callable[[str], None]
 
@@ -81,14 +92,17 @@ def _list(key: str, blocks: list[str]) -> str:
 
 def component_config(model: str, spec: ComponentSpec, platform: str, max_batch: int, kind: str,
                      filename: str, note: str) -> str:
-    """config.pbtxt of one component model."""
+    """config.pbtxt of one component model (platform "python": the Python backend, flavour python)."""
     batched = batchable(spec) and max_batch > 0
-    parts = [f"# {note}", f"name: {_q(model)}", f"platform: {_q(platform)}", f"max_batch_size: {max_batch if batched else 0}",
+    runs_on = 'backend: "python"' if platform == "python" else f"platform: {_q(platform)}"
+    parts = [f"# {note}", f"name: {_q(model)}", runs_on, f"max_batch_size: {max_batch if batched else 0}",
              _list("input", [_tensor_block(triton_tensor(t, batched)) for t in spec.inputs]),
              _list("output", [_tensor_block(triton_tensor(t, batched)) for t in spec.outputs])]
     if batched:
         parts.append("dynamic_batching { }")
-    parts += [f"instance_group [ {{ kind: {kind}, count: 1 }} ]", f"default_model_filename: {_q(filename)}"]
+    parts.append(f"instance_group [ {{ kind: {kind}, count: 1 }} ]")
+    if platform != "python":
+        parts.append(f"default_model_filename: {_q(filename)}")
     return "\n".join(parts) + "\n"
 
 
@@ -129,10 +143,56 @@ def _graph_files(m: Manifest, component: str) -> list[str]:
     return [rel for rel in files if folder not in ("", ".") and rel.startswith(folder + "/")] or [graph]
 
 
+def _python_component(m: Manifest, comp: str, em: EnginesManifest | None, version_dir: Path, hardlink: bool,
+                      log: Log, model: str, runtime: str, runtime_options: dict[str, Any], in_place: bool) -> str:
+    """Flavour python: 1/model.py over koala-trt's runtime backend `runtime` (onnxruntime or openvino
+    over the graph, tensorrt over the engine), its manifest and files at the paths that manifest names
+    (so the backend opens 1/ as it opens an artifacts or engines folder); returns the runtime used.
+    in_place: no copy, component.json names the artifacts (or engines) folder the backend opens
+    (`koala-trt serve`: a repository on this machine for the server's lifetime; ONNX Runtime refuses
+    hard-linked external data, and a full-size U-Net is gigabytes)."""
+    engine = em is not None and comp in em.record.engines
+    runtime = "tensorrt" if engine else runtime
+    if in_place:
+        folder = (em.root if engine else m.root).resolve()  # type: ignore[union-attr]
+        log(f"  {model}: {comp} of {folder} in place (Python backend, {runtime})")
+        info = {"component": comp, "runtime": runtime, "folder": str(folder), **runtime_options}
+    elif engine:
+        e = em.record.engines[comp]
+        log(f"  {model}: TensorRT engine {e.file} (Python backend)")
+        _copy_checked(em.root / e.file, version_dir / e.file, e.sha256, hardlink)
+        data = dict(em.data, engines={comp: em.engines[comp]})  # this process holds this engine only
+    else:
+        log(f"  {model}: ONNX {m.record(comp).file} (Python backend, {runtime})")
+        for rel in _graph_files(m, comp):
+            meta = m.view.files.get(rel)
+            _copy_checked(m.root / rel, version_dir / rel, meta.sha256 if meta else None, hardlink)
+        data = dict(m.data, components={comp: m.component(comp)})
+    if not in_place:
+        (version_dir / MANIFEST).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        info = {"component": comp, "runtime": runtime, **runtime_options}
+    (version_dir / "component.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
+    template = resources.files("shipping").joinpath("templates/triton_component.py").read_text(encoding="utf-8")
+    (version_dir / "model.py").write_text(template, encoding="utf-8")
+    return runtime
+
+
 def write_repository(artifacts: Path, out: Path, engines: Path | None = None, name: str = "koala",
                      device: str = "gpu", max_batch: int | None = None, instances: int = 1,
-                     hardlink: bool = False, force: bool = False, log: Log = lambda _: None) -> RepoResult:
-    """Write the model repository; returns the models written (name -> platform, files, batching)."""
+                     hardlink: bool = False, force: bool = False, log: Log = lambda _: None,
+                     flavour: str = "production", runtime: str = "onnxruntime",
+                     runtime_options: dict[str, Any] | None = None, in_place: bool = False) -> RepoResult:
+    """Write the model repository; returns the models written (name -> platform, files, batching).
+
+    Flavour python only: `runtime` (onnxruntime or openvino) runs the ONNX components (an engine runs on
+    tensorrt), with `runtime_options` (openvino: cpu_precision, cache_dir) passed to it; in_place: the
+    component models open the artifacts (engines) folder where it is instead of a copy."""
+    if flavour not in FLAVOURS:
+        raise UsageError(f"--flavour must be one of {', '.join(FLAVOURS)} (got {flavour!r})")
+    if runtime not in PYTHON_RUNTIMES:
+        raise UsageError(f"the python flavour runs ONNX components on {' or '.join(PYTHON_RUNTIMES)} (got {runtime!r})")
+    if flavour != "python" and (runtime != "onnxruntime" or runtime_options or in_place):
+        raise UsageError("a runtime backend is for --flavour python (the production flavour uses Triton's own backends)")
     m = load_manifest(artifacts)
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise UsageError(f"--name {name!r}: use letters, digits, '_' and '-' (it names Triton models and folders)")
@@ -144,7 +204,7 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
         raise UsageError(f"--instances must be at least 1 (got {instances})")
     em = load_engines_manifest(engines) if engines is not None else None
     info = em.record if em is not None else None
-    if info is not None and info.compat.library.name != "tensorrt":
+    if info is not None and info.compat.library.name != "tensorrt" and flavour != "python":  # python: koala-trt's runtime loads either
         raise UsageError(f"{engines} holds {info.compat.library.name} engines, but Triton's TensorRT backend (platform "
                          "tensorrt_plan) loads standard TensorRT plans only: serve the ONNX models (omit --engines), or "
                          "build the engines with --library tensorrt on the card")
@@ -190,8 +250,12 @@ def write_repository(artifacts: Path, out: Path, engines: Path | None = None, na
                 mb = min(mb, max_batch)
             batched = batchable(spec)
             note = f"koala-trt {__version__}: {comp} of {m.view.source.model}, precision {m.precision(comp)}"
-            graph_files.update(_graph_files(m, comp))
-            if info is not None and comp in info.engines:
+            graph_files.update(_graph_files(m, comp))  # the pipeline model's folder holds the rest
+            if flavour == "python":
+                runs_on = _python_component(m, comp, em, version_dir, hardlink, log, model, runtime, runtime_options or {}, in_place)
+                platform, filename, kind = "python", "model.py", "KIND_CPU"
+                note += f", on the Python backend over koala-trt's {runs_on} backend"
+            elif info is not None and comp in info.engines:
                 e = info.engines[comp]
                 log(f"  {model}: TensorRT engine {e.file}")
                 _copy_checked(Path(engines) / e.file, version_dir / "model.plan", e.sha256, hardlink)

@@ -413,10 +413,18 @@ def official_model_config():
     tests/data/triton/ (README there: provenance, license, why not installed). Loaded by file path:
     no network, no cache; it needs only protobuf, which constraints.txt pins, so a load failure is a
     test failure, never a skip."""
+    from unittest import mock
+
+    from google.protobuf import descriptor_pool
+
     mod_spec = importlib.util.spec_from_file_location("triton_model_config_pb2", OFFICIAL_SCHEMA)
     assert mod_spec is not None and mod_spec.loader is not None
     module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
+    # a pool of its own: tritonclient.grpc (tests/test_serve.py) registers its own model_config.proto
+    # in the default pool, which refuses a second file of that name
+    pool = descriptor_pool.DescriptorPool()
+    with mock.patch.object(descriptor_pool, "Default", lambda: pool):
+        mod_spec.loader.exec_module(module)
     return module.ModelConfig
 
 

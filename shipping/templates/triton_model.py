@@ -15,6 +15,8 @@ the tokenizers, the scheduler config and `triton.json` (component -> Triton mode
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +62,7 @@ class BlsBackend:
 
 def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.ndarray]:
     """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`:
-    a function (prompt, **options) -> uint8 [H, W, 3] image. Options are engines.sampler.Request's
+    a function (prompt, **options) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). Options are engines.sampler.Request's
     fields (negative_prompt, seed, steps, guidance, height, width).
 
     This is the one place that names the sampler's API (engines/sampler.py)."""
@@ -70,8 +72,9 @@ def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.nd
     sampler = Sampler(backend, PipelineAssets.from_manifest(load_manifest(pipeline_dir)))
 
     def run(prompt: str, **options: object) -> np.ndarray:
-        images, _ = sampler.sample(sampler.plan(Request(prompt=prompt, batch=1, **options)), progress=False)  # type: ignore[arg-type]
-        return to_uint8(images)[0]
+        plan = sampler.plan(Request(prompt=prompt, batch=1, **options))  # type: ignore[arg-type]  # refuses a prompt beyond the U-Net's token range
+        images, _ = sampler.sample(plan, progress=False)
+        return to_uint8(images)[0], (plan.height, plan.width, plan.steps)
 
     return run
 
@@ -88,13 +91,34 @@ def to_uint8_hwc(image) -> np.ndarray:
     return np.clip((a.astype(np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _error(e: Exception):
+    """A TritonError for `e`: INVALID_ARG (HTTP 400) for a bad request (koala-trt's UsageError, or an
+    input of the wrong shape), INTERNAL (500) for anything else; one line."""
+    from koala_core.errors import UsageError
+
+    bad = isinstance(e, (UsageError, BadRequest))
+    message = " ".join(str(e).split()) if bad else f"{type(e).__name__}: {' '.join(str(e).split())}"
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if bad else "INTERNAL", None)  # codes: Triton >= 23.04
+    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+
+
+class BadRequest(ValueError):
+    pass
+
+
 def _scalar(request, name: str, kind):
     t = pb_utils.get_input_tensor_by_name(request, name)
     if t is None:
         return None
-    v = t.as_numpy().reshape(-1)[0]
+    a = t.as_numpy()
+    if a.size != 1:
+        raise BadRequest(f"{name}: one value per request (got shape {list(a.shape)})")
+    v = a.reshape(-1)[0]
     if kind is str:
-        return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+        try:
+            return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+        except UnicodeDecodeError:
+            raise BadRequest(f"{name}: not UTF-8 text") from None
     return kind(v)
 
 
@@ -108,10 +132,23 @@ class TritonPythonModel:
         specs = {c: manifest.spec(c) for c in layout["models"]}
         self.backend = BlsBackend(specs, layout["models"])
         self.sampler = make_sampler(self.backend, pipeline_dir)
+        self.name = args.get("model_name", "koala")
+        self.instance = args.get("model_instance_name", self.name)
+        self.served = 0
+
+    def _log(self, request, kwargs: dict, seconds: float, error: Exception | None) -> None:
+        """One line per request on the server's stderr: id, size, steps, seconds, outcome."""
+        self.served += 1
+        rid = getattr(request, "request_id", lambda: "")() or f"{self.instance}#{self.served}"
+        size = f"{kwargs.get('width', 'default')}x{kwargs.get('height', 'default')}"
+        outcome = "ok" if error is None else f"error: {' '.join(str(error).split())[:200]}"
+        print(f"{self.name}: request {rid} size {size} steps {kwargs.get('steps', 'default')} {seconds:.2f} s {outcome}",
+              file=sys.stderr, flush=True)
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
+            t0, kwargs, error = time.perf_counter(), {}, None
             try:
                 kwargs = {k: v for k, v in {
                     "negative_prompt": _scalar(request, "negative_prompt", str),
@@ -121,10 +158,16 @@ class TritonPythonModel:
                     "height": _scalar(request, "height", int),
                     "width": _scalar(request, "width", int),
                 }.items() if v is not None}
-                image = self.sampler(_scalar(request, "prompt", str), **kwargs)
+                prompt = _scalar(request, "prompt", str)
+                if prompt is None:
+                    raise BadRequest("prompt: required input missing")
+                image, (h, w, steps) = self.sampler(prompt, **kwargs)
+                kwargs.update(height=h, width=w, steps=steps)  # what it ran at, defaults resolved, for the log
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", to_uint8_hwc(image))]))
             except Exception as e:  # one bad request must not take the model down
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"{type(e).__name__}: {e}")))
+                error = e
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(e)))
+            self._log(request, kwargs, time.perf_counter() - t0, error)
         return responses
 
     def finalize(self) -> None:

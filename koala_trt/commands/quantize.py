@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from koala_trt.commands.accuracy_options import accuracy_options, make_check, print_report
-from koala_trt.commands.common import POSITIVE, check_out_dir, log, print_json
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json
 
 
 @click.command("quantize")
@@ -18,6 +18,7 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, log, print_json
                    "int8-wo: INT8 weights of the GEMMs, FP16 activations, U-Net and text encoders (sm_80+).")
 @click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
               help="Q/DQ layout: TensorRT's (int8 symmetric, ModelOpt) or ONNX Runtime CPU's (uint8 activations).")
+@components_option("int8-wo only; default: text_encoder,text_encoder_2,unet (int8 and fp8 quantize the U-Net)")
 @click.option("--exclude", help="Comma-separated regexes of module paths kept in float [default: NVIDIA's SDXL list].")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize attention's activation x activation MatMuls.")
 @click.option("--calib-method", type=click.Choice(["max", "mean"]), default="mean", show_default=True,
@@ -27,7 +28,7 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, log, print_json
 @accuracy_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
-def quantize_cmd(onnx_dir: Path, calib: Path | None, out: Path, precision: str, target: str, exclude: str | None, quantize_attention: bool, calib_method: str, samples: int,
+def quantize_cmd(onnx_dir: Path, calib: Path | None, out: Path, precision: str, target: str, components: tuple[str, ...], exclude: str | None, quantize_attention: bool, calib_method: str, samples: int,
                  threads: int | None, heldout: Path | None, heldout_num: int, accuracy_steps: int, accuracy_size: int | None,
                  no_accuracy: bool, no_gate: bool, force: bool, as_json: bool) -> None:
     """Make a quantized artifacts folder: the U-Net with explicit Q/DQ (INT8 or FP8), calibrated on
@@ -40,12 +41,21 @@ def quantize_cmd(onnx_dir: Path, calib: Path | None, out: Path, precision: str, 
             raise UsageError("--precision int8-wo has the TensorRT layout only (DequantizeLinear on the GEMM weights): drop --target onnxruntime")
         if quantize_attention:
             raise UsageError("--quantize-attention needs quantized activations; --precision int8-wo quantizes weights only")
+    elif components:
+        raise UsageError(f"--components is for --precision int8-wo; --precision {precision} quantizes the U-Net only")
     elif calib is None:
         raise UsageError(f"--precision {precision} needs --calib: a calibration set from `koala-trt calibrate`")
     check_out_dir(out, force)
     patterns = tuple(s.strip() for s in exclude.split(",") if s.strip()) if exclude is not None else DEFAULT_EXCLUDE
     if precision == "int8-wo":
-        _weight_only(onnx_dir, calib, out, patterns, heldout, heldout_num, accuracy_steps, accuracy_size, no_accuracy, no_gate, force, as_json)
+        from calibration.weight_only import WO_COMPONENTS
+        from exporter.specs import parse_components
+
+        names = parse_components(components, default=WO_COMPONENTS) if components else list(WO_COMPONENTS)
+        bad = [n for n in names if n not in WO_COMPONENTS]
+        if bad:
+            raise UsageError(f"--precision int8-wo quantizes {', '.join(WO_COMPONENTS)}; not {', '.join(bad)}")
+        _weight_only(onnx_dir, calib, out, names, patterns, heldout, heldout_num, accuracy_steps, accuracy_size, no_accuracy, no_gate, force, as_json)
         return
     opts = Int8Options(precision=precision, target=target, exclude=patterns, quantize_attention=quantize_attention, max_samples=samples, method=calib_method,
                        threads=threads, force=force)
@@ -67,11 +77,11 @@ def quantize_cmd(onnx_dir: Path, calib: Path | None, out: Path, precision: str, 
                f"peak RSS {variant['peak_rss_mb'] / 1024:.2f} GiB)")
 
 
-def _weight_only(onnx_dir: Path, calib: Path | None, out: Path, patterns: tuple[str, ...], heldout: Path | None, heldout_num: int,
+def _weight_only(onnx_dir: Path, calib: Path | None, out: Path, names: list[str], patterns: tuple[str, ...], heldout: Path | None, heldout_num: int,
                  accuracy_steps: int, accuracy_size: int | None, no_accuracy: bool, no_gate: bool, force: bool, as_json: bool) -> None:
     from calibration.weight_only import WeightOnlyOptions, quantize_weight_only
 
-    opts = WeightOnlyOptions(exclude=patterns, calib=calib, force=force)
+    opts = WeightOnlyOptions(components=list(names), exclude=patterns, calib=calib, force=force)
     check = make_check(onnx_dir, heldout, heldout_num, accuracy_steps, accuracy_size, no_accuracy)
     log(f"weight-only INT8 of {onnx_dir} ({', '.join(opts.components)}) -> {out}")
     manifest, layers = quantize_weight_only(onnx_dir, out, opts, log=log, check=check,

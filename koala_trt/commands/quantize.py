@@ -36,6 +36,8 @@ def quantize_cmd(onnx_dir: Path, calib: Path | None, out: Path, precision: str, 
     from calibration.int8 import DEFAULT_EXCLUDE, Int8Options, quantize_int8
     from koala_core.errors import UsageError
 
+    if precision == "fp8" and target != "tensorrt":
+        raise UsageError("--precision fp8 has the TensorRT layout only (ONNX Runtime has no FP8 kernels on CPU): drop --target onnxruntime")
     if precision == "int8-wo":
         if target != "tensorrt":
             raise UsageError("--precision int8-wo has the TensorRT layout only (DequantizeLinear on the GEMM weights): drop --target onnxruntime")

@@ -46,12 +46,14 @@ from koala_core.meter import Meter, process_peak_rss_mb
 Log = Callable[[str], None]
 
 TARGETS = ("tensorrt", "onnxruntime")
+QDQ_PRECISIONS = ("int8", "fp8")  # weights and activations quantized (fp8: calibration/fp8.py)
 # NVIDIA's SDXL INT8 recipe (TensorRT diffusion demo / ModelOpt) keeps these modules in float.
 DEFAULT_EXCLUDE = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding", "norm_out", "proj_out")
 
 
 @dataclass
 class Int8Options:
+    precision: str = "int8"  # or "fp8" (E4M3, TensorRT layout only)
     target: str = "tensorrt"
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes searched in each node's module path
     quantize_attention: bool = False  # also Q/DQ the activation x activation MatMuls of attention
@@ -167,6 +169,14 @@ def _tensorrt(src_path: Path, plan: Plan, ranges: Ranges, dry_run: dict[str, np.
     return onnx.load(str(out))
 
 
+def _small_dry_run(src: Manifest, spec: Any) -> dict[str, np.ndarray]:
+    """FP8: ModelOpt's own one-sample calibration, whose every activation scale is replaced by the
+    cached ranges, runs on spec inputs at the export's smallest size (CFG batch 2): it keeps every
+    quantized tensor of the sample, which at 1024 px would take gigabytes for nothing."""
+    rng = src.shape_range("unet")
+    return spec.dummy_inputs(2, rng.height[0], rng.width[0], seed=0)
+
+
 def _any_attention(plan: Plan) -> bool:
     """True when attention's activation x activation MatMuls are to be quantized (--quantize-attention)."""
     return not any(v["reason"].startswith("attention") for v in plan.excluded.values())
@@ -209,8 +219,12 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
     `onnx_dir`); returns the manifest and the layer report (quantized / excluded)."""
     import onnx
 
+    if opts.precision not in QDQ_PRECISIONS:
+        raise UsageError(f"unknown --precision {opts.precision!r}; expected one of {', '.join(QDQ_PRECISIONS)}")
     if opts.target not in TARGETS:
         raise UsageError(f"unknown --target {opts.target!r}; expected one of {', '.join(TARGETS)}")
+    if opts.precision == "fp8" and opts.target != "tensorrt":
+        raise UsageError("--precision fp8 has the TensorRT layout only (ONNX Runtime has no FP8 kernels on CPU): drop --target onnxruntime")
     if opts.method not in ("max", "mean"):
         raise UsageError(f"unknown --calib-method {opts.method!r}; expected max or mean")
     if opts.max_samples < 1:
@@ -237,9 +251,15 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
         scratch.mkdir()
         ranges, range_info = _ranges(unet, structure, plan, calib, spec, opts, log, scratch)
         del structure
-        log(f"[2/2] unet: inserting Q/DQ for {opts.target} ({len(plan.candidates)} candidate layers, {len(plan.excluded)} excluded)")
+        log(f"[2/2] unet: inserting {opts.precision.upper()} Q/DQ for {opts.target} ({len(plan.candidates)} candidate layers, {len(plan.excluded)} excluded)")
         with tempfile.TemporaryDirectory(prefix="koala-int8-", dir=scratch) as tmp, Meter() as m, quiet_library():
-            if opts.target == "tensorrt":
+            if opts.precision == "fp8":
+                from calibration.fp8 import fp8_qdq
+
+                (Path(tmp) / "out").mkdir()
+                model = fp8_qdq(_scratch_copy(unet, Path(tmp)), list(plan.excluded), _any_attention(plan), ranges,
+                                _small_dry_run(src, spec), Path(tmp) / "out" / "model.onnx", big)
+            elif opts.target == "tensorrt":
                 model = _tensorrt(unet, plan, ranges, next(calib.samples(spec, limit=1)), Path(tmp), big)
             else:
                 model = _onnxruntime(unet, plan, ranges, Path(tmp), big)
@@ -251,13 +271,17 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
             raise KoalaError("the quantizer inserted no Q/DQ in front of any layer: the result would be an FP32 graph")
         onnx.checker.check_model(str(stage / src.record("unet").file))
         c = manifest.component("unet")
-        c["precision"] = "int8"
+        fp8 = opts.precision == "fp8"
+        c["precision"] = opts.precision
         c["conversion"] = {
-            "tool": "modelopt.onnx.quantization" if opts.target == "tensorrt" else "onnxruntime.quantization.quantize_static",
+            "tool": "modelopt.onnx.quantization" + (" (fp8)" if fp8 else "") if opts.target == "tensorrt" else "onnxruntime.quantization.quantize_static",
             "target": opts.target, "calibration": {"folder": str(Path(calib_dir).resolve()), "method": opts.method,
                                                    "samples": ranges.samples, "tensors": len(ranges.lowest), **range_info},
-            "weights": "int8 symmetric, per-channel (output-channel axis)",
-            "activations": "int8 symmetric, per-tensor" if opts.target == "tensorrt" else "uint8 asymmetric, per-tensor",
+            "weights": ("float8 e4m3, per-channel (output-channel axis), scale amax / 448" if fp8
+                        else "int8 symmetric, per-channel (output-channel axis)"),
+            "activations": ("float8 e4m3, per-tensor, scale amax / 448 of the cached ranges" if fp8
+                            else "int8 symmetric, per-tensor" if opts.target == "tensorrt" else "uint8 asymmetric, per-tensor"),
+            **({"onnxruntime_cpu": "graph optimization level BASIC (EXTENDED's fusions reject float8)"} if fp8 else {}),
             "quantize_linear": census["quantize_linear"], "dequantize_linear": census["dequantize_linear"],
             "quantized_layers": len(census["quantized"]), "excluded_layers": len(plan.excluded),
             "exclude_patterns": list(opts.exclude), "quantize_attention": opts.quantize_attention,
@@ -269,7 +293,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
         layers = {"quantized": [{"node": n, "module": plan.modules.get(n, n)} for n in census["quantized"]],
                   "excluded": [{"node": n, **v} for n, v in plan.excluded.items()],
                   "left_float_by_quantizer": [{"node": n, "module": plan.modules.get(n, n)} for n in census["left_float_by_quantizer"]]}
-        finish(manifest, {"precision": "int8", "target": opts.target, "from": str(Path(onnx_dir).resolve()),
+        finish(manifest, {"precision": opts.precision, "target": opts.target, "from": str(Path(onnx_dir).resolve()),
                           "calibration": str(Path(calib_dir).resolve()), "converted": ["unet"],
                           "seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(process_peak_rss_mb(), 1)},
                (lambda m: {**check(m), "layers": layers}) if check else None, on_report, gate)

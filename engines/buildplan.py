@@ -230,8 +230,12 @@ def _pick_folder(manifests: list[Manifest], component: str, precision: str, prof
     elif precision == "fp16":
         remedy = (f"make one with `koala-trt convert --onnx {holding[0].root} --precision {precision} --out DIR` and pass "
                   "both folders with --onnx")
-    elif precision == "int8":
-        remedy = (f"make one with `koala-trt quantize --onnx {holding[0].root} --calib CALIB --out DIR` and pass both "
+    elif precision in ("int8", "fp8"):
+        flag = "" if precision == "int8" else f" --precision {precision}"
+        remedy = (f"make one with `koala-trt quantize --onnx {holding[0].root}{flag} --calib CALIB --out DIR` and pass both "
+                  "folders with --onnx")
+    elif precision == "int8-wo":
+        remedy = (f"make one with `koala-trt quantize --onnx {holding[0].root} --precision int8-wo --out DIR` and pass both "
                   "folders with --onnx")
     else:
         remedy = "pass an fp32 export with --onnx"
@@ -289,14 +293,20 @@ def check_shapes(component: str, spec: ComponentSpec, rng: ShapeRange, exported:
             spec.check_size(h, w)
 
 
+# The oldest compute capability each precision builds for: FP8 (E4M3) tensor cores from Ada/Hopper
+# (sm_89); weight-only INT8 GEMMs from Ampere (sm_80), as NVIDIA documents it for TensorRT-RTX.
+MIN_COMPUTE = {"fp8": (8, 9), "int8-wo": (8, 0)}
+
+
 def check_precision(component: str, precision: str, profile: GpuProfile) -> None:
     """What a target cannot build, refused before building: TensorRT-RTX has no FP32 GEMMs on Turing
-    (sm_75), and FP8 needs sm_89 or newer."""
+    (sm_75), FP8 needs sm_89 or newer, weight-only INT8 sm_80 or newer."""
     b = profile.build
-    if precision == "fp8":
-        low = [t for t in b.targets if tuple(int(x) for x in t.split(".")) < (8, 9)]
+    if precision in MIN_COMPUTE:
+        need = MIN_COMPUTE[precision]
+        low = [t for t in b.targets if tuple(int(x) for x in t.split(".")) < need]
         if low:
-            raise UsageError(f"fp8 needs sm_89 or newer; {profile.name} is {sm(low[0])}")
+            raise UsageError(f"{precision} needs {sm(f'{need[0]}.{need[1]}')} or newer; {profile.name} is {sm(low[0])}")
     if b.library == "tensorrt-rtx" and "7.5" in b.targets and precision == "fp32" and component in GEMM_COMPONENTS:
         remedy = ("use --precision fp16" if not component.startswith("vae") else
                   "make its VAE with FP16 GEMMs (`koala-trt convert --vae-gemm-fp16`) and set vae.precision = "

@@ -2,9 +2,11 @@
 
 Per component c, at the profile's precision and the largest shapes of its range:
 
-    weights(c)     = sum over parameters of bytes per parameter: fp32 4, fp16 2; int8: 1 for the
-                     weights of Conv/Linear layers outside NVIDIA's SDXL exclusion list, 2 (fp16) for
-                     every other parameter. From an artifacts folder: the bytes of its ONNX files.
+    weights(c)     = sum over parameters of bytes per parameter: fp32 4, fp16 2; int8 and fp8: 1 for
+                     the weights of Conv/Linear layers outside NVIDIA's SDXL exclusion list, 2 (fp16)
+                     for every other parameter; int8-wo (weight-only INT8): 1 for the weights of
+                     Linear layers (the GEMMs) outside that list, 2 for every other parameter. From
+                     an artifacts folder: the bytes of its ONNX files.
     activations(c) = peak bytes of live intermediate tensors of one forward pass, traced on the meta
                      device (engines/activations.py): eager execution order, every tensor freed after
                      its last use, fused attention for heads up to 128 wide.
@@ -58,6 +60,7 @@ RUNTIME_OVERHEAD_BYTES = 512 * MIB
 STREAMING_HEADROOM_BYTES = 256 * MIB  # what a solved weight-streaming budget leaves free (estimate error),
 STREAMING_HEADROOM_FRACTION = 0.05    # or this share of the usable memory where that is less (small cards)
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
+WEIGHT_ONLY = ("int8-wo",)  # 1-byte GEMM (Linear) weights only; int8/fp8 also quantize Conv weights
 # NVIDIA's SDXL INT8 recipe keeps these layers out of quantization (TensorRT diffusion demo).
 INT8_EXCLUDED = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding",
                  "norm_out", "proj_out")
@@ -211,8 +214,9 @@ def _weight_bytes(module: Any, component: str, precision: str) -> tuple[int, int
     if precision in BYTES_PER_PARAM:
         return params, params * BYTES_PER_PARAM[precision]
     quantizable = set()
+    layers = (torch.nn.Linear,) if precision in WEIGHT_ONLY else (torch.nn.Linear, torch.nn.Conv2d)
     for name, m in module.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not any(x in name for x in INT8_EXCLUDED):
+        if isinstance(m, layers) and not any(x in name for x in INT8_EXCLUDED):
             quantizable.add(f"{name}.weight")
     return params, sum(p.numel() * (1 if n in quantizable else 2) for n, p in named)
 

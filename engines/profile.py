@@ -67,6 +67,7 @@ from typing import Any, Mapping
 
 from engines.libraries import LIBRARIES, RTX_NEEDS_GPU, library as get_library, sm
 from exporter.specs import COMPONENTS, ShapeRange
+from exporter.tolerances import PRECISIONS
 from koala_core.errors import UsageError
 from koala_core.schema import Fields as _Fields, Triple
 
@@ -75,7 +76,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-PRECISIONS = ("fp32", "fp16", "int8")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 REFIT = ("none", "identical", "weights")
 REFIT_FLAGS = {"none": "none", "identical": "REFIT_IDENTICAL+STRIP_PLAN", "weights": "REFIT"}  # the build flags recorded

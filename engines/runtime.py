@@ -87,7 +87,8 @@ class OnnxRuntimeBackend(Backend):
         if component not in self._sessions:
             from koala_core.ort import make_session
 
-            self._sessions[component] = make_session(self.manifest.onnx_path(component), self.providers, self.threads)
+            self._sessions[component] = make_session(self.manifest.onnx_path(component), self.providers, self.threads,
+                                                     precision=self.manifest.precision(component))
         return self._sessions[component]
 
     def load(self, components: list[str]) -> None:

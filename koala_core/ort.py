@@ -15,6 +15,10 @@ Provider = str | tuple[str, dict[str, str]]
 # `use_tf32` option is "0" (onnxruntime >= 1.18; the [gpu] extra needs >= 1.20). TF32 keeps 10
 # mantissa bits (unit roundoff ~4.9e-4), so a TF32 "reference" cannot tell a TF32 candidate apart.
 FP32_CUDA_OPTIONS = {"use_tf32": "0"}
+# ONNX Runtime evaluates FP8 (float8e4m3fn) Q/DQ on CPU only at graph optimization level BASIC or
+# below: at EXTENDED its fusions (MatMulIntegerToFloat, Transpose optimizations) reject float8
+# inputs and the session fails to load. Graphs of these precisions get BASIC.
+BASIC_ONLY_PRECISIONS = ("fp8",)
 
 
 def available_providers() -> list[str]:
@@ -38,9 +42,10 @@ def fp32_providers(available: list[str] | None = None) -> list[Provider]:
 
 
 def make_session(path: Path | str, providers: list[Provider] | None = None, threads: int | None = None,
-                 optimize: bool = True) -> Any:
+                 optimize: bool = True, precision: str | None = None) -> Any:
     """An InferenceSession for `path` on `providers` [default: `default_providers`; for an FP32
-    reference pass `fp32_providers()`]."""
+    reference pass `fp32_providers()`]. `precision`: the graph's (as its manifest records it); an
+    FP8 graph is optimized at BASIC only (BASIC_ONLY_PRECISIONS)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -56,6 +61,8 @@ def make_session(path: Path | str, providers: list[Provider] | None = None, thre
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif precision in BASIC_ONLY_PRECISIONS:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types

@@ -75,7 +75,7 @@ def test_minimal_profile_gets_documented_defaults() -> None:
 
 @pytest.mark.parametrize("extra, field", [
     ("[shapes]\nheigth = 1024\n", "shapes.heigth"),
-    ("[precision]\nunet = \"fp8\"\n", "precision.unet"),
+    ("[precision]\nunet = \"fp4\"\n", "precision.unet"),
     ("[shapes]\nheight = [1024, 512, 2048]\n", "shapes.height"),
     ("[shapes]\nwidth = 1020\n", "shapes.width"),
     ("[shapes]\nbatch = \"one\"\n", "shapes.batch"),

@@ -620,9 +620,9 @@ def test_triton_python_model_generates_the_same_image_as_generate(repo: Path, ti
 
     pinned, opened = koala_core.ort.make_session, []
 
-    def cpu_session(path, providers=None, threads=None, optimize=True):  # every session of this test
+    def cpu_session(path, providers=None, threads=None, optimize=True, precision=None):  # every session of this test
         opened.append(Path(path))
-        return pinned(path, providers=["CPUExecutionProvider"], threads=2, optimize=optimize)
+        return pinned(path, providers=["CPUExecutionProvider"], threads=2, optimize=optimize, precision=precision)
 
     monkeypatch.setattr(koala_core.ort, "make_session", cpu_session)
     pb = _triton_python_backend_standin(repo)

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from exporter.tolerances import PRECISIONS
+
 from engines.libraries import LIBRARIES
 from koala_trt.commands.aid_options import aid_options, apply_aids
 from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json, table
@@ -63,8 +65,9 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @components_option("default: the profile's pipeline (text_encoder,text_encoder_2,unet,vae_decoder)")
 @click.option("--library", type=click.Choice(["tensorrt", "tensorrt-rtx"]),
               help="TensorRT library instead of the profile's (where both can serve: L4, A10 with tensorrt-rtx).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
-              help="Precision of the text encoders and U-Net instead of the profile's (the VAE keeps its policy).")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)),
+              help="Precision of the text encoders and U-Net instead of the profile's (the VAE keeps its policy; "
+                   "fp8 needs sm_89+, int8-wo sm_80+).")
 @click.option("--batch", type=POSITIVE, help="Images per call (static), instead of the profile's range.")
 @click.option("--height", type=POSITIVE, help="Image height in px (static), instead of the profile's range.")
 @click.option("--width", type=POSITIVE, help="Image width in px (static), instead of the profile's range.")

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import click
 
+from exporter.tolerances import PRECISIONS
+
 from koala_trt.commands.aid_options import aid_options, apply_aids
 from koala_trt.commands.common import POSITIVE, log, print_json, table
 
@@ -37,7 +39,7 @@ def ladder_table(choice: object) -> str:
 @click.option("--batch", type=POSITIVE, help="Images per call (static), instead of the profile's range.")
 @click.option("--height", type=POSITIVE, help="Image height in px (static), instead of the profile's range.")
 @click.option("--width", type=POSITIVE, help="Image width in px (static), instead of the profile's range.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Precision of the text encoders and U-Net.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), help="Precision of the text encoders and U-Net.")
 @aid_options
 @click.option("--min-margin", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="GIB",
               help="The choice needs at least this much memory to spare.")
@@ -55,8 +57,12 @@ def plan_cmd(model: str, profile_ref: str, batch: int | None, height: int | None
     from exporter.sources import resolve
     from exporter.specs import specs_from_configs
 
+    from engines.buildplan import check_precision
+
     profile = load_profile(profile_ref).with_overrides(batch, height, width, precision)
     profile = apply_aids(profile, vae_tile, residency, weight_streaming, weight_streaming_budget)
+    for component, prec in profile.precision.items():  # what the card cannot build, as `build` refuses it
+        check_precision(component, prec, profile)
     source = resolve(model)
     check_plan_sizes(specs_from_configs(source.configs), profile)
     log(f"planning {source.ref} on {profile.name} (tracing each component on the meta device)")

@@ -280,3 +280,20 @@ def test_bench_script_quick_unet_section(tiny_artifacts: Path, tmp_path: Path) -
 def test_bench_script_bad_input(args: list[str], message: str) -> None:
     p = _bench_script("--quick", *args)
     assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+def test_demo_picks_the_fastest_cpu_backend(tmp_path: Path) -> None:
+    """make demo generates on the backend with the lowest end-to-end median of its side-by-side bench."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    path = tmp_path / "bench.csv"
+    path.write_text("backend,stage,median\nonnxruntime,unet,0.01\nonnxruntime,end_to_end (4 steps),0.50\n"
+                    "openvino,unet,0.02\nopenvino,end_to_end (4 steps),0.25\n")
+    best, why = demo.fastest_cpu_backend(path)
+    assert best == "openvino" and why == "onnxruntime 0.50 s, openvino 0.25 s per image (4 steps)"
+    assert demo.cpu_backends()[0] == "onnxruntime"
+    assert ("openvino" in demo.cpu_backends()) == HAS_OPENVINO

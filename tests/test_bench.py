@@ -132,9 +132,15 @@ HAS_OPENVINO = __import__("importlib.util").util.find_spec("openvino") is not No
 def side_by_side_run(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, list[str]]:
     """onnxruntime, openvino (fp32, where installed) and torch, each in its own `koala-trt bench`
     process, on the same inputs: one U-Net step and a 2-step image at 128x128."""
+    import shutil
+
     entries = ["onnxruntime", *(["openvino:fp32"] if HAS_OPENVINO else []), "torch"]
     out = tmp_path_factory.mktemp("side") / "side.csv"
-    code, stdout, stderr = run_cli("bench", "--artifacts", str(tiny_artifacts), "--backend", ",".join(entries), *SIZE,
+    # a copy (cp -r: ONNX refuses hard-linked external data), so that openvino's compiled-model cache
+    # lands beside it and not beside the session's artifacts (test_openvino checks that none is made there)
+    art = out.parent / "tiny"
+    shutil.copytree(tiny_artifacts, art)
+    code, stdout, stderr = run_cli("bench", "--artifacts", str(art), "--backend", ",".join(entries), *SIZE,
                                    "-c", "unet", "--steps", "2", "--warmup", "0", "--runs", "1", "--threads", "1",
                                    "--lock", str(out.parent / "heavy.lock"), "--json", "--csv", str(out))
     assert code == 0, stderr

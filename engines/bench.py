@@ -39,6 +39,7 @@ class BenchOptions:
     end_to_end: bool = True
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
+    keep_outputs: bool = False  # keep each component's last outputs and the last end-to-end images (side by side)
 
     def check(self) -> None:
         if self.warmup < 0:
@@ -150,6 +151,7 @@ class BenchResult:
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     end_to_end: dict[str, Any] | None = None
     peak_memory_mb: float = 0.0
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # "<component>.<output>" and "images" (keep_outputs)
 
     @property
     def images_per_minute(self) -> float | None:
@@ -229,8 +231,10 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
             log(f"{comp} (batch {batches[comp]}): warm-up {i + 1}/{opts.warmup} {time.perf_counter() - t:.3f} s")
         for i in range(opts.runs):
             t = time.perf_counter()
-            backend.run(comp, feeds)
+            outs = backend.run(comp, feeds)
             alone.add(comp, time.perf_counter() - t)
+            if opts.keep_outputs:
+                result.outputs.update({f"{comp}.{k}": np.asarray(v) for k, v in outs.items()})
             probe.sample()
             log(f"{comp} (batch {batches[comp]}): run {i + 1}/{opts.runs} {alone.stages[comp][-1]:.3f} s")
         result.components[comp] = {"batch": batches[comp], **latency_stats(alone.stages[comp]), "peak_memory_mb": probe.stop()}
@@ -244,8 +248,10 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
         totals: list[float] = []
         merged = Timings()
         for i in range(opts.runs):
-            _, t = sampler.sample(plan, progress=False)
+            images, t = sampler.sample(plan, progress=False)
             probe.sample()
+            if opts.keep_outputs:
+                result.outputs["images"] = images
             totals.append(t.total("sample"))
             for stage, v in t.stages.items():
                 merged.stages.setdefault(stage, []).extend(v)
@@ -260,3 +266,74 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
         peaks.append(result.end_to_end["peak_memory_mb"])
     result.peak_memory_mb = max(peaks)
     return result
+
+
+# ----- side by side -----------------------------------------------------------------------------------
+
+# The precisions a backend can be asked for in `--backend NAME:PRECISION` (onnxruntime and tensorrt
+# run the precision their artifacts / engines were made with).
+ENTRY_PRECISIONS = {"openvino": ("auto", "fp32", "bf16"), "torch": ("fp32", "bf16")}
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One backend of a side-by-side run: `name` or `name:precision` (openvino's --cpu-precision,
+    torch's bf16 autocast)."""
+
+    name: str
+    precision: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.precision is None else f"{self.name}:{self.precision}"
+
+
+def parse_backends(text: str, cpu_precision: str | None = None) -> list[BackendEntry]:
+    """`--backend a,b:p,...` as entries, checked before any work: known names, precisions each backend
+    takes, no entry twice. --cpu-precision applies to the openvino entries that name no precision
+    (and, as for one backend, is refused when none is openvino)."""
+    from engines.runtime import BACKENDS
+
+    items = [x.strip() for x in text.split(",")]
+    if not text.strip() or any(not x for x in items):
+        raise UsageError(f"--backend {text!r}: an empty name in the list; give NAME[:PRECISION],... from {', '.join(BACKENDS)}")
+    entries = []
+    for item in items:
+        name, _, precision = item.partition(":")
+        if name not in BACKENDS:
+            raise UsageError(f"--backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        if precision:
+            allowed = ENTRY_PRECISIONS.get(name, ())
+            if precision not in allowed:
+                raise UsageError(f"--backend {item}: " + (f"{name} takes the precisions {', '.join(allowed)}" if allowed else
+                                 f"{name} runs the precision of its {'engines' if name == 'tensorrt' else 'artifacts'} "
+                                 "(make another folder with convert or quantize)"))
+        elif name == "openvino" and cpu_precision is not None:
+            precision = cpu_precision
+        entries.append(BackendEntry(name, precision or None))
+    if cpu_precision is not None and not any(e.name == "openvino" for e in entries):
+        raise UsageError(f"--cpu-precision is for --backend openvino (not {text})")
+    labels = [e.label for e in entries]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise UsageError(f"--backend lists {', '.join(twice)} twice")
+    return entries
+
+
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Each output the two runs share (same inputs: spec dummy inputs, the same seed and prompt): rel L2
+    and max abs error of the candidate against the reference; PSNR of the end-to-end images."""
+    from engines.validation.images import psnr
+    from exporter.metrics import error_stats
+
+    out: dict[str, Any] = {}
+    for key in reference:
+        if key not in candidate or reference[key].shape != candidate[key].shape:
+            continue
+        if key == "images":
+            p = psnr(reference[key], candidate[key])
+            out["images"] = {"psnr": None if p == float("inf") else p}
+        else:
+            s = error_stats(reference[key], candidate[key])
+            out[key] = {"rel_l2": s.rel_l2, "max_abs": s.max_abs}
+    return out

@@ -49,13 +49,14 @@ class Pipeline:
 def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
                   manifest: Manifest | None = None, components: Sequence[str] = SAMPLER_COMPONENTS,
                   threads: int | None = None, cpu_precision: str | None = None, full_hash: bool = True, model_from_artifacts: bool = False,
-                  log: Callable[[str], None] | None = None) -> Pipeline:
+                  log: Callable[[str], None] | None = None, torch_precision: str = "fp32") -> Pipeline:
     """Check the artifacts' files (tokenizers, the scheduler's config and, for the backends that run
     the ONNX graphs, those of `components`), open backend `backend` and gather the sampler's assets:
     from the artifacts, else the torch model's source, else the engines folder.
 
     model_from_artifacts: --backend torch without --model builds the model the artifacts were
-    exported from (bench). Usage errors come before any weight is read."""
+    exported from (bench); torch_precision "bf16" runs the torch backend under bf16 autocast (bench's
+    `torch:bf16`). Usage errors come before any weight is read."""
     if cpu_precision is not None and backend != "openvino":
         raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
     if backend == "openvino":
@@ -97,7 +98,7 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     if backend == "tensorrt" and engines is not None and manifest is not None and log is not None:
         _report_adapters(Path(engines), manifest, log)
     runtime: Backend = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads,
-                                    cpu_precision=cpu_precision)
+                                    cpu_precision=cpu_precision, torch_precision=torch_precision)
     try:
         if assets is None:
             em = runtime.manifest  # type: ignore[attr-defined]

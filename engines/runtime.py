@@ -115,10 +115,11 @@ class OnnxRuntimeBackend(Backend):
 
 
 def open_backend(name: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
-                 manifest: Manifest | None = None, threads: int | None = None, cpu_precision: str | None = None) -> Any:
+                 manifest: Manifest | None = None, threads: int | None = None, cpu_precision: str | None = None,
+                 torch_precision: str = "fp32") -> Any:
     """The backend `name` over its inputs: onnxruntime and openvino <- artifacts, tensorrt <- engines,
     torch <- model. openvino, tensorrt and torch are imported here, only when asked for.
-    cpu_precision (auto, fp32, bf16) is for openvino."""
+    cpu_precision (auto, fp32, bf16) is for openvino; torch_precision (fp32, bf16 = autocast) for torch."""
     if cpu_precision is not None and name != "openvino":
         raise UsageError(f"--cpu-precision is for --backend openvino (not {name})")
     if name == "openvino":
@@ -148,5 +149,5 @@ def open_backend(name: str, artifacts: Path | None = None, engines: Path | None 
             raise UsageError("--backend torch needs --model (the PyTorch reference: hub id, folder or random:<preset>)")
         from engines.runtime_torch import TorchBackend
 
-        return TorchBackend(model, specs=manifest.specs() if manifest is not None else None)
+        return TorchBackend(model, specs=manifest.specs() if manifest is not None else None, precision=torch_precision)
     raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

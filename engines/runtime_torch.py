@@ -16,17 +16,21 @@ from exporter.specs import ComponentSpec, ShapeRange
 
 class TorchBackend(Backend):
     """Runs components with PyTorch (float32, CPU by default, CUDA with device="cuda"). Modules are
-    built on first use (a pipeline module such as the VAE is built once for all its components)."""
+    built on first use (a pipeline module such as the VAE is built once for all its components).
+    precision "bf16" runs each call under torch.autocast(bfloat16) (weights stay float32; `bench
+    --backend torch:bf16`); outputs are float32 either way."""
 
     name = "torch"
 
-    def __init__(self, model: Any, specs: dict[str, ComponentSpec] | None = None, device: str = "cpu") -> None:
+    def __init__(self, model: Any, specs: dict[str, ComponentSpec] | None = None, device: str = "cpu",
+                 precision: str = "fp32") -> None:
         from exporter.sources import ModelSource, resolve
         from exporter.specs import specs_from_configs
 
         self.source: ModelSource = model if isinstance(model, ModelSource) else resolve(str(model))
         self.specs = dict(specs) if specs is not None else specs_from_configs(self.source.configs)
         self.device = device
+        self.precision = precision
         self._modules: dict[str, Any] = {}
         self._wrapped: dict[str, Any] = {}
 
@@ -50,7 +54,8 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         import torch
 
-        return f"torch {torch.__version__} ({self.device}, {self.source.ref})"
+        autocast = ", bf16 autocast" if self.precision == "bf16" else ""
+        return f"torch {torch.__version__} ({self.device}{autocast}, {self.source.ref})"
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -59,7 +64,8 @@ class TorchBackend(Backend):
         spec.check_inputs(feeds)
         module = self._wrapper(component)
         args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device) for t in spec.inputs]
-        with torch.inference_mode():
+        device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = module(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return {t.name: o.detach().to("cpu", torch.float32).numpy() for t, o in zip(spec.outputs, outs)}

@@ -1,26 +1,31 @@
 """`make bench`: side-by-side performance figures on this machine, in one run (issue 7).
 
     python scripts/bench.py                       # the full run: random:koala-700m / random:sdxl-base, 1024 px, CFG batch 2
-    python scripts/bench.py --quick               # the same sections on random:tiny / random:tiny-sdxl (a minute or two)
+    python scripts/bench.py --quick               # the same sections on random:tiny / random:tiny-sdxl (a few minutes)
     python scripts/bench.py --sections unet,flops --fp32 ART --int8 ART8 --runs 2
 
 Sections (--sections, comma-separated; default all):
   matmul      this machine's fp32 GEMM peak: torch and numpy, `--threads` threads
-  unet        one U-Net step at the CFG batch: PyTorch eager FP32, ONNX Runtime FP32, ONNX Runtime INT8 (Q/DQ)
-  ratio       KOALA (--model) against SDXL-Base (--big) U-Net step time, both PyTorch eager FP32
-  flops       FLOPs per U-Net step (torch.utils.flop_counter, counted in the warm-up call) and each
-              backend's achieved GFLOP/s against the matmul peak
-  components  `koala-trt bench` per component on onnxruntime and torch (text encoders, VAE decode)
+  unet        one U-Net step at the CFG batch, side by side (`koala-trt bench -b torch,onnxruntime,openvino:fp32,...
+              -c unet --no-end-to-end`), each row's error against PyTorch FP32 on the same inputs; ONNX Runtime
+              INT8 (Q/DQ) on the --int8 folder
+  ratio       KOALA (--model) against SDXL-Base (--big) U-Net step time, both `koala-trt bench --backend torch`
+  flops       FLOPs per U-Net step (torch.utils.flop_counter on PyTorch's meta device, the same shapes) and
+              each backend's achieved GFLOP/s against the matmul peak
+  components  `koala-trt bench -b onnxruntime,torch` per component (text encoders, VAE decode)
   e2e         `koala-trt bench` end to end on onnxruntime (--e2e-steps steps) and images per minute
   export      `koala-trt export` and `koala-trt plan` wall time and peak RSS (process tree polled every 0.1 s)
   optimum     Hugging Face Optimum's exporter on the same model saved as a diffusers folder (its own venv)
-  gpu         PyTorch FP16 U-Net step for KOALA-700M, KOALA-1B and SDXL-Base, ONNX Runtime CUDA and
-              TensorRT rows: runs only where CUDA is available, otherwise says why it is skipped
+  gpu         `koala-trt bench` U-Net step on ONNX Runtime's CUDA provider and on TensorRT (--engines):
+              runs only where CUDA is available, otherwise says why it is skipped
 
-Every measurement runs in its own process (so its peak RSS is its own) and, in the full run, under
-`flock` on LOCK (`$KOALA_HEAVY_LOCK`, default koala-heavy.lock in the temporary folder) so that only one heavy job runs on the machine at a time. Each figure
-records the load average when it started and ended. Results are merged into OUT/results.json
-(sections already there are kept unless re-run) and printed as Markdown tables (OUT/summary.md).
+Every latency comes from `koala-trt bench --json`, the product's own timing loop (engines/bench.py),
+each backend in a process of its own (so its peak memory is its own). This script adds only what
+koala-trt bench does not measure (the GEMM peak, FLOP counts, export wall times, Optimum's exporter)
+and merges and prints the results. In the full run each heavy process holds `flock` on LOCK
+(`$KOALA_HEAVY_LOCK`, default koala-heavy.lock in the temporary folder), so only one heavy job runs
+on the machine at a time. Results are merged into OUT/results.json (sections already there are kept
+unless re-run) and printed as Markdown tables (OUT/summary.md).
 """
 
 from __future__ import annotations
@@ -46,18 +51,14 @@ OPTIMUM_VENV = Path(os.environ.get("KOALA_OPTIMUM_VENV", REPO / ".venv-optimum")
 MODEL_CARD = {"koala-700m_s": 1.257, "sdxl-base_s": 3.133, "steps": 25, "gpu": "RTX 4090"}  # KOALA model card
 
 
-# ----- workers: each runs in its own process and returns one dict ------------------------------------
-
-def _stats(seconds: list[float]) -> dict[str, Any]:
-    """koala-trt bench's latency summary, with every timed call listed."""
-    from engines.bench import latency_stats
-
-    return {**latency_stats(seconds), "runs": [round(float(x), 4) for x in seconds]}
-
+# ----- workers: what koala-trt bench does not measure; each runs in its own process, returns one dict -----
 
 def worker_matmul(p: dict[str, Any]) -> dict[str, Any]:
-    """fp32 GEMM rate (2 n^3 flops per n x n product) in torch and numpy: the machine's practical peak."""
+    """fp32 GEMM rate (2 n^3 flops per n x n product) in torch and numpy: the machine's practical peak
+    (best of `runs` products; latency_stats is koala-trt bench's summary)."""
     import torch
+
+    from engines.bench import latency_stats
 
     torch.set_num_threads(p["threads"])
     n, out = p["n"], {"n": p["n"], "threads": p["threads"]}
@@ -70,7 +71,7 @@ def worker_matmul(p: dict[str, Any]) -> dict[str, Any]:
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
-        out[name] = {**_stats(ts), "gflops": 2 * n**3 / min(ts) / 1e9}
+        out[name] = {**latency_stats(ts), "gflops": 2 * n**3 / min(ts) / 1e9}
     out["peak_gflops"] = max(out["torch"]["gflops"], out["numpy"]["gflops"])
     out["numpy_blas"] = _numpy_blas()
     return out
@@ -87,89 +88,25 @@ def _numpy_blas() -> str:
         return "?"
 
 
-def worker_unet_torch(p: dict[str, Any]) -> dict[str, Any]:
-    """One U-Net step in PyTorch eager (spec-shaped inputs, exporter/wrappers.py's module): warm-up
-    calls (the first counted with FlopCounterMode when asked), then timed calls."""
-    import numpy as np
+def worker_flops(p: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs of one U-Net step (torch.utils.flop_counter) and the U-Net's parameter count, on PyTorch's
+    meta device: the shapes of the timed step, nothing allocated, nothing timed."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
+    from engines.activations import meta_inputs
     from exporter.sources import resolve
     from exporter.specs import specs_from_configs
     from exporter.wrappers import wrap
-    from koala_core.meter import Meter, process_peak_rss_mb
 
-    torch.set_num_threads(p["threads"])
-    device, dtype = p.get("device", "cpu"), getattr(torch, p.get("dtype", "float32"))
     src = resolve(p["model"])
     spec = specs_from_configs(src.configs)["unet"]
-    with Meter() as load:
-        module = src.build("unet", device=device)
-        module = module if dtype == torch.float32 else module.to(dtype)
-        wrapped = wrap(spec, module)
-    params = sum(x.numel() for x in module.parameters())
-    feeds = spec.dummy_inputs(p["batch"], p["height"], p["width"], seed=11)
-    args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(device) for t in spec.inputs]
-    args = [a.to(dtype) if a.is_floating_point() else a for a in args]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    out: dict[str, Any] = {"model": p["model"], "backend": f"torch eager {p.get('dtype', 'float32')} ({device})",
-                           "parameters": params, "load_s": load.seconds}
-    warm: list[float] = []
-    with torch.inference_mode(), Meter() as run:
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(p["warmup"]):
-            t = time.perf_counter()
-            if i == 0 and p.get("count_flops"):
-                from torch.utils.flop_counter import FlopCounterMode
-
-                with FlopCounterMode(display=False) as fc:
-                    wrapped(*args)
-                out["flops"] = int(fc.get_total_flops())
-            else:
-                wrapped(*args)
-            sync()
-            warm.append(time.perf_counter() - t)
-        ts = []
-        for _ in range(p["runs"]):
-            t = time.perf_counter()
-            wrapped(*args)
-            sync()
-            ts.append(time.perf_counter() - t)
-    out.update(_stats(ts), warmup_s=[round(x, 3) for x in warm], peak_rss_mb=process_peak_rss_mb(),
-               run_peak_rss_mb=run.peak_rss_mb)
-    if device.startswith("cuda"):
-        out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
-
-def worker_unet_ort(p: dict[str, Any]) -> dict[str, Any]:
-    """One U-Net step in ONNX Runtime on an artifacts folder's graph (same spec inputs, seed 11)."""
-    from exporter.manifest import load_manifest
-    from koala_core.meter import Meter, process_peak_rss_mb
-    from koala_core.ort import make_session
-
-    m = load_manifest(p["artifacts"])
-    spec = m.spec("unet")
-    with Meter() as load:
-        sess = make_session(m.onnx_path("unet"), p.get("providers") or ["CPUExecutionProvider"], p["threads"])
-    feeds = spec.dummy_inputs(p["batch"], p["height"], p["width"], seed=11)
-    names = [t.name for t in spec.outputs]
-    warm, ts = [], []
-    with Meter() as run:
-        for _ in range(p["warmup"]):
-            t = time.perf_counter()
-            sess.run(names, feeds)
-            warm.append(time.perf_counter() - t)
-        for _ in range(p["runs"]):
-            t = time.perf_counter()
-            sess.run(names, feeds)
-            ts.append(time.perf_counter() - t)
-    return {"artifacts": p["artifacts"], "precision": m.precision("unet"),
-            "target": (m.component("unet").get("conversion") or {}).get("target"),
-            "backend": f"onnxruntime {m.precision('unet')} ({', '.join(sess.get_providers())})", "load_s": load.seconds,
-            **_stats(ts), "warmup_s": [round(x, 3) for x in warm], "peak_rss_mb": process_peak_rss_mb(),
-            "run_peak_rss_mb": run.peak_rss_mb}
+    module = src.build("unet", device="meta")
+    inputs = meta_inputs(spec, p["batch"], p["height"], p["width"], torch.float32)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        wrap(spec, module)(*(inputs[t.name] for t in spec.inputs))
+    return {"model": p["model"], "batch": p["batch"], "height": p["height"], "width": p["width"],
+            "flops": int(fc.get_total_flops()), "parameters": sum(x.numel() for x in module.parameters())}
 
 
 def _tree_rss_kb(pid: int) -> int:
@@ -303,8 +240,8 @@ def worker_gpu_probe(p: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-WORKERS = {"matmul": worker_matmul, "unet_torch": worker_unet_torch, "unet_ort": worker_unet_ort,
-           "export": worker_export, "optimum": worker_optimum, "gpu_probe": worker_gpu_probe}
+WORKERS = {"matmul": worker_matmul, "flops": worker_flops, "export": worker_export, "optimum": worker_optimum,
+           "gpu_probe": worker_gpu_probe}
 
 
 def worker_main(name: str, params: str, result: Path) -> int:
@@ -347,17 +284,31 @@ class Runner:
         return out
 
     def cli_bench(self, tag: str, *cli_args: str) -> dict[str, Any]:
-        """`koala-trt bench ... --json` in a child process (under the lock in the full run)."""
+        """`koala-trt bench ... --json` in a child process. One backend: the child holds the lock in the
+        full run; a list (-b a,b): koala-trt bench runs each backend in a process of its own, holding
+        the lock (--lock) while each one runs."""
+        side_by_side = "," in cli_args[list(cli_args).index("--backend") + 1]
         cmd = [*_cli(), "bench", *cli_args, "--json", "--csv", str(self.args.out / f"bench-{tag}.csv")]
+        if side_by_side and not self.args.quick:
+            cmd += ["--lock", LOCK]
         shown = "koala-trt " + " ".join(cmd[3:])
-        if not self.args.quick:
+        if not side_by_side and not self.args.quick:
             cmd = ["flock", LOCK, *cmd]
         log(f"[{time.strftime('%H:%M:%S')}] {shown}")
-        p = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True)
+        p = subprocess.run(cmd, env=self.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         (self.args.out / f"bench-{tag}.log").write_text(p.stderr)
-        if p.returncode != 0:
-            return {"command": shown, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-        return {"command": shown, **json.loads(p.stdout)}
+        try:
+            data = json.loads(p.stdout)
+        except json.JSONDecodeError:
+            return {"command": shown, "error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]}
+        return {"command": shown, **data}  # a side-by-side run prints its JSON even when one backend failed
+
+    def unet_args(self, runs: int | None = None, warmup: int | None = None) -> list[str]:
+        """One U-Net step at the CFG batch (--batch is the U-Net's: 2 x images)."""
+        a = self.args
+        return ["--height", str(a.size), "--width", str(a.size), "--batch", str(a.batch // 2), "--threads", str(a.threads),
+                "-c", "unet", "--no-end-to-end", "--warmup", str(a.warmup if warmup is None else warmup),
+                "--runs", str(a.runs if runs is None else runs)]
 
 
 def log(msg: str) -> None:
@@ -367,8 +318,6 @@ def log(msg: str) -> None:
 def summary_line(r: dict[str, Any]) -> str:
     if "error" in r or "skipped" in r:
         return r.get("error") or r["skipped"]
-    if "median" in r:
-        return f"median {r['median']:.3f} s, p90 {r['p90']:.3f} s, peak RSS {r.get('peak_rss_mb', 0) / 1024:.2f} GiB"
     return ", ".join(f"{k}={v}" for k, v in r.items() if isinstance(v, (int, float, str)) and k != "command")[:300]
 
 
@@ -387,23 +336,41 @@ def ensure_fp32(r: Runner, results: dict[str, Any]) -> str:
     return str(out)
 
 
-def ensure_int8(r: Runner, fp32: str) -> str:
-    """The INT8 (Q/DQ, ONNX Runtime layout) artifacts: --int8, else calibrate + quantize now (small
-    calibration: --calib-num prompts x --calib-steps steps at --calib-size px; ranges, not accuracy)."""
+def ensure_int8(r: Runner, fp32: str) -> str | None:
+    """The INT8 (Q/DQ, ONNX Runtime layout) artifacts: --int8 (`none`: no INT8 row), else calibrate +
+    quantize now (small calibration: --calib-num prompts x --calib-steps steps at --calib-size px;
+    ranges, not accuracy)."""
     a = r.args
-    if a.int8:
-        return str(a.int8)
+    if a.int8 is not None:
+        return None if str(a.int8) == "none" else str(a.int8)
     calib, out = a.out / f"calib-{a.tag}", a.out / f"art-{a.tag}-int8ort"
     if (out / "manifest.json").exists():
         return str(out)
     lock = [] if a.quick else ["flock", LOCK]
     subprocess.run([*lock, *_cli(), "calibrate", "--model", a.model, "--out", str(calib), "--num", str(a.calib_num),
-                    "--steps", str(a.calib_steps), "--height", str(a.calib_size), "--width", str(a.calib_size)],
+                    "--steps", str(a.calib_steps), "--height", str(a.calib_size), "--width", str(a.calib_size), "--force"],
                    env=r.env, cwd=REPO, check=True)
     subprocess.run([*lock, *_cli(), "quantize", "--onnx", fp32, "--calib", str(calib), "--out", str(out),
                     "--target", "onnxruntime", "--samples", str(a.calib_num * a.calib_steps), "--threads", str(a.threads),
                     "--no-accuracy", "--force"], env=r.env, cwd=REPO, check=True)
     return str(out)
+
+
+def unet_backends(chosen: str | None = None) -> list[str]:
+    """The side-by-side U-Net rows (--backends, else): PyTorch FP32 first (the reference of every error),
+    ONNX Runtime, OpenVINO FP32 where it is installed, and the BF16 rows where the CPU has BF16 hardware."""
+    import importlib.util
+
+    if chosen:
+        return chosen.split(",")
+
+    from koala_core.machine import resolve_cpu_precision
+
+    bf16 = resolve_cpu_precision("auto") == "bf16"
+    rows = ["torch", *(["torch:bf16"] if bf16 else []), "onnxruntime"]
+    if importlib.util.find_spec("openvino") is not None:
+        rows += ["openvino:fp32", *(["openvino:bf16"] if bf16 else [])]
+    return rows
 
 
 PLANS = [["rtx4090", "fp16"], ["l4", "int8"], ["jetson-agx-orin", "fp16"]]
@@ -413,7 +380,6 @@ def run_sections(r: Runner, sections: list[str], results: dict[str, Any], save: 
     """Run the chosen sections in order; `save()` after each, so a later failure loses nothing."""
     a = r.args
     shape = {"batch": a.batch, "height": a.size, "width": a.size}
-    common = {**shape, "threads": a.threads, "warmup": a.warmup, "runs": a.runs}
     if "matmul" in sections:
         results["matmul"] = r.worker("matmul", n=a.gemm_n, runs=5, threads=a.threads)
     save()
@@ -422,25 +388,24 @@ def run_sections(r: Runner, sections: list[str], results: dict[str, Any], save: 
         results["export"] = r.worker("export", model=a.model, out=str(out), plans=PLANS)
     save()
     if "unet" in sections or "flops" in sections:
-        u = results.setdefault("unet", {})
-        u["torch_fp32"] = r.worker("unet_torch", model=a.model, count_flops=True, **common)
         fp32 = ensure_fp32(r, results)
-        u["ort_fp32"] = r.worker("unet_ort", artifacts=fp32, **common)
-        u["ort_int8"] = r.worker("unet_ort", artifacts=ensure_int8(r, fp32), **common)
+        u: dict[str, Any] = {"flops": r.worker("flops", heavy=False, model=a.model, **shape)}
+        u["side_by_side"] = r.cli_bench("unet", "--artifacts", fp32, "--backend", ",".join(unet_backends(a.backends)), *r.unet_args())
+        int8 = ensure_int8(r, fp32)
+        if int8 is not None:
+            u["int8"] = r.cli_bench("unet-int8", "--artifacts", int8, "--backend", "onnxruntime", *r.unet_args())
+        results["unet"] = u
     save()
     if "ratio" in sections:
-        results["ratio"] = {"big": r.worker("unet_torch", model=a.big, count_flops=True,
-                                            **{**common, "runs": a.big_runs, "warmup": 1})}
+        results["ratio"] = {"flops": r.worker("flops", heavy=False, model=a.big, **shape),
+                            "big": r.cli_bench("ratio", "--model", a.big, "--backend", "torch", *r.unet_args(runs=a.big_runs, warmup=1))}
     save()
     if "components" in sections:
         fp32 = ensure_fp32(r, results)
-        comp = "text_encoder,text_encoder_2,vae_decoder"
-        base = ["--height", str(a.size), "--width", str(a.size), "--warmup", str(a.warmup), "--runs", str(a.runs),
-                "-c", comp, "--no-end-to-end"]
-        results["components"] = {
-            "onnxruntime": r.cli_bench("components-ort", "--artifacts", fp32, "--backend", "onnxruntime",
-                                       "--threads", str(a.threads), *base),
-            "torch": r.cli_bench("components-torch", "--artifacts", fp32, "--backend", "torch", *base)}
+        results["components"] = r.cli_bench("components", "--artifacts", fp32, "--backend", "onnxruntime,torch",
+                                             "--threads", str(a.threads), "--height", str(a.size), "--width", str(a.size),
+                                             "--warmup", str(a.warmup), "--runs", str(a.runs),
+                                             "-c", "text_encoder,text_encoder_2,vae_decoder", "--no-end-to-end")
     save()
     if "e2e" in sections:
         fp32 = ensure_fp32(r, results)
@@ -459,18 +424,13 @@ def run_sections(r: Runner, sections: list[str], results: dict[str, Any], save: 
             g["skipped"] = f"no CUDA here: {probe.get('torch_cuda_why')}; {probe.get('ort_cuda_why')}; {probe.get('tensorrt_why')}"
             log(f"gpu section skipped: {g['skipped']}")
         else:
-            gp = {**shape, "threads": a.threads, "warmup": 2, "runs": 10, "device": "cuda", "dtype": "float16"}
-            for model in a.gpu_models:
-                g[model] = r.worker("unet_torch", model=model, **gp)
-            if probe.get("ort_cuda"):
-                g["ort_cuda_fp32"] = r.worker("unet_ort", artifacts=ensure_fp32(r, results), providers=["CUDAExecutionProvider"],
-                                              **{**common, "warmup": 2, "runs": 10})
+            if probe.get("ort_cuda"):  # onnxruntime-gpu: koala-trt's onnxruntime backend runs on its CUDA provider
+                g["ort_cuda_fp32"] = r.cli_bench("gpu-ort", "--artifacts", ensure_fp32(r, results), "--backend", "onnxruntime",
+                                                 *r.unet_args(runs=10, warmup=2))
             else:
                 g["ort_cuda_skipped"] = probe.get("ort_cuda_why")
             if probe.get("tensorrt") and a.engines:
-                g["tensorrt"] = r.cli_bench("gpu-trt", "--backend", "tensorrt", "--engines", str(a.engines),
-                                            "--height", str(a.size), "--width", str(a.size), "-c", "unet", "--no-end-to-end",
-                                            "--warmup", "2", "--runs", "10")
+                g["tensorrt"] = r.cli_bench("gpu-trt", "--backend", "tensorrt", "--engines", str(a.engines), *r.unet_args(runs=10, warmup=2))
             else:
                 g["tensorrt_skipped"] = probe.get("tensorrt_why") if not probe.get("tensorrt") else \
                     "no --engines folder given (build one with `koala-trt build`)"
@@ -485,8 +445,25 @@ def _f(v: float | None, d: int = 2) -> str:
 
 
 def _la(r: dict[str, Any]) -> str:
+    """The 1-minute load average when a figure started and ended (workers), or when it ended (koala-trt bench)."""
     la = r.get("load_average_start")
-    return "/".join(f"{x:.2f}" for x in la[:1] + (r.get("load_average_end") or [])[:1]) if la else "—"
+    if la:
+        return "/".join(f"{x:.2f}" for x in la[:1] + (r.get("load_average_end") or [])[:1])
+    end = r.get("machine", {}).get("load_average")
+    return f"{end[0]:.2f} (end)" if end else "—"
+
+
+def unet_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The U-Net section as rows: each backend's step (koala-trt bench's record) with its error against
+    the first row."""
+    u = results.get("unet", {})
+    runs = list(u.get("side_by_side", {}).get("backends", []))
+    if "side_by_side" in u and "backends" not in u["side_by_side"]:
+        runs.append({"entry": "side by side", "error": u["side_by_side"].get("error")})
+    if "int8" in u:
+        x = u["int8"]
+        runs.append({**x, "entry": "onnxruntime (INT8 Q/DQ folder)"})
+    return runs
 
 
 def report(results: dict[str, Any]) -> str:
@@ -504,62 +481,55 @@ def report(results: dict[str, Any]) -> str:
                   "|---|---|---|", f"| torch | {mm['torch']['gflops']:.1f} | {_la(mm)} |",
                   f"| numpy ({mm.get('numpy_blas')}) | {mm['numpy']['gflops']:.1f} | |"]
     u = results.get("unet")
+    flops = (u or {}).get("flops", {}).get("flops")
     if u:
-        base = u.get("torch_fp32", {}).get("median")
-        flops = u.get("torch_fp32", {}).get("flops")
-        lines += ["", f"### One U-Net step ({a.get('model')})",
-                  "| backend | median s | p90 s | runs s | vs PyTorch FP32 | GFLOP/s | % of GEMM peak | peak RSS GiB | load avg |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for key, label in (("torch_fp32", "PyTorch eager FP32"), ("ort_fp32", "ONNX Runtime FP32"), ("ort_int8", "ONNX Runtime INT8 (Q/DQ)")):
-            x = u.get(key)
-            if not x or "median" not in x:
-                lines.append(f"| {label} | {(x or {}).get('error', 'not run')} | | | | | | | |")
+        rows = unet_rows(results)
+        base = next((r["components"]["unet"]["median"] for r in rows if "error" not in r and "unet" in r.get("components", {})), None)
+        ref = u.get("side_by_side", {}).get("reference")
+        lines += ["", f"### One U-Net step ({a.get('model')}; `koala-trt bench -c unet --no-end-to-end`, errors against {ref})",
+                  f"| backend | median s | p90 s | min–max s | vs {ref} | GFLOP/s | % of GEMM peak | unet rel L2 | peak RSS GiB | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for x in rows:
+            c = x.get("components", {}).get("unet")
+            if "error" in x or c is None:
+                lines.append(f"| {x['entry']} | {x.get('error', 'not run')} | | | | | | | | |")
                 continue
-            rate = flops / x["median"] / 1e9 if flops else None
-            lines.append(f"| {label} | {x['median']:.2f} | {x['p90']:.2f} | {', '.join(f'{t:.2f}' for t in x['runs'])} | "
-                         f"{base / x['median']:.2f}x | {_f(rate, 1)} | {_f(100 * rate / peak if rate and peak else None, 1)} | "
-                         f"{x['peak_rss_mb'] / 1024:.2f} | {_la(x)} |")
+            rate = flops / c["median"] / 1e9 if flops else None
+            err = x.get("against", {}).get("unet.out_sample", {}).get("rel_l2")
+            lines.append(f"| {x['entry']} ({x['backend_detail']}) | {c['median']:.2f} | {c['p90']:.2f} | {c['min']:.2f}–{c['max']:.2f} | "
+                         f"{_f(base / c['median'] if base else None)}x | {_f(rate, 1)} | {_f(100 * rate / peak if rate and peak else None, 1)} | "
+                         f"{'—' if err is None else f'{err:.2g}'} | {c['peak_memory_mb'] / 1024:.2f} | {_la(x)} |")
         if flops:
             lines.append(f"\nFLOPs per step (torch.utils.flop_counter, batch {a.get('batch')}): {flops / 1e9:,.1f} GFLOP; "
-                         f"parameters {u['torch_fp32'].get('parameters', 0) / 1e6:.1f} M")
-    rt = results.get("ratio", {}).get("big")
-    if rt and u and "median" in rt and "median" in u.get("torch_fp32", {}):
-        k = u["torch_fp32"]
-        ratio = rt["median"] / k["median"]
+                         f"parameters {u['flops'].get('parameters', 0) / 1e6:.1f} M")
+    rt = results.get("ratio", {})
+    big = rt.get("big", {}).get("components", {}).get("unet")
+    koala = next((x["components"]["unet"] for x in unet_rows(results) if x.get("entry") == "torch" and "components" in x), None)
+    if big and koala:
+        ratio = big["median"] / koala["median"]
         card = MODEL_CARD["sdxl-base_s"] / MODEL_CARD["koala-700m_s"]
-        lines += ["", "### KOALA vs SDXL-Base U-Net step (PyTorch eager FP32, same shape)",
-                  "| model | parameters M | median s | runs s | GFLOP/step | peak RSS GiB | load avg |", "|---|---|---|---|---|---|---|"]
-        for x in (k, rt):
-            lines.append(f"| {x['model']} | {x['parameters'] / 1e6:.1f} | {x['median']:.2f} | {', '.join(f'{t:.2f}' for t in x['runs'])} | "
-                         f"{_f(x.get('flops', 0) / 1e9, 1)} | {x['peak_rss_mb'] / 1024:.2f} | {_la(x)} |")
+        kf, bf = (u or {}).get("flops", {}), rt.get("flops", {})
+        lines += ["", "### KOALA vs SDXL-Base U-Net step (`koala-trt bench --backend torch`, FP32, same shape)",
+                  "| model | parameters M | median s | min–max s | GFLOP/step | peak RSS GiB |", "|---|---|---|---|---|---|"]
+        for name, x, f in ((a.get("model"), koala, kf), (a.get("big"), big, bf)):
+            lines.append(f"| {name} | {_f(f.get('parameters', 0) / 1e6, 1)} | {x['median']:.2f} | {x['min']:.2f}–{x['max']:.2f} | "
+                         f"{_f(f.get('flops', 0) / 1e9, 1)} | {x['peak_memory_mb'] / 1024:.2f} |")
         lines.append(f"\nSDXL-Base / KOALA step-time ratio: {ratio:.2f}x (model card, {MODEL_CARD['gpu']}, "
                      f"{MODEL_CARD['steps']} steps: {MODEL_CARD['sdxl-base_s']} / {MODEL_CARD['koala-700m_s']} s = {card:.2f}x)")
-        if k.get("flops") and rt.get("flops"):
-            lines.append(f"FLOP ratio: {rt['flops'] / k['flops']:.2f}x")
-    for key, label in (("components", "Components (`koala-trt bench`)"),):
-        c = results.get(key)
-        if c:
-            lines += ["", f"### {label}", "| component | batch | " + " | ".join(f"{b} median s (p90)" for b in c) + " | fastest |",
-                      "|---|---|" + "---|" * len(c) + "---|"]
-            names = next((list(v["components"]) for v in c.values() if "components" in v), [])
-            for n in names:
-                cells, meds = [], {}
-                for b, v in c.items():
-                    x = v.get("components", {}).get(n)
-                    cells.append(f"{x['median']:.3f} ({x['p90']:.3f})" if x else v.get("error", "—"))
-                    if x:
-                        meds[b] = x["median"]
-                best = min(meds, key=meds.get) if meds else "—"
-                other = max(meds.values()) / meds[best] if len(meds) > 1 else None
-                batch = next((v["components"][n]["batch"] for v in c.values() if n in v.get("components", {})), "")
-                lines.append(f"| {n} | {batch} | " + " | ".join(cells) + f" | {best}{f' ({other:.2f}x)' if other else ''} |")
-            for b, v in c.items():
-                if "memory" in v:
-                    lines.append(f"\n{b}: {v['memory']['what']}: peak {v['memory']['peak_mb'] / 1024:.2f} GiB; load average "
-                                 f"{v.get('machine', {}).get('load_average')}; `{v['command']}`")
+        if kf.get("flops") and bf.get("flops"):
+            lines.append(f"FLOP ratio: {bf['flops'] / kf['flops']:.2f}x")
+    c = results.get("components")
+    if c:
+        lines += ["", "### Components (`koala-trt bench -b onnxruntime,torch`)"]
+        if "backends" in c:
+            from koala_trt.commands.bench import side_by_side_table
+
+            lines += ["```", side_by_side_table(c), "```", f"`{c['command']}`"]
+        else:
+            lines.append(f"Components: {c.get('error')}")
     e = results.get("e2e")
     if e:
-        if "end_to_end" in e and e["end_to_end"]:
+        if e.get("end_to_end"):
             x = e["end_to_end"]
             lines += ["", "### End to end (`koala-trt bench`, onnxruntime)",
                       f"{e['width']}x{e['height']}, {e['steps']} steps: median {x['median']:.2f} s, p90 {x['p90']:.2f} s over {x['runs']} run(s); "
@@ -585,7 +555,7 @@ def report(results: dict[str, Any]) -> str:
             lines += ["", f"Optimum: {op.get('skipped') or op.get('error')}"]
     g = results.get("gpu")
     if g:
-        lines += ["", "### GPU", g.get("skipped") or json.dumps({k: summary_line(v) if isinstance(v, dict) else v
+        lines += ["", "### GPU", g.get("skipped") or json.dumps({k: v.get("components", {}).get("unet", v.get("error")) if isinstance(v, dict) else v
                                                                  for k, v in g.items() if k != "probe"}, indent=1)]
     return "\n".join(lines) + "\n"
 
@@ -604,9 +574,8 @@ def main() -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     ap.add_argument("--model", help="the KOALA model [random:koala-700m; --quick: random:tiny]")
     ap.add_argument("--big", help="the model to compare against [random:sdxl-base; --quick: random:tiny-sdxl]")
-    ap.add_argument("--gpu-models", default="random:koala-700m,random:koala-1b,random:sdxl-base")
     ap.add_argument("--size", type=int, help="image side in px [1024; --quick: the model's native size]")
-    ap.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one image with CFG)")
+    ap.add_argument("--batch", type=int, default=2, help="U-Net batch, 2 x images with CFG (2 = one image)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
@@ -615,8 +584,11 @@ def main() -> int:
     ap.add_argument("--e2e-warmup", type=int, default=1)
     ap.add_argument("--e2e-runs", type=int, default=1)
     ap.add_argument("--gemm-n", type=int, default=4096)
+    ap.add_argument("--backends", help="the unet section's rows, as `koala-trt bench --backend` takes them; the first is the "
+                    "reference of the errors [torch,torch:bf16,onnxruntime,openvino:fp32,openvino:bf16: the BF16 rows where the "
+                    "CPU has BF16, the OpenVINO rows where it is installed]")
     ap.add_argument("--fp32", type=Path, help="FP32 artifacts folder [the export section's output]")
-    ap.add_argument("--int8", type=Path, help="INT8 (Q/DQ) artifacts folder [calibrate + quantize now]")
+    ap.add_argument("--int8", type=Path, help="INT8 (Q/DQ) artifacts folder, or `none` for no INT8 row [calibrate + quantize now]")
     ap.add_argument("--engines", type=Path, help="TensorRT engines folder for the GPU section")
     ap.add_argument("--calib-num", type=int, default=2)
     ap.add_argument("--calib-steps", type=int, default=2)
@@ -628,9 +600,16 @@ def main() -> int:
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         ap.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    for flag in ("threads", "warmup", "runs", "big_runs", "e2e_steps", "e2e_runs", "gemm_n", "calib_num", "calib_steps", "calib_size"):
+        v = getattr(args, flag)
+        if v < (0 if flag == "warmup" else 1):
+            ap.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'warmup' else 1} (got {v})")
+    if args.batch < 2 or args.batch % 2:
+        ap.error(f"--batch is the U-Net's CFG batch, 2 x images: an even number >= 2 (got {args.batch})")
+    if args.size is not None and args.size < 1:
+        ap.error(f"--size must be >= 1 (got {args.size})")
     args.model = args.model or ("random:tiny" if args.quick else "random:koala-700m")
     args.big = args.big or ("random:tiny-sdxl" if args.quick else "random:sdxl-base")
-    args.gpu_models = args.gpu_models.split(",")
     if args.size is None:
         if args.quick:
             from exporter.sources import resolve

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
-from koala_core.errors import UsageError
+from koala_core.errors import KoalaError, UsageError
 
 
 def _fmt_s(v: float) -> str:
@@ -35,12 +39,12 @@ def result_table(data: dict[str, Any]) -> str:
     return text
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = False) -> None:
     from engines.bench import CSV_FIELDS
     from koala_core.atomic import staged_file
 
     with staged_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=["backend", *CSV_FIELDS] if backend_column else CSV_FIELDS)
         w.writeheader()
         w.writerows(rows)
 
@@ -48,8 +52,10 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 @click.command("bench")
 @click.option("--artifacts", "-a", type=click.Path(path_type=Path),
               help="Artifacts folder (`koala-trt export`, `convert`, `quantize`): the graphs for onnxruntime; specs, tokenizers and defaults for all.")
-@click.option("--backend", "-b", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default="onnxruntime", show_default=True,
-              help="What runs the networks.")
+@click.option("--backend", "-b", "backend_list", default="onnxruntime", show_default=True, metavar="NAME[:PRECISION],...",
+              help="What runs the networks: onnxruntime, openvino, tensorrt or torch. A comma-separated list runs each in a "
+                   "process of its own and prints them side by side, with each one's error against the first on the same "
+                   "inputs. openvino:fp32|bf16|auto sets its --cpu-precision, torch:bf16 runs PyTorch under bf16 autocast.")
 @click.option("--engines", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` (--backend tensorrt).")
 @click.option("--model", "-m", help="PyTorch reference for --backend torch [default: the model the artifacts were exported from].")
 @click.option("--height", type=POSITIVE, help="Image height in pixels [default: the model's native size].")
@@ -66,45 +72,287 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 @cpu_precision_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write one CSV row per component and end to end.")
-def bench_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, height: int | None,
+@click.option("--lock", "lock_path", type=click.Path(path_type=Path),
+              help="Side by side: hold an exclusive lock (flock) on this file while each backend runs, so that other heavy "
+                   "jobs of a shared machine wait for it, and it for them, between backends.")
+@click.option("--save-outputs", type=click.Path(path_type=Path), hidden=True,
+              help="(side by side) write the last outputs of each component and the last images to this .npz file.")
+def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, model: str | None, height: int | None,
               width: int | None, batch: int, steps: int | None, guidance: float | None, warmup: int, runs: int,
-              components: str, end_to_end: bool, threads: int | None, cpu_precision: str | None, as_json: bool, csv_path: Path | None) -> None:
+              components: str, end_to_end: bool, threads: int | None, cpu_precision: str | None, as_json: bool,
+              csv_path: Path | None, lock_path: Path | None, save_outputs: Path | None) -> None:
     """Latency (median, p90; warm-up excluded), peak memory and images per minute of one backend: each
     component alone (text encoders, one U-Net step at the CFG batch, VAE decode) and end to end
-    through the sampler (tokenize .. VAE decode).
+    through the sampler (tokenize .. VAE decode). Several backends (`-b onnxruntime,openvino:bf16,torch`)
+    run one after another, each in its own process, into one table.
 
     Memory is the peak RSS of this process for CPU backends and device memory for GPU ones."""
-    from engines.bench import BenchOptions, run_bench
-    from engines.pipeline import open_pipeline
+    from engines.bench import BenchOptions, parse_backends
     from engines.sampler import SAMPLER_COMPONENTS
     from exporter.specs import parse_components
 
+    entries = parse_backends(backend_list, cpu_precision)
     comps = tuple(parse_components([components], default=())) if components.strip() else ()
     opts = BenchOptions(height=height, width=width, steps=steps, guidance=guidance, batch=batch, warmup=warmup, runs=runs,
-                        components=tuple(c for c in SAMPLER_COMPONENTS if c in comps), end_to_end=end_to_end)
+                        components=tuple(c for c in SAMPLER_COMPONENTS if c in comps), end_to_end=end_to_end,
+                        keep_outputs=save_outputs is not None)
     if comps and len(opts.components) != len(comps):
         raise UsageError(f"cannot bench {', '.join(c for c in comps if c not in SAMPLER_COMPONENTS)}: "
                          f"the sampler's components are {', '.join(SAMPLER_COMPONENTS)}")
     opts.check()
     if csv_path is not None:
         check_out_file(csv_path, "--csv")
+    if len(entries) > 1:
+        check_list_sources([e.name for e in entries], artifacts, model, engines)
+        if lock_path is not None:
+            check_out_file(lock_path, "--lock")
+        side_by_side(entries, artifacts=artifacts, engines=engines, model=model, threads=threads, opts=opts, components=components,
+                     as_json=as_json, csv_path=csv_path, lock_path=lock_path)
+        return
+    if lock_path is not None:
+        raise UsageError("--lock is for a list of backends (-b a,b): one backend runs in this process; wrap it in flock(1)")
+    entry = entries[0]
+    backend = entry.name
     check_backend_sources(backend, artifacts, model, engines)
-    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                         full_hash=False,
-                         components=SAMPLER_COMPONENTS if end_to_end else opts.components, model_from_artifacts=True, log=log)
+    if save_outputs is not None:
+        check_out_file(save_outputs, "--save-outputs")
+    result, data = bench_one(entry, artifacts=artifacts, engines=engines, model=model, threads=threads, opts=opts)
+    if csv_path is not None:
+        write_csv(csv_path, result.csv_rows())
+    if save_outputs is not None:
+        import numpy as np
+
+        from koala_core.atomic import staged_file
+
+        with staged_file(save_outputs) as tmp, tmp.open("wb") as f:
+            np.savez(f, **result.outputs)
+    if as_json:
+        print_json(data)
+    else:
+        click.echo(result_table(data))
+
+
+def bench_one(entry: Any, artifacts: Path | None, engines: Path | None, model: str | None, threads: int | None,
+              opts: Any) -> tuple[Any, dict[str, Any]]:
+    """One backend in this process: open its pipeline, time it (engines/bench.py), its JSON record."""
+    from engines.bench import run_bench
+    from engines.pipeline import open_pipeline
+    from engines.sampler import SAMPLER_COMPONENTS
+
+    backend = entry.name
+    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads,
+                         cpu_precision=entry.precision if backend == "openvino" else None,
+                         torch_precision=entry.precision or "fp32" if backend == "torch" else "fp32", full_hash=False,
+                         components=SAMPLER_COMPONENTS if opts.end_to_end else opts.components, model_from_artifacts=True, log=log)
     with pipe:
         result = run_bench(pipe.backend, pipe.assets, opts, log=log)
         precision_of = getattr(pipe.backend, "precision_of", None)
         cpu = ({"isa": pipe.backend.isa, "components": {c: precision_of(c) for c in pipe.backend.specs}}
                if precision_of is not None else None)
-    model = pipe.model
     data = result.to_json()
+    data["entry"] = entry.label
     if cpu is not None:  # --backend openvino: the precision each component ran at, and the CPU's widest ISA
         data["cpu_precision"] = cpu
-    data["source"] = str(engines or artifacts or model)
+    data["source"] = str(engines or artifacts or pipe.model)
+    return result, data
+
+
+# ----- several backends side by side ---------------------------------------------------------------------
+
+def check_list_sources(names: list[str], artifacts: Path | None, model: str | None, engines: Path | None) -> None:
+    """check_backend_sources for a list: each input is read by some backend of the list, each backend
+    has what it reads, and each is installed; all before the first backend starts."""
+    import importlib.util
+
+    from engines.runtime import ONNX_BACKENDS
+    from koala_core.machine import resolve_cpu_precision  # noqa: F401  (bf16 is checked per entry below)
+
+    onnx = [n for n in names if n in ONNX_BACKENDS]
+    if onnx and artifacts is None:
+        raise UsageError(f"--backend {onnx[0]} needs --artifacts DIR (from `koala-trt export`)")
+    if model is not None and "torch" not in names:
+        raise UsageError("--model is for --backend torch; onnxruntime, openvino and tensorrt read --artifacts / --engines")
+    if engines is not None and "tensorrt" not in names:
+        raise UsageError("--engines is for --backend tensorrt")
+    if "tensorrt" in names and engines is None:
+        raise UsageError("--backend tensorrt needs --engines DIR (a `koala-trt build` folder)")
+    if "torch" in names and model is None and artifacts is None:
+        raise UsageError("--backend torch needs --model (or --artifacts, whose source model it then builds)")
+    if artifacts is not None:
+        from exporter.manifest import load_manifest
+
+        load_manifest(artifacts)  # a missing or broken folder: one line before any backend starts
+    missing = {"openvino": "--backend openvino needs OpenVINO: pip install 'koala-trt[openvino]'",
+               "torch": "--backend torch needs PyTorch: pip install 'koala-trt[export]'"}
+    for name, message in missing.items():
+        if name in names and importlib.util.find_spec(name) is None:
+            raise UsageError(message)
+    if "tensorrt" in names and importlib.util.find_spec("tensorrt") is None:
+        raise KoalaError("the tensorrt backend is not available here (tensorrt is not installed); "
+                         "it needs the [gpu] extra on a machine with an NVIDIA GPU")
+
+
+def _child_args(entry: Any, artifacts: Path | None, engines: Path | None, model: str | None, threads: int | None,
+                opts: Any, components: str) -> list[str]:
+    """`koala-trt bench` options for one entry of the list, the same measurement as the others."""
+    args = ["--backend", entry.label, "--warmup", str(opts.warmup), "--runs", str(opts.runs), "--batch", str(opts.batch),
+            "--components", components, "--end-to-end" if opts.end_to_end else "--no-end-to-end"]
+    for flag, value in (("--height", opts.height), ("--width", opts.width), ("--steps", opts.steps),
+                        ("--guidance", opts.guidance), ("--threads", threads)):
+        if value is not None:
+            args += [flag, str(value)]
+    if artifacts is not None:
+        args += ["--artifacts", str(artifacts)]
+    if entry.name == "torch" and model is not None:
+        args += ["--model", model]
+    if entry.name == "tensorrt" and engines is not None:
+        args += ["--engines", str(engines)]
+    return args
+
+
+def run_child(entry: Any, args: list[str], work: Path, lock_path: Path | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """`koala-trt bench ARGS --json` in a process of its own (its peak memory its own); its log lines
+    go to stderr prefixed with the entry. Returns (its JSON record, None) or (None, its error line)."""
+    out_json, npz = work / "result.json", work / "outputs.npz"
+    cmd = [sys.executable, "-m", "koala_trt.cli", "bench", *args, "--json", "--save-outputs", str(npz), "--csv", str(work / "rows.csv")]
+    log(f"[{entry.label}] koala-trt bench {' '.join(args)}")
+    last = ""
+    with _locked(lock_path, entry.label), out_json.open("w") as stdout:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            line = line.rstrip("\n")
+            if line.strip():
+                last = line
+                log(f"[{entry.label}] {line}")
+        rc = proc.wait()
+    if rc != 0:
+        return None, (last[len("Error: "):] if last.startswith("Error: ") else last) or f"exited with status {rc}"
+    import json
+
+    return json.loads(out_json.read_text()), None
+
+
+class _locked:
+    """An exclusive flock on `path` (none when path is None) for the time one backend runs."""
+
+    def __init__(self, path: Path | None, label: str) -> None:
+        self.path, self.label, self.f = path, label, None
+
+    def __enter__(self) -> "_locked":
+        if self.path is not None:
+            import fcntl
+            import time
+
+            self.f = self.path.open("a")
+            t = time.perf_counter()
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+            waited = time.perf_counter() - t
+            if waited >= 1:
+                log(f"[{self.label}] waited {waited:.0f} s for the lock {self.path}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.f is not None:
+            self.f.close()  # closing the file releases the lock
+
+
+def side_by_side(entries: list[Any], artifacts: Path | None, engines: Path | None, model: str | None, threads: int | None,
+                 opts: Any, components: str, as_json: bool, csv_path: Path | None, lock_path: Path | None = None) -> None:
+    """Each entry in its own `koala-trt bench` process, one after another; one table (or JSON) with each
+    entry's outputs compared with the first's (the same inputs: spec dummy inputs, prompt and seed)."""
+    import numpy as np
+
+    from engines.bench import compare_outputs
+    from koala_core.machine import machine_facts, resolve_cpu_precision
+
+    for e in entries:
+        if e.name == "openvino":
+            resolve_cpu_precision(e.precision)  # bf16 on a CPU without it: before the first backend starts
+    runs: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="koala-bench-") as tmp:
+        reference: dict[str, Any] | None = None
+        for i, e in enumerate(entries):
+            work = Path(tmp) / str(i)
+            work.mkdir()
+            data, error = run_child(e, _child_args(e, artifacts, engines, model, threads, opts, components), work, lock_path)
+            if data is None:
+                runs.append({"entry": e.label, "error": error})
+                continue
+            with np.load(work / "outputs.npz") as z:
+                outputs = {k: z[k] for k in z.files}
+            if reference is None:
+                reference = {"entry": e.label, "outputs": outputs}
+            elif i > 0:
+                data["against"] = {"reference": reference["entry"], **compare_outputs(reference["outputs"], outputs)}
+            runs.append(data)
+            if csv_path is not None:
+                with (work / "rows.csv").open(newline="", encoding="utf-8") as f:
+                    rows += [{"backend": e.label, **r} for r in csv.DictReader(f)]
+    doc = {"backends": runs, "reference": reference["entry"] if reference else None, "machine": machine_facts()}
     if csv_path is not None:
-        write_csv(csv_path, result.csv_rows())
+        write_csv(csv_path, rows, backend_column=True)
     if as_json:
-        print_json(data)
+        print_json(doc)
     else:
-        click.echo(result_table(data))
+        click.echo(side_by_side_table(doc))
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        raise KoalaError("; ".join(f"{r['entry']}: {r['error']}" for r in failed))
+
+
+def side_by_side_table(doc: dict[str, Any]) -> str:
+    """Stages down, backends across: median latency (with the speed-up against the first backend),
+    peak memory, and each output's error against the first backend."""
+    runs = doc["backends"]
+    ok = [r for r in runs if "error" not in r]
+    first = ok[0] if ok else None
+    stages: list[str] = []
+    for r in ok:
+        stages += [c for c in r["components"] if c not in stages]
+    rows = []
+
+    def cell(r: dict[str, Any], rec: dict[str, Any] | None, ref: dict[str, Any] | None) -> str:
+        if rec is None:
+            return "-"
+        text = _fmt_s(rec["median"])
+        if ref is not None and r is not first:
+            text += f" ({ref['median'] / rec['median']:.2f}x)"
+        return text
+
+    for stage in stages:
+        ref = first["components"].get(stage) if first else None
+        rows.append([stage + (" (one step)" if stage == "unet" else ""),
+                     *(r.get("error", "failed") if "error" in r else cell(r, r["components"].get(stage), ref) for r in runs)])
+    if any(r.get("end_to_end") for r in ok):
+        steps = next(r["end_to_end"]["steps"] for r in ok if r.get("end_to_end"))
+        ref = first.get("end_to_end") if first else None
+        rows.append([f"end to end ({steps} steps)", *("-" if "error" in r else cell(r, r.get("end_to_end"), ref) for r in runs)])
+    rows.append(["peak memory MiB", *("-" if "error" in r else f"{r['memory']['peak_mb']:,.0f}" for r in runs)])
+    keys: list[str] = []
+    for r in ok:
+        keys += [k for k in r.get("against", {}) if k != "reference" and k not in keys]
+    for k in keys:
+        label = "images PSNR dB" if k == "images" else f"{k} rel L2"
+        vals = []
+        for r in runs:
+            a = r.get("against", {}).get(k)
+            if r is first:
+                vals.append("(reference)")
+            elif a is None:
+                vals.append("-")
+            elif k == "images":
+                vals.append("identical" if a["psnr"] is None else f"{a['psnr']:.1f}")
+            else:
+                vals.append(f"{a['rel_l2']:.2g}")
+        rows.append([label, *vals])
+    text = table(rows, ["stage", *(r["entry"] for r in runs)])
+    for r in ok:  # the backend's own description (openvino's names the precision of each component and the ISA)
+        text += f"\n{r['entry']}: {r['backend_detail']}"
+    m = doc["machine"]
+    if ok:
+        o = ok[0]
+        text += (f"\n{o['width']}x{o['height']}, {o['batch']} image(s), warm-up {o['warmup']}, runs {o['runs']}; "
+                 f"errors against {doc['reference']} on the same inputs; {m['cpu']}, {m['cores']} cores")
+    return text

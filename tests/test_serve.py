@@ -82,13 +82,18 @@ def running_serve(args: list[str], log: Path) -> Iterator[Server]:
         yield srv
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop(proc)
 
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to the process group after STOP_S seconds: the test never leaves a server running."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 @pytest.fixture(scope="module")
 def server(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
@@ -339,12 +344,7 @@ def test_production_flavour_parsed_by_the_bundled_server(tiny_artifacts: Path, t
                 pass
             time.sleep(0.5)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
     missing = "Invalid argument: unable to find backend library for backend 'onnxruntime', try specifying runtime on the model configuration."
     for comp in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
         assert states[f"koala_{comp}"] == ("UNAVAILABLE", missing), states

@@ -361,8 +361,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str, source: str = "") -> 
 
     r = top.table_of("runtime")
     budget = r.get("weight_streaming_budget_gib")
-    runtime = RuntimeOptions(r.string("residency", "resident", RESIDENCY), r.boolean("cuda_graphs", True),
-                             None if budget is None else budget)
+    runtime = RuntimeOptions(r.string("residency", "resident", RESIDENCY), r.boolean("cuda_graphs", True))
     r.done()
     top.done()
     prof = GpuProfile(name=name, gpu=gpu, precision=precision, vae=vae, shapes=shapes, build=build,

@@ -4,7 +4,8 @@ ONNX Runtime's and ModelOpt's calibrators add every intermediate tensor as a gra
 them for all samples before reducing them, which is what took the full KOALA-700M U-Net to 22.5 GiB
 (ModelOpt) or out of memory (onnxruntime quantize_static in one call). Here only the tensors that
 will be quantized (the activation inputs of the chosen op types) become outputs, and each sample's
-outputs are reduced to running min/max at once, so memory is one sample's worth of those tensors.
+outputs are reduced to running min/max at once, so memory is one sample's worth of those tensors,
+and at most OUTPUT_BUDGET_MB of them per pass (several passes where a sample's tensors are larger).
 
 Per tensor and sample the min and max are kept, and reduced over the samples by the method:
 - "max": min of the minima, max of the maxima (every recorded value representable);
@@ -26,6 +27,8 @@ import numpy as np
 from koala_core.errors import KoalaError
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
+# The recorded tensors one pass of collect_ranges may hold at once, beside the graph's own working set.
+OUTPUT_BUDGET_MB = 6144.0
 
 
 METHODS = ("max", "mean")
@@ -132,32 +135,81 @@ def _with_outputs(src: Path, names: list[str], tmp: Path) -> Path:
     return path
 
 
+def tensor_bytes(onnx_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """The size in bytes of every tensor of the graph whose shape ONNX Runtime's symbolic shape
+    inference can tell for the shapes of `feeds` (the graph's inputs fixed to them; the weights are
+    not read). onnx's own inference stops at the U-Net's computed Reshape shapes."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    del model.graph.value_info[:]
+    for inp in model.graph.input:
+        if inp.name in feeds:
+            for d, v in zip(inp.type.tensor_type.shape.dim, feeds[inp.name].shape):
+                d.Clear()
+                d.dim_value = int(v)
+    try:
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - shapes are only an estimate: without them every tensor is a chunk's worth
+        return {}
+    sizes: dict[str, int] = {}
+    for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        t = v.type.tensor_type
+        dims = t.shape.dim
+        if t.elem_type and dims and all(d.HasField("dim_value") for d in dims):
+            sizes[v.name] = int(np.prod([d.dim_value for d in dims])) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+    return sizes
+
+
+def chunk_names(names: list[str], sizes: dict[str, int], budget_bytes: int) -> list[list[str]]:
+    """`names` in order, cut into runs whose tensors together stay within `budget_bytes` (a tensor
+    of unknown size counts as the largest known one; one larger than the budget is a run of its own)."""
+    default = max(sizes.values(), default=budget_bytes)
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for n in names:
+        b = sizes.get(n, default)
+        if chunks[-1] and used + b > budget_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(n)
+        used += b
+    return chunks
+
+
 def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str, np.ndarray]], threads: int | None = None,
-                   progress: Callable[[int], None] | None = None, scratch: Path | None = None) -> SampleRanges:
+                   progress: Callable[[float], None] | None = None, scratch: Path | None = None,
+                   budget_mb: float = OUTPUT_BUDGET_MB) -> SampleRanges:
     """Run the graph on every sample and keep each named tensor's min and max per sample. `scratch`:
-    where the augmented graph is written (best on the weights' filesystem, so they are hard-linked)."""
+    where the augmented graphs are written (best on the weights' filesystem, so they are hard-linked).
+
+    Memory: ONNX Runtime holds every requested tensor of a run until it returns, so the names are cut
+    into runs of at most `budget_mb` for the samples' shapes (chunk_names), each its own pass over
+    the samples: more passes, a bounded peak (the full U-Net at 1024 px would hold tens of GiB)."""
     from koala_core.ort import make_session
 
     if not names:
         raise KoalaError(f"{onnx_path}: no tensors to calibrate")
+    feeds_list = list(samples)
+    if not feeds_list:
+        raise KoalaError("no calibration samples")
     lo: dict[str, list[float]] = {n: [] for n in names}
     hi: dict[str, list[float]] = {n: [] for n in names}
-    count = 0
-    with tempfile.TemporaryDirectory(prefix="koala-ranges-", dir=scratch) as tmp:
-        session = make_session(_with_outputs(Path(onnx_path), names, Path(tmp)), providers=["CPUExecutionProvider"], threads=threads)
-        inputs = [i.name for i in session.get_inputs()]
-        for feeds in samples:
-            outs = session.run(names, {k: feeds[k] for k in inputs})
-            for n, a in zip(names, outs):
-                lo[n].append(float(a.min()) if a.size else 0.0)
-                hi[n].append(float(a.max()) if a.size else 0.0)
-                if not np.isfinite(a).all():
-                    raise KoalaError(f"{onnx_path}: tensor {n} is not finite on calibration sample {count}")
-            del outs
-            count += 1
-            if progress:
-                progress(1)
-        del session
-    if count == 0:
-        raise KoalaError("no calibration samples")
+    chunks = chunk_names(names, tensor_bytes(Path(onnx_path), feeds_list[0]), int(budget_mb * 2**20))
+    for c, chunk in enumerate(chunks):
+        with tempfile.TemporaryDirectory(prefix="koala-ranges-", dir=scratch) as tmp:
+            session = make_session(_with_outputs(Path(onnx_path), chunk, Path(tmp)), providers=["CPUExecutionProvider"], threads=threads)
+            inputs = [i.name for i in session.get_inputs()]
+            for count, feeds in enumerate(feeds_list):
+                outs = session.run(chunk, {k: feeds[k] for k in inputs})
+                for n, a in zip(chunk, outs):
+                    lo[n].append(float(a.min()) if a.size else 0.0)
+                    hi[n].append(float(a.max()) if a.size else 0.0)
+                    if not np.isfinite(a).all():
+                        raise KoalaError(f"{onnx_path}: tensor {n} is not finite on calibration sample {count}")
+                del outs
+                if progress:
+                    progress(1 / len(chunks))
+            del session
     return SampleRanges(lo, hi)

@@ -151,7 +151,7 @@ def tensor_bytes(onnx_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, int
                 d.dim_value = int(v)
     try:
         model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception:  # noqa: BLE001 - shapes are only an estimate: without them every tensor is a chunk's worth
+    except Exception:  # noqa: BLE001 - shapes are only an estimate: without them, one pass (chunk_names)
         return {}
     sizes: dict[str, int] = {}
     for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
@@ -164,8 +164,12 @@ def tensor_bytes(onnx_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, int
 
 def chunk_names(names: list[str], sizes: dict[str, int], budget_bytes: int) -> list[list[str]]:
     """`names` in order, cut into runs whose tensors together stay within `budget_bytes` (a tensor
-    of unknown size counts as the largest known one; one larger than the budget is a run of its own)."""
-    default = max(sizes.values(), default=budget_bytes)
+    of unknown size counts as the largest known one; one larger than the budget is a run of its own).
+    With no size known at all (shape inference failed), one run: the single pass of old, rather than
+    a pass per tensor."""
+    if not sizes:
+        return [list(names)]
+    default = max(sizes.values())
     chunks: list[list[str]] = [[]]
     used = 0
     for n in names:
@@ -197,7 +201,7 @@ def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str
     lo: dict[str, list[float]] = {n: [] for n in names}
     hi: dict[str, list[float]] = {n: [] for n in names}
     chunks = chunk_names(names, tensor_bytes(Path(onnx_path), feeds_list[0]), int(budget_mb * 2**20))
-    for c, chunk in enumerate(chunks):
+    for chunk in chunks:
         with tempfile.TemporaryDirectory(prefix="koala-ranges-", dir=scratch) as tmp:
             session = make_session(_with_outputs(Path(onnx_path), chunk, Path(tmp)), providers=["CPUExecutionProvider"], threads=threads)
             inputs = [i.name for i in session.get_inputs()]

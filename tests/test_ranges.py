@@ -38,6 +38,7 @@ def test_chunks_keep_order_and_budget() -> None:
     sizes = {"a": 4, "b": 4, "c": 10, "d": 1}
     assert chunk_names(["a", "b", "c", "d", "e"], sizes, 8) == [["a", "b"], ["c"], ["d"], ["e"]]
     assert chunk_names(["a", "b", "d"], sizes, 100) == [["a", "b", "d"]]
+    assert chunk_names(["a", "b", "c"], {}, 8) == [["a", "b", "c"]]  # no shapes known: one pass, not one per tensor
 
 
 def test_passes_under_a_budget_give_the_same_ranges(tiny_artifacts: Path) -> None:
@@ -48,7 +49,9 @@ def test_passes_under_a_budget_give_the_same_ranges(tiny_artifacts: Path) -> Non
     ticks: list[float] = []
     one = collect_ranges(path, names, iter(samples), budget_mb=1e6)
     many = collect_ranges(path, names, iter(samples), budget_mb=budget_mb, progress=ticks.append)
-    # the same tensors, equal up to float rounding (ONNX Runtime fuses differently around other outputs)
+    # The same tensors, equal up to float32 rounding: ONNX Runtime fuses differently around other
+    # outputs (seen: relative differences up to 1e-6 on an AMX Xeon). rtol 1e-5 bounds reassociated
+    # float32 sums of this tiny graph, not any CPU's kernels: both passes run on the same CPU.
     assert one.lows.keys() == many.lows.keys()
     for n in names:
         assert np.allclose(one.lows[n], many.lows[n], rtol=1e-5, atol=1e-6), n

@@ -54,10 +54,10 @@ class BenchOptions:
 
 
 def latency_stats(seconds: list[float]) -> dict[str, Any]:
-    """median, p90, mean, min, max (seconds) and the number of timed calls."""
+    """median, p90, mean, min, max (seconds), the number of timed calls and the calls themselves."""
     a = np.asarray(seconds, dtype=np.float64)
     return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "mean": float(a.mean()),
-            "min": float(a.min()), "max": float(a.max()), "runs": int(a.size)}
+            "min": float(a.min()), "max": float(a.max()), "runs": int(a.size), "calls": [float(x) for x in a]}
 
 
 # ----- memory -------------------------------------------------------------------------------------
@@ -336,4 +336,55 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
         else:
             s = error_stats(reference[key], candidate[key])
             out[key] = {"rel_l2": s.rel_l2, "max_abs": s.max_abs}
+    return out
+
+
+# ----- rounds: the same entries again, on a host whose speed drifts ---------------------------------------
+
+def merge_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One backend's `to_json()` records from several rounds as one: each stage's timed calls pooled
+    (median, p90, ... over all of them), peak memory the highest, everything else from the first
+    round; "rounds" holds each round's medians, which paired_speedups compares round by round."""
+    first = records[0]
+    out = {**first, "rounds": [round_medians(r) for r in records]}
+
+    def pooled(recs: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        if any(r is None for r in recs):
+            return None
+        stats = latency_stats([c for r in recs for c in r["calls"]])  # type: ignore[index]
+        merged = {**recs[0], **stats}  # type: ignore[dict-item]
+        if "peak_memory_mb" in merged:
+            merged["peak_memory_mb"] = max(r["peak_memory_mb"] for r in recs)  # type: ignore[index]
+        return merged
+
+    out["components"] = {k: pooled([r["components"].get(k) for r in records]) for k in first["components"]}
+    if first.get("end_to_end"):
+        e = pooled([r.get("end_to_end") for r in records])
+        if e is not None:
+            e["stages"] = {k: pooled([r["end_to_end"]["stages"].get(k) for r in records]) for k in first["end_to_end"]["stages"]}
+            e["images_per_minute"] = 60.0 * first["batch"] / e["median"]
+            out["images_per_minute"] = e["images_per_minute"]
+        out["end_to_end"] = e
+    out["memory"] = {**first["memory"], "peak_mb": max(r["memory"]["peak_mb"] for r in records)}
+    out["runs"] = sum(r["runs"] for r in records)
+    return out
+
+
+def round_medians(record: dict[str, Any]) -> dict[str, float]:
+    """A record's median per stage: each component and "end_to_end"."""
+    out = {k: c["median"] for k, c in record["components"].items()}
+    if record.get("end_to_end"):
+        out["end_to_end"] = record["end_to_end"]["median"]
+    return out
+
+
+def paired_speedups(reference: list[dict[str, float]], candidate: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Speed-up of a candidate against the reference per stage: in each round the reference's median
+    over the candidate's (both measured minutes apart, so a host that slows down over minutes slows
+    both alike), and the median of those ratios over the rounds the two share."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage in reference[0]:
+        ratios = [r[stage] / c[stage] for r, c in zip(reference, candidate) if stage in r and stage in c and c[stage] > 0]
+        if ratios:
+            out[stage] = {"median": float(np.median(ratios)), "rounds": ratios}
     return out

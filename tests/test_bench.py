@@ -95,7 +95,36 @@ def test_run_bench_api_and_stats(tiny_artifacts: Path) -> None:
                   BenchOptions(height=128, width=128, warmup=0, runs=1, components=("text_encoder",), end_to_end=False))
     assert list(r.components) == ["text_encoder"] and r.end_to_end is None and r.images_per_minute is None
     s = latency_stats([1.0, 2.0, 3.0, 4.0])
-    assert s["median"] == 2.5 and s["p90"] == pytest.approx(3.7) and s["runs"] == 4
+    assert s["median"] == 2.5 and s["p90"] == pytest.approx(3.7) and s["runs"] == 4 and s["calls"] == [1.0, 2.0, 3.0, 4.0]
+
+
+def _record(unet_calls: list[float], e2e_calls: list[float], peak: float) -> dict:
+    """A `koala-trt bench --json` record with only what merge_rounds reads."""
+    e2e = {**latency_stats(e2e_calls), "steps": 2, "peak_memory_mb": peak, "stages": {"unet": latency_stats(unet_calls)}}
+    return {"batch": 1, "runs": len(unet_calls), "components": {"unet": {"batch": 2, **latency_stats(unet_calls), "peak_memory_mb": peak}},
+            "end_to_end": e2e, "memory": {"kind": "rss", "peak_mb": peak}}
+
+
+def test_rounds_pool_calls_and_pair_speedups() -> None:
+    """--rounds: calls pooled per stage, the highest peak, and each speed-up the median of per-round
+    ratios, so that a host that runs 4x slower in one round (seen on these machines) slows both alike."""
+    from engines.bench import merge_rounds, paired_speedups
+
+    # the reference takes 10 s a step in rounds 1 and 3 and 40 s in round 2 (a slow host); the
+    # candidate is 2x faster in every round
+    ref = merge_rounds([_record([10.0, 10.0], [30.0], 100), _record([40.0, 40.0], [120.0], 300), _record([10.0, 10.0], [30.0], 200)])
+    cand = merge_rounds([_record([5.0, 5.0], [15.0], 50), _record([20.0, 20.0], [60.0], 50), _record([5.0, 5.0], [15.0], 50)])
+    assert ref["components"]["unet"]["runs"] == 6 and ref["components"]["unet"]["median"] == 10.0
+    assert ref["memory"]["peak_mb"] == 300 and ref["components"]["unet"]["peak_memory_mb"] == 300 and ref["runs"] == 6
+    assert ref["end_to_end"]["median"] == 30.0 and ref["end_to_end"]["stages"]["unet"]["runs"] == 6
+    assert ref["images_per_minute"] == pytest.approx(2.0)
+    sp = paired_speedups(ref["rounds"], cand["rounds"])
+    assert sp["unet"]["rounds"] == [2.0, 2.0, 2.0] and sp["unet"]["median"] == 2.0 and sp["end_to_end"]["median"] == 2.0
+    # a slow stretch that hits one backend of a round only gives outlying ratios (8x, 0.5x); the
+    # median over three rounds still reports the 2x of the round both ran at the same speed
+    odd = merge_rounds([_record([5.0, 5.0], [15.0], 50), _record([5.0, 5.0], [15.0], 50), _record([20.0, 20.0], [60.0], 50)])
+    sp = paired_speedups(ref["rounds"], odd["rounds"])["unet"]
+    assert sp["rounds"] == [2.0, 8.0, 0.5] and sp["median"] == 2.0
     assert machine_facts()["ram_gib"] > 0
 
 
@@ -107,6 +136,8 @@ def test_run_bench_api_and_stats(tiny_artifacts: Path) -> None:
     (["-c", "", "--no-end-to-end"], "nothing to measure"),
     (["--backend", "tensorrt"], "--backend tensorrt needs --engines"),
     (["--engines", "x"], "--engines is for --backend tensorrt"),
+    (["--rounds", "2"], "--rounds is for a list of backends"),
+    (["--rounds", "0"], "Error: Invalid value for '--rounds': 0 is not in the range x>=1.\n"),
 ])
 def test_bench_bad_input(tiny_artifacts: Path, args: list[str], message: str) -> None:
     code, _, stderr = run_cli("bench", "--artifacts", str(tiny_artifacts), *args)
@@ -155,7 +186,10 @@ def test_side_by_side_json(side_by_side_run: tuple[dict, Path, list[str]]) -> No
         assert r["end_to_end"]["steps"] == 2 and r["backend"] == r["entry"].split(":")[0]
     # each backend ran in a process of its own: its own pid-free evidence is its own peak memory record
     assert all(r["memory"]["peak_mb"] > 0 for r in doc["backends"])
-    assert "against" not in doc["backends"][0]
+    assert "against" not in doc["backends"][0] and "speedup" not in doc["backends"][0] and doc["rounds"] == 1
+    for r in doc["backends"][1:]:  # one round: the ratio of the two medians
+        ref = doc["backends"][0]
+        assert r["speedup"]["unet"]["median"] == pytest.approx(ref["components"]["unet"]["median"] / r["components"]["unet"]["median"])
     for r in doc["backends"][1:]:
         a = r["against"]
         assert a["reference"] == "onnxruntime"

@@ -40,11 +40,12 @@ def result_table(data: dict[str, Any]) -> str:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = False) -> None:
+    """The rows of one backend, or (backend_column) of a side-by-side run with its backend and round columns."""
     from engines.bench import CSV_FIELDS
     from koala_core.atomic import staged_file
 
     with staged_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["backend", *CSV_FIELDS] if backend_column else CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=["backend", "round", *CSV_FIELDS] if backend_column else CSV_FIELDS)
         w.writeheader()
         w.writerows(rows)
 
@@ -75,12 +76,16 @@ def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = Fal
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path),
               help="Side by side: hold an exclusive lock (flock) on this file while each backend runs, so that other heavy "
                    "jobs of a shared machine wait for it, and it for them, between backends.")
+@click.option("--rounds", type=POSITIVE, default=1, show_default=True,
+              help="Side by side: run the whole list this many times (a,b,a,b,...); each stage's calls are pooled and "
+                   "each speed-up is the median of the per-round ratios, so a host whose speed drifts over minutes "
+                   "slows the compared backends alike.")
 @click.option("--save-outputs", type=click.Path(path_type=Path), hidden=True,
               help="(side by side) write the last outputs of each component and the last images to this .npz file.")
 def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, model: str | None, height: int | None,
               width: int | None, batch: int, steps: int | None, guidance: float | None, warmup: int, runs: int,
               components: str, end_to_end: bool, threads: int | None, cpu_precision: str | None, as_json: bool,
-              csv_path: Path | None, lock_path: Path | None, save_outputs: Path | None) -> None:
+              csv_path: Path | None, lock_path: Path | None, rounds: int, save_outputs: Path | None) -> None:
     """Latency (median, p90; warm-up excluded), peak memory and images per minute of one backend: each
     component alone (text encoders, one U-Net step at the CFG batch, VAE decode) and end to end
     through the sampler (tokenize .. VAE decode). Several backends (`-b onnxruntime,openvino:bf16,torch`)
@@ -107,10 +112,12 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
         if lock_path is not None:
             check_out_file(lock_path, "--lock")
         side_by_side(entries, artifacts=artifacts, engines=engines, model=model, threads=threads, opts=opts, components=components,
-                     as_json=as_json, csv_path=csv_path, lock_path=lock_path)
+                     as_json=as_json, csv_path=csv_path, lock_path=lock_path, rounds=rounds)
         return
     if lock_path is not None:
         raise UsageError("--lock is for a list of backends (-b a,b): one backend runs in this process; wrap it in flock(1)")
+    if rounds != 1:
+        raise UsageError("--rounds is for a list of backends (-b a,b); for one backend, raise --runs")
     entry = entries[0]
     backend = entry.name
     check_backend_sources(backend, artifacts, model, engines)
@@ -258,39 +265,53 @@ class _locked:
 
 
 def side_by_side(entries: list[Any], artifacts: Path | None, engines: Path | None, model: str | None, threads: int | None,
-                 opts: Any, components: str, as_json: bool, csv_path: Path | None, lock_path: Path | None = None) -> None:
-    """Each entry in its own `koala-trt bench` process, one after another; one table (or JSON) with each
-    entry's outputs compared with the first's (the same inputs: spec dummy inputs, prompt and seed)."""
+                 opts: Any, components: str, as_json: bool, csv_path: Path | None, lock_path: Path | None = None,
+                 rounds: int = 1) -> None:
+    """Each entry in its own `koala-trt bench` process, one after another, the whole list `rounds` times;
+    one table (or JSON) with each entry's outputs compared with the first's (the same inputs: spec dummy
+    inputs, prompt and seed; compared on the first round) and its speed-up paired round by round."""
     import numpy as np
 
-    from engines.bench import compare_outputs
+    from engines.bench import compare_outputs, merge_rounds, paired_speedups
     from koala_core.machine import machine_facts, resolve_cpu_precision
 
     for e in entries:
         if e.name == "openvino":
             resolve_cpu_precision(e.precision)  # bf16 on a CPU without it: before the first backend starts
-    runs: list[dict[str, Any]] = []
+    records: list[list[dict[str, Any]]] = [[] for _ in entries]
+    errors: dict[int, str] = {}
     rows: list[dict[str, Any]] = []
+    reference: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="koala-bench-") as tmp:
-        reference: dict[str, Any] | None = None
-        for i, e in enumerate(entries):
-            work = Path(tmp) / str(i)
-            work.mkdir()
-            data, error = run_child(e, _child_args(e, artifacts, engines, model, threads, opts, components), work, lock_path)
-            if data is None:
-                runs.append({"entry": e.label, "error": error})
-                continue
-            with np.load(work / "outputs.npz") as z:
-                outputs = {k: z[k] for k in z.files}
-            if reference is None:
-                reference = {"entry": e.label, "outputs": outputs}
-            elif i > 0:
-                data["against"] = {"reference": reference["entry"], **compare_outputs(reference["outputs"], outputs)}
-            runs.append(data)
-            if csv_path is not None:
-                with (work / "rows.csv").open(newline="", encoding="utf-8") as f:
-                    rows += [{"backend": e.label, **r} for r in csv.DictReader(f)]
-    doc = {"backends": runs, "reference": reference["entry"] if reference else None, "machine": machine_facts()}
+        for rnd in range(rounds):
+            for i, e in enumerate(entries):
+                if i in errors:
+                    continue  # failed in an earlier round: its error stands
+                work = Path(tmp) / f"{rnd}-{i}"
+                work.mkdir()
+                if rounds > 1:
+                    log(f"[{e.label}] round {rnd + 1}/{rounds}")
+                data, error = run_child(e, _child_args(e, artifacts, engines, model, threads, opts, components), work, lock_path)
+                if data is None:
+                    errors[i] = error or "failed"
+                    continue
+                if rnd == 0:
+                    with np.load(work / "outputs.npz") as z:
+                        outputs = {k: z[k] for k in z.files}
+                    if reference is None:
+                        reference = {"entry": e.label, "index": i, "outputs": outputs}
+                    else:
+                        data["against"] = {"reference": reference["entry"], **compare_outputs(reference["outputs"], outputs)}
+                records[i].append(data)
+                if csv_path is not None:
+                    with (work / "rows.csv").open(newline="", encoding="utf-8") as f:
+                        rows += [{"backend": e.label, "round": rnd + 1, **r} for r in csv.DictReader(f)]
+    runs = [{"entry": e.label, "error": errors[i]} if i in errors else merge_rounds(records[i]) for i, e in enumerate(entries)]
+    if reference is not None and "error" not in runs[reference["index"]]:
+        for i, r in enumerate(runs):
+            if i != reference["index"] and "error" not in r:
+                r["speedup"] = paired_speedups(runs[reference["index"]]["rounds"], r["rounds"])
+    doc = {"backends": runs, "reference": reference["entry"] if reference else None, "rounds": rounds, "machine": machine_facts()}
     if csv_path is not None:
         write_csv(csv_path, rows, backend_column=True)
     if as_json:
@@ -303,7 +324,7 @@ def side_by_side(entries: list[Any], artifacts: Path | None, engines: Path | Non
 
 
 def side_by_side_table(doc: dict[str, Any]) -> str:
-    """Stages down, backends across: median latency (with the speed-up against the first backend),
+    """Stages down, backends across: median latency (with the speed-up against the first backend, paired by round),
     peak memory, and each output's error against the first backend."""
     runs = doc["backends"]
     ok = [r for r in runs if "error" not in r]
@@ -313,22 +334,18 @@ def side_by_side_table(doc: dict[str, Any]) -> str:
         stages += [c for c in r["components"] if c not in stages]
     rows = []
 
-    def cell(r: dict[str, Any], rec: dict[str, Any] | None, ref: dict[str, Any] | None) -> str:
+    def cell(r: dict[str, Any], rec: dict[str, Any] | None, stage: str) -> str:
         if rec is None:
             return "-"
-        text = _fmt_s(rec["median"])
-        if ref is not None and r is not first:
-            text += f" ({ref['median'] / rec['median']:.2f}x)"
-        return text
+        speedup = r.get("speedup", {}).get(stage)
+        return _fmt_s(rec["median"]) + (f" ({speedup['median']:.2f}x)" if speedup else "")
 
     for stage in stages:
-        ref = first["components"].get(stage) if first else None
         rows.append([stage + (" (one step)" if stage == "unet" else ""),
-                     *(r.get("error", "failed") if "error" in r else cell(r, r["components"].get(stage), ref) for r in runs)])
+                     *(r.get("error", "failed") if "error" in r else cell(r, r["components"].get(stage), stage) for r in runs)])
     if any(r.get("end_to_end") for r in ok):
         steps = next(r["end_to_end"]["steps"] for r in ok if r.get("end_to_end"))
-        ref = first.get("end_to_end") if first else None
-        rows.append([f"end to end ({steps} steps)", *("-" if "error" in r else cell(r, r.get("end_to_end"), ref) for r in runs)])
+        rows.append([f"end to end ({steps} steps)", *("-" if "error" in r else cell(r, r.get("end_to_end"), "end_to_end") for r in runs)])
     rows.append(["peak memory MiB", *("-" if "error" in r else f"{r['memory']['peak_mb']:,.0f}" for r in runs)])
     keys: list[str] = []
     for r in ok:
@@ -353,6 +370,9 @@ def side_by_side_table(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     if ok:
         o = ok[0]
-        text += (f"\n{o['width']}x{o['height']}, {o['batch']} image(s), warm-up {o['warmup']}, runs {o['runs']}; "
+        n = doc.get("rounds", 1)
+        rounds_note = (f" in {n} rounds (calls pooled; speed-ups the median of the per-round ratios)" if n > 1 else "")
+        text += (f"\n{o['width']}x{o['height']}, {o['batch']} image(s), warm-up {o['warmup']}, runs {o['runs']}"
+                 f"{rounds_note}; "
                  f"errors against {doc['reference']} on the same inputs; {m['cpu']}, {m['cores']} cores")
     return text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -40,6 +41,7 @@ class BenchOptions:
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
     keep_outputs: bool = False  # keep each component's last outputs and the last end-to-end images (side by side)
+    vae_tile: int | None = None  # decode in tiles of this many pixels (engines/vae_tiling.py); None: the engine's own, else untiled
 
     def check(self) -> None:
         if self.warmup < 0:
@@ -187,6 +189,11 @@ class BenchResult:
 CSV_FIELDS = ["stage", "batch", "runs", "median", "p90", "mean", "min", "max", "peak_memory_mb", "memory_kind", "images_per_minute"]
 
 
+def _tiled_decode(sampler: Sampler, tile: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The VAE decoder as the sampler runs it with a tile size: every tile of the image, blended."""
+    return lambda feeds: {"sample": sampler.decode(feeds["latent_sample"], tile=tile)}
+
+
 def component_batches(plan: Plan, sampler: Sampler) -> dict[str, int]:
     """The batch each component sees in one image request, as the sampler runs it: the text encoders
     encode the prompts in one call (the negative only when one is given: an empty one is zeros, SDXL's
@@ -202,7 +209,7 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
     opts.check()
     sampler = Sampler(backend, assets)
     plan = sampler.plan(Request(prompt=opts.prompt, steps=opts.steps, guidance=opts.guidance, seed=opts.seed,
-                                height=opts.height, width=opts.width, batch=opts.batch))
+                                height=opts.height, width=opts.width, batch=opts.batch, vae_tile=opts.vae_tile))
     needed = list(SAMPLER_COMPONENTS) if opts.end_to_end else list(opts.components)
     t0 = time.perf_counter()
     load = getattr(backend, "load", None)
@@ -223,21 +230,24 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
         spec = sampler.specs[comp]
         feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False)
                  for k, v in spec.dummy_inputs(batches[comp], plan.height, plan.width, seed=opts.seed).items()}
+        call = _tiled_decode(sampler, plan.vae_tile) if comp == "vae_decoder" and plan.vae_tile else partial(backend.run, comp)
         probe.start()
         for i in range(opts.warmup):
             t = time.perf_counter()
-            backend.run(comp, feeds)
+            call(feeds)
             probe.sample()
             log(f"{comp} (batch {batches[comp]}): warm-up {i + 1}/{opts.warmup} {time.perf_counter() - t:.3f} s")
         for i in range(opts.runs):
             t = time.perf_counter()
-            outs = backend.run(comp, feeds)
+            outs = call(feeds)
             alone.add(comp, time.perf_counter() - t)
             if opts.keep_outputs:
                 result.outputs.update({f"{comp}.{k}": np.asarray(v) for k, v in outs.items()})
             probe.sample()
             log(f"{comp} (batch {batches[comp]}): run {i + 1}/{opts.runs} {alone.stages[comp][-1]:.3f} s")
-        result.components[comp] = {"batch": batches[comp], **latency_stats(alone.stages[comp]), "peak_memory_mb": probe.stop()}
+        result.components[comp] = {"batch": batches[comp], **latency_stats(alone.stages[comp]), "peak_memory_mb": probe.stop(),
+                                   **({"vae_tile": plan.vae_tile, "tiles": sampler.tile_grid(plan).count}
+                                      if comp == "vae_decoder" and plan.vae_tile else {})}
 
     if opts.end_to_end:
         probe.start()

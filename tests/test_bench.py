@@ -96,6 +96,7 @@ def test_run_bench_api_and_stats(tiny_artifacts: Path) -> None:
     assert list(r.components) == ["text_encoder"] and r.end_to_end is None and r.images_per_minute is None
     s = latency_stats([1.0, 2.0, 3.0, 4.0])
     assert s["median"] == 2.5 and s["p90"] == pytest.approx(3.7) and s["runs"] == 4 and s["calls"] == [1.0, 2.0, 3.0, 4.0]
+    assert machine_facts()["ram_gib"] > 0
 
 
 def _record(unet_calls: list[float], e2e_calls: list[float], peak: float) -> dict:
@@ -125,7 +126,29 @@ def test_rounds_pool_calls_and_pair_speedups() -> None:
     odd = merge_rounds([_record([5.0, 5.0], [15.0], 50), _record([5.0, 5.0], [15.0], 50), _record([20.0, 20.0], [60.0], 50)])
     sp = paired_speedups(ref["rounds"], odd["rounds"])["unet"]
     assert sp["rounds"] == [2.0, 8.0, 0.5] and sp["median"] == 2.0
-    assert machine_facts()["ram_gib"] > 0
+
+
+def test_run_bench_tiled_vae_decode(tiny_artifacts: Path) -> None:
+    """--vae-tile: the decoder alone is timed as the sampler runs it, every tile blended, and its
+    output is the sampler's tiled decode of the same latents (not one untiled call). The tiny VAE
+    takes 128..512 px: 128 px tiles of a 256 px image."""
+    m = load_manifest(tiny_artifacts)
+    backend = OnnxRuntimeBackend(m, threads=1)
+    assets = PipelineAssets.from_manifest(m)
+    opts = BenchOptions(height=256, width=256, warmup=0, runs=1, components=("vae_decoder",), end_to_end=False,
+                        keep_outputs=True, vae_tile=128)
+    r = run_bench(backend, assets, opts)
+    c = r.components["vae_decoder"]
+    sampler = Sampler(backend, assets)
+    grid = sampler.tile_grid(sampler.plan(Request(prompt="x", height=256, width=256, vae_tile=128)))
+    assert c["vae_tile"] == 128 and c["tiles"] == grid.count > 1
+    latents = sampler.specs["vae_decoder"].dummy_inputs(1, 256, 256)["latent_sample"]
+    tiled, untiled = sampler.decode(latents, tile=128), sampler.decode(latents)
+    assert r.outputs["vae_decoder.sample"].shape == untiled.shape == (1, 3, 256, 256)
+    assert (r.outputs["vae_decoder.sample"] == tiled).all() and not (tiled == untiled).all()
+    untiled_run = run_bench(backend, assets, BenchOptions(height=256, width=256, warmup=0, runs=1, components=("vae_decoder",),
+                                                          end_to_end=False))
+    assert "vae_tile" not in untiled_run.components["vae_decoder"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -137,6 +160,8 @@ def test_rounds_pool_calls_and_pair_speedups() -> None:
     (["--backend", "tensorrt"], "--backend tensorrt needs --engines"),
     (["--engines", "x"], "--engines is for --backend tensorrt"),
     (["--rounds", "2"], "--rounds is for a list of backends"),
+    (["--vae-tile", "12"], "--vae-tile must be a positive multiple of 8 px (got 12)"),
+    (["--vae-tile", "256", *SIZE], "--vae-tile must not be larger than the image (256 px > 128x128 px)"),
     (["--rounds", "0"], "Error: Invalid value for '--rounds': 0 is not in the range x>=1.\n"),
 ])
 def test_bench_bad_input(tiny_artifacts: Path, args: list[str], message: str) -> None:

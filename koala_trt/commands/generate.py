@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_core.errors import UsageError
 
@@ -62,10 +63,7 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--batch", type=POSITIVE, help="Images to generate [default: 1, or the --latents batch].")
 @click.option("--latents", type=click.Path(path_type=Path),
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
-@click.option("--vae-tile", type=int, metavar="PX",
-              help="Decode the VAE in overlapping tiles of PX x PX pixels (a multiple of 8, not larger than the image), so "
-                   "its memory stays a tile's however large the image [default: untiled; a TensorRT VAE built for a "
-                   "profile's [vae] tile: that tile].")
+@vae_tile_option()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
@@ -90,13 +88,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     started = time.perf_counter()
     # ----- everything is checked before a network runs -------------------------------------------
     check_out_file(out, example="image.png")
-    if vae_tile is not None:
-        from engines.vae_tiling import check_tile
-
-        try:
-            check_tile(vae_tile)  # its size against the image once the plan knows it
-        except ValueError as e:
-            raise UsageError(f"--vae-tile {e}") from None
+    check_vae_tile(vae_tile)
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None

@@ -179,6 +179,30 @@ def test_baseline_equal_passes_worse_fails(faithful: tuple[Path, str], tiny_arti
                                 "rerun with the same ones or save a new baseline") and code == 2
 
 
+def test_tiled_vae_decode_end_to_end(faithful: tuple[Path, str], tiny_artifacts: Path, tmp_path: Path) -> None:
+    """--vae-tile: the end-to-end images are decoded in tiles, as `generate --vae-tile` does, and
+    compared with diffusers' untiled decode; the latents are the untiled run's (tiling is after the
+    loop). A baseline recorded untiled is not compared with a tiled run."""
+    tmp, _ = faithful
+    code, _, err, _ = _validate(tiny_artifacts, tmp_path, "--baseline", tmp / "baseline.json", "--vae-tile", "128")
+    assert code == 2 and "other settings (vae_tile None vs 128)" in _last_error(err), err
+    # the tiny VAE takes 128..512 px, so 128 px tiles of a 256 px image (3 x 3 tiles)
+    size = ["--height", "256", "--width", "256", "--steps", "2", "--random-samples", "1"]
+    report = tmp_path / "tiled.json"
+    code, _, err = run_cli("validate", "--artifacts", tiny_artifacts, *size, "--vae-tile", "128", "-t", "end_to_end.psnr=30",
+                           "--report", report)
+    data = json.loads(report.read_text())
+    e2e = next(c for c in data["checks"] if c["id"] == "end_to_end")
+    m = {x["metric"]: x for x in e2e["metrics"]}
+    assert code == 0 and data["vae_tile"] == 128 and "VAE decoded in 128 px tiles" in e2e["description"], err
+    assert m["latent_rel_l2"]["value"] < 1e-4  # the loop is the same FP32 one as untiled
+    # The tiling's own error, a property of the weights (FP32 noise is ~1e-6 of it): measured
+    # 37.4 dB on random:tiny (a small random VAE whose receptive field spans much of a 16-cell tile),
+    # under the FP32 gate's 45 dB, hence the override; the full-size SDXL VAE gives 46.4 dB at
+    # 1024 px with 512 px tiles (BENCHMARKS.md). Untiled, the same run is identical to ~1e-6.
+    assert 30 <= m["psnr"]["value"] < 45, m
+
+
 # ----- fault injection ----------------------------------------------------------------------------
 
 def test_perturbed_weight_fails(tiny_artifacts: Path, tmp_path: Path) -> None:
@@ -259,6 +283,9 @@ def test_fp16_graph_fails_fp32_tolerances(tiny_artifacts: Path, tmp_path: Path) 
     (["--height", "4096", "-c", "unet"], "outside the sizes unet was exported for"),
     (["--backend", "tensorrt"], "--backend tensorrt needs --engines"),
     (["-c", "vae_encoder"], "has no vae_encoder"),
+    (["--vae-tile", "12"], "--vae-tile must be a positive multiple of 8 px (got 12)"),
+    (["--vae-tile", "64", "--no-end-to-end"], "--vae-tile is for the end-to-end run"),
+    (["--vae-tile", "256", *SIZE], "--vae-tile must not be larger than the image (256 px > 128x128 px)"),
 ])
 def test_usage_errors(tiny_artifacts: Path, tmp_path: Path, args: list[str], message: str) -> None:
     code, _, err = run_cli("validate", "--artifacts", tiny_artifacts, "--report", tmp_path / "r.json", *args)

@@ -25,7 +25,7 @@ from koala_core.errors import UsageError
 FORMAT = "koala-trt-validate-baseline/1"
 DEFAULT_MARGIN = 0.5
 FLOOR = 0.01  # of the tolerance, in error units
-SETTINGS = ("height", "width", "steps", "prompts", "seed", "random_samples")
+SETTINGS = ("height", "width", "steps", "prompts", "seed", "random_samples", "vae_tile")  # vae_tile: None (untiled) in older baselines
 
 
 def to_error(metric: str, value: float) -> float:

@@ -14,23 +14,23 @@ from engines.validation.reference import Trajectories
 from engines.validation.results import Check, Measured
 from exporter.tolerances import passes
 from exporter.metrics import error_stats
-from exporter.specs import NUMPY_DTYPES
 
 
 def candidate_run(sampler: Any, ref: Trajectories, steps: int, guidance: float, height: int, width: int,
-                  log: Callable[[str], None]) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """The sampler's final latents and images ([1, H, W, 3] in [0, 1]) per prompt, and the seconds taken."""
+                  log: Callable[[str], None], vae_tile: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """The sampler's final latents and images ([1, H, W, 3] in [0, 1]) per prompt, and the seconds taken.
+    The images are decoded as the sampler decodes them: in tiles with `vae_tile` (or a VAE engine
+    built for a tile), so the comparison with diffusers' untiled decode includes the tiling's error."""
     from engines.sampler import Request
 
     latents, images = [], []
     t0 = time.perf_counter()
-    vae = sampler.specs["vae_decoder"]
     for prompt, noise in zip(ref.prompts, ref.noise):
-        plan = sampler.plan(Request(prompt, steps=steps, guidance=guidance, height=height, width=width, latents=noise))
+        plan = sampler.plan(Request(prompt, steps=steps, guidance=guidance, height=height, width=width, latents=noise,
+                                    vae_tile=vae_tile))
         lat, _ = sampler.sample(plan, progress=False, warn=lambda m: log(f"warning: {m}"), decode=False)
         # Decoded as Sampler.sample does (its decode step), so latents and images come from one run.
-        feed = sampler.unscale_latents(lat).astype(NUMPY_DTYPES[vae.input("latent_sample").dtype], copy=False)
-        image = sampler.backend.run("vae_decoder", {"latent_sample": feed})["sample"].astype(np.float32)
+        image = sampler.decode(sampler.unscale_latents(lat), tile=plan.vae_tile).astype(np.float32)
         latents.append(lat.astype(np.float32))
         images.append(np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
     return latents, images, time.perf_counter() - t0

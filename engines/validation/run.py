@@ -37,12 +37,13 @@ class ValidateOptions:
     verify: bool = True
     threads: int | None = None
     cpu_precision: str | None = None  # --backend openvino: auto, fp32 or bf16
+    vae_tile: int | None = None  # end to end: decode in tiles of this many pixels (the sampler's --vae-tile)
     verbose: bool = False
 
 
 def settings(opts: ValidateOptions, height: int, width: int) -> dict[str, Any]:
     return {"height": height, "width": width, "steps": opts.steps, "prompts": list(opts.prompts), "seed": opts.seed,
-            "random_samples": opts.random_samples}
+            "random_samples": opts.random_samples, "vae_tile": opts.vae_tile}
 
 
 def default_size(artifacts: Path, height: int | None, width: int | None) -> tuple[int, int]:
@@ -108,6 +109,11 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
 
             toks = [ClipTokenizer(manifest.root / t) for t in manifest.view.tokenizers]
             check_prompt_range(specs["unet"], ranges["unet"], prompt_tokens(toks, opts.prompts))
+        if run_e2e:  # the end-to-end request as the sampler will plan it (a --vae-tile the VAE cannot take)
+            from engines.sampler import Request
+
+            Sampler(backend, assets).plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
+                                                  height=height, width=width, vae_tile=opts.vae_tile))
     except BaseException:
         backend.close()
         raise
@@ -178,10 +184,12 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
         if run_e2e and traj is not None:
             e2e_prec = end_to_end_precision(precisions.values())
             chk = Check(END_TO_END, END_TO_END, e2e_prec, f"numpy Sampler on {opts.backend} vs the diffusers pipeline, "
-                        f"{len(opts.prompts)} prompts, {opts.steps} steps, guidance {source.sampler.guidance:g}",
+                        f"{len(opts.prompts)} prompts, {opts.steps} steps, guidance {source.sampler.guidance:g}"
+                        + (f", VAE decoded in {opts.vae_tile} px tiles" if opts.vae_tile else ""),
                         limits=limits_for(END_TO_END, e2e_prec, opts.overrides))
             sampler = Sampler(backend, assets)
-            latents, images, secs = candidate_run(sampler, traj, opts.steps, source.sampler.guidance, height, width, log)
+            latents, images, secs = candidate_run(sampler, traj, opts.steps, source.sampler.guidance, height, width, log,
+                                                 vae_tile=opts.vae_tile)
             measure(chk, traj, latents, images)
             chk.seconds = {opts.backend: round(secs, 3)}
             checks.append(chk)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from koala_trt.commands.aid_options import check_vae_tile
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_out_file, cpu_precision_option, components_option, log, print_json, table
 from koala_core.errors import CheckFailed, UsageError
 
@@ -47,6 +48,9 @@ def _read_prompts(path: Path | None) -> list[str]:
 @click.option("--tolerance", "-t", "tolerances", multiple=True, metavar="COMPONENT.METRIC=VALUE",
               help="Override a limit, e.g. unet.rel_l2=2e-4, '*.cosine=0.999', end_to_end.psnr=30 (repeatable).")
 @click.option("--no-end-to-end", is_flag=True, help="Components only.")
+@click.option("--vae-tile", type=int, metavar="PX",
+              help="End to end: decode the VAE in overlapping tiles of PX pixels as `generate --vae-tile` does, so the "
+                   "image metrics include the tiling's error against diffusers' untiled decode [default: untiled].")
 @click.option("--report", type=click.Path(path_type=Path), help="JSON report: every metric, its limit and verdict.")
 @click.option("--junit", type=click.Path(path_type=Path), help="JUnit XML report, one testcase per check.")
 @click.option("--markdown", type=click.Path(path_type=Path), help="Markdown summary table.")
@@ -62,7 +66,8 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
                  height: int | None, width: int | None, steps: int, prompts: Path | None, seed: int, random_samples: int,
                  tolerances: tuple[str, ...], no_end_to_end: bool, report: Path | None, junit: Path | None,
                  markdown: Path | None, save_baseline: Path | None, baseline: Path | None, baseline_margin: float | None,
-                 threads: int | None, cpu_precision: str | None, no_verify: bool, verbose: bool, as_json: bool) -> None:
+                 threads: int | None, cpu_precision: str | None, no_verify: bool, verbose: bool, as_json: bool,
+                 vae_tile: int | None) -> None:
     """Check that an artifact still computes what the PyTorch model computes.
 
     Per component, on random inputs and on inputs from real prompts, at the artifact's real size:
@@ -85,6 +90,9 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
         raise UsageError("--engines is for --backend tensorrt")
     if baseline_margin is not None and (baseline is None or baseline_margin < 0):
         raise UsageError("--baseline-margin needs --baseline and a value >= 0")
+    check_vae_tile(vae_tile)
+    if vae_tile is not None and no_end_to_end:
+        raise UsageError("--vae-tile is for the end-to-end run; drop --no-end-to-end")
     if not Path(artifacts).is_dir():
         raise UsageError(f"--artifacts {artifacts} is not a folder")
     for flag, out in (("--report", report), ("--junit", junit), ("--markdown", markdown), ("--save-baseline", save_baseline)):
@@ -94,7 +102,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     opts = ValidateOptions(artifacts=artifacts, backend=backend, model=model, engines=engines, components=names, height=height,
                            width=width, steps=steps, prompts=_read_prompts(prompts), seed=seed, random_samples=random_samples,
                            overrides=overrides, end_to_end=not no_end_to_end, verify=not no_verify, threads=threads,
-                           cpu_precision=cpu_precision, verbose=verbose)
+                           cpu_precision=cpu_precision, verbose=verbose, vae_tile=vae_tile)
     if base is not None:  # before anything runs: a baseline compares only with a run on the same inputs
         assert baseline is not None
         h, w = default_size(artifacts, height, width)

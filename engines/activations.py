@@ -114,10 +114,12 @@ def trace_activations(module: torch.nn.Module, inputs: Mapping[str, torch.Tensor
     return ActivationTrace(live.peak, live.ops, live.peak_op, attention.fused, attention.unfused)
 
 
-def meta_inputs(spec: Any, batch: int, height: int, width: int, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Empty meta tensors shaped as `spec`'s inputs; floating inputs in the compute dtype."""
+def meta_inputs(spec: Any, batch: int, height: int, width: int, float_dtype: torch.dtype,
+                chunks: int = 1) -> dict[str, torch.Tensor]:
+    """Empty meta tensors shaped as `spec`'s inputs (`chunks` prompt chunks on a `sequence` axis);
+    floating inputs in the compute dtype."""
     out = {}
-    for name, shape in spec.input_shapes(batch, height, width).items():
+    for name, shape in spec.input_shapes(batch, height, width, chunks).items():
         declared = spec.input(name).dtype
         dtype = float_dtype if declared.startswith("float") else getattr(torch, declared)
         out[name] = torch.empty(shape, dtype=dtype, device="meta")

@@ -1,6 +1,7 @@
 """Device-memory planner: will a model's engines fit a card at the profile's largest shapes?
 
-Per component c, at the profile's precision and the largest shapes of its range:
+Per component c, at the profile's precision and the largest shapes of its range (the U-Net at its
+largest prompt: the profile's prompt_chunks, else the export's default of 3 chunks, 231 tokens):
 
     weights(c)     = sum over parameters of bytes per parameter: fp32 4, fp16 2; int8 and fp8: 1 for
                      the weights of Conv/Linear layers outside NVIDIA's SDXL exclusion list, 2 (fp16)
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.profile import GIB, GpuProfile
-from exporter.specs import NUMPY_DTYPES, ComponentSpec, specs_from_configs
+from exporter.specs import DEFAULT_PROMPT_CHUNKS, NUMPY_DTYPES, ComponentSpec, specs_from_configs
 
 MIB = 1 << 20
 RUNTIME_OVERHEAD_BYTES = 512 * MIB
@@ -225,9 +226,9 @@ _CACHE: dict[tuple[Any, ...], tuple[int, int, Any]] = {}
 
 
 def measure_component(source: Any, spec: ComponentSpec, precision: str, batch: int, height: int,
-                      width: int) -> tuple[int, int, Any]:
+                      width: int, chunks: int = 1) -> tuple[int, int, Any]:
     """(parameters, weight bytes, ActivationTrace) for one component at one shape, cached per process."""
-    key = (source.ref, spec.name, precision, batch, height, width)
+    key = (source.ref, spec.name, precision, batch, height, width, chunks)
     if key not in _CACHE:
         import torch
 
@@ -238,21 +239,30 @@ def measure_component(source: Any, spec: ComponentSpec, precision: str, batch: i
         params, wbytes = _weight_bytes(module, spec.name, precision)
         dtype = torch.float32 if precision == "fp32" else torch.float16  # int8 graphs compute in fp16 between Q/DQ
         wrapper = wrap(spec, module).to(dtype)
-        trace = trace_activations(wrapper, meta_inputs(spec, batch, height, width, dtype))
+        trace = trace_activations(wrapper, meta_inputs(spec, batch, height, width, dtype, chunks))
         _CACHE[key] = (params, wbytes, trace)
     return _CACHE[key]
 
 
-def io_bytes(spec: ComponentSpec, batch: int, height: int, width: int) -> int:
+def io_bytes(spec: ComponentSpec, batch: int, height: int, width: int, chunks: int = 1) -> int:
     total = 0
-    for tensors, shapes in ((spec.inputs, spec.input_shapes(batch, height, width)),
-                            (spec.outputs, spec.output_shapes(batch, height, width))):
+    for tensors, shapes in ((spec.inputs, spec.input_shapes(batch, height, width, chunks)),
+                            (spec.outputs, spec.output_shapes(batch, height, width, chunks))):
         for t in tensors:
             n = 1
             for d in shapes[t.name]:
                 n *= d
             total += n * NUMPY_DTYPES[t.dtype]().itemsize
     return total
+
+
+def planned_chunks(spec: ComponentSpec, rng: Any) -> int:
+    """The prompt chunks the plan sizes a component at: the profile's largest, or, where the profile
+    leaves the U-Net's sequence range to the export, the export's default largest (DEFAULT_PROMPT_CHUNKS,
+    231 tokens); 1 for a graph without a sequence axis."""
+    if not spec.has_sequence:
+        return 1
+    return rng.prompt_chunks[2] if rng.prompt_chunks else DEFAULT_PROMPT_CHUNKS
 
 
 def check_plan_sizes(specs: dict[str, ComponentSpec], profile: GpuProfile, components: list[str] | None = None) -> None:
@@ -323,8 +333,8 @@ def plan_memory(source: Any, profile: GpuProfile, components: list[str] | None =
         spec = specs[name]
         precision = (precisions or {}).get(name) or profile.precision_for(name)
         rng = profile.shape_range(spec.kind)
-        b, h, w = rng.batch[2], rng.height[2], rng.width[2]
-        params, wbytes, trace = measure_component(source, spec, precision, b, h, w)
+        b, h, w, n = rng.batch[2], rng.height[2], rng.width[2], planned_chunks(spec, rng)
+        params, wbytes, trace = measure_component(source, spec, precision, b, h, w, n)
         note = ""
         if trace.unfused_attention_calls:
             note = (f"{trace.unfused_attention_calls} attention call(s) with heads wider than 128 counted "
@@ -334,8 +344,8 @@ def plan_memory(source: Any, profile: GpuProfile, components: list[str] | None =
             wbytes, weights_from = weights_override[name], "onnx files"
         plan.components[name] = ComponentMemory(
             component=name, precision=precision, parameters=params, weights_bytes=wbytes, weights_from=weights_from,
-            activations_bytes=trace.peak_bytes, io_bytes=io_bytes(spec, b, h, w),
-            max_shapes=spec.input_shapes(b, h, w), peak_op=trace.peak_op, note=note,
+            activations_bytes=trace.peak_bytes, io_bytes=io_bytes(spec, b, h, w, n),
+            max_shapes=spec.input_shapes(b, h, w, n), peak_op=trace.peak_op, note=note,
             largest_weight_bytes=largest_weight_bytes(source, spec, precision) if profile.build.weight_streaming else 0)
     if profile.build.weight_streaming:
         budget = profile.runtime.weight_streaming_budget_gib
@@ -350,9 +360,9 @@ def weights_only_plan(model: str, profile: GpuProfile, specs: dict[str, Componen
     plan = MemoryPlan(model=model, profile=profile, mode=profile.runtime.residency)
     for name, spec in specs.items():
         rng = profile.shape_range(spec.kind)
-        b, h, w = rng.batch[2], rng.height[2], rng.width[2]
+        b, h, w, n = rng.batch[2], rng.height[2], rng.width[2], planned_chunks(spec, rng)
         plan.components[name] = ComponentMemory(
             component=name, precision=precisions[name], parameters=parameters.get(name, 0),
             weights_bytes=weights[name], weights_from="onnx files", activations_bytes=None,
-            io_bytes=io_bytes(spec, b, h, w), max_shapes=spec.input_shapes(b, h, w), note=reason)
+            io_bytes=io_bytes(spec, b, h, w, n), max_shapes=spec.input_shapes(b, h, w, n), note=reason)
     return plan

@@ -85,11 +85,14 @@ def test_plan_components_and_peaks(paper_plans: dict) -> None:
     assert c["unet"].weights_bytes == 2 * 782_822_724  # fp16
     assert c["vae_decoder"].weights_bytes == 4 * 49_490_199  # fp32 VAE policy
     assert c["unet"].max_shapes["sample"] == (2, 4, 128, 128)  # CFG batch at 1024x1024
+    assert c["unet"].max_shapes["encoder_hidden_states"] == (2, 231, 2048)  # the longest prompt: 3 chunks of 77
     # I/O in FP32 at 1024 px, CFG batch 2, counted by hand: sample 2*4*128*128 + timestep 2 + hidden states
-    # 2*77*2048 + text_embeds 2*1280 + time_ids 2*6 + out_sample 2*4*128*128 = 580,110 values; the VAE
+    # at the longest prompt the engine takes (the profile leaves prompt_chunks to the export: its default
+    # 3 chunks, 231 tokens) 2*231*2048 + text_embeds 2*1280 + time_ids 2*6 + out_sample 2*4*128*128
+    # = 1,210,894 values (580,110 at one 77-token chunk, as the planner counted before); the VAE
     # decoder at batch 1: latents 4*128*128 + image 3*1024*1024 = 3,211,264; text_encoder: int32 ids 2*77
     # + hidden states 2*77*768 = 118,426.
-    assert (c["unet"].io_bytes, c["vae_decoder"].io_bytes, c["text_encoder"].io_bytes) == (4 * 580_110, 4 * 3_211_264, 4 * 118_426)
+    assert (c["unet"].io_bytes, c["vae_decoder"].io_bytes, c["text_encoder"].io_bytes) == (4 * 1_210_894, 4 * 3_211_264, 4 * 118_426)
     assert p.sequential_peak < p.resident_peak
     s = paper_plans["sdxl-base", "rtx3060ti"].components["unet"]
     assert (s.parameters, s.weights_bytes) == (2_567_463_684, 2 * 2_567_463_684)  # SDXL-Base's 2.57B U-Net, fp16
@@ -130,3 +133,24 @@ def test_plan_cli_json_and_sequential_verdict() -> None:
     assert json.loads(out)["fits"] is True  # one component at a time, SDXL-Base fits the 8 GB card
     code, out, _ = run_cli("plan", "--model", "random:koala-700m", "--profile", "rtx3060ti")
     assert code == 0 and "verdict (resident): FITS" in out
+
+
+def test_unet_planned_at_the_profiles_longest_prompt() -> None:
+    """The U-Net's I/O and activations at the profile's largest prompt_chunks: a one-chunk profile
+    gives 77 tokens, a longer range more bytes; the text encoders, whose input is one chunk, stay."""
+    from dataclasses import replace
+
+    from engines.planner import plan_memory
+    from engines.profile import load_profile
+    from exporter.sources import resolve
+
+    source, base = resolve("random:tiny"), load_profile("rtx3060ti").with_overrides(batch=1, height=256, width=256)
+    plans = {n: plan_memory(source, replace(base, shapes=replace(base.shapes, prompt_chunks=(1, 1, n))), ["unet", "text_encoder"])
+             for n in (1, 2)}
+    one, two = (plans[n].components for n in (1, 2))
+    assert one["unet"].max_shapes["encoder_hidden_states"][1] == 77 and two["unet"].max_shapes["encoder_hidden_states"][1] == 154
+    ctx = one["unet"].max_shapes["encoder_hidden_states"][2]
+    # 77 more positions x the context width x the CFG batch, in the graph's FP32 I/O (4 bytes)
+    assert two["unet"].io_bytes - one["unet"].io_bytes == 2 * 77 * ctx * 4
+    assert two["unet"].activations_bytes >= one["unet"].activations_bytes
+    assert two["text_encoder"].io_bytes == one["text_encoder"].io_bytes

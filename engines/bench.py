@@ -230,7 +230,8 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
         spec = sampler.specs[comp]
         feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False)
                  for k, v in spec.dummy_inputs(batches[comp], plan.height, plan.width, seed=opts.seed).items()}
-        call = _tiled_decode(sampler, plan.vae_tile) if comp == "vae_decoder" and plan.vae_tile else partial(backend.run, comp)
+        tiled = comp == "vae_decoder" and plan.vae_tile is not None
+        call = _tiled_decode(sampler, plan.vae_tile) if tiled else partial(backend.run, comp)
         probe.start()
         for i in range(opts.warmup):
             t = time.perf_counter()
@@ -247,7 +248,7 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
             log(f"{comp} (batch {batches[comp]}): run {i + 1}/{opts.runs} {alone.stages[comp][-1]:.3f} s")
         result.components[comp] = {"batch": batches[comp], **latency_stats(alone.stages[comp]), "peak_memory_mb": probe.stop(),
                                    **({"vae_tile": plan.vae_tile, "tiles": sampler.tile_grid(plan).count}
-                                      if comp == "vae_decoder" and plan.vae_tile else {})}
+                                      if tiled else {})}
 
     if opts.end_to_end:
         probe.start()

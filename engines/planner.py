@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.profile import GIB, GpuProfile
-from exporter.specs import DEFAULT_PROMPT_CHUNKS, NUMPY_DTYPES, ComponentSpec, specs_from_configs
+from exporter.specs import DEFAULT_PROMPT_CHUNKS, NUMPY_DTYPES, ComponentSpec, ShapeRange, specs_from_configs
 
 MIB = 1 << 20
 RUNTIME_OVERHEAD_BYTES = 512 * MIB
@@ -256,7 +256,7 @@ def io_bytes(spec: ComponentSpec, batch: int, height: int, width: int, chunks: i
     return total
 
 
-def planned_chunks(spec: ComponentSpec, rng: Any) -> int:
+def planned_chunks(spec: ComponentSpec, rng: ShapeRange) -> int:
     """The prompt chunks the plan sizes a component at: the profile's largest, or, where the profile
     leaves the U-Net's sequence range to the export, the export's default largest (DEFAULT_PROMPT_CHUNKS,
     231 tokens); 1 for a graph without a sequence axis."""

@@ -109,11 +109,12 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
 
             toks = [ClipTokenizer(manifest.root / t) for t in manifest.view.tokenizers]
             check_prompt_range(specs["unet"], ranges["unet"], prompt_tokens(toks, opts.prompts))
-        if run_e2e:  # the end-to-end request as the sampler will plan it (a --vae-tile the VAE cannot take)
+        sampler = Sampler(backend, assets) if run_e2e else None
+        if sampler is not None:  # the end-to-end request as the sampler will plan it (a --vae-tile the VAE cannot take)
             from engines.sampler import Request
 
-            Sampler(backend, assets).plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
-                                                  height=height, width=width, vae_tile=opts.vae_tile))
+            sampler.plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
+                                 height=height, width=width, vae_tile=opts.vae_tile))
     except BaseException:
         backend.close()
         raise
@@ -181,13 +182,12 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                 reference.release(c)  # the trajectories already hold what end to end compares with
 
         # ----- end to end ------------------------------------------------------------------------
-        if run_e2e and traj is not None:
+        if sampler is not None and traj is not None:
             e2e_prec = end_to_end_precision(precisions.values())
             chk = Check(END_TO_END, END_TO_END, e2e_prec, f"numpy Sampler on {opts.backend} vs the diffusers pipeline, "
                         f"{len(opts.prompts)} prompts, {opts.steps} steps, guidance {source.sampler.guidance:g}"
                         + (f", VAE decoded in {opts.vae_tile} px tiles" if opts.vae_tile else ""),
                         limits=limits_for(END_TO_END, e2e_prec, opts.overrides))
-            sampler = Sampler(backend, assets)
             latents, images, secs = candidate_run(sampler, traj, opts.steps, source.sampler.guidance, height, width, log,
                                                  vae_tile=opts.vae_tile)
             measure(chk, traj, latents, images)

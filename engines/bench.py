@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -288,46 +289,64 @@ ENTRY_PRECISIONS = {"openvino": ("auto", "fp32", "bf16"), "torch": ("fp32", "bf1
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """One backend of a side-by-side run: `name` or `name:precision` (openvino's --cpu-precision,
-    torch's bf16 autocast)."""
+    """One backend of a side-by-side run: `name`, `name:precision` (openvino's --cpu-precision, torch's
+    bf16 autocast), either with `@FOLDER`: an artifacts folder of its own for an onnxruntime or openvino
+    entry (another precision of the same export, say an INT8 folder of `quantize`) in place of
+    --artifacts."""
 
     name: str
     precision: str | None = None
+    artifacts: Path | None = None
+
+    @property
+    def backend(self) -> str:
+        """What the entry's own process gets as --backend."""
+        return self.name if self.precision is None else f"{self.name}:{self.precision}"
 
     @property
     def label(self) -> str:
-        return self.name if self.precision is None else f"{self.name}:{self.precision}"
+        return self.backend if self.artifacts is None else f"{self.backend}@{self.artifacts.name}"
 
 
 def parse_backends(text: str, cpu_precision: str | None = None) -> list[BackendEntry]:
-    """`--backend a,b:p,...` as entries, checked before any work: known names, precisions each backend
-    takes, no entry twice. --cpu-precision applies to the openvino entries that name no precision
-    (and, as for one backend, is refused when none is openvino)."""
-    from engines.runtime import BACKENDS
+    """`--backend a,b:p,c@FOLDER,...` as entries, checked before any work: known names, precisions each
+    backend takes, folders only for the backends that read ONNX graphs, no entry twice. --cpu-precision
+    applies to the openvino entries that name no precision (and, as for one backend, is refused when
+    none is openvino)."""
+    from engines.runtime import BACKENDS, ONNX_BACKENDS
 
     items = [x.strip() for x in text.split(",")]
     if not text.strip() or any(not x for x in items):
-        raise UsageError(f"--backend {text!r}: an empty name in the list; give NAME[:PRECISION],... from {', '.join(BACKENDS)}")
+        raise UsageError(f"--backend {text!r}: an empty name in the list; give NAME[:PRECISION][@FOLDER],... from {', '.join(BACKENDS)}")
     entries = []
     for item in items:
-        name, _, precision = item.partition(":")
+        head, at, folder = item.partition("@")
+        name, _, precision = head.partition(":")
         if name not in BACKENDS:
             raise UsageError(f"--backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        if at and (name not in ONNX_BACKENDS or not folder.strip()):
+            raise UsageError(f"--backend {item}: " + (f"@FOLDER is an artifacts folder for {' or '.join(ONNX_BACKENDS)} entries"
+                                                      if name not in ONNX_BACKENDS else "@ needs an artifacts folder after it"))
         if precision:
             allowed = ENTRY_PRECISIONS.get(name, ())
             if precision not in allowed:
                 raise UsageError(f"--backend {item}: " + (f"{name} takes the precisions {', '.join(allowed)}" if allowed else
                                  f"{name} runs the precision of its {'engines' if name == 'tensorrt' else 'artifacts'} "
-                                 "(make another folder with convert or quantize)"))
+                                 "(make another folder with convert or quantize" + (")" if name == "tensorrt" else
+                                                                                    f" and list it as {name}@FOLDER)")))
         elif name == "openvino" and cpu_precision is not None:
             precision = cpu_precision
-        entries.append(BackendEntry(name, precision or None))
+        entries.append(BackendEntry(name, precision or None, Path(folder.strip()) if at else None))
     if cpu_precision is not None and not any(e.name == "openvino" for e in entries):
         raise UsageError(f"--cpu-precision is for --backend openvino (not {text})")
-    labels = [e.label for e in entries]
-    twice = sorted({x for x in labels if labels.count(x) > 1})
+    keys = [(e.backend, e.artifacts.resolve() if e.artifacts else None) for e in entries]
+    twice = sorted({e.label for e, k in zip(entries, keys) if keys.count(k) > 1})
     if twice:
         raise UsageError(f"--backend lists {', '.join(twice)} twice")
+    labels = [e.label for e in entries]
+    same = sorted({x for x in labels if labels.count(x) > 1})
+    if same:
+        raise UsageError(f"--backend: two entries would both be labelled {same[0]} (folders of the same name); rename one")
     return entries
 
 

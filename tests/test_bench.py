@@ -264,6 +264,11 @@ def test_parse_backends() -> None:
     assert [e.label for e in parse_backends("onnxruntime,openvino,openvino:fp32", "bf16")] == \
         ["onnxruntime", "openvino:bf16", "openvino:fp32"]
     assert [e.label for e in parse_backends(" torch:bf16 , onnxruntime ")] == ["torch:bf16", "onnxruntime"]
+    # @FOLDER: an artifacts folder of the entry's own; labelled by the folder's name
+    e = parse_backends("onnxruntime,openvino:bf16@/x/int8, onnxruntime@ out/fp16 ")
+    assert [x.label for x in e] == ["onnxruntime", "openvino:bf16@int8", "onnxruntime@fp16"]
+    assert [x.backend for x in e] == ["onnxruntime", "openvino:bf16", "onnxruntime"]
+    assert e[1].artifacts == Path("/x/int8") and e[2].artifacts == Path("out/fp16") and e[0].artifacts is None
 
 
 @pytest.mark.parametrize("args, message", [
@@ -277,10 +282,41 @@ def test_parse_backends() -> None:
     (["--backend", "onnxruntime,tensorrt"], "Error: --backend tensorrt needs --engines DIR"),
     (["--backend", "onnxruntime,openvino", "--engines", "x"], "Error: --engines is for --backend tensorrt\n"),
     (["--backend", "onnxruntime", "--lock", "x.lock"], "Error: --lock is for a list of backends"),
+    (["--backend", "onnxruntime,torch@x"], "Error: --backend torch@x: @FOLDER is an artifacts folder for onnxruntime or openvino entries\n"),
+    (["--backend", "onnxruntime,openvino@"], "Error: --backend openvino@: @ needs an artifacts folder after it\n"),
+    (["--backend", "onnxruntime@a/x,openvino,onnxruntime@b/x"], "Error: --backend: two entries would both be labelled onnxruntime@x"),
+    (["--backend", "onnxruntime@x,onnxruntime@./x"], "Error: --backend lists onnxruntime@x twice\n"),
+    (["--backend", "onnxruntime@x"], "Error: --backend onnxruntime@x names its artifacts folder; leave out --artifacts"),
 ])
 def test_side_by_side_bad_input(tiny_artifacts: Path, args: list[str], message: str) -> None:
     code, stdout, stderr = run_cli("bench", "--artifacts", str(tiny_artifacts), *args)
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1 and not stdout, stderr
+
+
+def test_side_by_side_entry_folders(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """`NAME@FOLDER`: the entry's own process reads that folder (its record's source), compared with the
+    first entry on the same inputs (a copy of the same graphs: rel L2 0); a folder of another model is
+    refused before any backend starts, and so is an entry without a folder when --artifacts is absent."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifacts, copy)
+    code, stdout, stderr = run_cli("bench", "--artifacts", str(tiny_artifacts), "--backend", f"onnxruntime,onnxruntime@{copy}",
+                                   *SIZE, "-c", "unet", "--no-end-to-end", "--warmup", "0", "--runs", "1", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    first, second = doc["backends"]
+    assert (first["entry"], second["entry"]) == ("onnxruntime", "onnxruntime@copy")
+    assert (first["source"], second["source"]) == (str(tiny_artifacts), str(copy))
+    assert second["against"]["unet.out_sample"]["rel_l2"] == 0.0, second["against"]
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["source"]["model"] = "random:other"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, stderr = run_cli("bench", "--artifacts", str(tiny_artifacts), "--backend", f"onnxruntime,openvino@{copy}")
+    assert code == 2 and not stdout and stderr.startswith(f"Error: {copy} is not of the model {tiny_artifacts} holds"), stderr
+    code, _, stderr = run_cli("bench", "--backend", f"onnxruntime@{tiny_artifacts},openvino")
+    assert code == 2 and stderr == "Error: --backend openvino needs --artifacts DIR (from `koala-trt export`) or an @FOLDER of its own\n", stderr
 
 
 def test_side_by_side_missing_backend_or_artifacts(tiny_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,10 +54,10 @@ def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = Fal
 @click.command("bench")
 @click.option("--artifacts", "-a", type=click.Path(path_type=Path),
               help="Artifacts folder (`koala-trt export`, `convert`, `quantize`): the graphs for onnxruntime; specs, tokenizers and defaults for all.")
-@click.option("--backend", "-b", "backend_list", default="onnxruntime", show_default=True, metavar="NAME[:PRECISION],...",
+@click.option("--backend", "-b", "backend_list", default="onnxruntime", show_default=True, metavar="NAME[:PRECISION][@FOLDER],...",
               help="What runs the networks: onnxruntime, openvino, tensorrt or torch. A comma-separated list runs each in a "
                    "process of its own and prints them side by side, with each one's error against the first on the same "
-                   "inputs. openvino:fp32|bf16|auto sets its --cpu-precision, torch:bf16 runs PyTorch under bf16 autocast.")
+                   "inputs. openvino:fp32|bf16|auto sets its --cpu-precision, torch:bf16 runs PyTorch under bf16 autocast; NAME@FOLDER gives an onnxruntime or openvino entry an artifacts folder of its own (another precision of the same export).")
 @click.option("--engines", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` (--backend tensorrt).")
 @click.option("--model", "-m", help="PyTorch reference for --backend torch [default: the model the artifacts were exported from].")
 @click.option("--height", type=POSITIVE, help="Image height in pixels [default: the model's native size].")
@@ -111,7 +111,7 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
     if csv_path is not None:
         check_out_file(csv_path, "--csv")
     if len(entries) > 1:
-        check_list_sources([e.name for e in entries], artifacts, model, engines)
+        check_list_sources(entries, artifacts, model, engines)
         if lock_path is not None:
             check_out_file(lock_path, "--lock")
         side_by_side(entries, artifacts=artifacts, engines=engines, model=model, threads=threads, opts=opts, components=components,
@@ -122,6 +122,10 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
     if rounds != 1:
         raise UsageError("--rounds is for a list of backends (-b a,b); for one backend, raise --runs")
     entry = entries[0]
+    if entry.artifacts is not None:
+        if artifacts is not None:
+            raise UsageError(f"--backend {entry.label} names its artifacts folder; leave out --artifacts (or the @FOLDER)")
+        artifacts = entry.artifacts
     backend = entry.name
     check_backend_sources(backend, artifacts, model, engines)
     if save_outputs is not None:
@@ -169,17 +173,20 @@ def bench_one(entry: Any, artifacts: Path | None, engines: Path | None, model: s
 
 # ----- several backends side by side ---------------------------------------------------------------------
 
-def check_list_sources(names: list[str], artifacts: Path | None, model: str | None, engines: Path | None) -> None:
+def check_list_sources(entries: list[Any], artifacts: Path | None, model: str | None, engines: Path | None) -> None:
     """check_backend_sources for a list: each input is read by some backend of the list, each backend
-    has what it reads, and each is installed; all before the first backend starts."""
+    has what it reads, each is installed, and the folders of `@FOLDER` entries hold the same model's
+    components as --artifacts (the same inputs, so their errors compare); all before the first
+    backend starts."""
     import importlib.util
 
     from engines.runtime import ONNX_BACKENDS
-    from koala_core.machine import resolve_cpu_precision  # noqa: F401  (bf16 is checked per entry below)
 
-    onnx = [n for n in names if n in ONNX_BACKENDS]
+    names = [e.name for e in entries]
+    onnx = [e for e in entries if e.name in ONNX_BACKENDS and e.artifacts is None]
     if onnx and artifacts is None:
-        raise UsageError(f"--backend {onnx[0]} needs --artifacts DIR (from `koala-trt export`)")
+        raise UsageError(f"--backend {onnx[0].label} needs --artifacts DIR (from `koala-trt export`) or an @FOLDER of its own")
+    folders = [f for f in [artifacts, *(e.artifacts for e in entries)] if f is not None]
     if model is not None and "torch" not in names:
         raise UsageError("--model is for --backend torch; onnxruntime, openvino and tensorrt read --artifacts / --engines")
     if engines is not None and "tensorrt" not in names:
@@ -188,10 +195,15 @@ def check_list_sources(names: list[str], artifacts: Path | None, model: str | No
         raise UsageError("--backend tensorrt needs --engines DIR (a `koala-trt build` folder)")
     if "torch" in names and model is None and artifacts is None:
         raise UsageError("--backend torch needs --model (or --artifacts, whose source model it then builds)")
-    if artifacts is not None:
+    if folders:
         from exporter.manifest import load_manifest
 
-        load_manifest(artifacts)  # a missing or broken folder: one line before any backend starts
+        # a missing or broken folder: one line before any backend starts
+        first, *others = [(f, load_manifest(f)) for f in folders]
+        for folder, manifest in others:
+            if (manifest.view.source, manifest.view.loras) != (first[1].view.source, first[1].view.loras):
+                raise UsageError(f"{folder} is not of the model {first[0]} holds ({first[1].view.source.model}): "
+                                 "a side-by-side run compares folders of one model, same weights and LoRA adapters")
     missing = {"openvino": "--backend openvino needs OpenVINO: pip install 'koala-trt[openvino]'",
                "torch": "--backend torch needs PyTorch: pip install 'koala-trt[export]'"}
     for name, message in missing.items():
@@ -205,14 +217,14 @@ def check_list_sources(names: list[str], artifacts: Path | None, model: str | No
 def _child_args(entry: Any, artifacts: Path | None, engines: Path | None, model: str | None, threads: int | None,
                 opts: Any, components: str) -> list[str]:
     """`koala-trt bench` options for one entry of the list, the same measurement as the others."""
-    args = ["--backend", entry.label, "--warmup", str(opts.warmup), "--runs", str(opts.runs), "--batch", str(opts.batch),
+    args = ["--backend", entry.backend, "--warmup", str(opts.warmup), "--runs", str(opts.runs), "--batch", str(opts.batch),
             "--components", components, "--end-to-end" if opts.end_to_end else "--no-end-to-end"]
     for flag, value in (("--height", opts.height), ("--width", opts.width), ("--steps", opts.steps),
                         ("--guidance", opts.guidance), ("--threads", threads), ("--vae-tile", opts.vae_tile)):
         if value is not None:
             args += [flag, str(value)]
-    if artifacts is not None:
-        args += ["--artifacts", str(artifacts)]
+    if entry.artifacts is not None or artifacts is not None:
+        args += ["--artifacts", str(entry.artifacts or artifacts)]
     if entry.name == "torch" and model is not None:
         args += ["--model", model]
     if entry.name == "tensorrt" and engines is not None:
@@ -298,6 +310,7 @@ def side_by_side(entries: list[Any], artifacts: Path | None, engines: Path | Non
                 if data is None:
                     errors[i] = error or "failed"
                     continue
+                data["entry"] = e.label  # the child knows its backend, not the @FOLDER it was listed with
                 if rnd == 0:
                     with np.load(work / "outputs.npz") as z:
                         outputs = {k: z[k] for k in z.files}

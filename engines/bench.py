@@ -330,10 +330,9 @@ def parse_backends(text: str, cpu_precision: str | None = None) -> list[BackendE
         if precision:
             allowed = ENTRY_PRECISIONS.get(name, ())
             if precision not in allowed:
+                source, listed = ("engines", "") if name == "tensorrt" else ("artifacts", f" and list it as {name}@FOLDER")
                 raise UsageError(f"--backend {item}: " + (f"{name} takes the precisions {', '.join(allowed)}" if allowed else
-                                 f"{name} runs the precision of its {'engines' if name == 'tensorrt' else 'artifacts'} "
-                                 "(make another folder with convert or quantize" + (")" if name == "tensorrt" else
-                                                                                    f" and list it as {name}@FOLDER)")))
+                                 f"{name} runs the precision of its {source} (make another folder with convert or quantize{listed})"))
         elif name == "openvino" and cpu_precision is not None:
             precision = cpu_precision
         entries.append(BackendEntry(name, precision or None, Path(folder.strip()) if at else None))

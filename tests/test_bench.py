@@ -302,10 +302,12 @@ def test_side_by_side_entry_folders(tiny_artifacts: Path, tmp_path: Path) -> Non
     copy = tmp_path / "copy"
     shutil.copytree(tiny_artifacts, copy)
     code, stdout, stderr = run_cli("bench", "--artifacts", str(tiny_artifacts), "--backend", f"onnxruntime,onnxruntime@{copy}",
-                                   *SIZE, "-c", "unet", "--no-end-to-end", "--warmup", "0", "--runs", "1", "--json")
+                                   *SIZE, "-c", "unet", "--no-end-to-end", "--warmup", "0", "--runs", "1", "--threads", "1", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     first, second = doc["backends"]
+    # rel L2 exactly 0 relies on the same graph, inputs and kernels in two processes of one machine at
+    # one thread (no reduction split by thread count), which holds on AVX2 and AMX CPUs alike
     assert (first["entry"], second["entry"]) == ("onnxruntime", "onnxruntime@copy")
     assert (first["source"], second["source"]) == (str(tiny_artifacts), str(copy))
     assert second["against"]["unet.out_sample"]["rel_l2"] == 0.0, second["against"]

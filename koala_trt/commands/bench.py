@@ -186,7 +186,6 @@ def check_list_sources(entries: list[Any], artifacts: Path | None, model: str | 
     onnx = [e for e in entries if e.name in ONNX_BACKENDS and e.artifacts is None]
     if onnx and artifacts is None:
         raise UsageError(f"--backend {onnx[0].label} needs --artifacts DIR (from `koala-trt export`) or an @FOLDER of its own")
-    folders = [f for f in [artifacts, *(e.artifacts for e in entries)] if f is not None]
     if model is not None and "torch" not in names:
         raise UsageError("--model is for --backend torch; onnxruntime, openvino and tensorrt read --artifacts / --engines")
     if engines is not None and "tensorrt" not in names:
@@ -195,6 +194,7 @@ def check_list_sources(entries: list[Any], artifacts: Path | None, model: str | 
         raise UsageError("--backend tensorrt needs --engines DIR (a `koala-trt build` folder)")
     if "torch" in names and model is None and artifacts is None:
         raise UsageError("--backend torch needs --model (or --artifacts, whose source model it then builds)")
+    folders = [f for f in [artifacts, *(e.artifacts for e in entries)] if f is not None]
     if folders:
         from exporter.manifest import load_manifest
 
@@ -223,8 +223,9 @@ def _child_args(entry: Any, artifacts: Path | None, engines: Path | None, model:
                         ("--guidance", opts.guidance), ("--threads", threads), ("--vae-tile", opts.vae_tile)):
         if value is not None:
             args += [flag, str(value)]
-    if entry.artifacts is not None or artifacts is not None:
-        args += ["--artifacts", str(entry.artifacts or artifacts)]
+    folder = entry.artifacts or artifacts  # an @FOLDER entry reads its own folder
+    if folder is not None:
+        args += ["--artifacts", str(folder)]
     if entry.name == "torch" and model is not None:
         args += ["--model", model]
     if entry.name == "tensorrt" and engines is not None:

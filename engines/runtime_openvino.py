@@ -9,6 +9,9 @@ component's files (as the manifest records them), OpenVINO's version, the CPU's 
 precision and the thread count (OpenVINO also keys the blob inside by graph and settings). Each
 folder's blobs are recorded with their sha256 (`koala-cache.json`) once compiled: a folder whose blobs
 do not match the record (corrupt, or left half-written) is removed and compiled again, never trusted.
+
+In BF16, the phase of every sinusoid (the timestep and time-id embeddings) is kept in FP32: see
+`keep_phases_fp32`.
 """
 
 from __future__ import annotations
@@ -49,11 +52,74 @@ def component_precision(spec: ComponentSpec, cpu_precision: str, asked: bool) ->
     return cpu_precision
 
 
+# Bumped whenever what this module changes in a graph before compiling it changes (part of the cache key).
+GRAPH_EDITS = {"fp32": "none", "bf16": "phases-fp32/1"}
+# Shape-only ops that the CPU plugin rebuilds as a new Reshape, dropping the new op's runtime attributes.
+_RESHAPES = ("Unsqueeze", "Squeeze", "Reshape")
+# A one-layer IR whose layer carries OpenVINO's "precise" attribute (DisablePrecisionConversion); the
+# Python API cannot make that attribute, but can copy it from a node that has it.
+_PRECISE_IR = b"""<?xml version="1.0"?><net name="precise" version="11"><layers>
+<layer id="0" name="x" type="Parameter" version="opset1"><data shape="1" element_type="f32"/>
+<output><port id="0" precision="FP32"><dim>1</dim></port></output></layer>
+<layer id="1" name="precise" type="Relu" version="opset1"><rt_info><attribute name="precise" version="0"/></rt_info>
+<input><port id="0" precision="FP32"><dim>1</dim></port></input><output><port id="1" precision="FP32"><dim>1</dim></port></output></layer>
+<layer id="2" name="y" type="Result" version="opset1"><input><port id="0" precision="FP32"><dim>1</dim></port></input></layer>
+</layers><edges><edge from-layer="0" from-port="0" to-layer="1" to-port="0"/><edge from-layer="1" from-port="1" to-layer="2" to-port="0"/></edges></net>"""
+
+
+def phase_nodes(model: Any) -> list[Any]:
+    """The Sin and Cos nodes of `model` and every non-constant node that feeds their argument."""
+    found = {id(n): n for n in model.get_ops() if n.get_type_name() in ("Sin", "Cos")}
+    todo = list(found.values())
+    while todo:
+        for port in todo.pop().inputs():
+            parent = port.get_source_output().get_node()
+            if parent.get_type_name() != "Constant" and id(parent) not in found:
+                found[id(parent)] = parent
+                todo.append(parent)
+    return list(found.values())
+
+
+def keep_phases_fp32(core: Any, model: Any) -> int:
+    """Marks the nodes that compute a sinusoid's phase (the timestep and time-id embeddings) to stay
+    FP32 under OpenVINO's BF16 inference; returns how many were marked.
+
+    BF16 keeps 8 significant bits: a timestep of 999 becomes 1000 and 750 becomes 752, which turns the
+    highest frequencies of sin(t * f) into noise. That was the U-Net's largest BF16 error (random:tiny,
+    256 px, AVX512-BF16: rel L2 0.054 at t=999 against 0.013 at t=0; 0.013 at every t with this).
+    The CPU plugin keeps a node in its original precision when it carries the "precise" attribute; its
+    Unsqueeze-to-Reshape rewrite drops the attribute, so each chain of shape-only ops on the phase path
+    is first replaced by one Reshape, which the plugin keeps as it is."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    template = next(n for n in core.read_model(_PRECISE_IR, ov.Tensor(np.zeros(0, np.uint8))).get_ops()
+                    if n.get_friendly_name() == "precise")
+    (key, attribute), = template.get_rt_info().items()
+    for node in phase_nodes(model):
+        if node.get_type_name() not in _RESHAPES:
+            continue
+        shape = [-1 if d.is_dynamic else d.get_length() for d in node.get_output_partial_shape(0)]
+        if shape.count(-1) > 1:
+            continue  # not expressible as one Reshape pattern: left as it is
+        source = node.input_value(0)
+        while source.get_node().get_type_name() in _RESHAPES:
+            source = source.get_node().input_value(0)
+        reshape = ops.reshape(source, ops.constant(np.array(shape, np.int64)), special_zero=False)
+        reshape.set_friendly_name(node.get_friendly_name())
+        node.output(0).replace(reshape.output(0))
+    model.validate_nodes_and_infer_types()
+    marked = phase_nodes(model)
+    for node in marked:
+        node.set_rt_info(attribute, key)
+    return len(marked)
+
+
 def cache_key(graph_files: dict[str, str], ov_version: str, flags: list[str], precision: str, threads: int | None) -> str:
     """sha256 of what a compiled blob depends on (graph_files: path -> sha256); one folder per key, so
     each folder holds the blob of one compile configuration."""
     doc = {"graph": dict(sorted(graph_files.items())), "openvino": ov_version, "flags": sorted(flags),
-           "precision": precision, "threads": threads}
+           "precision": precision, "threads": threads, "edits": GRAPH_EDITS[precision]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -149,6 +215,14 @@ class OpenVinoBackend(Backend):
         except OSError as e:  # a read-only folder or a full disk: runs uncached next time
             self.log(f"warning: cannot record the openvino cache {folder} ({_first_line(e)})")
 
+    def _graph(self, path: Path, component: str) -> Any:
+        """What OpenVINO compiles: the file itself in FP32; in BF16 the graph with its phases kept FP32."""
+        if self.precision_of(component) == "fp32":
+            return str(path)
+        model = self._core.read_model(str(path))
+        keep_phases_fp32(self._core, model)
+        return model
+
     def compiled(self, component: str) -> Any:
         if component not in self._compiled:
             if component not in self.specs:
@@ -164,7 +238,7 @@ class OpenVinoBackend(Backend):
                 self.log(f"warning: cannot create the openvino cache {folder} ({_first_line(e)}); compiling uncached")
             config = self._config(component) if folder.is_dir() else {k: v for k, v in self._config(component).items() if k != "CACHE_DIR"}
             try:
-                model = self._core.compile_model(str(path), "CPU", config)
+                model = self._core.compile_model(self._graph(path, component), "CPU", config)
             except Exception as e:  # OpenVINO raises RuntimeError with a long multi-line text
                 if not hit:
                     raise KoalaError(f"OpenVINO cannot compile {path}: {_first_line(e)}") from None
@@ -173,7 +247,7 @@ class OpenVinoBackend(Backend):
                 folder.mkdir(parents=True, exist_ok=True)
                 hit = False
                 try:
-                    model = self._core.compile_model(str(path), "CPU", config)
+                    model = self._core.compile_model(self._graph(path, component), "CPU", config)
                 except Exception as e2:
                     raise KoalaError(f"OpenVINO cannot compile {path}: {_first_line(e2)}") from None
             if not hit and folder.is_dir():

@@ -16,7 +16,7 @@ from koala_core.machine import resolve_cpu_precision
 ov = pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (the `cpu` extra of make install)")
 
 from engines.runtime import OnnxRuntimeBackend  # noqa: E402
-from engines.runtime_openvino import CACHE_RECORD, OpenVinoBackend, cache_key  # noqa: E402
+from engines.runtime_openvino import CACHE_RECORD, OpenVinoBackend, cache_key, keep_phases_fp32, phase_nodes  # noqa: E402
 from exporter.manifest import load_manifest  # noqa: E402
 from exporter.tolerances import TOLERANCES, tolerance  # noqa: E402
 
@@ -65,6 +65,32 @@ def test_bf16_within_its_tolerance_and_really_bf16(tiny_artifacts: Path, tmp_pat
     errors = _errors(tiny_artifacts, tmp_path, "bf16")
     for name, err in errors.items():
         assert 1e-4 < err <= TOLERANCES["bf16"]["rel_l2"], (name, err)
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has neither AMX-BF16 nor AVX512-BF16: bf16 is refused here")
+def test_bf16_keeps_the_timestep_phase_fp32(tiny_artifacts: Path, tmp_path: Path) -> None:
+    # A timestep that BF16 cannot hold (999 -> 1000, 750.5 -> 752) must cost no more than one it holds
+    # (1): measured on random:tiny at 256 px, AVX512-BF16, U-Net rel L2 against FP32 of 0.054 (999) and
+    # 0.058 (750) against 0.013 (1) when the phase ran in BF16, 0.013 at each with it kept FP32.
+    m = load_manifest(tiny_artifacts)
+    fp32 = OpenVinoBackend(m, threads=2, cpu_precision="fp32", cache_dir=tmp_path / "cache")
+    bf16 = OpenVinoBackend(m, threads=2, cpu_precision="bf16", cache_dir=tmp_path / "cache")
+    feeds = _feeds(m, "unet")
+    errors = {}
+    for t in (1.0, 999.0, 750.5):
+        feeds["timestep"] = np.full_like(feeds["timestep"], t)
+        errors[t] = _rel_l2(bf16.run("unet", feeds)["out_sample"], fp32.run("unet", feeds)["out_sample"])
+    assert max(errors[999.0], errors[750.5]) < 1.5 * errors[1.0], errors
+
+    # The compiled graph says so: every node on the way from the inputs to a Sin or Cos runs in FP32,
+    # while the rest runs in BF16.
+    model = ov.Core().read_model(str(m.onnx_path("unet")))
+    assert keep_phases_fp32(ov.Core(), model) >= 6  # two embeddings: input, reshape, multiply, sin, cos
+    runtime = bf16.compiled("unet").get_runtime_model()
+    precision = {n.get_friendly_name(): n.get_rt_info()["runtimePrecision"].astype(str) for n in runtime.get_ops()}
+    phases = [n.get_friendly_name() for n in phase_nodes(model) if n.get_friendly_name() in precision]
+    assert len(phases) >= 6 and {precision[n] for n in phases} == {"f32"}, {n: precision[n] for n in phases}
+    assert "bf16" in precision.values()
 
 
 def test_cache_is_keyed_reused_and_rebuilt_when_corrupt(tiny_artifacts: Path, tmp_path: Path) -> None:

@@ -127,15 +127,18 @@ def test_baseline_equal_passes_worse_fails(faithful: tuple[Path, str], tiny_arti
     Bounds this relies on, none of them one CPU's rounding:
     - FP32 noise: every FP32 implementation of random:tiny's U-Net (PyTorch, ONNX Runtime at any
       optimization level or thread count) is 0.7-1.0e-6 (rel L2) from a float64 evaluation, so ORT vs
-      PyTorch is 0.9-1.3e-6 (measured on AMD EPYC AVX-512 here, 9.4e-7 reported on Intel AVX-512/AMX).
-      The norm of a rounding error over 2x4x16x16 outputs is a sum of many independent roundings, so
-      it concentrates: another kernel (AVX2 FMA, AVX-512, other blocking) moves it by tens of percent,
-      never by the 2.5x the gate allows at e_base = 1e-6 (1.5 x e_base + 1e-6).
+      PyTorch is 0.9-1.3e-6 on AVX-512 CPUs (AMD EPYC here, 9.4e-7 reported on Intel AVX-512/AMX) and
+      up to 1.5e-6 on the AVX2-only AMD EPYC (7 Dec 2026). The norm of a rounding error over 2x4x16x16
+      outputs is a sum of many independent roundings, so it concentrates: another kernel (AVX2 FMA,
+      AVX-512, other blocking) moves it by tens of percent, never by the 2.5x the gate allows at
+      e_base = 1e-6 (1.5 x e_base + 1e-6).
     - the regression: one weight tensor 5e-4 off moves the U-Net's output by c x 5e-4 in exact
       arithmetic (c ~ 0.05-0.065 for this model: rel L2 2.5-3.2e-5), a property of the weights, not
-      of the CPU; it is 3x inside the absolute limit 1e-4 and >= 8x past the gate's allowance
-      (1.5 x 1.3e-6 + 1e-6 < 3e-6 on the noisiest CPU), so the FP32 noise (1e-6) cannot move it
-      across either line."""
+      of the CPU; measured with its FP32 noise it is 2.46e-5 at the least (AVX2-only EPYC). It is 2x
+      inside the absolute limit 1e-4 and >= 5x past the gate's allowance: with noise up to 2e-6 the
+      allowance is at most 1.5 x 2e-6 + 1e-6 = 4e-6, and 2.4e-5 / 4e-6 = 6 (measured: 7.5x on the
+      AVX2-only EPYC, allowance 3.27e-6; >= 8x on the AVX-512 CPUs), so the FP32 noise (1-2e-6)
+      cannot move it across either line."""
     from engines.validation.baseline import from_error, to_error
 
     tmp, _ = faithful
@@ -169,7 +172,8 @@ def test_baseline_equal_passes_worse_fails(faithful: tuple[Path, str], tiny_arti
         e_base = recorded[f"{c['id']}/out_sample/rel_l2"]
         # the gate's own formula, written out: e_base x (1 + 0.5) + 0.01 x the FP32 limit 1e-4
         assert got["rel_l2@baseline"]["limit"] == pytest.approx(1.5 * e_base + 0.01 * 1e-4, rel=1e-9)
-        assert got["rel_l2"]["passed"] and 8 * got["rel_l2@baseline"]["limit"] < got["rel_l2"]["value"] < 1e-4 / 2
+        allowance, value = got["rel_l2@baseline"]["limit"], got["rel_l2"]["value"]
+        assert got["rel_l2"]["passed"] and 5 * allowance < value < 1e-4 / 2, (c["id"], e_base, allowance, value)
         assert not got["rel_l2@baseline"]["passed"]
     assert _last_error(err).startswith("Error: accuracy drift: unet/") and "rel_l2@baseline" in err
     assert ET.parse(tmp_path / "j.xml").getroot().get("failures") == "2"  # unet/random and unet/prompts

@@ -12,7 +12,11 @@ Two phases, so the full U-Net fits in this machine's memory:
      replaced by the cached ones (ModelOpt's calibration-cache import).
    - onnxruntime: onnxruntime.quantization.quantize_static in QDQ format from the same cached
      ranges, with uint8 activations (the U8S8 kernels ONNX Runtime's x86 CPU code fuses) and
-     symmetric per-channel int8 weights.
+     symmetric per-channel int8 weights in 7 bits (-64..64, ONNX Runtime's reduce_range) unless
+     `full_range_weights`: CPUs without VNNI or AMX (AVX2 only) multiply u8 x s8 pairs with
+     vpmaddubsw, whose int16 pair sums saturate beyond 7-bit weights (ONNX Runtime and OpenVINO
+     alike), so 8-bit weights made the U-Net's error 3.5x there (random:tiny: 0.119 against 0.034 in
+     exact arithmetic; 7 bits: 0.037 on every CPU).
 The sensitive layers stay in float, as NVIDIA's SDXL recipe keeps them (time and add embeddings,
 conv_in, conv_out, conv_shortcut, norm_out, proj_out), and so do attention's activation-by-
 activation MatMuls; both are configurable.
@@ -57,6 +61,7 @@ class Int8Options:
     target: str = "tensorrt"
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes searched in each node's module path
     quantize_attention: bool = False  # also Q/DQ the activation x activation MatMuls of attention
+    full_range_weights: bool = False  # onnxruntime target: 8-bit weights (exact only on VNNI/AMX CPUs), not 7
     max_samples: int = 64  # calibration samples for the ranges, spread over prompts and steps
     method: str = "mean"  # how per-sample ranges are reduced: "max" or "mean" (calibration/ranges.py)
     threads: int | None = None
@@ -182,7 +187,7 @@ def _any_attention(plan: Plan) -> bool:
     return not any(v["reason"].startswith("attention") for v in plan.excluded.values())
 
 
-def _onnxruntime(src_path: Path, plan: Plan, ranges: Ranges, tmp: Path, big: bool) -> Any:
+def _onnxruntime(src_path: Path, plan: Plan, ranges: Ranges, tmp: Path, big: bool, reduce_range: bool) -> Any:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -193,7 +198,7 @@ def _onnxruntime(src_path: Path, plan: Plan, ranges: Ranges, tmp: Path, big: boo
     out.parent.mkdir()
     quantize_static(str(_scratch_copy(src_path, tmp)), str(out), calibration_data_reader=None, calibration_cache_path=str(cache),
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANT_OPS), per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
                     nodes_to_quantize=plan.candidates, nodes_to_exclude=list(plan.excluded), use_external_data_format=big,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     return onnx.load(str(out))
@@ -213,6 +218,14 @@ def qdq_census(model: Any, plan: Plan) -> dict[str, Any]:
             "left_float_by_quantizer": [n for n in plan.candidates if n not in done]}
 
 
+def check_layout(precision: str, target: str, full_range_weights: bool) -> None:
+    """The Q/DQ layout options that go together, checked before any model work."""
+    if precision == "fp8" and target != "tensorrt":
+        raise UsageError("--precision fp8 has the TensorRT layout only (ONNX Runtime has no FP8 kernels on CPU): drop --target onnxruntime")
+    if full_range_weights and target != "onnxruntime":
+        raise UsageError("--full-range-weights is for --target onnxruntime (the TensorRT layout's weights are 8-bit already)")
+
+
 def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options, log: Log = print, check: Check | None = None,
                   on_report: Callable[[dict[str, Any]], None] | None = None, gate: bool = True) -> tuple[Manifest, dict[str, Any]]:
     """A complete INT8 artifacts folder at `out` (U-Net with Q/DQ; every other component as in
@@ -223,8 +236,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
         raise UsageError(f"unknown --precision {opts.precision!r}; expected one of {', '.join(QDQ_PRECISIONS)}")
     if opts.target not in TARGETS:
         raise UsageError(f"unknown --target {opts.target!r}; expected one of {', '.join(TARGETS)}")
-    if opts.precision == "fp8" and opts.target != "tensorrt":
-        raise UsageError("--precision fp8 has the TensorRT layout only (ONNX Runtime has no FP8 kernels on CPU): drop --target onnxruntime")
+    check_layout(opts.precision, opts.target, opts.full_range_weights)
     if opts.method not in ("max", "mean"):
         raise UsageError(f"unknown --calib-method {opts.method!r}; expected max or mean")
     if opts.max_samples < 1:
@@ -262,7 +274,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
             elif opts.target == "tensorrt":
                 model = _tensorrt(unet, plan, ranges, next(calib.samples(spec, limit=1)), Path(tmp), big)
             else:
-                model = _onnxruntime(unet, plan, ranges, Path(tmp), big)
+                model = _onnxruntime(unet, plan, ranges, Path(tmp), big, reduce_range=not opts.full_range_weights)
             census = qdq_census(model, plan)
             save_onnx(model, stage / src.record("unet").file)
             del model
@@ -278,7 +290,9 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
             "target": opts.target, "calibration": {"folder": str(Path(calib_dir).resolve()), "method": opts.method,
                                                    "samples": ranges.samples, "tensors": len(ranges.lowest), **range_info},
             "weights": ("float8 e4m3, per-channel (output-channel axis), scale amax / 448" if fp8
-                        else "int8 symmetric, per-channel (output-channel axis)"),
+                        else "int8 symmetric, per-channel (output-channel axis)" if opts.target == "tensorrt" or opts.full_range_weights
+                        else "int8 symmetric in 7 bits (-64..64, no u8s8 saturation without VNNI), per-channel (output-channel axis)"),
+            **({"reduce_range": not opts.full_range_weights} if opts.target == "onnxruntime" else {}),
             "activations": ("float8 e4m3, per-tensor, scale amax / 448 of the cached ranges" if fp8
                             else "int8 symmetric, per-tensor" if opts.target == "tensorrt" else "uint8 asymmetric, per-tensor"),
             **({"onnxruntime_cpu": "graph optimization level BASIC (EXTENDED's fusions reject float8)"} if fp8 else {}),

@@ -16,7 +16,7 @@ Two phases, so the full U-Net fits in this machine's memory:
      `full_range_weights`: CPUs without VNNI or AMX (AVX2 only) multiply u8 x s8 pairs with
      vpmaddubsw, whose int16 pair sums saturate beyond 7-bit weights (ONNX Runtime and OpenVINO
      alike), so 8-bit weights made the U-Net's error 3.5x there (random:tiny: 0.119 against 0.034 in
-     exact arithmetic; 7 bits: 0.037 on every CPU).
+     exact arithmetic; 7 bits: 0.037 both ways).
 The sensitive layers stay in float, as NVIDIA's SDXL recipe keeps them (time and add embeddings,
 conv_in, conv_out, conv_shortcut, norm_out, proj_out), and so do attention's activation-by-
 activation MatMuls; both are configurable.
@@ -251,6 +251,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
     calib.load_shard(calib.view.shards[0], spec)  # ... or on one that does not fit this U-Net
     unet = src.onnx_path("unet")
     big = any(p.name != unet.name for p in unet.parent.iterdir() if p.is_file())
+    reduce_range = opts.target == "onnxruntime" and not opts.full_range_weights  # 7-bit weights
     structure = onnx.load(str(unet), load_external_data=False)
     plan = plan_nodes(structure, opts)
     if not plan.candidates:
@@ -274,7 +275,7 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
             elif opts.target == "tensorrt":
                 model = _tensorrt(unet, plan, ranges, next(calib.samples(spec, limit=1)), Path(tmp), big)
             else:
-                model = _onnxruntime(unet, plan, ranges, Path(tmp), big, reduce_range=not opts.full_range_weights)
+                model = _onnxruntime(unet, plan, ranges, Path(tmp), big, reduce_range)
             census = qdq_census(model, plan)
             save_onnx(model, stage / src.record("unet").file)
             del model
@@ -290,9 +291,9 @@ def quantize_int8(onnx_dir: Path, calib_dir: Path, out: Path, opts: Int8Options,
             "target": opts.target, "calibration": {"folder": str(Path(calib_dir).resolve()), "method": opts.method,
                                                    "samples": ranges.samples, "tensors": len(ranges.lowest), **range_info},
             "weights": ("float8 e4m3, per-channel (output-channel axis), scale amax / 448" if fp8
-                        else "int8 symmetric, per-channel (output-channel axis)" if opts.target == "tensorrt" or opts.full_range_weights
-                        else "int8 symmetric in 7 bits (-64..64, no u8s8 saturation without VNNI), per-channel (output-channel axis)"),
-            **({"reduce_range": not opts.full_range_weights} if opts.target == "onnxruntime" else {}),
+                        else "int8 symmetric in 7 bits (-64..64, no u8s8 saturation without VNNI), per-channel (output-channel axis)"
+                        if reduce_range else "int8 symmetric, per-channel (output-channel axis)"),
+            **({"reduce_range": reduce_range} if opts.target == "onnxruntime" else {}),
             "activations": ("float8 e4m3, per-tensor, scale amax / 448 of the cached ranges" if fp8
                             else "int8 symmetric, per-tensor" if opts.target == "tensorrt" else "uint8 asymmetric, per-tensor"),
             **({"onnxruntime_cpu": "graph optimization level BASIC (EXTENDED's fusions reject float8)"} if fp8 else {}),

@@ -297,6 +297,7 @@ def test_int8_onnxruntime_layout(tiny_artifacts: Path, tiny_calibration: Path, t
     on AVX2 with 8-bit ones (3.5x)."""
     from calibration.dataset import load_calibration
     from exporter.manifest import load_manifest
+    from exporter.metrics import error_stats
     from koala_core.ort import make_session
 
     out = tmp_path / "int8-ort"
@@ -319,7 +320,7 @@ def test_int8_onnxruntime_layout(tiny_artifacts: Path, tiny_calibration: Path, t
         feeds = {n: x[n] for n in names}
         want = ref.run(None, feeds)[0]
         for kind, session in (("fused", fused), ("exact", exact)):
-            errors[kind].append(float(np.linalg.norm(session.run(None, feeds)[0] - want) / np.linalg.norm(want)))
+            errors[kind].append(error_stats(want, session.run(None, feeds)[0]).rel_l2)
     e_fused, e_exact = float(np.mean(errors["fused"])), float(np.mean(errors["exact"]))
     assert 0 < e_exact < 0.15 and abs(e_fused - e_exact) <= 0.25 * e_exact, errors
 

@@ -42,10 +42,13 @@ def fp32_providers(available: list[str] | None = None) -> list[Provider]:
 
 
 def make_session(path: Path | str, providers: list[Provider] | None = None, threads: int | None = None,
-                 optimize: bool = True, precision: str | None = None) -> Any:
+                 optimize: bool = True, precision: str | None = None, in_node_order: bool = False) -> Any:
     """An InferenceSession for `path` on `providers` [default: `default_providers`; for an FP32
     reference pass `fp32_providers()`]. `precision`: the graph's (as its manifest records it); an
-    FP8 graph is optimized at BASIC only (BASIC_ONLY_PRECISIONS)."""
+    FP8 graph is optimized at BASIC only (BASIC_ONLY_PRECISIONS). `in_node_order`: ONNX Runtime's
+    PRIORITY_BASED order (of the nodes ready to run, the first in the graph's list runs first), for
+    graphs whose side branches must run as soon as their inputs exist; the default order (a depth-first
+    walk back from the outputs) runs a side branch feeding only an output last, keeping its input alive."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -59,6 +62,8 @@ def make_session(path: Path | str, providers: list[Provider] | None = None, thre
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if in_node_order:
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     elif precision in BASIC_ONLY_PRECISIONS:

@@ -4,11 +4,11 @@ ONNX Runtime's and ModelOpt's calibrators add every intermediate tensor as a gra
 them for all samples before reducing them, which is what took the full KOALA-700M U-Net to 22.5 GiB
 (ModelOpt) or out of memory (onnxruntime quantize_static in one call). Here only the tensors that
 will be quantized (the activation inputs of the chosen op types) are recorded, and each is reduced
-to its min, max and sum inside the graph, right after the node that makes it, with the graph run in
+to its min and max (and whether it holds a NaN) inside the graph, right after the node that makes it, with the graph run in
 node order: the outputs are three scalars a tensor, and each tensor is freed as in plain inference,
 so a pass needs about plain inference's memory however many tensors are recorded. (Returning the
 tensors themselves, cut into passes of a few GiB, ran out of 24 GiB with attention's score tensors
-at 1024 px; with reductions, 9.5 GiB.)
+at 1024 px; with reductions, 10.5 GiB.)
 
 Per tensor and sample the min and max are kept, and reduced over the samples by the method:
 - "max": min of the minima, max of the maxima (every recorded value representable);
@@ -30,9 +30,10 @@ import numpy as np
 from koala_core.errors import KoalaError
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
-# What each recorded tensor is reduced to inside the graph: min and max for the range, the sum to
-# catch NaN (which min/max kernels may skip) and infinities alike.
-STATS = ("ReduceMin", "ReduceMax", "ReduceSum")
+# What each recorded tensor is reduced to inside the graph: its min and max (an infinity shows in
+# them), and whether it holds a NaN (which min/max kernels may skip; a sum would overflow on the
+# text encoders' causal masks of float32's lowest value).
+STATS = ("min", "max", "nan")
 
 
 METHODS = ("max", "mean")
@@ -120,11 +121,11 @@ def activation_inputs(model: Any, op_types: Iterable[str] = QUANT_OPS, exclude_n
 
 
 def _with_statistics(src: Path, names: list[str], tmp: Path) -> tuple[Path, list[list[str]]]:
-    """A copy of the graph at `src` that also returns, per tensor of `names`, its min, max and sum as
-    float32 scalars (reductions over every axis, placed right after the tensor's producer), beside
-    links to its weights. The tensors themselves never leave the graph; run in node order
-    (make_session's in_node_order), ONNX Runtime frees each after its last consumer as in plain
-    inference. Returns the path and, per name, its three output names."""
+    """A copy of the graph at `src` that also returns, per tensor of `names`, its min, its max and
+    whether it holds a NaN, as float32 scalars (reductions over every axis, placed right after the
+    tensor's producer), beside links to its weights. The tensors themselves never leave the graph;
+    run in node order (make_session's in_node_order), ONNX Runtime frees each after its last
+    consumer as in plain inference. Returns the path and, per name, its three output names."""
     import onnx
     from onnx import helper
 
@@ -132,15 +133,20 @@ def _with_statistics(src: Path, names: list[str], tmp: Path) -> tuple[Path, list
     producer = {o: i for i, node in enumerate(model.graph.node) for o in node.output}
     after: dict[int, list[Any]] = {}  # producer's index (-1: a graph input) -> the reductions of its outputs
     stats: list[list[str]] = []
+    f32 = onnx.TensorProto.FLOAT
     for i, n in enumerate(names):
-        outs = []
-        for op in STATS:
-            reduced, out = f"koala_range/{i}/{op}", f"koala_range/{i}/{op}/f32"
-            after.setdefault(producer.get(n, -1), []).extend([
-                helper.make_node(op, [n], [reduced], name=reduced, keepdims=0),
-                helper.make_node("Cast", [reduced], [out], name=out, to=onnx.TensorProto.FLOAT)])
-            model.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, []))
-            outs.append(out)
+        at = f"koala_range/{i}"
+        outs = [f"{at}/{stat}" for stat in STATS]
+        after.setdefault(producer.get(n, -1), []).extend([
+            helper.make_node("ReduceMin", [n], [f"{at}/min.t"], name=f"{at}/ReduceMin", keepdims=0),
+            helper.make_node("Cast", [f"{at}/min.t"], [outs[0]], name=f"{at}/min", to=f32),
+            helper.make_node("ReduceMax", [n], [f"{at}/max.t"], name=f"{at}/ReduceMax", keepdims=0),
+            helper.make_node("Cast", [f"{at}/max.t"], [outs[1]], name=f"{at}/max", to=f32),
+            helper.make_node("IsNaN", [n], [f"{at}/isnan"], name=f"{at}/IsNaN"),  # bytes, not floats, in between
+            helper.make_node("Cast", [f"{at}/isnan"], [f"{at}/isnan.u8"], name=f"{at}/isnan.u8", to=onnx.TensorProto.UINT8),
+            helper.make_node("ReduceMax", [f"{at}/isnan.u8"], [f"{at}/nan.t"], name=f"{at}/anynan", keepdims=0),
+            helper.make_node("Cast", [f"{at}/nan.t"], [outs[2]], name=f"{at}/nan", to=f32)])
+        model.graph.output.extend(helper.make_tensor_value_info(o, f32, []) for o in outs)
         stats.append(outs)
     nodes = list(model.graph.node)
     del model.graph.node[:]
@@ -164,7 +170,7 @@ def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str
 
     Memory: each tensor is reduced to scalars inside the graph, right after it is made
     (_with_statistics), so a pass needs about what plain inference of the graph needs, however many
-    tensors are recorded (full U-Net at 512 px, 693 tensors: 3.64 GiB against 3.55 GiB for plain
+    tensors are recorded (full U-Net at 512 px, 693 tensors: 3.66 GiB against 3.55 GiB for plain
     inference; returning the tensors, or the reductions in ONNX Runtime's default order, 7.2 GiB)."""
     from koala_core.ort import make_session
 
@@ -180,9 +186,9 @@ def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str
         wanted = [o for outs in stats for o in outs]
         for count, feeds in enumerate(samples, 1):
             values = dict(zip(wanted, session.run(wanted, {k: feeds[k] for k in inputs})))
-            for n, (o_min, o_max, o_sum) in zip(names, stats):
-                low, high, total = float(values[o_min]), float(values[o_max]), float(values[o_sum])
-                if not (np.isfinite(low) and np.isfinite(high) and np.isfinite(total)):
+            for n, (o_min, o_max, o_nan) in zip(names, stats):
+                low, high, nan = float(values[o_min]), float(values[o_max]), float(values[o_nan])
+                if nan or not (np.isfinite(low) and np.isfinite(high)):
                     raise KoalaError(f"{onnx_path}: tensor {n} is not finite on calibration sample {count - 1}")
                 lo[n].append(low)
                 hi[n].append(high)

@@ -95,6 +95,9 @@ def test_a_tensor_not_finite_stops_the_pass(tmp_path: Path, x: list[float]) -> N
     path = _log_graph(tmp_path)
     fine = collect_ranges(path, ["y"], [{"x": np.array([1.0, 2.0, 3.0, 4.0], np.float32)}])
     assert fine.lows["y"] == [0.0] and fine.highs["y"] == pytest.approx([np.log(4.0)])
+    top = float(np.finfo(np.float32).max)  # finite, though its sum is not (the text encoders' masks hold the lowest)
+    huge = collect_ranges(path, ["x"], [{"x": np.full(4, top, np.float32)}])
+    assert huge.lows["x"] == [top] and huge.highs["x"] == [top]
     with pytest.raises(KoalaError, match="tensor y is not finite on calibration sample 1"):
         collect_ranges(path, ["y"], [{"x": np.ones(4, np.float32)}, {"x": np.array(x, np.float32)}])
 

@@ -4,11 +4,11 @@ ONNX Runtime's and ModelOpt's calibrators add every intermediate tensor as a gra
 them for all samples before reducing them, which is what took the full KOALA-700M U-Net to 22.5 GiB
 (ModelOpt) or out of memory (onnxruntime quantize_static in one call). Here only the tensors that
 will be quantized (the activation inputs of the chosen op types) are recorded, and each is reduced
-to its min and max (and whether it holds a NaN) inside the graph, right after the node that makes it, with the graph run in
-node order: the outputs are three scalars a tensor, and each tensor is freed as in plain inference,
-so a pass needs about plain inference's memory however many tensors are recorded. (Returning the
-tensors themselves, cut into passes of a few GiB, ran out of 24 GiB with attention's score tensors
-at 1024 px; with reductions, 10.5 GiB.)
+inside the graph, right after the node that makes it, to its min, its max and whether it holds a
+NaN, with the graph run in node order: the outputs are three scalars a tensor, and each tensor is
+freed as in plain inference, so a pass needs about plain inference's memory however many tensors
+are recorded. (Returning the tensors themselves, cut into passes of a few GiB, ran out of 24 GiB
+with attention's score tensors at 1024 px; with reductions, 10.5 GiB.)
 
 Per tensor and sample the min and max are kept, and reduced over the samples by the method:
 - "max": min of the minima, max of the maxima (every recorded value representable);
@@ -171,7 +171,8 @@ def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str
     Memory: each tensor is reduced to scalars inside the graph, right after it is made
     (_with_statistics), so a pass needs about what plain inference of the graph needs, however many
     tensors are recorded (full U-Net at 512 px, 693 tensors: 3.66 GiB against 3.55 GiB for plain
-    inference; returning the tensors, or the reductions in ONNX Runtime's default order, 7.2 GiB)."""
+    inference; the same reductions in ONNX Runtime's default order, which keeps every recorded
+    tensor alive to the end, 7.2 GiB)."""
     from koala_core.ort import make_session
 
     if not names:

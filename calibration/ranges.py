@@ -189,6 +189,8 @@ def collect_ranges(onnx_path: Path, names: list[str], samples: Iterable[dict[str
             values = dict(zip(wanted, session.run(wanted, {k: feeds[k] for k in inputs})))
             for n, (o_min, o_max, o_nan) in zip(names, stats):
                 low, high, nan = float(values[o_min]), float(values[o_max]), float(values[o_nan])
+                if low == np.inf and high == -np.inf:  # an empty tensor (the reductions' identities): 0, as ever
+                    low = high = 0.0
                 if nan or not (np.isfinite(low) and np.isfinite(high)):
                     raise KoalaError(f"{onnx_path}: tensor {n} is not finite on calibration sample {count - 1}")
                 lo[n].append(low)

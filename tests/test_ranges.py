@@ -27,17 +27,18 @@ def _unet(tiny_artifacts: Path) -> tuple[Path, list[str], list[dict]]:
     return path, names, [spec.dummy_inputs(2, 128, 128, seed=s) for s in (1, 2)]
 
 
-def _whole_tensors(path: Path, names: list[str], feeds: dict[str, np.ndarray], tmp: Path) -> dict[str, np.ndarray]:
-    """The named tensors themselves, returned as graph outputs (the reference the reductions must match)."""
-    import onnxruntime as ort
+def _whole_tensors(path: Path, names: list[str], samples: list[dict[str, np.ndarray]], tmp: Path) -> list[dict[str, np.ndarray]]:
+    """Per sample, the named tensors themselves, returned as graph outputs (the reference the
+    reductions must match)."""
+    from koala_core.ort import make_session
 
     model = onnx.load(str(path))
     have = {o.name for o in model.graph.output}
     model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in have)
     onnx.save_model(model, str(tmp / "whole.onnx"), save_as_external_data=True, location="whole.onnx.data")
-    sess = ort.InferenceSession(str(tmp / "whole.onnx"), providers=["CPUExecutionProvider"])
+    sess = make_session(tmp / "whole.onnx", providers=["CPUExecutionProvider"])
     inputs = {i.name for i in sess.get_inputs()}
-    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in inputs})))
+    return [dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in inputs}))) for feeds in samples]
 
 
 def test_reductions_give_each_whole_tensors_min_and_max(tiny_artifacts: Path, tmp_path: Path) -> None:
@@ -46,8 +47,7 @@ def test_reductions_give_each_whole_tensors_min_and_max(tiny_artifacts: Path, tm
     ticks: list[float] = []
     got = collect_ranges(path, names, iter(samples), progress=ticks.append)
     assert got.samples == 2 and sum(ticks) == len(samples) and list(got.lows) == names
-    for i, feeds in enumerate(samples):
-        whole = _whole_tensors(path, names, feeds, tmp_path)
+    for i, whole in enumerate(_whole_tensors(path, names, samples, tmp_path)):
         for n in names:
             # Equal up to float32 rounding: ONNX Runtime fuses differently around other consumers or
             # outputs (seen: relative differences up to 1e-6). rtol 1e-5 bounds reassociated float32
@@ -79,10 +79,10 @@ def test_only_scalars_leave_the_graph_right_after_each_tensor(tiny_artifacts: Pa
         assert all(b.startswith("koala_range/") for b in between), n
 
 
-def _log_graph(tmp: Path) -> Path:
+def _log_graph(tmp: Path, dims: tuple[int | str, ...] = (4,)) -> Path:
     """y = log(x): NaN where x < 0, -inf where x == 0."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
-    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [4])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, list(dims))
     graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"])], "g", [x], [z])
     path = tmp / "log" / "model.onnx"
     path.parent.mkdir()
@@ -100,6 +100,14 @@ def test_a_tensor_not_finite_stops_the_pass(tmp_path: Path, x: list[float]) -> N
     assert huge.lows["x"] == [top] and huge.highs["x"] == [top]
     with pytest.raises(KoalaError, match="tensor y is not finite on calibration sample 1"):
         collect_ranges(path, ["y"], [{"x": np.ones(4, np.float32)}, {"x": np.array(x, np.float32)}])
+
+
+def test_an_empty_tensor_records_zero(tmp_path: Path) -> None:
+    """As the pass did when it returned the tensors: an empty tensor's range is 0..0, not the
+    reductions' identities (+inf..-inf), which would read as not finite."""
+    path = _log_graph(tmp_path, dims=("n",))
+    got = collect_ranges(path, ["x", "y"], [{"x": np.zeros(0, np.float32)}])
+    assert got.lows == {"x": [0.0], "y": [0.0]} and got.highs == {"x": [0.0], "y": [0.0]}
 
 
 def test_no_samples_or_no_tensors_is_an_error(tmp_path: Path) -> None:

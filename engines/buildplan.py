@@ -15,7 +15,7 @@ from typing import Any
 from engines.libraries import LIBRARIES, RTX_NOT_APPLICABLE, Library, check_weight_streaming, sm
 from engines.planner import MemoryPlan
 from engines.profile import GIB, REFIT_FLAGS, GpuProfile
-from engines.artifacts_check import check_files
+from exporter.artifacts_check import check_files
 from exporter.manifest import Manifest, load_manifest
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import UsageError

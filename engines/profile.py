@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engines.libraries import LIBRARIES, RTX_NEEDS_GPU, library as get_library, sm
-from exporter.specs import COMPONENTS, ShapeRange
+from exporter.specs import COMPONENTS, ShapeRange, check_tile
 from exporter.tolerances import PRECISIONS
 from koala_core.errors import UsageError
 from koala_core.schema import Fields as _Fields, Triple
@@ -108,7 +108,7 @@ class VaePolicy:
     fp16_safe: bool = False
     encoder: bool = False
     fp16_ops: str = "all"  # all | gemm
-    tile: int | None = None  # pixels: the decoder runs on tiles of tile x tile (engines/vae_tiling.py); None: whole images
+    tile: int | None = None  # pixels: the decoder runs on tiles of tile x tile (sampler/vae_tiling.py); None: whole images
 
 
 @dataclass(frozen=True)
@@ -263,9 +263,7 @@ class GpuProfile:
 
 def tile_problem(tile: int, shapes: Shapes) -> str | None:
     """What is wrong with a VAE tile of `tile` pixels for images of `shapes` (None: nothing): the tile's
-    own rule (engines.vae_tiling.check_tile), then the smallest image the profile allows."""
-    from engines.vae_tiling import check_tile
-
+    own rule (exporter.specs.check_tile), then the smallest image the profile allows."""
     try:
         check_tile(tile)
     except ValueError as e:

@@ -312,6 +312,16 @@ class VaeEncoderSpec(ComponentSpec):
 _KINDS: dict[str, type[ComponentSpec]] = {c.kind: c for c in (TextEncoderSpec, UNetSpec, VaeDecoderSpec, VaeEncoderSpec)}
 
 
+def check_tile(tile: object, height: int | None = None, width: int | None = None, multiple: int = 8) -> None:
+    """A tile size in pixels: a positive multiple of `multiple` (the VAE's latent factor) and, where
+    the image's height and width are given, not larger than either. Raises ValueError with the
+    reason, to follow the name of what set it ("--vae-tile", "field vae.tile")."""
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < multiple or tile % multiple:
+        raise ValueError(f"must be a positive multiple of {multiple} px (got {tile!r})")
+    if height is not None and width is not None and (tile > height or tile > width):
+        raise ValueError(f"must not be larger than the image ({tile} px > {width}x{height} px)")
+
+
 def specs_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, ComponentSpec]:
     """Every component's spec, from the pipeline's configs (text_encoder, text_encoder_2, unet, vae)."""
     f = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)

@@ -4,7 +4,7 @@ reference:
 - the export check (`exporter.check`, FP32 ONNX Runtime vs PyTorch: `tolerance(component, "fp32")`);
 - `koala-trt validate` (every metric, with `-t component.metric=value` overrides), and through it
   the accuracy report of `convert` / `quantize` (accuracy.json, FP16 / INT8,
-  engines/validation/heldout.py).
+  validation/heldout.py).
 It lives in exporter/ (the lowest layer that compares outputs) so that exporter/, calibration/
 and engines/ all read the same limits.
 
@@ -76,7 +76,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
     # bf16 is a run-time precision, not an artifact's: `validate --backend openvino` with
     # --cpu-precision bf16 (or auto on a BF16 CPU) runs the FP32 graphs with BF16 matmuls and
     # convolutions (8-bit mantissa, unit roundoff 3.9e-3), the sinusoids' phases kept FP32
-    # (engines/runtime_openvino.py). Measured against FP32 PyTorch with `koala-trt validate --backend
+    # (runtime/openvino_backend.py). Measured against FP32 PyTorch with `koala-trt validate --backend
     # openvino --cpu-precision bf16` on random:tiny (AMD EPYC, AVX512-BF16, 4 Dec 2026;
     # docs/openvino.md): rel L2 4.9e-3..1.3e-2 (the U-Net the worst), max abs <= 0.039, cosine >=
     # 0.99991; end to end latents 1.3e-2, PSNR 51.3 dB, SSIM 0.9997. The full-size KOALA-700M U-Net

@@ -19,7 +19,7 @@ Sections (--sections, comma-separated; default all):
   gpu         `koala-trt bench` U-Net step on ONNX Runtime's CUDA provider and on TensorRT (--engines):
               runs only where CUDA is available, otherwise says why it is skipped
 
-Every latency comes from `koala-trt bench --json`, the product's own timing loop (engines/bench.py),
+Every latency comes from `koala-trt bench --json`, the product's own timing loop (validation/bench.py),
 each backend in a process of its own (so its peak memory is its own). This script adds only what
 koala-trt bench does not measure (the GEMM peak, FLOP counts, export wall times, Optimum's exporter)
 and merges and prints the results. In the full run each heavy process holds `flock` on LOCK
@@ -58,7 +58,7 @@ def worker_matmul(p: dict[str, Any]) -> dict[str, Any]:
     (best of `runs` products; latency_stats is koala-trt bench's summary)."""
     import torch
 
-    from engines.bench import latency_stats
+    from validation.bench import latency_stats
 
     torch.set_num_threads(p["threads"])
     n, out = p["n"], {"n": p["n"], "threads": p["threads"]}

@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.runtime import OnnxRuntimeBackend  # noqa: E402
-from engines.sampler import PipelineAssets, Request, Sampler  # noqa: E402
 from exporter.manifest import load_manifest  # noqa: E402
 from koala_core.machine import cores, cpu_model, load_average  # noqa: E402
 from koala_core.meter import process_peak_rss_mb  # noqa: E402
+from runtime.backend import OnnxRuntimeBackend  # noqa: E402
+from sampler.loop import PipelineAssets, Request, Sampler  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ of SDXL latents in the VAE's space). Printed and written as JSON (--json FILE):
 - tiled against untiled: PSNR of the [0, 1] images the sampler returns (peak 1), PSNR of the raw
   decoder output over its nominal [-1, 1] range (peak-to-peak 2, before the clip), max |difference|,
   both outputs' min/max and the share of pixels outside [-1, 1] (clipped by the sampler);
-- with --blends, the PSNR of every blend of engines/vae_tiling.py (cosine, the sampler's, and linear)
+- with --blends, the PSNR of every blend of sampler/vae_tiling.py (cosine, the sampler's, and linear)
   from the same tiles: the tiled process then keeps each tile's output while it decodes (3 x tile^2
   floats per tile and image: 28 MiB for 3x3 tiles of 512 px), which its peak RSS includes.
 
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _child(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from engines.runtime import OnnxRuntimeBackend
-    from engines.sampler import PipelineAssets, Sampler, Timings
     from exporter.manifest import load_manifest
     from koala_core.meter import Meter, process_peak_rss_mb
+    from runtime.backend import OnnxRuntimeBackend
+    from sampler.loop import PipelineAssets, Sampler, Timings
 
     m = load_manifest(args.artifacts)
     sampler = Sampler(OnnxRuntimeBackend(m, threads=args.threads), PipelineAssets.from_manifest(m))
@@ -58,7 +58,7 @@ def _child(args: argparse.Namespace) -> None:
         image = sampler.decode(lat, timings, args.child_tile or None)
     np.save(args.child_out, image)
     if tiles:
-        from engines.vae_tiling import BLENDS, TileGrid, decode_tiled
+        from sampler.vae_tiling import BLENDS, TileGrid, decode_tiled
 
         for blend in BLENDS:
             grid = TileGrid.make(lat.shape[2], lat.shape[3], args.child_tile, blend=blend)
@@ -100,9 +100,9 @@ def main() -> None:
 
     import numpy as np
 
-    from engines.validation.images import psnr
-    from engines.vae_tiling import TileGrid
     from koala_core.machine import cores, cpu_model, load_average
+    from sampler.vae_tiling import TileGrid
+    from validation.images import psnr
 
     grid = TileGrid.make(args.size // 8, args.size // 8, args.tile)
     with tempfile.TemporaryDirectory(prefix="bench-vae-tiling-") as tmp:

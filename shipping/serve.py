@@ -189,8 +189,8 @@ def runtime_options(artifacts: Path, runtime: str, cpu_precision: str | None) ->
         if cpu_precision is not None:
             raise UsageError(f"--cpu-precision is for --backend openvino (not {runtime})")
         return {}
-    from engines.runtime_openvino import CACHE_SUFFIX
     from koala_core.machine import resolve_cpu_precision
+    from runtime.openvino_backend import CACHE_SUFFIX
 
     resolve_cpu_precision(cpu_precision)  # bf16 on a CPU without it: refused before the server starts
     root = Path(artifacts).resolve()

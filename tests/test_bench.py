@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from engines.bench import BenchOptions, component_batches, latency_stats, run_bench
-from engines.runtime import OnnxRuntimeBackend
-from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets, Request, Sampler
 from exporter.manifest import load_manifest
 from koala_core.machine import machine_facts
+from runtime.backend import OnnxRuntimeBackend
+from sampler.loop import SAMPLER_COMPONENTS, PipelineAssets, Request, Sampler
+from validation.bench import BenchOptions, component_batches, latency_stats, run_bench
 
 SIZE = ["--height", "128", "--width", "128"]
 
@@ -76,7 +76,7 @@ def test_component_batches_follow_the_sampler(tiny_artifacts: Path) -> None:
 
 def test_images_per_minute_by_hand(tiny_artifacts: Path) -> None:
     """A batch of 2 images every 4 s (median end-to-end run) is 30 images per minute; one every 2.5 s is 24."""
-    from engines.bench import BenchResult
+    from validation.bench import BenchResult
 
     m = load_manifest(tiny_artifacts)
     sampler = Sampler(OnnxRuntimeBackend(m), PipelineAssets.from_manifest(m))
@@ -109,7 +109,7 @@ def _record(unet_calls: list[float], e2e_calls: list[float], peak: float) -> dic
 def test_rounds_pool_calls_and_pair_speedups() -> None:
     """--rounds: calls pooled per stage, the highest peak, and each speed-up the median of per-round
     ratios, so that a host that runs 4x slower in one round (seen on these machines) slows both alike."""
-    from engines.bench import merge_rounds, paired_speedups
+    from validation.bench import merge_rounds, paired_speedups
 
     # the reference takes 10 s a step in rounds 1 and 3 and 40 s in round 2 (a slow host); the
     # candidate is 2x faster in every round
@@ -257,7 +257,7 @@ def test_side_by_side_child_failure_is_one_line(tiny_artifacts: Path) -> None:
 
 
 def test_parse_backends() -> None:
-    from engines.bench import BackendEntry, parse_backends
+    from validation.bench import BackendEntry, parse_backends
 
     assert parse_backends("onnxruntime") == [BackendEntry("onnxruntime")]
     # --cpu-precision applies to the openvino entries that name none, as it does for one backend

@@ -17,13 +17,13 @@ import pytest
 
 from conftest import run_cli
 from engines.buildplan import make_build_plan
-from engines_helpers import fake_engines_dir as _engines_dir
 from engines.cuda import DeviceInfo
 from engines.engine_manifest import check_compatible, load_engines_manifest
 from engines.profile import load_profile
-from engines.runtime_trt import check_feed_shapes
+from engines_helpers import fake_engines_dir as _engines_dir
 from exporter.manifest import load_manifest
 from koala_core.errors import KoalaError, UsageError
+from runtime.tensorrt_backend import check_feed_shapes
 
 RTX4090 = DeviceInfo("NVIDIA GeForce RTX 4090", "8.9", 24 << 30, "12.8", "12.6")
 RTX3060TI = DeviceInfo("NVIDIA GeForce RTX 3060 Ti", "8.6", 8 << 30, "12.8", "12.6")
@@ -131,7 +131,7 @@ def test_loading_errors(tmp_path: Path, tiny_artifacts: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_tensorrt_backend_without_tensorrt_says_what_is_missing(tiny_artifacts: Path, tmp_path: Path) -> None:
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
 
     with pytest.raises(KoalaError, match="missing: TensorRT"):
         TensorRTBackend(_engines_dir(tiny_artifacts, tmp_path / "e"))

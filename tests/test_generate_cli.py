@@ -49,7 +49,7 @@ def test_generate_json_numbered_pngs_and_long_prompt(tiny_artifacts: Path, tmp_p
 def test_generate_table_and_latents_file(tiny_artifacts: Path, tmp_path: Path) -> None:
     """--latents takes the noise before scaling by the initial sigma: the seed's noise saved to a file
     gives the seed's image; sizes default to the latents' own."""
-    from engines.sampler import initial_noise
+    from sampler.loop import initial_noise
 
     np.save(tmp_path / "noise.npy", initial_noise(5, 1, (4, 16, 16)))
     code, stdout, stderr = run_cli("generate", "-a", tiny_artifacts, "-p", "a koala", "--seed", "5", *SMALL, "--out", tmp_path / "seed.png")
@@ -130,7 +130,7 @@ def test_bad_inputs_fail_cleanly(args: list[str], code: int, message: str, tiny_
 
 
 def test_tensorrt_backend_unavailable(tiny_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where engines.runtime_trt (or TensorRT under it) cannot be imported: one line, exit 1, no PNG.
+    """Where runtime.tensorrt_backend (or TensorRT under it) cannot be imported: one line, exit 1, no PNG.
     With the module present, a folder that is not an engines folder is refused by the backend itself
     (its manifest is read before TensorRT is looked for, so the same usage error on every machine)."""
     out = tmp_path / "out" / "x.png"
@@ -140,11 +140,11 @@ def test_tensorrt_backend_unavailable(tiny_artifacts: Path, tmp_path: Path, monk
     errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
     assert code == 2 and "Traceback" not in stderr, stderr
     assert errors == [f"Error: {tmp_path} is not a koala-trt engines folder (no manifest.json); create one with `koala-trt build`"]
-    monkeypatch.setitem(sys.modules, "engines.runtime_trt", None)  # `import` now raises ImportError
+    monkeypatch.setitem(sys.modules, "runtime.tensorrt_backend", None)  # `import` now raises ImportError
     code, _, stderr = run_cli(*args)
     errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
     assert code == 1 and "Traceback" not in stderr, stderr
-    assert errors == ["Error: the tensorrt backend is not available here (import of engines.runtime_trt halted; None in sys.modules); "
+    assert errors == ["Error: the tensorrt backend is not available here (import of runtime.tensorrt_backend halted; None in sys.modules); "
                       "it needs the [gpu] extra on a machine with an NVIDIA GPU"]
     assert not out.exists() and _leftovers(out.parent) == []
 

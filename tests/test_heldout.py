@@ -1,11 +1,11 @@
-"""accuracy.json's gate over validate's checks (engines/validation/heldout.summarise), on a
+"""accuracy.json's gate over validate's checks (validation/heldout.summarise), on a
 hand-written validate report: which metrics fail convert/quantize and which are only reported."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engines.validation.heldout import AccuracyOptions, report_rows, summarise
+from validation.heldout import AccuracyOptions, report_rows, summarise
 
 
 def _metric(output: str, metric: str, value: float | None, limit: float, passed: bool) -> dict[str, Any]:

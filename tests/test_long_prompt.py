@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.runtime import OnnxRuntimeBackend
-from engines.sampler import PipelineAssets, Request, Sampler, Timings
-from engines.validation.images import psnr
 from exporter.manifest import load_manifest
 from exporter.specs import prompt_chunk_count, prompt_chunk_ids
 from koala_core.errors import UsageError
+from runtime.backend import OnnxRuntimeBackend
+from sampler.loop import PipelineAssets, Request, Sampler, Timings
+from validation.images import psnr
 from tests.conftest import run_cli
 
 PROMPT = "a koala climbing a eucalyptus tree at sunset, photo"
@@ -57,7 +57,7 @@ def test_tokenizer_chunks_against_transformers(tiny_artifacts: Path) -> None:
     for the first, "!" for the second); a prompt of at most 75 tokens is what the pipeline tokenizes."""
     from transformers import CLIPTokenizer
 
-    from engines.tokenize import ClipTokenizer, chunk_prompts
+    from sampler.tokenize import ClipTokenizer, chunk_prompts
 
     toks = [ClipTokenizer(tiny_artifacts / f) for f in ("tokenizer", "tokenizer_2")]
     ids = chunk_prompts(toks, [LONG, "blurry"])

@@ -253,7 +253,7 @@ def test_refit_standard_tensorrt_engines_with_a_lora(tiny_artifacts: Path, lora:
     encoder): outputs then match ONNX Runtime on the patched graphs, not on the plain ones; refitted
     back from the plain export, they match the plain graphs again."""
     from engines import cuda
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
     from test_trt_gpu import SIZE as PX, _compare, _local_profile, _reference
 
     adapter, patched = lora

@@ -15,10 +15,10 @@ from koala_core.machine import resolve_cpu_precision
 
 ov = pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (the `cpu` extra of make install)")
 
-from engines.runtime import OnnxRuntimeBackend  # noqa: E402
-from engines.runtime_openvino import CACHE_RECORD, OpenVinoBackend, cache_key, keep_phases_fp32, phase_nodes  # noqa: E402
 from exporter.manifest import load_manifest  # noqa: E402
 from exporter.tolerances import TOLERANCES, tolerance  # noqa: E402
+from runtime.backend import OnnxRuntimeBackend  # noqa: E402
+from runtime.openvino_backend import CACHE_RECORD, OpenVinoBackend, cache_key, keep_phases_fp32, phase_nodes  # noqa: E402
 
 HAS_BF16 = resolve_cpu_precision("auto") == "bf16"
 

@@ -24,7 +24,7 @@ def _needs_modelopt() -> None:
 
 
 def _ort_run(folder: Path, component: str, height: int = 192, width: int = 160) -> dict[str, np.ndarray]:
-    from engines.runtime import OnnxRuntimeBackend
+    from runtime.backend import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(folder)
     spec = backend.specs[component]

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.runtime import OnnxRuntimeBackend
-from engines.sampler import PipelineAssets, Request, Sampler, initial_noise, output_paths
-from engines.validation.images import psnr
 from exporter.manifest import load_manifest
+from runtime.backend import OnnxRuntimeBackend
+from sampler.loop import PipelineAssets, Request, Sampler, initial_noise, output_paths
+from validation.images import psnr
 
 PROMPT = "a koala climbing a eucalyptus tree at sunset, photo"
 SIZE = 128  # the smallest size random:tiny's export range allows
@@ -47,7 +47,7 @@ def test_tokenizers_match_transformers(tiny_artifacts: Path) -> None:
     """Padding and truncation to 77 as the pipeline's CLIPTokenizer calls do (pad "<|endoftext|>" / "!")."""
     from transformers import CLIPTokenizer
 
-    from engines.tokenize import ClipTokenizer
+    from sampler.tokenize import ClipTokenizer
 
     prompts = [PROMPT, "", "Café  au LAIT!!  123", " ".join(["koala"] * 90)]
     for folder in ("tokenizer", "tokenizer_2"):
@@ -61,7 +61,7 @@ def test_tokenizers_match_transformers(tiny_artifacts: Path) -> None:
 
 def test_prompt_embeddings_match_pipeline(ort_sampler: Sampler, pipe) -> None:
     """Hidden states of both encoders concatenated, pooled from text_encoder_2, negatives first."""
-    from engines.sampler import Timings
+    from sampler.loop import Timings
 
     plan = ort_sampler.plan(Request(PROMPT, negative_prompt="blurry", steps=2, guidance=5.0, seed=0, height=SIZE, width=SIZE, batch=2))
     hidden, pooled = ort_sampler.encode_prompt(plan, Timings(), warn=lambda m: None)
@@ -109,7 +109,7 @@ def test_image_matches_diffusers_pipeline(case: str, ort_sampler: Sampler, pipe)
 def test_torch_backend_and_seeded_noise(tiny_artifacts: Path, tiny_source, ort_sampler: Sampler) -> None:
     """The same --seed gives the same noise whatever the backend; torch and ORT then agree closely.
     Image i of a batch is the batch-1 image of seed + i."""
-    from engines.runtime_torch import TorchBackend
+    from runtime.torch_backend import TorchBackend
 
     m = load_manifest(tiny_artifacts)
     torch_sampler = Sampler(TorchBackend(tiny_source, specs=m.specs()), PipelineAssets.from_manifest(m))

@@ -9,8 +9,8 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from engines.scheduler_euler import EulerDiscreteScheduler
 from koala_core.errors import UsageError
+from sampler.schedulers.euler import EulerDiscreteScheduler
 
 SDXL = json.loads(resources.files("exporter").joinpath("configs/sdxl-scheduler.json").read_text())
 CONFIGS = {

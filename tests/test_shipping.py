@@ -113,8 +113,8 @@ def test_pack_verify_unpack_round_trip(bundle: Path, tiny_artifacts: Path, tmp_p
     assert json.loads(out)["ok"] is True
 
     # usable as --artifacts: the manifest checks out and the graphs run, giving the original's outputs
-    from engines.runtime import OnnxRuntimeBackend
     from exporter.manifest import load_manifest
+    from runtime.backend import OnnxRuntimeBackend
 
     assert list(load_manifest(u).verify()) == []
     a, b = OnnxRuntimeBackend(tiny_artifacts), OnnxRuntimeBackend(u)

@@ -99,8 +99,8 @@ def engines_dir(device, tiny_artifacts: Path, tmp_path_factory: pytest.TempPathF
 def _reference(artifacts: Path):  # type: ignore[no-untyped-def]
     """The FP32 reference: ONNX Runtime on the CUDA provider with TF32 off (or the CPU provider), so a
     rel L2 of 1e-3 tells a TF32 engine apart (TF32's unit roundoff is 4.9e-4 per op)."""
-    from engines.runtime import OnnxRuntimeBackend
     from koala_core.ort import fp32_providers
+    from runtime.backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(artifacts, providers=fp32_providers())
 
@@ -129,7 +129,7 @@ def test_manifest_names_and_records(engines_dir: Path, device) -> None:  # type:
 
 
 def test_engines_match_onnx_runtime(engines_dir: Path, tiny_artifacts: Path) -> None:
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
 
     ort = _reference(tiny_artifacts)
     with TensorRTBackend(engines_dir) as trt_backend:
@@ -167,7 +167,7 @@ def _poison_outputs(backend, component: str) -> None:  # type: ignore[no-untyped
 
 
 def test_buffers_persist_inputs_are_not_recopied_and_graphs_replay(engines_dir: Path) -> None:
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
 
     with TensorRTBackend(engines_dir, cuda_graphs=True) as b, TensorRTBackend(engines_dir, cuda_graphs=False) as plain:
         spec = b.specs["unet"]
@@ -200,8 +200,8 @@ def test_buffers_persist_inputs_are_not_recopied_and_graphs_replay(engines_dir: 
 
 
 def test_shape_outside_the_profile_is_a_clear_error(engines_dir: Path) -> None:
-    from engines.runtime_trt import TensorRTBackend
     from koala_core.errors import UsageError
+    from runtime.tensorrt_backend import TensorRTBackend
 
     with TensorRTBackend(engines_dir) as b:
         feeds = b.specs["unet"].dummy_inputs(2, 2 * SIZE, SIZE)
@@ -210,7 +210,7 @@ def test_shape_outside_the_profile_is_a_clear_error(engines_dir: Path) -> None:
 
 
 def test_sequential_residency_runs_one_engine_at_a_time(engines_dir: Path, tiny_artifacts: Path) -> None:
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
 
     ort = _reference(tiny_artifacts)
     with TensorRTBackend(engines_dir, residency="sequential") as b:
@@ -221,8 +221,8 @@ def test_sequential_residency_runs_one_engine_at_a_time(engines_dir: Path, tiny_
 
 
 def test_other_tensorrt_version_in_manifest_is_refused(engines_dir: Path, tmp_path: Path) -> None:
-    from engines.runtime_trt import TensorRTBackend
     from koala_core.errors import KoalaError
+    from runtime.tensorrt_backend import TensorRTBackend
 
     copy = tmp_path / "copy"
     shutil.copytree(engines_dir, copy)
@@ -234,7 +234,7 @@ def test_other_tensorrt_version_in_manifest_is_refused(engines_dir: Path, tmp_pa
 
 
 def test_weight_stripped_refit_identical_engines(device, tiny_artifacts: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
 
     out = tmp_path / "stripped"
     code, _, err = run_cli("build", "--onnx", tiny_artifacts, "--profile",
@@ -253,7 +253,7 @@ def test_weight_streaming_engine_runs_with_its_budget(device, tiny_artifacts: Pa
     """A streamable U-Net with a budget below its weights (1 MiB of about 9 MiB in FP32): the runtime sets
     the recorded budget before making the context, the rest streams from host memory, and the output is
     the reference's."""
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
 
     out = tmp_path / "streaming"
     code, _, err = run_cli("build", "--onnx", tiny_artifacts, "--profile", _local_profile(tmp_path / "p.toml", device),
@@ -271,7 +271,7 @@ def test_weight_streaming_engine_runs_with_its_budget(device, tiny_artifacts: Pa
 
 
 def test_dynamic_batch_engine(device, tiny_artifacts: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
 
     out = tmp_path / "dynamic"
     code, _, err = run_cli("build", "--onnx", tiny_artifacts, "--profile",
@@ -400,7 +400,7 @@ def test_typed_engines_generate_and_serve_from_triton(typed: tuple[str, Path, Pa
 
     from PIL import Image
 
-    from engines.runtime_trt import TensorRTBackend
+    from runtime.tensorrt_backend import TensorRTBackend
 
     precision, folder, engines = typed
     prompt = "a koala reading a newspaper in a cafe"

@@ -1,4 +1,4 @@
-"""Tiled VAE decode (engines/vae_tiling.py, Sampler.decode): the grid and blend weights, tiled against
+"""Tiled VAE decode (sampler/vae_tiling.py, Sampler.decode): the grid and blend weights, tiled against
 untiled decode of the same latents on random:tiny's VAE over ONNX Runtime, the profile's [vae] tile,
 the engine built for the tile, and the sampler's refusals. The full-size check (SDXL's VAE at
 1024x1024, PSNR >= 40 dB) is scripts/bench_vae_tiling.py (minutes on a CPU; BENCHMARKS.md)."""
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.vae_tiling import TileGrid, axis_weights, check_tile, decode_tiled, tile_starts
+from exporter.specs import check_tile
+from sampler.vae_tiling import TileGrid, axis_weights, decode_tiled, tile_starts
 from tests.conftest import run_cli
 
 if sys.version_info >= (3, 11):
@@ -110,9 +111,9 @@ def test_bad_tile_sizes(tile: object, height: int, width: int, reason: str) -> N
 
 @pytest.fixture(scope="module")
 def tiny_sampler(tiny_artifacts: Path):
-    from engines.runtime import OnnxRuntimeBackend
-    from engines.sampler import PipelineAssets, Sampler
     from exporter.manifest import load_manifest
+    from runtime.backend import OnnxRuntimeBackend
+    from sampler.loop import PipelineAssets, Sampler
 
     m = load_manifest(tiny_artifacts)
     return Sampler(OnnxRuntimeBackend(m, threads=2), PipelineAssets.from_manifest(m))
@@ -127,8 +128,8 @@ def tiny_sampler(tiny_artifacts: Path):
 # below the seed-0 figures for the latents' luck, none needed for the CPU.
 @pytest.mark.parametrize("tile, grid_shape, floor_db", [(192, (2, 2), 42.0), (128, (3, 3), 33.0)])
 def test_tiled_decode_matches_untiled_on_tiny(tiny_sampler, tile: int, grid_shape: tuple[int, int], floor_db: float) -> None:
-    from engines.sampler import Timings
-    from engines.validation.images import psnr
+    from sampler.loop import Timings
+    from validation.images import psnr
 
     s = tiny_sampler
     lat = s.vae.dummy_inputs(2, 256, 256, seed=0)["latent_sample"]
@@ -163,8 +164,8 @@ def test_tiled_decode_matches_untiled_on_tiny(tiny_sampler, tile: int, grid_shap
 
 def test_sampler_samples_tiled_with_the_same_noise(tiny_sampler) -> None:
     """The whole loop: the same latents give the same image shapes, tiled or not, in [0, 1]."""
-    from engines.sampler import Request
-    from engines.validation.images import psnr
+    from sampler.loop import Request
+    from validation.images import psnr
 
     s = tiny_sampler
     plans = [s.plan(Request("a koala", steps=2, seed=3, height=256, width=256, vae_tile=t)) for t in (None, 192)]
@@ -198,8 +199,8 @@ class _BuiltForTiles:
 
 
 def test_an_engine_built_for_tiles_decodes_tiles_by_default(tiny_sampler) -> None:
-    from engines.sampler import Request, Sampler
     from koala_core.errors import UsageError
+    from sampler.loop import Request, Sampler
 
     s = Sampler(_BuiltForTiles(tiny_sampler.backend), tiny_sampler.assets)
     assert s.plan(Request("x", height=256, width=256)).vae_tile == 128

@@ -139,7 +139,7 @@ def test_baseline_equal_passes_worse_fails(faithful: tuple[Path, str], tiny_arti
       allowance is at most 1.5 x 2e-6 + 1e-6 = 4e-6, and 2.4e-5 / 4e-6 = 6 (measured: 7.5x on the
       AVX2-only EPYC, allowance 3.27e-6; >= 8x on the AVX-512 CPUs), so the FP32 noise (1-2e-6)
       cannot move it across either line."""
-    from engines.validation.baseline import from_error, to_error
+    from validation.baseline import from_error, to_error
 
     tmp, _ = faithful
     base = tmp / "baseline.json"
@@ -316,7 +316,7 @@ def test_tensorrt_backend_unavailable(tiny_artifacts: Path, tmp_path: Path) -> N
 
 
 def test_image_metrics() -> None:
-    from engines.validation.images import psnr, ssim
+    from validation.images import psnr, ssim
 
     rng = np.random.default_rng(0)
     a = rng.random((1, 48, 40, 3)).astype(np.float32)
@@ -328,7 +328,7 @@ def test_image_metrics() -> None:
 
 
 def test_baseline_margin_arithmetic() -> None:
-    from engines.validation.baseline import from_error, to_error
+    from validation.baseline import from_error, to_error
 
     assert to_error("psnr", 40.0) == pytest.approx(1e-4) and from_error("psnr", 1e-4) == pytest.approx(40.0)
     assert to_error("cosine", 0.999) == pytest.approx(1e-3) and from_error("ssim", 0.02) == pytest.approx(0.98)

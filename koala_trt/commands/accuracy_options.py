@@ -29,9 +29,9 @@ def make_check(onnx_dir: Path, heldout: Path | None, heldout_num: int, steps: in
     if no_accuracy:
         return None
     from calibration.dataset import load_prompts
-    from engines.validation.heldout import AccuracyOptions, accuracy_report
     from exporter.manifest import load_manifest
     from koala_core.errors import UsageError
+    from validation.heldout import AccuracyOptions, accuracy_report
 
     if heldout_num < 1 or steps < 1:
         raise UsageError("--heldout-num and --accuracy-steps must be at least 1")
@@ -58,7 +58,7 @@ def make_check(onnx_dir: Path, heldout: Path | None, heldout_num: int, steps: in
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from engines.validation.heldout import REPORT_HEADER, report_rows
+    from validation.heldout import REPORT_HEADER, report_rows
 
     click.echo(table(report_rows(report), REPORT_HEADER))
     tol = report["tolerance"]

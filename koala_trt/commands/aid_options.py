@@ -45,7 +45,7 @@ def check_vae_tile(vae_tile: int | None) -> None:
     """--vae-tile's own form, before any model work (its size against the image once the plan knows it)."""
     if vae_tile is None:
         return
-    from engines.vae_tiling import check_tile
+    from exporter.specs import check_tile
 
     try:
         check_tile(vae_tile)

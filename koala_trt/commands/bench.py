@@ -42,8 +42,8 @@ def result_table(data: dict[str, Any]) -> str:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = False) -> None:
     """The rows of one backend, or (backend_column) of a side-by-side run with its backend and round columns."""
-    from engines.bench import CSV_FIELDS
     from koala_core.atomic import staged_file
+    from validation.bench import CSV_FIELDS
 
     with staged_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["backend", "round", *CSV_FIELDS] if backend_column else CSV_FIELDS)
@@ -94,9 +94,9 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
     run one after another, each in its own process, into one table.
 
     Memory is the peak RSS of this process for CPU backends and device memory for GPU ones."""
-    from engines.bench import BenchOptions, parse_backends
-    from engines.sampler import SAMPLER_COMPONENTS
     from exporter.specs import parse_components
+    from sampler.loop import SAMPLER_COMPONENTS
+    from validation.bench import BenchOptions, parse_backends
 
     entries = parse_backends(backend_list, cpu_precision)
     comps = tuple(parse_components([components], default=())) if components.strip() else ()
@@ -148,10 +148,10 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
 
 def bench_one(entry: Any, artifacts: Path | None, engines: Path | None, model: str | None, threads: int | None,
               opts: Any) -> tuple[Any, dict[str, Any]]:
-    """One backend in this process: open its pipeline, time it (engines/bench.py), its JSON record."""
-    from engines.bench import run_bench
-    from engines.pipeline import open_pipeline
-    from engines.sampler import SAMPLER_COMPONENTS
+    """One backend in this process: open its pipeline, time it (validation/bench.py), its JSON record."""
+    from sampler.loop import SAMPLER_COMPONENTS
+    from sampler.pipeline import open_pipeline
+    from validation.bench import run_bench
 
     backend = entry.name
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads,
@@ -180,7 +180,7 @@ def check_list_sources(entries: list[Any], artifacts: Path | None, model: str | 
     backend starts."""
     import importlib.util
 
-    from engines.runtime import ONNX_BACKENDS
+    from runtime.backend import ONNX_BACKENDS
 
     names = [e.name for e in entries]
     onnx = [e for e in entries if e.name in ONNX_BACKENDS and e.artifacts is None]
@@ -288,8 +288,8 @@ def side_by_side(entries: list[Any], artifacts: Path | None, engines: Path | Non
     inputs, prompt and seed; compared on the first round) and its speed-up paired round by round."""
     import numpy as np
 
-    from engines.bench import compare_outputs, merge_rounds, paired_speedups
     from koala_core.machine import machine_facts, resolve_cpu_precision
+    from validation.bench import compare_outputs, merge_rounds, paired_speedups
 
     for e in entries:
         if e.name == "openvino":

@@ -82,8 +82,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     network runs; a failure leaves no PNG behind."""
     import secrets
 
-    from engines.pipeline import open_pipeline
-    from engines.sampler import Request, Sampler, output_paths, save_pngs
+    from sampler.loop import Request, Sampler, output_paths, save_pngs
+    from sampler.pipeline import open_pipeline
 
     started = time.perf_counter()
     # ----- everything is checked before a network runs -------------------------------------------

@@ -75,12 +75,12 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     on the backend against the diffusers pipeline from the same latents: final-latent relative L2,
     image PSNR and SSIM. Exit 0 when every metric holds, 1 on any drift (reports are written first),
     2 on usage errors."""
-    from engines.validation import baseline as bl
-    from engines.validation.reports import SUMMARY_HEADER, summary_rows, write_junit, write_markdown
-    from koala_core.jsonfile import write_json
-    from engines.validation.run import ValidateOptions, default_size, finish, settings, validate
-    from exporter.tolerances import parse_overrides
     from exporter.specs import COMPONENTS, parse_components
+    from exporter.tolerances import parse_overrides
+    from koala_core.jsonfile import write_json
+    from validation import baseline as bl
+    from validation.reports import SUMMARY_HEADER, summary_rows, write_junit, write_markdown
+    from validation.run import ValidateOptions, default_size, finish, settings, validate
 
     overrides = parse_overrides(tolerances)
     names = parse_components(components, default=tuple(COMPONENTS)) if components else None

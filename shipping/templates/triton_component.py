@@ -3,7 +3,7 @@
 TensorRT backends. Same name, inputs, outputs and batching as the production flavour's model, so the
 pipeline model (`koala`) calls it through BLS unchanged.
 
-It runs on koala-trt's own runtime backend (engines/runtime.py: onnxruntime or openvino over the graph
+It runs on koala-trt's own runtime backend (runtime/backend.py: onnxruntime or openvino over the graph
 beside this file, or tensorrt over the engine), opened over this version folder: `manifest.json` here is the
 artifacts (or engines) manifest cut to this one component, its files at the paths it names (or, as
 `koala-trt serve` writes it, over the folder that component.json names).
@@ -29,7 +29,7 @@ def _error(e: Exception):
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        from engines.runtime import open_backend  # koala-trt, installed in this environment
+        from runtime.backend import open_backend  # koala-trt, installed in this environment
         from shipping.triton_io import from_triton, to_triton
 
         info = json.loads((Path(__file__).resolve().parent / "component.json").read_text(encoding="utf-8"))
@@ -39,8 +39,8 @@ class TritonPythonModel:
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.max_batch = int(config.get("max_batch_size", 0))
         if info["runtime"] == "openvino":  # its compiled-model cache where the writer said (serve: beside the artifacts)
-            from engines.runtime_openvino import OpenVinoBackend
             from exporter.manifest import load_manifest
+            from runtime.openvino_backend import OpenVinoBackend
 
             cache = info.get("cache_dir")
             self.backend = OpenVinoBackend(load_manifest(here), cpu_precision=info.get("cpu_precision"),

@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 
 
 class BlsBackend:
-    """koala-trt's runtime `Backend` protocol (engines/runtime.py) over BLS calls to the component models."""
+    """koala-trt's runtime `Backend` protocol (runtime/backend.py) over BLS calls to the component models."""
 
     name = "triton"
 
@@ -62,12 +62,12 @@ class BlsBackend:
 
 def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.ndarray]:
     """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`:
-    a function (prompt, **options) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). Options are engines.sampler.Request's
+    a function (prompt, **options) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). Options are sampler.loop.Request's
     fields (negative_prompt, seed, steps, guidance, height, width).
 
-    This is the one place that names the sampler's API (engines/sampler.py)."""
-    from engines.sampler import PipelineAssets, Request, Sampler, to_uint8  # koala-trt, installed in this environment
+    This is the one place that names the sampler's API (sampler/loop.py)."""
     from exporter.manifest import load_manifest
+    from sampler.loop import PipelineAssets, Request, Sampler, to_uint8  # koala-trt, installed in this environment
 
     sampler = Sampler(backend, PipelineAssets.from_manifest(load_manifest(pipeline_dir)))
 

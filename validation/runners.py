@@ -1,6 +1,6 @@
 """Polygraphy runners over koala-trt's runtime backends, so Polygraphy's Comparator drives the
 comparison: its own ONNX Runtime runner for the onnxruntime backend (over the backend's session, so
-the graph is loaded once), and a thin adapter for any other `engines.runtime.Backend` (the PyTorch
+the graph is loaded once), and a thin adapter for any other `runtime.backend.Backend` (the PyTorch
 reference, TensorRT's `TensorRTBackend`). Names and dtypes come from the component spec."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class BackendRunner(BaseRunner):
 
 def runner_for(backend: Any, component: str, spec: ComponentSpec, name: str) -> BaseRunner:
     """Polygraphy's OnnxrtRunner for ONNX Runtime (sharing the backend's session), else the adapter."""
-    from engines.runtime import OnnxRuntimeBackend
+    from runtime.backend import OnnxRuntimeBackend
 
     if isinstance(backend, OnnxRuntimeBackend):
         from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -51,7 +51,7 @@ def runner_for(backend: Any, component: str, spec: ComponentSpec, name: str) -> 
 def interface_problems(backend: Any, component: str, spec: ComponentSpec) -> list[str]:
     """Graph inputs/outputs against the spec (names and dtypes), for backends that expose a graph
     (ONNX Runtime sessions); a renamed or retyped tensor is reported, never matched by guesswork."""
-    from engines.runtime import OnnxRuntimeBackend
+    from runtime.backend import OnnxRuntimeBackend
 
     if not isinstance(backend, OnnxRuntimeBackend):
         return []

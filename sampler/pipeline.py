@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engines.runtime import ONNX_BACKENDS, Backend, open_backend
-from engines.sampler import SAMPLER_COMPONENTS, PipelineAssets
 from exporter.manifest import Manifest, load_manifest
 from koala_core.errors import KoalaError, UsageError
+from runtime.backend import ONNX_BACKENDS, Backend, open_backend
+from sampler.loop import SAMPLER_COMPONENTS, PipelineAssets
 
 
 @dataclass
@@ -30,11 +30,14 @@ class Pipeline:
     def check_size(self, components: Sequence[str], height: int, width: int) -> None:
         """height x width inside what the backend (an engine's profile) or the export can run, for
         each of `components`: the one size check (exporter.specs.ShapeRange.check)."""
-        from engines.validation.inputs import check_size
-
         for c in components:
             spec = self.backend.specs.get(c) or self.assets.specs[c]
-            check_size(spec, self.backend.shape_range(c), height, width)
+            if height <= 0 or width <= 0 or height % spec.size_multiple or width % spec.size_multiple:
+                raise UsageError(f"--height/--width must be positive multiples of {spec.size_multiple} for {spec.name} "
+                                 f"(got {height}x{width})")
+            r = self.backend.shape_range(c)
+            if r is not None:
+                r.check(spec.name, spec.spatial, height, width, fix="pass --height/--width inside them")
 
     def close(self) -> None:
         self.backend.close()
@@ -76,7 +79,7 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     t0 = time.perf_counter()
     checked = 0
     if manifest is not None:
-        from engines.artifacts_check import check_files
+        from exporter.artifacts_check import check_files
 
         prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.view.scheduler).parent.as_posix()) + "/"]
         if backend in ONNX_BACKENDS:

@@ -34,18 +34,10 @@ from typing import Callable
 
 import numpy as np
 
+from exporter.specs import check_tile
+
 BLENDS = ("cosine", "linear")
 OVERLAP_FRACTION = 4  # the minimum overlap is tile // 4 (diffusers' tile_overlap_factor 0.25)
-
-
-def check_tile(tile: object, height: int | None = None, width: int | None = None, multiple: int = 8) -> None:
-    """A tile size in pixels: a positive multiple of `multiple` (the VAE's latent factor) and, where
-    the image's height and width are given, not larger than either. Raises ValueError with the
-    reason, to follow the name of what set it ("--vae-tile", "field vae.tile")."""
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < multiple or tile % multiple:
-        raise ValueError(f"must be a positive multiple of {multiple} px (got {tile!r})")
-    if height is not None and width is not None and (tile > height or tile > width):
-        raise ValueError(f"must not be larger than the image ({tile} px > {width}x{height} px)")
 
 
 def default_overlap(tile_cells: int) -> int:

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from exporter.specs import ComponentSpec, ShapeRange
-from koala_core.errors import UsageError
 
 
 @dataclass
@@ -26,14 +25,6 @@ class InputSet:
     kind: str  # "random" | "prompts"
     description: str
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
-
-
-def check_size(spec: ComponentSpec, shape_range: ShapeRange | None, height: int, width: int) -> None:
-    """--height/--width must be ones the artifact was exported (or the engine built) for."""
-    if height <= 0 or width <= 0 or height % spec.size_multiple or width % spec.size_multiple:
-        raise UsageError(f"--height/--width must be positive multiples of {spec.size_multiple} for {spec.name} (got {height}x{width})")
-    if shape_range is not None:
-        shape_range.check(spec.name, spec.spatial, height, width, fix="pass --height/--width inside them")
 
 
 def batch_for(component: str, shape_range: ShapeRange | None) -> int:
@@ -52,7 +43,7 @@ def random_inputs(spec: ComponentSpec, batch: int, height: int, width: int, samp
 def token_inputs(tokenizer_dir: Any, spec: ComponentSpec, prompts: list[str]) -> InputSet:
     """input_ids of each prompt chunk (batch 1), chunked and padded to the spec's sequence length as
     the sampler does (a prompt over 75 tokens gives one feed per chunk)."""
-    from engines.tokenize import ClipTokenizer
+    from sampler.tokenize import ClipTokenizer
 
     seq = int(spec.inputs[0].dims[1])
     tok = ClipTokenizer(tokenizer_dir, max_length=seq)

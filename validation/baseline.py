@@ -19,8 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engines.validation.results import Check, Measured
 from koala_core.errors import UsageError
+from validation.results import Check, Measured
 
 FORMAT = "koala-trt-validate-baseline/1"
 DEFAULT_MARGIN = 0.5

@@ -1,7 +1,7 @@
 """accuracy.json of `convert` / `quantize`: `koala-trt validate` run on the staged variant folder
 (ONNX Runtime) with the held-out prompts, summarised per converted component.
 
-The comparison is validate's (engines/validation/run.py), so its figures are the ones
+The comparison is validate's (validation/run.py), so its figures are the ones
 `koala-trt validate -a FOLDER --prompts FILE --height H --width W --steps N --seed S` prints for
 the same folder and prompts (tests/test_precision.py checks they are the same numbers):
 - per component, the "prompts" input set: token ids for the text encoders, U-Net inputs of the
@@ -60,7 +60,7 @@ def _failures(check: dict[str, Any], gated: tuple[str, ...]) -> dict[str, list[s
 
 
 def summarise(validated: dict[str, Any], converted: list[str], opts: AccuracyOptions) -> dict[str, Any]:
-    """accuracy.json from validate's finished report (engines.validation.run.finish)."""
+    """accuracy.json from validate's finished report (validation.run.finish)."""
     precision = end_to_end_precision(validated["components"][c] for c in converted)
     checks = {c["id"]: c for c in validated["checks"]}
     report: dict[str, Any] = {
@@ -95,8 +95,8 @@ def summarise(validated: dict[str, Any], converted: list[str], opts: AccuracyOpt
 
 def accuracy_report(folder: Path, opts: AccuracyOptions, log: Log = print) -> dict[str, Any]:
     """Validate the variant in `folder` (a saved, hashed manifest) on the held-out prompts."""
-    from engines.validation.run import ValidateOptions, finish, validate
     from exporter.manifest import load_manifest
+    from validation.run import ValidateOptions, finish, validate
 
     manifest = load_manifest(folder)
     converted = [n for n in manifest.components if manifest.precision(n) != "fp32"]

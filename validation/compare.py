@@ -12,10 +12,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from engines.validation.results import Check, Measured, finite_or_none
-from exporter.tolerances import passes
 from exporter.metrics import ErrorStats, error_stats
+from exporter.tolerances import passes
 from koala_core.errors import KoalaError
+from validation.results import Check, Measured, finite_or_none
 
 
 @contextlib.contextmanager

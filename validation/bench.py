@@ -1,5 +1,5 @@
 """Latency and memory of a backend: each pipeline component on its own (one U-Net step at the CFG
-batch, the text encoders, the VAE decode) and the whole text-to-image loop of engines/sampler.py.
+batch, the text encoders, the VAE decode) and the whole text-to-image loop of sampler/loop.py.
 
 Warm-up calls are run and discarded; the timed calls give median and p90 (numpy's linear
 percentile, so with few runs p90 lies between the two slowest). Memory is the process's peak RSS
@@ -17,11 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines.sampler import SAMPLER_COMPONENTS, Plan, PipelineAssets, Request, Sampler, Timings
 from exporter.specs import NUMPY_DTYPES
 from koala_core.errors import UsageError
 from koala_core.machine import machine_facts
 from koala_core.meter import Meter, process_peak_rss_mb
+from sampler.loop import SAMPLER_COMPONENTS, Plan, PipelineAssets, Request, Sampler, Timings
 
 DEFAULT_PROMPT = "a koala climbing a eucalyptus tree at sunset, photo"
 
@@ -42,7 +42,7 @@ class BenchOptions:
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
     keep_outputs: bool = False  # keep each component's last outputs and the last end-to-end images (side by side)
-    vae_tile: int | None = None  # decode in tiles of this many pixels (engines/vae_tiling.py); None: the engine's own, else untiled
+    vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
 
     def check(self) -> None:
         if self.warmup < 0:
@@ -313,7 +313,7 @@ def parse_backends(text: str, cpu_precision: str | None = None) -> list[BackendE
     backend takes, folders only for the backends that read ONNX graphs, no entry twice. --cpu-precision
     applies to the openvino entries that name no precision (and, as for one backend, is refused when
     none is openvino)."""
-    from engines.runtime import BACKENDS, ONNX_BACKENDS
+    from runtime.backend import BACKENDS, ONNX_BACKENDS
 
     items = [x.strip() for x in text.split(",")]
     if not text.strip() or any(not x for x in items):
@@ -352,8 +352,8 @@ def parse_backends(text: str, cpu_precision: str | None = None) -> list[BackendE
 def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, Any]:
     """Each output the two runs share (same inputs: spec dummy inputs, the same seed and prompt): rel L2
     and max abs error of the candidate against the reference; PSNR of the end-to-end images."""
-    from engines.validation.images import psnr
     from exporter.metrics import error_stats
+    from validation.images import psnr
 
     out: dict[str, Any] = {}
     for key in reference:

@@ -9,11 +9,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines.validation.images import psnr, ssim
-from engines.validation.reference import Trajectories
-from engines.validation.results import Check, Measured
-from exporter.tolerances import passes
 from exporter.metrics import error_stats
+from exporter.tolerances import passes
+from validation.images import psnr, ssim
+from validation.reference import Trajectories
+from validation.results import Check, Measured
 
 
 def candidate_run(sampler: Any, ref: Trajectories, steps: int, guidance: float, height: int, width: int,
@@ -21,7 +21,7 @@ def candidate_run(sampler: Any, ref: Trajectories, steps: int, guidance: float, 
     """The sampler's final latents and images ([1, H, W, 3] in [0, 1]) per prompt, and the seconds taken.
     The images are decoded as the sampler decodes them: in tiles with `vae_tile` (or a VAE engine
     built for a tile), so the comparison with diffusers' untiled decode includes the tiling's error."""
-    from engines.sampler import Request
+    from sampler.loop import Request
 
     latents, images = [], []
     t0 = time.perf_counter()

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines.validation.results import Check, Measured
 from exporter.tolerances import END_TO_END, Override, check_precision, end_to_end_precision, limits_for
 from koala_core.errors import UsageError
+from validation.results import Check, Measured
 
 Log = Callable[[str], None]
 
@@ -65,17 +65,17 @@ def _check_model(source: Any, manifest: Any) -> None:
 
 
 def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
-    from engines.pipeline import open_pipeline
-    from engines.runtime import OnnxRuntimeBackend
-    from engines.sampler import SAMPLER_COMPONENTS, Sampler, initial_noise
-    from engines.validation.compare import compare
-    from engines.validation.end_to_end import candidate_run, measure
     from calibration.inputs import spread
-    from engines.validation.inputs import batch_for, random_inputs, token_inputs
-    from engines.validation.reference import PipelineBackend, load_pipeline, run_trajectories
-    from engines.validation.runners import BackendRunner, interface_problems, runner_for
     from exporter.manifest import load_manifest
     from exporter.sources import resolve
+    from runtime.backend import OnnxRuntimeBackend
+    from sampler.loop import SAMPLER_COMPONENTS, Sampler, initial_noise
+    from sampler.pipeline import open_pipeline
+    from validation.compare import compare
+    from validation.end_to_end import candidate_run, measure
+    from validation.inputs import batch_for, random_inputs, token_inputs
+    from validation.reference import PipelineBackend, load_pipeline, run_trajectories
+    from validation.runners import BackendRunner, interface_problems, runner_for
 
     started = time.perf_counter()
     # ----- everything that can be wrong with the request fails before a network runs ---------------
@@ -104,14 +104,14 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     try:
         pipeline.check_size(comps, height, width)
         if "unet" in comps:  # every prompt within the U-Net's sequence range, before the reference runs
-            from engines.sampler import check_prompt_range
-            from engines.tokenize import ClipTokenizer, prompt_tokens
+            from sampler.loop import check_prompt_range
+            from sampler.tokenize import ClipTokenizer, prompt_tokens
 
             toks = [ClipTokenizer(manifest.root / t) for t in manifest.view.tokenizers]
             check_prompt_range(specs["unet"], ranges["unet"], prompt_tokens(toks, opts.prompts))
         sampler = Sampler(backend, assets) if run_e2e else None
         if sampler is not None:  # the end-to-end request as the sampler will plan it (a --vae-tile the VAE cannot take)
-            from engines.sampler import Request
+            from sampler.loop import Request
 
             sampler.plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
                                  height=height, width=width, vae_tile=opts.vae_tile))
@@ -222,7 +222,7 @@ def finish(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _input_set(kind: str, description: str, feeds: list[dict[str, np.ndarray]]) -> Any:
-    from engines.validation.inputs import InputSet
+    from validation.inputs import InputSet
 
     return InputSet(kind, description, feeds)
 

@@ -25,10 +25,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines.runtime import Backend
 from exporter.manifest import Manifest, sha256_file
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import KoalaError, UsageError
+from runtime.backend import Backend
 
 CACHE_SUFFIX = ".openvino-cache"
 CACHE_RECORD = "koala-cache.json"

@@ -3,9 +3,9 @@ names in the component specs. The sampler, validation and bench talk to this, no
 
 Backends:
 - `onnxruntime` (this module): an artifacts folder's ONNX graphs; CPU, or CUDA with onnxruntime-gpu.
-- `tensorrt` (engines/runtime_trt.py): engines from a `koala-trt build` folder.
-- `torch` (engines/runtime_torch.py): the PyTorch reference modules from --model.
-- `openvino` (engines/runtime_openvino.py): the same ONNX graphs compiled by OpenVINO for the CPU (BF16
+- `tensorrt` (runtime/tensorrt_backend.py): engines from a `koala-trt build` folder.
+- `torch` (runtime/torch_backend.py): the PyTorch reference modules from --model.
+- `openvino` (runtime/openvino_backend.py): the same ONNX graphs compiled by OpenVINO for the CPU (BF16
   where the CPU has it, see --cpu-precision).
 onnxruntime, openvino and tensorrt never import torch or diffusers.
 """
@@ -125,7 +125,7 @@ def open_backend(name: str, artifacts: Path | None = None, engines: Path | None 
     if name == "openvino":
         if artifacts is None and manifest is None:
             raise UsageError("--backend openvino needs --artifacts DIR")
-        from engines.runtime_openvino import OpenVinoBackend
+        from runtime.openvino_backend import OpenVinoBackend
 
         return OpenVinoBackend(manifest or load_manifest(artifacts), threads=threads, cpu_precision=cpu_precision)  # type: ignore[arg-type]
     if name == "onnxruntime":
@@ -138,16 +138,16 @@ def open_backend(name: str, artifacts: Path | None = None, engines: Path | None 
         if not Path(engines).is_dir():
             raise UsageError(f"engines folder {engines} does not exist")
         try:
-            from engines.runtime_trt import TensorRTBackend
+            from runtime.tensorrt_backend import TensorRTBackend
 
             return TensorRTBackend(Path(engines))
-        except ImportError as e:  # engines/runtime_trt.py, tensorrt or cuda-python is missing
+        except ImportError as e:  # runtime/tensorrt_backend.py, tensorrt or cuda-python is missing
             raise KoalaError(f"the tensorrt backend is not available here ({e}); "
                              "it needs the [gpu] extra on a machine with an NVIDIA GPU") from None
     if name == "torch":
         if model is None:
             raise UsageError("--backend torch needs --model (the PyTorch reference: hub id, folder or random:<preset>)")
-        from engines.runtime_torch import TorchBackend
+        from runtime.torch_backend import TorchBackend
 
         return TorchBackend(model, specs=manifest.specs() if manifest is not None else None, precision=torch_precision)
     raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from engines.runtime import Backend
 from exporter.specs import ComponentSpec
+from runtime.backend import Backend
 
 
 class PipelineBackend(Backend):

@@ -3,7 +3,7 @@ guidance, decode. It does what diffusers' StableDiffusionXLPipeline.__call__ doe
 arguments: no clip skip, no guidance rescale, original size = target size, crop (0, 0)), so the
 same components and the same initial latents give the same image.
 
-No torch, no diffusers: numpy, `tokenizers` and the backend (engines/runtime.py) only.
+No torch, no diffusers: numpy, `tokenizers` and the backend (runtime/backend.py) only.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from engines.scheduler_euler import EulerDiscreteScheduler
-from engines.tokenize import ClipTokenizer, chunk_prompts, prompt_tokens
 from exporter.manifest import Manifest
-from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange
+from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange, check_tile
 from koala_core.errors import UsageError
 from koala_core.jsonfile import read_json
+from sampler.schedulers.euler import EulerDiscreteScheduler
+from sampler.tokenize import ClipTokenizer, chunk_prompts, prompt_tokens
 
 F32 = np.float32
 SAMPLER_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
@@ -118,7 +118,7 @@ class Request:
     width: int | None = None
     batch: int | None = None
     latents: np.ndarray | None = None  # initial noise as diffusers' `latents=` takes it (before * init_noise_sigma)
-    vae_tile: int | None = None  # decode in tiles of this many pixels (engines/vae_tiling.py); None: the engine's own, else untiled
+    vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class Plan:
     width: int
     batch: int
     noise: np.ndarray  # float32 [batch, C, height/f, width/f]
-    chunks: int = 1  # prompt chunks of 77 tokens each prompt is encoded as (engines.tokenize.chunk_prompts)
+    chunks: int = 1  # prompt chunks of 77 tokens each prompt is encoded as (sampler.tokenize.chunk_prompts)
     vae_tile: int | None = None  # pixels; None: one untiled decode
 
     @property
@@ -308,8 +308,6 @@ class Sampler:
     def _vae_tile(self, asked: int | None, height: int, width: int) -> int | None:
         """The decode's tile size in pixels: --vae-tile, else the one the VAE engine was built for (a
         profile's [vae] tile), else None (untiled); checked against the image and the VAE's granularity."""
-        from engines.vae_tiling import check_tile
-
         built = getattr(self.backend, "vae_tile", lambda: None)()  # runtime.Backend.vae_tile
         tile, what = (asked, "--vae-tile") if asked is not None else (built, f"the VAE engine's tile (built for {built} px)")
         if tile is None:
@@ -398,7 +396,7 @@ class Sampler:
     def decode(self, latents: np.ndarray, timings: Timings | None = None, tile: int | None = None) -> np.ndarray:
         """Latents in the VAE's space (unscale_latents) to the decoder's image, float32 [batch, 3, H, W]
         nominally in [-1, 1]: one decoder run, or with `tile` (pixels) overlapping tiles of that size
-        blended (engines/vae_tiling.py), so the decoder's activations are a tile's however large the image."""
+        blended (sampler/vae_tiling.py), so the decoder's activations are a tile's however large the image."""
         timings = timings if timings is not None else Timings()
 
         def run(lat: np.ndarray) -> np.ndarray:
@@ -406,13 +404,13 @@ class Sampler:
 
         if tile is None:
             return run(latents)
-        from engines.vae_tiling import TileGrid, decode_tiled
+        from sampler.vae_tiling import TileGrid, decode_tiled
 
         return decode_tiled(run, latents, TileGrid.make(latents.shape[2], latents.shape[3], tile, self.vae.latent_factor))
 
     def tile_grid(self, plan: Plan) -> Any:
         """The vae_tiling.TileGrid a tiled plan decodes over (None when untiled)."""
-        from engines.vae_tiling import TileGrid
+        from sampler.vae_tiling import TileGrid
 
         f = self.vae.latent_factor
         return None if plan.vae_tile is None else TileGrid.make(plan.height // f, plan.width // f, plan.vae_tile, f)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from engines.runtime import Backend
 from exporter.specs import ComponentSpec, ShapeRange
+from runtime.backend import Backend
 
 
 class TorchBackend(Backend):

@@ -1,5 +1,5 @@
 """The TensorRT runtime backend: engines from a `koala-trt build` folder behind the Backend protocol
-of engines/runtime.py. No torch, no diffusers: numpy, cuda-python (engines/cuda.py) and TensorRT
+of runtime/backend.py. No torch, no diffusers: numpy, cuda-python (engines/cuda.py) and TensorRT
 (engines/trt.py, the only module that calls it).
 
 - ENGINES/manifest.json gives each component's spec (names, dtypes, shapes) and its engine's
@@ -29,11 +29,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines.runtime import Backend
 from engines.engine_manifest import EnginesManifest, check_compatible, load_engines_manifest
 from exporter.manifest import sha256_file
 from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange
 from koala_core.errors import KoalaError, UsageError
+from runtime.backend import Backend
 
 
 def _log_stderr(message: str) -> None:

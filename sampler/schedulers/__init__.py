@@ -1,0 +1,1 @@
+"""The schedulers of the numpy sampler, one file per scheduler as diffusers has one per class."""

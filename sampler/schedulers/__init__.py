@@ -19,15 +19,24 @@ from sampler.schedulers.common import Scheduler
 # name -> (diffusers class, the config overrides its from_config is called with)
 DIFFUSERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
 }
 SCHEDULERS: tuple[str, ...] = tuple(DIFFUSERS)
 DEFAULT = "euler"  # the model's own config (KOALA's, SDXL's and Lightning's are EulerDiscreteScheduler)
 
 
 def _builders() -> dict[str, Callable[[Mapping[str, Any]], Scheduler]]:
+    from sampler.schedulers.dpmpp_2m import DPMSolverMultistepKarras, DPMSolverMultistepScheduler
     from sampler.schedulers.euler import EulerDiscreteScheduler
+    from sampler.schedulers.euler_a import EulerAncestralDiscreteScheduler
+    from sampler.schedulers.heun import HeunDiscreteScheduler
 
-    return {"euler": EulerDiscreteScheduler.from_config}
+    return {"euler": EulerDiscreteScheduler.from_config, "euler_a": EulerAncestralDiscreteScheduler.from_config,
+            "heun": HeunDiscreteScheduler.from_config, "dpmpp_2m": DPMSolverMultistepScheduler.from_config,
+            "dpmpp_2m_karras": DPMSolverMultistepKarras.from_config}
 
 
 def check_name(name: str | None) -> str:

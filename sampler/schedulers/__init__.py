@@ -23,20 +23,27 @@ DIFFUSERS: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
 }
 SCHEDULERS: tuple[str, ...] = tuple(DIFFUSERS)
 DEFAULT = "euler"  # the model's own config (KOALA's, SDXL's and Lightning's are EulerDiscreteScheduler)
 
 
 def _builders() -> dict[str, Callable[[Mapping[str, Any]], Scheduler]]:
+    from sampler.schedulers.ddim import DDIMScheduler
     from sampler.schedulers.dpmpp_2m import DPMSolverMultistepKarras, DPMSolverMultistepScheduler
     from sampler.schedulers.euler import EulerDiscreteScheduler
     from sampler.schedulers.euler_a import EulerAncestralDiscreteScheduler
     from sampler.schedulers.heun import HeunDiscreteScheduler
+    from sampler.schedulers.lcm import LCMScheduler
+    from sampler.schedulers.unipc import UniPCMultistepScheduler
 
     return {"euler": EulerDiscreteScheduler.from_config, "euler_a": EulerAncestralDiscreteScheduler.from_config,
             "heun": HeunDiscreteScheduler.from_config, "dpmpp_2m": DPMSolverMultistepScheduler.from_config,
-            "dpmpp_2m_karras": DPMSolverMultistepKarras.from_config}
+            "dpmpp_2m_karras": DPMSolverMultistepKarras.from_config, "ddim": DDIMScheduler.from_config,
+            "unipc": UniPCMultistepScheduler.from_config, "lcm": LCMScheduler.from_config}
 
 
 def check_name(name: str | None) -> str:

@@ -108,3 +108,68 @@ def test_every_step_matches_diffusers(name: str, config: str, monkeypatch: pytes
             # chains (log, exp, a 2x2 solve) being rounded in another order than torch's.
             assert err <= 1e-5, (name, config, steps, i, "step", err)
     print(f"{name}, {config}: worst step error {worst:.2e}")
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_img2img_start_matches_diffusers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting at a later index (StableDiffusionXLImg2ImgPipeline.get_timesteps(strength) and
+    set_begin_index): the same start, the same noised latents (add_noise) and the same steps from there."""
+    import torch
+
+    cfg = {**SDXL, "timestep_spacing": "trailing"}
+    steps, strength = 10, 0.6
+    ref, ours = reference(name, cfg), make_scheduler(name, cfg)
+    ref.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    t_start = max(steps - min(int(steps * strength), steps), 0)  # diffusers' get_timesteps, verbatim
+    begin = ours.begin_index(steps, strength)
+    assert begin == t_start * ref.order
+    timesteps = ref.timesteps[begin:]
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(begin)
+    rng = np.random.default_rng(3)
+    image, noise = rng.standard_normal(SHAPE, dtype=np.float32), rng.standard_normal(SHAPE, dtype=np.float32)
+    x_ref = ref.add_noise(torch.from_numpy(image), torch.from_numpy(noise), timesteps[:1].repeat(SHAPE[0]))
+    x = ours.add_noise(image, noise, begin)
+    assert _rel(x_ref.numpy(), x) <= 1e-6, name
+    step_noise = StepNoise(5, SHAPE[0], SHAPE[1:])
+    feed_noise(monkeypatch, 5, SHAPE[0], SHAPE[1:])
+    assert ours.timesteps is not None and len(ours.timesteps) - begin == len(timesteps)
+    for i, t in zip(range(begin, len(ours.timesteps)), timesteps):
+        eps = rng.standard_normal(SHAPE, dtype=np.float32)
+        assert _rel(ref.scale_model_input(x_ref, t).numpy(), ours.scale_model_input(x, i)) <= 1e-5
+        x_ref = ref.step(torch.from_numpy(eps), t, x_ref, return_dict=False)[0]
+        x = ours.step(eps, i, x, noise=step_noise() if ours.stochastic else None)
+        assert _rel(x_ref.numpy(), x) <= 1e-5, (name, i)
+
+
+def test_names_and_one_line_errors() -> None:
+    assert SCHEDULERS == ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "lcm")
+    assert type(make_scheduler(None, SDXL)) is type(make_scheduler("euler", SDXL))
+    assert scheduler_config("dpmpp_2m_karras", SDXL)["use_karras_sigmas"] is True
+    with pytest.raises(UsageError) as e:
+        make_scheduler("dpm++", SDXL)
+    assert str(e.value) == "unknown scheduler 'dpm++'; known: " + ", ".join(SCHEDULERS)
+    # A config field a scheduler cannot honour: one line naming it.
+    with pytest.raises(UsageError, match=r"^scheduler dpmpp_2m: thresholding in the model's scheduler config is not supported"):
+        make_scheduler("dpmpp_2m", {**SDXL, "thresholding": True})
+    with pytest.raises(UsageError, match="predict_x0=False"):
+        make_scheduler("unipc", {**SDXL, "predict_x0": False})
+    lcm = make_scheduler("lcm", SDXL)
+    with pytest.raises(UsageError, match="between 1 and 50 for lcm"):
+        lcm.set_timesteps(51)
+    euler_a = make_scheduler("euler_a", SDXL)
+    euler_a.set_timesteps(2)
+    with pytest.raises(ValueError, match="draws noise at each step"):
+        euler_a.step(np.zeros(SHAPE, np.float32), 0, np.zeros(SHAPE, np.float32))
+
+
+def test_step_noise_is_per_image() -> None:
+    """Image k of a batch draws what a batch-1 run with seed + k draws, and not the initial noise."""
+    from sampler.loop import initial_noise
+
+    a, b = StepNoise(4, 3, (4, 2, 2)), StepNoise(6, 1, (4, 2, 2))
+    first, again = a(), a()
+    np.testing.assert_array_equal(first[2:], b())
+    assert not np.array_equal(first, again)
+    assert not np.allclose(first[0], initial_noise(4, 1, (4, 2, 2))[0])

@@ -52,6 +52,7 @@ PIPELINE_INPUTS = (  # name, Triton type, optional
     ("guidance", "TYPE_FP32", True),
     ("height", "TYPE_INT32", True),
     ("width", "TYPE_INT32", True),
+    ("scheduler", "TYPE_STRING", True),  # a sampler.schedulers name; absent: the model's own
 )
 CHUNK = 4 << 20
 FLAVOURS = ("production", "python")

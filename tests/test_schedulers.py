@@ -219,3 +219,32 @@ def test_image_matches_diffusers_pipeline(name: str, tiny_sampler: Any, tiny_pip
     assert value >= 50.0, (name, value)
     assert float(np.abs(images - ref).max()) < 1e-4  # measured 1.8-2.5e-6 (AMD EPYC Zen 4); as test_sampler.py bounds it
     print(f"{name}: {value:.1f} dB, max abs {float(np.abs(images - ref).max()):.2e}")
+
+
+# ----- the commands -------------------------------------------------------------------------------
+
+def test_validate_with_a_scheduler(tiny_artifacts: Any, tmp_path: Any) -> None:
+    """validate --scheduler: the reference pipeline runs the same diffusers scheduler (and, for euler_a, the
+    same step noise), so the end-to-end check passes at FP32 rounding; the report records the name."""
+    from conftest import run_cli
+
+    report = tmp_path / "r.json"
+    code, _, err = run_cli("validate", "--artifacts", tiny_artifacts, "--height", "128", "--width", "128", "--steps", "3",
+                           "--random-samples", "1", "--scheduler", "euler_a", "--report", report)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["scheduler"] == "euler_a"
+    e2e = next(c for c in data["checks"] if c["component"] == "end_to_end")
+    psnr = next(m["value"] for m in e2e["metrics"] if m["metric"] == "psnr")
+    assert psnr is None or psnr >= 50.0  # None: identical images (inf)
+
+
+def test_generate_with_a_scheduler(tiny_artifacts: Any, tmp_path: Any) -> None:
+    from conftest import run_cli
+
+    code, out, err = run_cli("generate", "--artifacts", tiny_artifacts, "--prompt", "a koala", "--steps", "3", "--height", "128",
+                             "--width", "128", "--seed", "1", "--scheduler", "heun", "--out", tmp_path / "k.png", "--json", "--no-progress")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["scheduler"]["name"] == "heun" and len(r["scheduler"]["timesteps"]) == 5  # 3 steps: 2 x 3 - 1 U-Net calls
+    assert r["timings"]["stages"]["unet"]["calls"] == 5

@@ -22,6 +22,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "leading (KOALA, SDXL)": {},
     "trailing (Lightning)": {"timestep_spacing": "trailing"},
     "linspace, v-prediction": {"timestep_spacing": "linspace", "steps_offset": 0, "prediction_type": "v_prediction"},
+    "Karras sigmas, final sigma_min": {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"},
 }
 STEPS = (1, 2, 4, 7, 15, 25)
 SHAPE = (2, 4, 8, 8)

@@ -113,6 +113,25 @@ def vp_alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
     return alpha, F32(sigma * alpha)
 
 
+def vp_sigmas(ac: np.ndarray, timesteps: np.ndarray, steps: int, karras: bool, sigma_min: float | None, sigma_max: float | None,
+              final_sigmas_type: str, round_karras: bool = True, karras_final: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas [n + 1] float32, timesteps int64) as DPM-Solver and UniPC build them: the training sigmas
+    interpolated at integer `timesteps`, or Karras' (eq. 5) between the training sigmas' ends (or the
+    config's sigma_min/max) with the timesteps found from them (rounded unless not `round_karras`); then the
+    final sigma, 0 or ("sigma_min") the smallest training sigma, or with `karras_final` Karras' last."""
+    train = train_sigmas(ac)
+    if karras:
+        sigmas = karras_sigmas(float(train[0]) if sigma_min is None else sigma_min, float(train[-1]) if sigma_max is None else sigma_max, steps)
+        t = sigma_to_t(sigmas, np.log(train))
+        timesteps = (t.round() if round_karras else t).astype(np.int64)
+        smallest = float(sigmas[-1]) if karras_final else float(train[0])
+    else:
+        sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
+        smallest = float(train[0])
+    last = smallest if final_sigmas_type == "sigma_min" else 0.0
+    return np.concatenate([sigmas, [last]]).astype(F32), timesteps
+
+
 # ----- the config ---------------------------------------------------------------------------------
 
 def config_for(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,3 +229,27 @@ class Scheduler:
     def __len__(self) -> int:
         t = getattr(self, "timesteps", None)
         return 0 if t is None else len(t)
+
+
+class VPSolver(Scheduler):
+    """What the VP-parameterized multistep solvers (dpmpp_2m, unipc) share: they keep VE `sigmas` [n + 1]
+    and work on the VP alpha_t, sigma_t of each (vp_alpha_sigma), predicting data x0."""
+
+    prediction_type: str
+    sigmas: np.ndarray | None
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        """alpha_t x0 + sigma_t noise at step `index` (the VP forward process, Ho et al. 2020, eq. 4)."""
+        self._ready()
+        assert self.sigmas is not None
+        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[index])
+        return (alpha_t * original + sigma_t * noise).astype(F32, copy=False)
+
+    def _x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
+        """The data prediction x0 the solvers integrate (diffusers' convert_model_output)."""
+        alpha_t, sigma_t = vp_alpha_sigma(sigma)
+        if self.prediction_type == "epsilon":
+            return (sample - sigma_t * model_output) / alpha_t
+        if self.prediction_type == "v_prediction":
+            return alpha_t * sample - sigma_t * model_output
+        return model_output

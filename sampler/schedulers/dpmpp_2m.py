@@ -20,8 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from koala_core.errors import UsageError
-from sampler.schedulers.common import (F32, SPACINGS, Scheduler, alphas_cumprod, check_config, config_for, karras_sigmas, sigma_to_t,
-                                       train_sigmas, vp_alpha_sigma)
+from sampler.schedulers.common import F32, VPSolver, alphas_cumprod, check_config, config_for, vp_alpha_sigma, vp_sigmas
 
 # diffusers' DPMSolverMultistepScheduler.__init__ arguments and defaults
 DEFAULTS: dict[str, Any] = dict(
@@ -45,7 +44,7 @@ def dpm_timesteps(spacing: str, train_steps: int, last: int, steps: int, steps_o
     return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
 
 
-class DPMSolverMultistepScheduler(Scheduler):
+class DPMSolverMultistepScheduler(VPSolver):
     """DPM-Solver++ multistep, first or second order, deterministic."""
 
     name = "dpmpp_2m"
@@ -96,37 +95,11 @@ class DPMSolverMultistepScheduler(Scheduler):
             lambda_t = (np.log(np.sqrt(ac)) - np.log(np.sqrt((F32(1.0) - ac).astype(F32)))).astype(F32)
         clipped = int(np.searchsorted(lambda_t[::-1], self.lambda_min_clipped))  # torch.searchsorted on the flipped lambdas
         timesteps = dpm_timesteps(self.timestep_spacing, self.num_train_timesteps, self.num_train_timesteps - clipped, steps, self.steps_offset)
-        train = train_sigmas(ac)
-        if self.use_karras_sigmas:
-            smin = self.sigma_min if self.sigma_min is not None else float(train[0])
-            smax = self.sigma_max if self.sigma_max is not None else float(train[-1])
-            sigmas = karras_sigmas(smin, smax, steps)
-            t = sigma_to_t(sigmas, np.log(train))
-            timesteps = (t if self.beta_schedule == "squaredcos_cap_v2" else t.round()).astype(np.int64)
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-        last = float(train[0]) if self.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = np.concatenate([sigmas, [last]]).astype(F32)
-        self.timesteps = timesteps
+        self.sigmas, self.timesteps = vp_sigmas(ac, timesteps, steps, self.use_karras_sigmas, self.sigma_min, self.sigma_max,
+                                                self.final_sigmas_type, round_karras=self.beta_schedule != "squaredcos_cap_v2")
         self._outputs, self._lower_order_nums = [], 0
 
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
-        """alpha_t x0 + sigma_t noise at step `index` (the VP forward process, Ho et al. 2020, eq. 4)."""
-        self._ready()
-        assert self.sigmas is not None
-        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[index])
-        return (alpha_t * original + sigma_t * noise).astype(F32, copy=False)
-
     # ----- one step -----------------------------------------------------------------------------
-    def _x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
-        """The data prediction x0 DPM-Solver++ integrates (diffusers' convert_model_output)."""
-        alpha_t, sigma_t = vp_alpha_sigma(sigma)
-        if self.prediction_type == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        if self.prediction_type == "v_prediction":
-            return alpha_t * sample - sigma_t * model_output
-        return model_output
-
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         timesteps = self._ready()
         assert self.sigmas is not None

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from koala_core.errors import UsageError
-from sampler.schedulers.common import F32, Scheduler, alphas_cumprod, check_config, config_for, karras_sigmas, sigma_to_t, train_sigmas, vp_alpha_sigma
+from sampler.schedulers.common import F32, VPSolver, alphas_cumprod, check_config, config_for, vp_alpha_sigma, vp_sigmas
 from sampler.schedulers.dpmpp_2m import dpm_timesteps
 
 # diffusers' UniPCMultistepScheduler.__init__ arguments and defaults
@@ -39,7 +39,7 @@ def _lam(sigma: np.float32) -> tuple[np.float32, np.float32, np.float32]:
         return a, s, F32(np.log(a) - np.log(s))
 
 
-class UniPCMultistepScheduler(Scheduler):
+class UniPCMultistepScheduler(VPSolver):
     """UniPC with the bh1/bh2 B(h), data prediction, order 1 or 2."""
 
     name = "unipc"
@@ -85,35 +85,11 @@ class UniPCMultistepScheduler(Scheduler):
         self._check_steps(steps)
         T = self.num_train_timesteps
         timesteps = dpm_timesteps(self.timestep_spacing, T, T, steps, self.steps_offset)
-        train = train_sigmas(self.alphas_cumprod)
-        if self.use_karras_sigmas:
-            smin = self.sigma_min if self.sigma_min is not None else float(train[0])
-            smax = self.sigma_max if self.sigma_max is not None else float(train[-1])
-            sigmas = karras_sigmas(smin, smax, steps)
-            timesteps = sigma_to_t(sigmas, np.log(train)).round().astype(np.int64)
-            last = float(sigmas[-1]) if self.final_sigmas_type == "sigma_min" else 0.0
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-            last = float(train[0]) if self.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = np.concatenate([sigmas, [last]]).astype(F32)
-        self.timesteps = timesteps
+        self.sigmas, self.timesteps = vp_sigmas(self.alphas_cumprod, timesteps, steps, self.use_karras_sigmas, self.sigma_min,
+                                                self.sigma_max, self.final_sigmas_type, karras_final=True)
         self._reset()
 
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
-        """alpha_t x0 + sigma_t noise at step `index`."""
-        self._ready()
-        assert self.sigmas is not None
-        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[index])
-        return (alpha_t * original + sigma_t * noise).astype(F32, copy=False)
-
     # ----- one step -----------------------------------------------------------------------------
-    def _x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
-        alpha_t, sigma_t = vp_alpha_sigma(sigma)
-        if self.prediction_type == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        if self.prediction_type == "v_prediction":
-            return alpha_t * sample - sigma_t * model_output
-        return model_output
 
     def _coefficients(self, h: np.float32, rks: list[np.float32], order: int) -> tuple[np.float32, np.float32, np.ndarray, np.ndarray]:
         """hh = -h, h phi_1 = expm1(hh), B(h), and the R, b of eq. 9-10 (float32, as diffusers builds them)."""

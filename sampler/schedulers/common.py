@@ -238,6 +238,14 @@ class VPSolver(Scheduler):
     prediction_type: str
     sigmas: np.ndarray | None
 
+    @staticmethod
+    def check_solver(c: Mapping[str, Any], who: str) -> None:
+        """One line for a solver order or final sigma type the numpy solvers do not have."""
+        if int(c["solver_order"]) not in (1, 2):
+            raise UsageError(f"scheduler {who}: solver_order={c['solver_order']} is not supported by the numpy scheduler (1 or 2)")
+        if (c["final_sigmas_type"] or "zero") not in ("zero", "sigma_min"):
+            raise UsageError(f"scheduler {who}: final_sigmas_type={c['final_sigmas_type']!r} is not one of zero, sigma_min")
+
     def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
         """alpha_t x0 + sigma_t noise at step `index` (the VP forward process, Ho et al. 2020, eq. 4)."""
         self._ready()

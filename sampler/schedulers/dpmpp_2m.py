@@ -76,12 +76,9 @@ class DPMSolverMultistepScheduler(VPSolver):
         check_config(c, cls.name, unsupported=("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
                                                "variance_type", "rescale_betas_zero_snr", "use_dynamic_shifting"),
                      fixed={"algorithm_type": "dpmsolver++"})
-        if int(c["solver_order"]) not in (1, 2):
-            raise UsageError(f"scheduler {cls.name}: solver_order={c['solver_order']} is not supported by the numpy scheduler (1 or 2)")
+        cls.check_solver(c, cls.name)
         if c["solver_type"] not in ("midpoint", "heun"):
             raise UsageError(f"scheduler {cls.name}: solver_type={c['solver_type']!r} is not supported by the numpy scheduler (midpoint, heun)")
-        if (c["final_sigmas_type"] or "zero") not in ("zero", "sigma_min"):
-            raise UsageError(f"scheduler {cls.name}: final_sigmas_type={c['final_sigmas_type']!r} is not one of zero, sigma_min")
         # diffusers keeps a config's sigma_min/sigma_max although they are no __init__ arguments, and Karras uses them
         return cls(c, cfg.get("sigma_min"), cfg.get("sigma_max"))
 

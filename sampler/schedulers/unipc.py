@@ -18,7 +18,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from koala_core.errors import UsageError
 from sampler.schedulers.common import F32, VPSolver, alphas_cumprod, check_config, config_for, vp_alpha_sigma, vp_sigmas
 from sampler.schedulers.dpmpp_2m import dpm_timesteps
 
@@ -74,10 +73,7 @@ class UniPCMultistepScheduler(VPSolver):
         check_config(c, cls.name, unsupported=("thresholding", "solver_p", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
                                                "rescale_betas_zero_snr", "use_dynamic_shifting", "shift_terminal"),
                      fixed={"predict_x0": True})
-        if int(c["solver_order"]) not in (1, 2):
-            raise UsageError(f"scheduler {cls.name}: solver_order={c['solver_order']} is not supported by the numpy scheduler (1 or 2)")
-        if (c["final_sigmas_type"] or "zero") not in ("zero", "sigma_min"):
-            raise UsageError(f"scheduler {cls.name}: final_sigmas_type={c['final_sigmas_type']!r} is not one of zero, sigma_min")
+        cls.check_solver(c, cls.name)
         return cls(c)
 
     # ----- the schedule -------------------------------------------------------------------------

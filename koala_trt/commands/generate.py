@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
-from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
+from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_core.errors import UsageError
 
 
@@ -78,7 +78,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
                  width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, scheduler: str | None, out: Path, threads: int | None,
                  cpu_precision: str | None,
                  no_verify: bool, no_progress: bool, as_json: bool) -> None:
-    """Generate images with the numpy sampler (tokenize, encode, Euler with CFG, VAE decode, PNG).
+    """Generate images with the numpy sampler (tokenize, encode, the scheduler's loop with CFG, VAE decode, PNG).
 
     onnxruntime and tensorrt never import torch or diffusers. Everything is validated before any
     network runs; a failure leaves no PNG behind."""

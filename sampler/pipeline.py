@@ -60,6 +60,10 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     model_from_artifacts: --backend torch without --model builds the model the artifacts were
     exported from (bench); torch_precision "bf16" runs the torch backend under bf16 autocast (bench's
     `torch:bf16`). Usage errors come before any weight is read."""
+    if backend == "tensorrt" and engines is not None:
+        from engines.engine_manifest import choose_library
+
+        choose_library(engines)  # this process's TensorRT library, before anything imports Polygraphy
     if cpu_precision is not None and backend != "openvino":
         raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
     if backend == "openvino":

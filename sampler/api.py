@@ -161,12 +161,11 @@ class Pipeline:
         input before any network runs."""
         if output_type not in OUTPUT_TYPES:
             raise UsageError(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {output_type!r})")
-        requests = self.requests(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, height=height, width=width, latents=latents,
-                                 num_images_per_prompt=num_images_per_prompt, seed=seed, scheduler=scheduler,
-                                 vae_tile=vae_tile, **inputs)
         try:
-            plans = self.plan(requests)
+            plans = self.plan(self.requests(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                                            guidance_scale=guidance_scale, height=height, width=width, latents=latents,
+                                            num_images_per_prompt=num_images_per_prompt, seed=seed, scheduler=scheduler,
+                                            vae_tile=vae_tile, **inputs))
         except UsageError as e:  # the sampler speaks the CLI's options; say the caller's keywords
             raise UsageError(python_names(str(e))) from None
         self.load()
@@ -190,7 +189,7 @@ class Pipeline:
                                  "give one text, or one per prompt")
         per = None if num_images_per_prompt is None else _whole("num_images_per_prompt", num_images_per_prompt)
         if per is not None and per < 1:
-            raise UsageError(f"num_images_per_prompt must be at least 1 (got {per})")
+            raise UsageError(f"--batch must be at least 1 (got {per})")  # as the sampler says it: callers translate
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise UsageError(f"seed must be a whole number >= 0 (got {seed!r})")
         fields = {f.name for f in dataclasses.fields(Request)} - {"prompt", "negative_prompt", "batch", "latents", "seed"}

@@ -97,6 +97,8 @@ class Pipeline:
             raise UsageError("backend tensorrt needs an engines folder (from `koala-trt build`): Pipeline.from_engines(folder)")
         if backend == "torch" and model is None and artifacts is None:
             raise UsageError("backend torch needs model= (hub id, folder or random:<preset>) or an artifacts folder")
+        if cpu_precision is not None and backend != "openvino":
+            raise UsageError(f"cpu_precision= is for backend openvino (not {backend})")
         if model is not None and backend != "torch":
             raise UsageError(f"model= is for backend torch; {backend} reads the artifacts / engines folder")
         for name, folder in (("artifacts", artifacts), ("engines", engines)):
@@ -192,6 +194,7 @@ class Pipeline:
             raise UsageError(f"--batch must be at least 1 (got {per})")  # as the sampler says it: callers translate
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise UsageError(f"seed must be a whole number >= 0 (got {seed!r})")
+        _check_scheduler(options.get("scheduler"))
         fields = {f.name for f in dataclasses.fields(Request)} - {"prompt", "negative_prompt", "batch", "latents", "seed"}
         known = sorted({k for k in RENAMED if RENAMED[k] in fields} | {f for f in fields if f not in RENAMED.values()})
         values: dict[str, Any] = {}
@@ -273,9 +276,27 @@ class Pipeline:
 
 
 def python_names(message: str) -> str:
-    """A sampler error in the caller's keywords: `--steps` -> num_inference_steps, `--height` -> height."""
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)",
-                  lambda m: _OPTION_NAMES.get(m.group(0), m.group(1).replace("-", "_")), message)
+    """A sampler error in the caller's keywords: `--steps` -> num_inference_steps, `--height` -> height,
+    `--mask-image` -> mask_image (a request option: a field of Request); other options stay as they are."""
+    fields = {f.name for f in dataclasses.fields(Request)}
+
+    def name(m: re.Match[str]) -> str:
+        key = m.group(1).replace("-", "_")
+        return _OPTION_NAMES.get(m.group(0), key if key in fields else m.group(0))
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", name, message)
+
+
+def _check_scheduler(name: Any) -> None:
+    """Before the scheduler choice (sampler.schedulers.SCHEDULERS) is there, the model's own only;
+    where it is, Sampler.plan checks the name (this fallback is then never reached)."""
+    if name is None:
+        return
+    try:
+        from sampler.schedulers import SCHEDULERS  # noqa: F401
+    except ImportError:
+        if name != "euler":
+            raise UsageError(f"unknown scheduler {name!r}; expected one of euler") from None
 
 
 def _texts(name: str, value: Any) -> list[str]:

@@ -209,7 +209,8 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
               log: Callable[[str], None] = lambda m: None) -> BenchResult:
     """Load, then time each component in isolation and the whole loop through the Sampler."""
     opts.check()
-    pipe = Pipeline(backend, assets, warn=lambda m: log(f"warning: {m}"))  # the end-to-end loop goes the way every image request goes (sampler/api.py)
+    # The end-to-end loop goes the way every image request goes (sampler/api.py).
+    pipe = Pipeline(backend, assets, warn=lambda m: log(f"warning: {m}"))
     sampler = pipe.sampler
     [plan] = pipe.plan(pipe.requests(opts.prompt, num_inference_steps=opts.steps, guidance_scale=opts.guidance, seed=opts.seed,
                                      height=opts.height, width=opts.width, num_images_per_prompt=opts.batch, vae_tile=opts.vae_tile))

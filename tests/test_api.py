@@ -188,3 +188,16 @@ def test_readme_example_runs(tiny_artifacts: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     saved = re.findall(r'\.save\("([^"]+)"\)', code)
     assert saved and all((tmp_path / s).is_file() for s in saved), (saved, list(tmp_path.iterdir()))
+
+
+def test_torch_backend_builds_the_artifacts_model(pipe, tiny_artifacts: Path) -> None:  # type: ignore[no-untyped-def]
+    """backend="torch" without model= builds the model the artifacts were exported from: the same
+    image as onnxruntime's up to FP32 kernel differences."""
+    from koala_trt import Pipeline
+    from validation.images import psnr
+
+    with Pipeline.from_artifacts(tiny_artifacts, backend="torch") as ref:
+        ref.set_progress_bar_config(disable=True)
+        theirs = ref("a koala", seed=1, output_type="np", **SMALL).images
+    mine = pipe("a koala", seed=1, output_type="np", **SMALL).images
+    assert psnr(theirs, mine) >= 40

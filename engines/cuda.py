@@ -66,9 +66,18 @@ def _version(v: int) -> str:
 
 
 def device_count() -> int:
+    """GPUs CUDA sees: 0 where there is none (cudaErrorNoDevice); a driver too old for the CUDA runtime
+    cuda-python was built for is not "no GPU" but a KoalaError saying so, with both versions."""
     rt = _rt()
     err, n = rt.cudaGetDeviceCount()
-    return int(n) if err == rt.cudaError_t.cudaSuccess else 0
+    if err == rt.cudaError_t.cudaSuccess:
+        return int(n)
+    if err == getattr(rt.cudaError_t, "cudaErrorInsufficientDriver", None):
+        driver = _version(int(rt.cudaDriverGetVersion()[1] or 0))
+        runtime = _version(int(rt.cudaRuntimeGetVersion()[1] or 0))
+        raise KoalaError(f"the NVIDIA driver supports CUDA {driver}, older than the CUDA runtime {runtime} of cuda-python: "
+                         "upgrade the driver, or install the cuda-python pinned in constraints.txt (CUDA 12, driver r535 or newer)")
+    return 0
 
 
 def device_info(index: int = 0) -> DeviceInfo:
@@ -127,12 +136,23 @@ class Graph:
 
     def __init__(self, stream: Any, enqueue: Any) -> None:
         rt = _rt()
+        self.graph = self.exec = None
         _check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
         try:
             enqueue(stream)
-        finally:
-            self.graph = _check(rt.cudaStreamEndCapture(stream))
-        self.exec = _check(rt.cudaGraphInstantiate(self.graph, 0))
+        except BaseException:
+            # The capture's own error is the one to report: end the capture (its status, likely
+            # cudaErrorStreamCaptureInvalidated, says nothing new), drop what it made, re-raise.
+            graph = _end_capture_quietly(rt, stream)
+            if graph is not None:
+                rt.cudaGraphDestroy(graph)
+            raise
+        self.graph = _check(rt.cudaStreamEndCapture(stream))
+        try:
+            self.exec = _check(rt.cudaGraphInstantiate(self.graph, 0))
+        except BaseException:
+            self.destroy()
+            raise
 
     def launch(self, stream: Any) -> None:
         _check(_rt().cudaGraphLaunch(self.exec, stream))
@@ -145,6 +165,16 @@ class Graph:
         if getattr(self, "graph", None) is not None:
             rt.cudaGraphDestroy(self.graph)
             self.graph = None
+
+
+def _end_capture_quietly(rt: Any, stream: Any) -> Any:
+    """End a stream capture whatever its state; the graph it made, or None (its error is not raised)."""
+    try:
+        result = rt.cudaStreamEndCapture(stream)
+    except Exception:  # noqa: BLE001 - the caller re-raises the error that matters
+        return None
+    err, graph = (result[0], result[1]) if isinstance(result, tuple) and len(result) > 1 else (result, None)
+    return graph if err == rt.cudaError_t.cudaSuccess else None
 
 
 class DeviceBuffer:

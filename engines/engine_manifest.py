@@ -89,6 +89,17 @@ def load_engines_manifest(root: Path | str) -> EnginesManifest:
     return EnginesManifest(Path(root), data, EnginesRecord.from_json(data, str(where)))
 
 
+def choose_library(engines_dir: Path | str) -> str:
+    """Fix this process's TensorRT library to the one `engines_dir` was built with (engines/trt.use_library),
+    before anything imports Polygraphy, which picks its library once per process on first import. Every
+    path that runs engines (validate, generate, bench, serve, the TensorRT backend) calls this first."""
+    from engines import trt
+
+    name = load_engines_manifest(engines_dir).record.compat.library.name
+    trt.use_library(name)
+    return name
+
+
 def device_allowed(built_cc: str, hardware_compatibility: str, local_cc: str) -> bool:
     """Can a standard TensorRT engine built for built_cc with this compatibility level run on a local_cc
     GPU? (engines.compat.cc_allowed, the one rule; kept for engines/build.py's check_device.)"""

@@ -290,6 +290,35 @@ def build_engine(onnx_path: Path, profile_shapes: dict[str, tuple[tuple[int, ...
                        else int(streamable))
 
 
+INT32_MAX = 2**31 - 1
+STREAMING_HEADROOM = 1 << 30  # device memory left free by a budget of our own (activations, other engines)
+
+
+def automatic_streaming_budget(reported: int, streamable: int, free_bytes: int) -> tuple[int, str]:
+    """The weight-streaming budget when none is recorded, and how it was chosen (one line's words).
+    TensorRT's get_weight_streaming_automatic_budget() goes through an int32 in the Python binding, so a
+    budget of 2 GiB or more (a full SDXL U-Net) comes back wrapped (negative, or small and wrong). So it
+    is used only where it cannot have wrapped (the engine streams less than 2 GiB); otherwise the budget
+    is our own: the streamable weights that fit in the free device memory less STREAMING_HEADROOM."""
+    if 0 <= reported and streamable <= INT32_MAX:  # every budget up to `streamable` fits the int32
+        return min(reported, streamable), "TensorRT's automatic budget"
+    own = max(0, min(streamable, free_bytes - STREAMING_HEADROOM))
+    return own, (f"free device memory less {STREAMING_HEADROOM >> 30} GiB (TensorRT's automatic budget comes through "
+                 f"an int32 and cannot be trusted for {streamable / 2**30:.1f} GiB of streamable weights; it said {reported})")
+
+
+def configure_rtx_runtime(config: Any, trt: Any, cuda_graphs: bool) -> None:
+    """TensorRT-RTX's runtime config: activation memory from the caller (USER_MANAGED, shared between
+    engines) and, with cuda_graphs, the library's own CUDA graphs (cuda_graph_strategy =
+    WHOLE_GRAPH_CAPTURE), which capture after the shape-specialized kernels are JIT-compiled for each
+    shape. koala-trt does not capture TensorRT-RTX engines by hand: stream capture of them needs
+    BuilderFlag.REQUIRE_USER_ALLOCATION at build and a context that is_stream_capturable, and the
+    library's strategy needs neither."""
+    config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+    strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE if cuda_graphs else trt.CudaGraphStrategy.DISABLED
+    config.cuda_graph_strategy = strategy
+
+
 @dataclass
 class Refitted:
     data: bytes  # the refitted engine, serialized
@@ -362,8 +391,13 @@ class Engine:
         the device (None: TensorRT's automatic budget), at most all of them; the rest streams from host
         memory at every call. Returns the budget set; the activation size then includes the streaming scratch."""
         total = int(self.engine.streamable_weights_size)
-        want = int(self.engine.get_weight_streaming_automatic_budget()) if budget_bytes is None else int(budget_bytes)
-        want = max(0, min(want, total))
+        if budget_bytes is None:
+            from engines import cuda
+
+            want, self.streaming_budget_why = automatic_streaming_budget(
+                int(self.engine.get_weight_streaming_automatic_budget()), total, cuda.mem_info()[0])
+        else:
+            want, self.streaming_budget_why = max(0, min(int(budget_bytes), total)), "the manifest's budget"
         self.engine.weight_streaming_budget_v2 = want
         if int(self.engine.weight_streaming_budget_v2) != want:
             raise KoalaError(f"TensorRT did not accept a weight-streaming budget of {want} bytes")
@@ -383,16 +417,17 @@ class Engine:
         if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
             raise KoalaError(f"could not refit the weight-stripped engine from {onnx_path}")
 
-    def create_context(self, runtime_cache: bytes | None = None) -> None:
+    def create_context(self, runtime_cache: bytes | None = None, cuda_graphs: bool = False) -> None:
         """An execution context whose activation memory the caller provides (set_device_memory). With
         TensorRT-RTX, a runtime cache (its JIT-compiled kernels) is attached: loaded from
-        `runtime_cache` when it suits this GPU, driver and version, else started empty."""
+        `runtime_cache` when it suits this GPU, driver and version, else started empty; and with
+        `cuda_graphs` the library captures and replays CUDA graphs itself (configure_rtx_runtime)."""
         trt = self._trt
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
         self._cache, self.cache_loaded = None, False
         if library() == "tensorrt-rtx":
             config = self.engine.create_runtime_config()
-            config.set_execution_context_allocation_strategy(strategy.USER_MANAGED)
+            configure_rtx_runtime(config, trt, cuda_graphs)
             self._cache = config.create_runtime_cache()
             if runtime_cache:  # rejected (False) when made on another GPU, driver or TensorRT-RTX
                 self.cache_loaded = bool(self._cache.deserialize(runtime_cache))
@@ -427,6 +462,12 @@ class Engine:
     def set_address(self, name: str, ptr: int) -> None:
         if not self.context.set_tensor_address(name, ptr):
             raise KoalaError(f"TensorRT rejected the device address of {name}")
+
+    def is_stream_capturable(self, stream_handle: int) -> bool:
+        """Whether this context's work may be captured into a CUDA graph on that stream (TensorRT 10.x
+        and TensorRT-RTX ask the context; a library without the call is taken at its word: True)."""
+        probe = getattr(self.context, "is_stream_capturable", None)
+        return True if probe is None else bool(probe(stream_handle))
 
     def execute(self, stream_handle: int) -> None:
         if not self.context.execute_async_v3(stream_handle):

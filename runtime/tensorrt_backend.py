@@ -10,7 +10,11 @@ of runtime/backend.py. No torch, no diffusers: numpy, cuda-python (engines/cuda.
   the denoising steps) is not copied again.
 - One activation buffer is shared by all engines (they run one after another on one stream), sized
   for the largest: the memory planner's resident case.
-- Engines whose shapes are static may replay a CUDA graph captured on their first call.
+- CUDA graphs (the profile's runtime.cuda_graphs): standard TensorRT engines whose shapes are static
+  replay a graph captured by hand on their first call, where the context says it is stream-capturable;
+  a capture that fails is ended cleanly and the engine runs without a graph, with one warning line
+  naming the first error. TensorRT-RTX engines use the library's own CUDA graphs
+  (IRuntimeConfig.cuda_graph_strategy = WHOLE_GRAPH_CAPTURE, any shape), never a capture by hand.
 - residency "sequential" keeps one engine on the device at a time (for cards where all do not fit).
 - Streamable engines (built with WEIGHT_STREAMING, `build --weight-streaming`) get the weight budget their
   manifest records (the memory plan's, or the profile's runtime.weight_streaming_budget_gib; none recorded:
@@ -63,7 +67,8 @@ class _Session:
     buffers: dict[str, Any] = field(default_factory=dict)  # name -> cuda.DeviceBuffer
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input shapes set on the context
     last: dict[str, np.ndarray] = field(default_factory=dict)  # host copy of each input last uploaded
-    graph: Any = None  # cuda.Graph for static shapes
+    graph: Any = None  # cuda.Graph for static shapes (standard TensorRT)
+    capture_failed: bool = False  # a capture failed or was refused: this engine runs without a graph
 
 
 class TensorRTBackend(Backend):
@@ -75,18 +80,19 @@ class TensorRTBackend(Backend):
                  verbose: bool = False, log: Callable[[str], None] = _log_stderr) -> None:
         self.manifest: EnginesManifest = load_engines_manifest(engines_dir)
         self.specs: dict[str, ComponentSpec] = self.manifest.specs()
+        from engines import trt
         from engines.build import missing_requirements
         from engines.libraries import library as get_library
 
         self.library = get_library(self.manifest.record.compat.library.name)
+        trt.use_library(self.library.name)  # before anything of this process imports Polygraphy
         missing = missing_requirements(self.library, run=True)
         if missing:
             raise KoalaError(f"the TensorRT backend cannot run the {self.library.name} engines of {self.manifest.root} "
                              f"on this machine, missing: {'; '.join(missing)} (the onnxruntime backend runs the "
                              "same pipeline without them)")
-        from engines import cuda, trt
+        from engines import cuda
 
-        trt.use_library(self.library.name)
         self._cuda, self._trt, self.verbose, self.log = cuda, trt, verbose, log
         self.device = cuda.device_info()
         self.trt_version = trt.version()
@@ -155,11 +161,11 @@ class TensorRTBackend(Backend):
         if rec.streamable:
             budget = engine.set_weight_streaming_budget(rec.streaming_budget_bytes)
             self.streaming_budgets[component] = budget
-            if self.verbose:
-                self.log(f"{component}: weight streaming, {budget / 2**20:,.0f} of "
-                         f"{engine.streamable_weights_bytes / 2**20:,.0f} MiB of streamable weights kept on the device")
+            self.log(f"{component}: weight streaming, {budget / 2**20:,.0f} of {engine.streamable_weights_bytes / 2**20:,.0f} "
+                     f"MiB of streamable weights kept on the device ({engine.streaming_budget_why})")
         cache = self._runtime_cache_path(component)
-        engine.create_context(cache.read_bytes() if cache is not None and cache.is_file() else None)
+        engine.create_context(cache.read_bytes() if cache is not None and cache.is_file() else None,
+                              cuda_graphs=self.cuda_graphs and self.library.name == "tensorrt-rtx")
         entry = self.manifest.entry(component)
         session = _Session(engine=engine, static=bool(entry.get("static")))
         self._sessions[component] = session
@@ -192,15 +198,20 @@ class TensorRTBackend(Backend):
             with staged_file(path) as tmp:
                 tmp.write_bytes(data)
         except (OSError, KoalaError) as e:  # a read-only engines folder: the kernels are compiled again next time
-            self.log(f"warning: cannot keep TensorRT-RTX's runtime cache in {path.parent} ({e.strerror or e})")
+            # KoalaError (staged_file's "not a writable folder") has no strerror; an OSError may have None.
+            self.log(f"warning: cannot keep TensorRT-RTX's runtime cache in {path.parent} ({getattr(e, 'strerror', None) or e})")
 
     def _unload(self, component: str) -> None:
+        """Free one engine's session; the runtime cache is saved first, and whatever that raises, the
+        graph, buffers and engine are still freed."""
         s = self._sessions.pop(component)
-        self._save_runtime_cache(component, s.engine)
-        s.graph = self._drop_graph(s.graph)
-        for b in s.buffers.values():
-            b.release()
-        s.engine.close()
+        try:
+            self._save_runtime_cache(component, s.engine)
+        finally:
+            s.graph = self._drop_graph(s.graph)
+            for b in s.buffers.values():
+                b.release()
+            s.engine.close()
 
     # ----- running ----------------------------------------------------------------------------
     def shape_range(self, component: str) -> ShapeRange | None:
@@ -246,15 +257,13 @@ class TensorRTBackend(Backend):
         if changed:
             s.graph = self._drop_graph(s.graph)
         handle = cuda.stream_handle(self.stream)
-        if self.cuda_graphs and s.static:
-            if s.graph is None:
-                eng.execute(handle)  # TensorRT needs one run before capture; its outputs are this call's
-                s.graph = cuda.Graph(self.stream, lambda stream: eng.execute(cuda.stream_handle(stream)))
-            else:
-                s.graph.launch(self.stream)
-                self.graph_launches += 1
+        if s.graph is not None:
+            s.graph.launch(self.stream)
+            self.graph_launches += 1
         else:
-            eng.execute(handle)
+            eng.execute(handle)  # TensorRT needs one run before a capture; its outputs are this call's
+            if self._capture_wanted(component, s, handle):
+                s.graph = self._capture(component, s)
         outputs = {}
         for name, shape in out_shapes.items():
             host = np.empty(shape, dtype=eng.dtypes[name])
@@ -263,14 +272,45 @@ class TensorRTBackend(Backend):
         cuda.stream_sync(self.stream)
         return {t.name: outputs[t.name].astype(NUMPY_DTYPES[t.dtype], copy=False) for t in spec.outputs}
 
+    def _capture_wanted(self, component: str, s: _Session, handle: int) -> bool:
+        """A capture by hand: standard TensorRT, cuda_graphs on, static shapes, not failed before, and a
+        context that says it is stream-capturable (else one warning line, once)."""
+        if not (self.cuda_graphs and s.static and not s.capture_failed and self.library.name != "tensorrt-rtx"):
+            return False
+        if not s.engine.is_stream_capturable(handle):
+            s.capture_failed = True
+            self.log(f"warning: {component}: TensorRT says this engine's context cannot be captured into a CUDA graph "
+                     "on this stream; it runs without one")
+            return False
+        return True
+
+    def _capture(self, component: str, s: _Session) -> Any:
+        """The CUDA graph of one engine run, or None: a failed capture keeps its first error, ends the
+        capture (engines/cuda.Graph) and falls back to plain execution with one warning line."""
+        cuda, eng = self._cuda, s.engine
+        try:
+            return cuda.Graph(self.stream, lambda stream: eng.execute(cuda.stream_handle(stream)))
+        except KoalaError as e:
+            s.capture_failed = True
+            self.log(f"warning: {component}: CUDA graph capture failed ({e}); running without a graph")
+            return None
+
     def close(self) -> None:
+        """Free every session, the activation memory and the stream, whatever any one of them raises
+        (the first error is raised once all is freed)."""
+        errors: list[BaseException] = []
         for component in list(getattr(self, "_sessions", {})):
-            self._unload(component)
+            try:
+                self._unload(component)
+            except Exception as e:  # noqa: BLE001 - keep freeing; raised below
+                errors.append(e)
         if getattr(self, "_activations", None) is not None:
             self._activations.release()
         if getattr(self, "stream", None) is not None:
             self._cuda.stream_destroy(self.stream)
             self.stream = None
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "TensorRTBackend":
         return self

@@ -108,7 +108,9 @@ def _tuple(v: Any) -> tuple[float, ...] | None:
 
 @dataclass
 class Request:
-    """What `koala-trt generate` asks for; None means the model's default (manifest "sampler")."""
+    """What one image request asks for (`koala-trt generate`, serve, bench, sampler.api.Pipeline);
+    None means the model's default (manifest "sampler"). Per-request inputs that features add are
+    fields here, named as diffusers names them, and keywords of sampler.api.Pipeline.__call__."""
 
     prompt: str
     negative_prompt: str = ""
@@ -120,7 +122,7 @@ class Request:
     batch: int | None = None
     latents: np.ndarray | None = None  # initial noise as diffusers' `latents=` takes it (before * init_noise_sigma)
     vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
-    scheduler: str | None = None  # a name in sampler.schedulers.SCHEDULERS; None: the model's own (euler)
+    scheduler: str | None = None  # a name of sampler.schedulers.SCHEDULERS; None: the model's own config (Euler)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from sampler.loop import SAMPLER_COMPONENTS, PipelineAssets
 
 
 @dataclass
-class Pipeline:
+class OpenedPipeline:
     """An opened backend and what the sampler needs beside it; close() (or `with`) frees the backend."""
 
     backend: Any  # a runtime.Backend (TensorRTBackend adds .manifest, the engines manifest)
@@ -42,7 +42,7 @@ class Pipeline:
     def close(self) -> None:
         self.backend.close()
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> "OpenedPipeline":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -52,7 +52,7 @@ class Pipeline:
 def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
                   manifest: Manifest | None = None, components: Sequence[str] = SAMPLER_COMPONENTS,
                   threads: int | None = None, cpu_precision: str | None = None, full_hash: bool = True, model_from_artifacts: bool = False,
-                  log: Callable[[str], None] | None = None, torch_precision: str = "fp32") -> Pipeline:
+                  log: Callable[[str], None] | None = None, torch_precision: str = "fp32") -> OpenedPipeline:
     """Check the artifacts' files (tokenizers, the scheduler's config and, for the backends that run
     the ONNX graphs, those of `components`), open backend `backend` and gather the sampler's assets:
     from the artifacts, else the torch model's source, else the engines folder.
@@ -60,6 +60,10 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     model_from_artifacts: --backend torch without --model builds the model the artifacts were
     exported from (bench); torch_precision "bf16" runs the torch backend under bf16 autocast (bench's
     `torch:bf16`). Usage errors come before any weight is read."""
+    if backend == "tensorrt" and engines is not None:
+        from engines.engine_manifest import choose_library
+
+        choose_library(engines)  # this process's TensorRT library, before anything imports Polygraphy
     if cpu_precision is not None and backend != "openvino":
         raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
     if backend == "openvino":
@@ -109,7 +113,7 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     except BaseException:
         runtime.close()
         raise
-    return Pipeline(runtime, assets, manifest, checked, verify_s, model)
+    return OpenedPipeline(runtime, assets, manifest, checked, verify_s, model)
 
 
 def _report_adapters(engines: Path, manifest: Manifest, log: Callable[[str], None]) -> None:

@@ -457,3 +457,37 @@ def test_triton_batch_limit_fits_the_engines(typed: tuple[str, Path, Path], tmp_
         lo, _, hi = em.shape_range(comp).batch
         declared = models[f"koala_{comp}"]["max_batch_size"]
         assert (declared == 0) if lo == hi else (0 < declared <= hi), (comp, models[f"koala_{comp}"], (lo, hi))
+
+
+RTX_GRAPHS_SCRIPT = """
+import sys
+import numpy as np
+from koala_trt.cli import main
+from runtime.tensorrt_backend import TensorRTBackend
+artifacts, profile, out = sys.argv[1:4]
+assert main(["build", "--onnx", artifacts, "--profile", profile, "--library", "tensorrt-rtx", "--out", out, "-c", "unet"]) == 0
+with TensorRTBackend(out, cuda_graphs=True) as g, TensorRTBackend(out, cuda_graphs=False) as plain:
+    spec = g.specs["unet"]
+    for seed in (1, 2, 2, 3):  # a repeated shape and input: the library replays its own graph
+        feeds = spec.dummy_inputs(2, %d, %d, seed=seed)
+        a, b = g.run("unet", feeds)["out_sample"], plain.run("unet", feeds)["out_sample"]
+        assert np.isfinite(a).all()
+        rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        assert rel < 1e-5, rel
+    assert g.graph_launches == 0, "TensorRT-RTX engines are never captured by hand"
+print("ok")
+""" % (SIZE, SIZE)
+
+
+def test_tensorrt_rtx_engines_run_with_the_librarys_own_cuda_graphs(device, tiny_artifacts: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """TensorRT-RTX engines with cuda_graphs on (cuda_graph_strategy WHOLE_GRAPH_CAPTURE) give what the
+    same engines give without graphs. In a process of its own: the TensorRT library is one per process."""
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("TensorRT-RTX is not installed (pip install 'koala-trt[rtx]')")
+    profile = _local_profile(tmp_path / "p.toml", device)
+    r = subprocess.run([sys.executable, "-c", RTX_GRAPHS_SCRIPT, str(tiny_artifacts), str(profile), str(tmp_path / "rtx")],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=1200)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

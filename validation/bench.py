@@ -21,7 +21,8 @@ from exporter.specs import NUMPY_DTYPES
 from koala_core.errors import UsageError
 from koala_core.machine import machine_facts
 from koala_core.meter import Meter, process_peak_rss_mb
-from sampler.loop import SAMPLER_COMPONENTS, Plan, PipelineAssets, Request, Sampler, Timings
+from sampler.api import Pipeline
+from sampler.loop import SAMPLER_COMPONENTS, Plan, PipelineAssets, Sampler, Timings
 
 DEFAULT_PROMPT = "a koala climbing a eucalyptus tree at sunset, photo"
 
@@ -210,10 +211,12 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
               log: Callable[[str], None] = lambda m: None) -> BenchResult:
     """Load, then time each component in isolation and the whole loop through the Sampler."""
     opts.check()
-    sampler = Sampler(backend, assets)
-    plan = sampler.plan(Request(prompt=opts.prompt, steps=opts.steps, guidance=opts.guidance, seed=opts.seed,
-                                height=opts.height, width=opts.width, batch=opts.batch, vae_tile=opts.vae_tile,
-                                scheduler=opts.scheduler))
+    # The end-to-end loop goes the way every image request goes (sampler/api.py).
+    pipe = Pipeline(backend, assets, warn=lambda m: log(f"warning: {m}"))
+    sampler = pipe.sampler
+    [plan] = pipe.plan(pipe.requests(opts.prompt, num_inference_steps=opts.steps, guidance_scale=opts.guidance, seed=opts.seed,
+                                     height=opts.height, width=opts.width, num_images_per_prompt=opts.batch, vae_tile=opts.vae_tile,
+                                     scheduler=opts.scheduler))
     needed = list(SAMPLER_COMPONENTS) if opts.end_to_end else list(opts.components)
     t0 = time.perf_counter()
     load = getattr(backend, "load", None)
@@ -257,13 +260,14 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
     if opts.end_to_end:
         probe.start()
         for i in range(opts.warmup):
-            _, t = sampler.sample(plan, progress=False)
+            t = pipe.run([plan], output_type="np", progress=False).timings
             probe.sample()
             log(f"end to end ({plan.steps} steps): warm-up {i + 1}/{opts.warmup} {t.total('sample'):.3f} s")
         totals: list[float] = []
         merged = Timings()
         for i in range(opts.runs):
-            images, t = sampler.sample(plan, progress=False)
+            out = pipe.run([plan], output_type="np", progress=False)
+            images, t = out.images, out.timings
             probe.sample()
             if opts.keep_outputs:
                 result.outputs["images"] = images

@@ -76,9 +76,13 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     from validation.end_to_end import candidate_run, measure
     from validation.inputs import batch_for, random_inputs, token_inputs
     from validation.reference import PipelineBackend, load_pipeline, run_trajectories
-    from validation.runners import BackendRunner, interface_problems, runner_for
+    from validation.runners import backend_runner, interface_problems, runner_for
 
     started = time.perf_counter()
+    if opts.backend == "tensorrt" and opts.engines is not None:
+        from engines.engine_manifest import choose_library
+
+        choose_library(opts.engines)  # before the comparison imports Polygraphy
     # ----- everything that can be wrong with the request fails before a network runs ---------------
     if opts.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {opts.steps})")
@@ -154,7 +158,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                 checks.append(chk)
                 log(f"{c}: FAIL interface ({'; '.join(problems)})")
                 continue
-            ref_runner = BackendRunner(reference, c, spec, "pytorch")
+            ref_runner = backend_runner(reference, c, spec, "pytorch")
             cand_runner = runner_for(backend, c, spec, opts.backend)
             sets = [random_inputs(spec, batch_for(c, ranges[c]), height, width, opts.random_samples, opts.seed + 1000)] if opts.random_sets else []
             if spec.kind == "text_encoder":

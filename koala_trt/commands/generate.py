@@ -84,7 +84,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     network runs; a failure leaves no PNG behind."""
     import secrets
 
-    from sampler.loop import Request, Sampler, output_paths, save_pngs
+    from sampler.api import Pipeline
+    from sampler.loop import output_paths, save_pngs
     from sampler.pipeline import open_pipeline
 
     started = time.perf_counter()
@@ -96,29 +97,29 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
     check_backend_sources(backend, artifacts, model, engines)
-    pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                         full_hash=not no_verify, log=log)
-    manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
+    opened = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
+                           full_hash=not no_verify, log=log)
+    manifest, runtime, verify_s = opened.manifest, opened.backend, opened.verify_seconds
+    pipe = Pipeline.from_opened(opened, warn=lambda m: log(f"warning: {m}"))  # the Python API's one path to an image
+    sampler = pipe.sampler
     try:
         if backend == "torch" and manifest is not None:
             _warn_if_other_model(runtime, manifest)
-        sampler = Sampler(runtime, assets)
         if seed is None and lat is None:
             seed = secrets.randbelow(2**31)
-        plan = sampler.plan(Request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                                    seed=seed if seed is not None else 0, height=height, width=width, batch=batch, latents=lat,
-                                    vae_tile=vae_tile, scheduler=scheduler))
+        [plan] = pipe.plan(pipe.requests(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                                         seed=seed if seed is not None else 0, height=height, width=width,
+                                         num_images_per_prompt=batch, latents=lat, vae_tile=vae_tile, scheduler=scheduler))
         paths = output_paths(out, plan.batch)
         log(f"{backend}: {plan.batch} image(s) {plan.width}x{plan.height}, {plan.steps} steps, guidance {plan.guidance:g}"
             + ("" if plan.cfg else " (no CFG)") + (f", seed {plan.seed}" if plan.seed is not None else f", latents {latents}")
             + f", scheduler {scheduler or 'euler'} ({sampler.scheduler.timestep_spacing} spacing)"
             + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else ""))
         # ----- load, then run ---------------------------------------------------------------------
-        t0 = time.perf_counter()
-        runtime.load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
-        load_ms = 1e3 * (time.perf_counter() - t0)
+        load_ms = 1e3 * pipe.load()
         backend_desc = runtime.describe()
-        images, timings = sampler.sample(plan, progress=not no_progress, warn=lambda m: log(f"warning: {m}"))
+        result = pipe.run([plan], output_type="np", progress=not no_progress)
+        images, timings = result.images, result.timings
         t0 = time.perf_counter()
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": str(plan.steps), "guidance": f"{plan.guidance:g}",
                 "seed": str(plan.seed) if plan.seed is not None else f"latents:{latents}", "backend": backend_desc,
@@ -126,7 +127,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         save_pngs(images, paths, meta)
         png_ms = 1e3 * (time.perf_counter() - t0)
     finally:
-        runtime.close()
+        pipe.close()
     summary = timings.summary()
     if as_json:
         print_json({"images": [str(p) for p in paths], "backend": backend_desc, "prompt": prompt, "negative_prompt": negative_prompt,

@@ -61,22 +61,30 @@ class BlsBackend:
 
 
 def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.ndarray]:
-    """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`:
-    a function (prompt, **options) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). Options are sampler.loop.Request's
-    fields (negative_prompt, seed, steps, guidance, height, width, scheduler).
+    """koala-trt's Python API (sampler/api.py, the one path from a request to an image) over
+    `backend`, configured from the artifacts manifest in `pipeline_dir`: a function
+    (prompt, **inputs) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). The inputs are
+    this model's: negative_prompt, seed, steps, guidance, height, width, scheduler (INPUT_NAMES).
 
-    This is the one place that names the sampler's API (sampler/loop.py)."""
+    This is the one place that names the sampler's API."""
     from exporter.manifest import load_manifest
-    from sampler.loop import PipelineAssets, Request, Sampler, to_uint8  # koala-trt, installed in this environment
+    from sampler.api import Pipeline  # koala-trt, installed in this environment
+    from sampler.loop import PipelineAssets, to_uint8
 
-    sampler = Sampler(backend, PipelineAssets.from_manifest(load_manifest(pipeline_dir)))
+    pipe = Pipeline(backend, PipelineAssets.from_manifest(load_manifest(pipeline_dir)),
+                    warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
 
-    def run(prompt: str, **options: object) -> np.ndarray:
-        plan = sampler.plan(Request(prompt=prompt, batch=1, **options))  # type: ignore[arg-type]  # refuses a prompt beyond the U-Net's token range
-        images, _ = sampler.sample(plan, progress=False)
+    def run(prompt: str, **inputs: object) -> np.ndarray:
+        keywords = {INPUT_NAMES.get(k, k): v for k, v in inputs.items()}
+        [plan] = pipe.plan(pipe.requests(prompt, num_images_per_prompt=1, **keywords))  # refuses a prompt beyond the U-Net's token range
+        images = pipe.run([plan], output_type="np", progress=False).images
         return to_uint8(images)[0], (plan.height, plan.width, plan.steps)
 
     return run
+
+
+# This model's request inputs -> the Python API's keywords (diffusers' names), where they differ.
+INPUT_NAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
 
 
 def to_uint8_hwc(image) -> np.ndarray:

@@ -92,11 +92,16 @@ def load_engines_manifest(root: Path | str) -> EnginesManifest:
 def choose_library(engines_dir: Path | str) -> str:
     """Fix this process's TensorRT library to the one `engines_dir` was built with (engines/trt.use_library),
     before anything imports Polygraphy, which picks its library once per process on first import. Every
-    path that runs engines (validate, generate, bench, serve, the TensorRT backend) calls this first."""
+    path that runs engines (validate, generate, bench, serve, the TensorRT backend) calls this first.
+    A library that cannot run here (not installed, no GPU) is not fixed: the backend then says what is
+    missing, and this process stays free to build with either library (TensorRT-RTX builds on a CPU)."""
     from engines import trt
+    from engines.build import missing_requirements
+    from engines.libraries import library
 
     name = load_engines_manifest(engines_dir).record.compat.library.name
-    trt.use_library(name)
+    if not missing_requirements(library(name), run=True):
+        trt.use_library(name)
     return name
 
 

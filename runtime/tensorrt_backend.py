@@ -85,12 +85,12 @@ class TensorRTBackend(Backend):
         from engines.libraries import library as get_library
 
         self.library = get_library(self.manifest.record.compat.library.name)
-        trt.use_library(self.library.name)  # before anything of this process imports Polygraphy
         missing = missing_requirements(self.library, run=True)
         if missing:
             raise KoalaError(f"the TensorRT backend cannot run the {self.library.name} engines of {self.manifest.root} "
                              f"on this machine, missing: {'; '.join(missing)} (the onnxruntime backend runs the "
                              "same pipeline without them)")
+        trt.use_library(self.library.name)  # before anything of this process imports Polygraphy
         from engines import cuda
 
         self._cuda, self._trt, self.verbose, self.log = cuda, trt, verbose, log

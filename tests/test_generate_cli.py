@@ -140,6 +140,10 @@ def test_tensorrt_backend_unavailable(tiny_artifacts: Path, tmp_path: Path, monk
     errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
     assert code == 2 and "Traceback" not in stderr, stderr
     assert errors == [f"Error: {tmp_path} is not a koala-trt engines folder (no manifest.json); create one with `koala-trt build`"]
+    # An engines folder (read first, on every machine) whose backend module cannot be imported.
+    from engines_helpers import fake_engines_dir
+
+    args[args.index("--engines") + 1] = fake_engines_dir(tiny_artifacts, tmp_path / "eng")
     monkeypatch.setitem(sys.modules, "runtime.tensorrt_backend", None)  # `import` now raises ImportError
     code, _, stderr = run_cli(*args)
     errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]

@@ -60,7 +60,7 @@ def test_each_command_chooses_tensorrt_rtx_from_the_manifest_before_polygraphy(c
                                                                                 tmp_path: Path) -> None:
     """On this CPU machine the command must stop at "missing: ... GPU", the line a machine without a GPU
     gets, and not at Polygraphy's library choice (what `validate --backend tensorrt` said before)."""
-    from tests.engines_helpers import fake_engines_dir
+    from engines_helpers import fake_engines_dir
 
     engines = fake_engines_dir(tiny_artifacts, tmp_path / "eng", profile="rtx3060ti", library="tensorrt-rtx", trt="1.7.1.116")
     args = {"validate": ["validate", "--artifacts", tiny_artifacts, "--steps", "1", "--height", "64", "--width", "64"],

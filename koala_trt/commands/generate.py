@@ -27,6 +27,21 @@ def _load_latents(path: Path) -> Any:
     return arr
 
 
+def _image_args(image: Path | None, mask: Path | None, strength: float | None) -> dict[str, Any]:
+    """--image/--mask read and decoded, --strength checked (sampler/img2img.py), before any model loads."""
+    from sampler.img2img import check_strength, open_image
+
+    if image is None:
+        for flag, v in (("--mask", mask), ("--strength", strength)):
+            if v is not None:
+                raise UsageError(f"{flag} needs --image (img2img or inpainting)")
+        return {}
+    if strength is not None:
+        check_strength(strength)
+    return {"image": open_image(image, "--image"), "mask_image": open_image(mask, "--mask") if mask is not None else None,
+            "strength": strength}
+
+
 def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_calls: int) -> list[list[str]]:
     def ms(v: float) -> str:
         return f"{v:,.1f}" if v >= 100 else f"{v:.3f}"
@@ -63,6 +78,12 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--batch", type=POSITIVE, help="Images to generate [default: 1, or the --latents batch].")
 @click.option("--latents", type=click.Path(path_type=Path),
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
+@click.option("--image", type=click.Path(path_type=Path),
+              help="img2img: start from this PNG/JPEG (converted to RGB; sets the default size, rounded down to a multiple of 8) instead of pure noise.")
+@click.option("--strength", type=float,
+              help="With --image: how much to change it, in (0, 1]; the last int(steps x strength) steps run [default: 0.3; 0.9999 with --mask].")
+@click.option("--mask", type=click.Path(path_type=Path),
+              help="Inpainting with --image: a mask of the image's size, white = repaint, black = keep (binarized at 50%).")
 @vae_tile_option()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
@@ -73,7 +94,8 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
-                 width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, out: Path, threads: int | None,
+                 width: int | None, batch: int | None, latents: Path | None, image: Path | None, strength: float | None,
+                 mask: Path | None, vae_tile: int | None, out: Path, threads: int | None,
                  cpu_precision: str | None,
                  no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, Euler with CFG, VAE decode, PNG).
@@ -82,7 +104,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     network runs; a failure leaves no PNG behind."""
     import secrets
 
-    from sampler.loop import Request, Sampler, output_paths, save_pngs
+    from sampler.loop import SAMPLER_COMPONENTS, Request, Sampler, output_paths, save_pngs
     from sampler.pipeline import open_pipeline
 
     started = time.perf_counter()
@@ -92,9 +114,10 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
+    image_args = _image_args(image, mask, strength)
     check_backend_sources(backend, artifacts, model, engines)
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                         full_hash=not no_verify, log=log)
+                         full_hash=not no_verify, log=log, components=(*SAMPLER_COMPONENTS, *(("vae_encoder",) if image_args else ())))
     manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
     try:
         if backend == "torch" and manifest is not None:
@@ -104,22 +127,24 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
             seed = secrets.randbelow(2**31)
         plan = sampler.plan(Request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     seed=seed if seed is not None else 0, height=height, width=width, batch=batch, latents=lat,
-                                    vae_tile=vae_tile))
+                                    vae_tile=vae_tile, **image_args))
         paths = output_paths(out, plan.batch)
         log(f"{backend}: {plan.batch} image(s) {plan.width}x{plan.height}, {plan.steps} steps, guidance {plan.guidance:g}"
             + ("" if plan.cfg else " (no CFG)") + (f", seed {plan.seed}" if plan.seed is not None else f", latents {latents}")
+            + (f", {'inpainting' if mask else 'img2img'} from {image} at strength {plan.image_inputs.strength:g}" if image else "")
             + f", scheduler {sampler.scheduler.timestep_spacing} spacing"
             + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else ""))
         # ----- load, then run ---------------------------------------------------------------------
         t0 = time.perf_counter()
-        runtime.load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
+        runtime.load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"] + (["vae_encoder"] if plan.image_inputs is not None else []))
         load_ms = 1e3 * (time.perf_counter() - t0)
         backend_desc = runtime.describe()
         images, timings = sampler.sample(plan, progress=not no_progress, warn=lambda m: log(f"warning: {m}"))
         t0 = time.perf_counter()
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": str(plan.steps), "guidance": f"{plan.guidance:g}",
                 "seed": str(plan.seed) if plan.seed is not None else f"latents:{latents}", "backend": backend_desc,
-                "software": "koala-trt generate"}
+                "software": "koala-trt generate",
+                **({"image": str(image), "strength": f"{plan.image_inputs.strength:g}"} if image else {}), **({"mask": str(mask)} if mask else {})}
         save_pngs(images, paths, meta)
         png_ms = 1e3 * (time.perf_counter() - t0)
     finally:
@@ -128,6 +153,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     if as_json:
         print_json({"images": [str(p) for p in paths], "backend": backend_desc, "prompt": prompt, "negative_prompt": negative_prompt,
                     "seed": plan.seed, "latents": str(latents) if latents else None, "steps": plan.steps, "guidance": plan.guidance,
+                    "image": str(image) if image else None, "mask": str(mask) if mask else None,
+                    "strength": plan.image_inputs.strength if plan.image_inputs is not None else None,
                     "height": plan.height, "width": plan.width, "batch": plan.batch, "vae_tile": plan.vae_tile,
                     "scheduler": {"timestep_spacing": sampler.scheduler.timestep_spacing, "timesteps": [float(t) for t in sampler.scheduler.timesteps]},  # type: ignore[union-attr]
                     "timings": {**summary, "load_ms": load_ms, "png_ms": png_ms, "verify_ms": 1e3 * verify_s,

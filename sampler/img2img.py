@@ -102,6 +102,12 @@ def preprocess_mask(mask: Any, height: int, width: int) -> np.ndarray:
     return np.where(m < 0.5, F32(0.0), F32(1.0))[None, None].astype(F32)
 
 
+def no_encoder(origin: str) -> UsageError:
+    """The one refusal of an image request where `origin` (artifacts, engines) has no VAE encoder."""
+    return UsageError(f"{origin} has no vae_encoder, which --image needs: export it (koala-trt export --components ... vae_encoder) "
+                      "or build its engine")
+
+
 def check_strength(strength: float) -> float:
     s = float(strength)
     if not math.isfinite(s) or not 0.0 < s <= 1.0:

@@ -317,8 +317,9 @@ class Sampler:
         inputs, h, w = prepare(req.image, req.mask_image, req.strength, req.height, req.width, f,
                                int(self.unet.input("sample").dims[1]))
         if req.image is not None and "vae_encoder" not in self.specs:
-            raise UsageError(f"{self.assets.origin or 'the backend'} has no vae_encoder, which --image needs: "
-                             "export it (koala-trt export --components ... vae_encoder) or build its engine")
+            from sampler.img2img import no_encoder
+
+            raise no_encoder(self.assets.origin or "the backend")
         return inputs, h, w
 
     def check_prompt(self, prompt: str, negative_prompt: str | None = None) -> int:

@@ -116,8 +116,17 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     lat = _load_latents(latents) if latents is not None else None
     image_args = _image_args(image, mask, strength)
     check_backend_sources(backend, artifacts, model, engines)
+    manifest = None
+    if image_args and artifacts is not None:  # the encoder's files are verified with the others
+        from exporter.manifest import load_manifest
+        from sampler.img2img import no_encoder
+
+        manifest = load_manifest(artifacts)
+        if "vae_encoder" not in manifest.view.components and (backend != "tensorrt" or engines is None):
+            raise no_encoder(f"{artifacts} ({manifest.view.source.model})")
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                         full_hash=not no_verify, log=log, components=(*SAMPLER_COMPONENTS, *(("vae_encoder",) if image_args else ())))
+                         full_hash=not no_verify, log=log, manifest=manifest,
+                         components=(*SAMPLER_COMPONENTS, *(("vae_encoder",) if manifest is not None and "vae_encoder" in manifest.view.components else ())))
     manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
     try:
         if backend == "torch" and manifest is not None:

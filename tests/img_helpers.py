@@ -59,7 +59,8 @@ def ours(artifacts: Path, backend: str, noise: np.ndarray, **request: Any) -> np
     from sampler.loop import Request, Sampler
     from sampler.pipeline import open_pipeline
 
-    with open_pipeline(backend, artifacts=artifacts) as pipe:
+    # openvino in FP32: "auto" runs BF16 on a CPU with AVX512-BF16 or AMX (about 46-48 dB here)
+    with open_pipeline(backend, artifacts=artifacts, cpu_precision="fp32" if backend == "openvino" else None) as pipe:
         sampler = Sampler(pipe.backend, pipe.assets)
         plan = sampler.plan(Request(latents=noise, **request))
         images, _ = sampler.sample(plan, progress=False)

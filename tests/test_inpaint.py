@@ -52,11 +52,6 @@ def test_inpainting_equals_diffusers(tiny_encoder_artifacts: Path, tiny_inpaint_
     ref = references[(model, strength)]
     assert image.shape == ref.shape == (1, SIZE, SIZE, 3)
     assert psnr(ref, image) >= PSNR_DB
-    if channels == 4:  # the known region is the image's (through the VAE), the masked one is repainted
-        src = np.asarray(picture(), np.float32)[None] / 255
-        keep = np.asarray(square_mask(), np.float32)[None, ..., None] < 128
-        err = np.abs(image - src).mean(axis=-1, keepdims=True)
-        assert err[keep].mean() < 0.5 * err[~keep].mean()
 
 
 def test_nine_channel_spec_and_export(tiny_inpaint_artifacts: Path) -> None:

@@ -9,8 +9,8 @@ StableDiffusionXLInpaintPipeline add to text-to-image, over any backend.
   (diffusers' `retrieve_latents(..., sample_mode="argmax")`, no sampling), times the scaling factor
   (img2img: (mean - latents_mean) * scaling_factor / latents_std where the VAE config has them; the
   inpainting pipeline applies the scaling factor only, as diffusers' `_encode_vae_image` does).
-- Strength s keeps the last min(int(steps * s), steps) steps: denoising starts at index
-  (steps - int(steps * s)) * order, from the image's latents noised to that index with the very
+- Strength s keeps the last min(int(steps * s), steps) steps: denoising starts at the scheduler's
+  begin_index, (steps - int(steps * s)) * order, from the image's latents noised to that index with the very
   noise text-to-image would start from (--seed or --latents).
 - Inpainting with a 4-channel U-Net (KOALA, SDXL base): after each step the known region (mask 0)
   is replaced by the image's latents noised to the next step's timestep. With a 9-channel inpainting
@@ -115,23 +115,17 @@ def check_strength(strength: float) -> float:
     return s
 
 
-def first_index(steps: int, strength: float, order: int = 1) -> int:
-    """The scheduler index denoising starts at (diffusers' get_timesteps): the last
-    min(int(steps * strength), steps) steps are run; UsageError when none is left."""
-    kept = min(int(steps * strength), steps)
-    if kept < 1:
+def check_steps_left(steps: int, strength: float) -> None:
+    """Strength keeps the last min(int(steps * strength), steps) steps (diffusers' get_timesteps; the
+    start index is the scheduler's begin_index): UsageError when none is left."""
+    if min(int(steps * strength), steps) < 1:
         raise UsageError(f"--strength {strength:g} x --steps {steps} leaves no denoising step; raise either "
-                         f"(at least {math.ceil(1 / strength) if strength > 0 else steps} steps for this strength)")
-    return (steps - kept) * order
+                         f"(at least {math.ceil(1 / strength)} steps for this strength)")
 
 
 def add_noise(sched: Any, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
     """`original` noised to the scheduler's step `index` (diffusers' scheduler.add_noise at that step)."""
-    own = getattr(sched, "add_noise", None)
-    if own is not None:
-        return own(original, noise, index).astype(F32, copy=False)
-    sigma = F32(sched.sigmas[index])  # Euler: x + sigma * noise
-    return (original + noise * sigma).astype(F32, copy=False)
+    return sched.add_noise(original, noise, index).astype(F32, copy=False)
 
 
 def posterior_mean(parameters: np.ndarray) -> np.ndarray:
@@ -205,7 +199,8 @@ class ImageConditioning:
                  latents_std: tuple[float, ...] | None, unet_channels: int) -> None:
         self.inputs, self.noise, self.sched = inputs, noise, sched
         self.nine = unet_channels != LATENT_CHANNELS
-        self.start = first_index(steps, inputs.strength, int(getattr(sched, "order", 1)))
+        check_steps_left(steps, inputs.strength)
+        self.start = int(sched.begin_index(steps, inputs.strength))  # x order: Heun's timesteps are doubled
         batch = noise.shape[0]
         f = inputs.image.shape[2] // noise.shape[2]
         full = inputs.strength == 1.0

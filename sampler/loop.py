@@ -20,7 +20,8 @@ from exporter.manifest import Manifest
 from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange, check_tile
 from koala_core.errors import UsageError
 from koala_core.jsonfile import read_json
-from sampler.schedulers.euler import EulerDiscreteScheduler
+from sampler.schedulers import make_scheduler
+from sampler.schedulers.noise import StepNoise
 from sampler.tokenize import ClipTokenizer, chunk_prompts, prompt_tokens
 
 F32 = np.float32
@@ -119,6 +120,7 @@ class Request:
     batch: int | None = None
     latents: np.ndarray | None = None  # initial noise as diffusers' `latents=` takes it (before * init_noise_sigma)
     vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
+    scheduler: str | None = None  # a name in sampler.schedulers.SCHEDULERS; None: the model's own (euler)
     image: Any = None  # img2img / inpainting (sampler/img2img.py): PIL image, PNG path or bytes, uint8 [H, W, 3]
     mask_image: Any = None  # inpainting: white = repaint; PIL image, path, bytes or uint8 [H, W]
     strength: float | None = None  # (0, 1]; default 0.3 for img2img, 0.9999 for inpainting (diffusers')
@@ -139,6 +141,8 @@ class Plan:
     noise: np.ndarray  # float32 [batch, C, height/f, width/f]
     chunks: int = 1  # prompt chunks of 77 tokens each prompt is encoded as (sampler.tokenize.chunk_prompts)
     vae_tile: int | None = None  # pixels; None: one untiled decode
+    scheduler: str | None = None  # sampler.schedulers name; None: the model's own
+    step_seed: int = 0  # the seed of the step noise stochastic schedulers add (sampler/schedulers/noise.py)
     image_inputs: Any = None  # sampler.img2img.ImageInputs for img2img / inpainting, else None
 
     @property
@@ -231,7 +235,7 @@ class Sampler:
         self.unet, self.vae = specs["unet"], specs["vae_decoder"]
         self.seq_len = int(specs["text_encoder"].input("input_ids").dims[1])
         self.tokenizers = tuple(ClipTokenizer(d, max_length=self.seq_len) for d in assets.tokenizer_dirs)
-        self.scheduler = EulerDiscreteScheduler.from_config(assets.scheduler_config)
+        self.scheduler = make_scheduler(None, assets.scheduler_config)  # the last plan's (generate reports its timesteps)
 
     # ----- validation -----------------------------------------------------------------------------
     def _range(self, component: str) -> ShapeRange | None:
@@ -252,8 +256,9 @@ class Sampler:
         a = self.assets
         steps = a.steps if req.steps is None else int(req.steps)
         guidance = a.guidance if req.guidance is None else float(req.guidance)
-        if not 1 <= steps <= self.scheduler.num_train_timesteps:
-            raise UsageError(f"--steps must be between 1 and {self.scheduler.num_train_timesteps} (got {steps})")
+        sched = make_scheduler(req.scheduler, a.scheduler_config)  # an unknown name or config field: one line, before model work
+        if not 1 <= steps <= sched.num_train_timesteps:
+            raise UsageError(f"--steps must be between 1 and {sched.num_train_timesteps} (got {steps})")
         if not math.isfinite(guidance) or guidance < 0:
             raise UsageError(f"--guidance must be a finite number >= 0 (got {guidance})")
         lat = req.latents
@@ -304,10 +309,11 @@ class Sampler:
                 raise UsageError(f"--seed must be >= 0 (got {req.seed})")
             noise, seed = initial_noise(int(req.seed), batch, shape[1:]), int(req.seed)
         if image_inputs is not None:
-            from sampler.img2img import first_index
+            from sampler.img2img import check_steps_left
 
-            first_index(steps, image_inputs.strength)  # at least one step left
-        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile, image_inputs)
+            check_steps_left(steps, image_inputs.strength)
+        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile,
+                    scheduler=req.scheduler, step_seed=max(int(req.seed), 0), image_inputs=image_inputs)
 
     def _image_inputs(self, req: Request, f: int) -> tuple[Any, int | None, int | None]:
         """img2img / inpainting inputs checked and preprocessed (sampler/img2img.py), with the run's
@@ -439,12 +445,12 @@ class Sampler:
         return None if plan.vae_tile is None else TileGrid.make(plan.height // f, plan.width // f, plan.vae_tile, f)
 
     def _denoise(self, plan: Plan, timings: Timings, warn: Callable[[str], None], bar: Any) -> np.ndarray:
-        """Encode the prompts, then the Euler loop with CFG from the plan's noise; the final latents."""
+        """Encode the prompts, then the plan's scheduler's loop with CFG from the plan's noise; the final latents."""
         hidden, pooled = self.encode_prompt(plan, timings, warn)
         ub = hidden.shape[0]
         # Micro-conditioning (Podell et al. 2023, SDXL, sec. 2.2): original size, crop top-left, target size.
         time_ids = np.tile(np.array([plan.height, plan.width, 0, 0, plan.height, plan.width], F32), (ub, 1))
-        sched = self.scheduler
+        sched = self.scheduler = make_scheduler(plan.scheduler, self.assets.scheduler_config)
         sched.set_timesteps(plan.steps)
         assert sched.timesteps is not None
         img_cond = self._conditioning(plan, timings)
@@ -453,6 +459,7 @@ class Sampler:
         latents = (plan.noise * sched.init_noise_sigma).astype(F32, copy=False) if img_cond is None else img_cond.initial_latents()
         g = F32(plan.guidance)
         n = plan.batch
+        step_noise = StepNoise(plan.step_seed, n, latents.shape[1:]) if sched.stochastic else None
         last = len(sched.timesteps) - 1
         for i in range(start, last + 1):
             t = sched.timesteps[i]
@@ -466,7 +473,7 @@ class Sampler:
             if plan.cfg:  # Ho & Salimans 2022, eq. 6: eps_uncond + w (eps_cond - eps_uncond)
                 uncond, cond = eps[:n], eps[n:]
                 eps = uncond + g * (cond - uncond)
-            latents = sched.step(eps, i, latents)
+            latents = sched.step(eps, i, latents, noise=None if step_noise is None else step_noise())
             if img_cond is not None:
                 latents = img_cond.after_step(latents, i, i == last)
             bar.update()

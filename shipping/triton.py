@@ -52,6 +52,7 @@ PIPELINE_INPUTS = (  # name, Triton type, optional
     ("guidance", "TYPE_FP32", True),
     ("height", "TYPE_INT32", True),
     ("width", "TYPE_INT32", True),
+    ("scheduler", "TYPE_STRING", True),  # a sampler.schedulers name; absent: the model's own
 )
 IMAGE_INPUTS = (  # img2img / inpainting (sampler/img2img.py), all optional: name, Triton type, dims
     ("image", "TYPE_UINT8", (-1, -1, 3)),  # RGB pixels [H, W, 3]

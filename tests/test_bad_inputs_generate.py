@@ -20,6 +20,7 @@ TRT_MISSING = ("Error: the TensorRT backend cannot run the tensorrt engines of {
 NO_SPEC = ("Error: {ENGNOSPEC}/manifest.json is not a complete engines manifest: engines.unet has no 'spec' "
            "(rebuild with `koala-trt build`)")
 ENG_BAD_JSON = "Error: {ENGBADJSON}/manifest.json is corrupt: Expecting ',' delimiter: line 1 column 6 (char 5)"
+SCHED = "Error: --scheduler: unknown scheduler 'dpm++'; known: euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, lcm"
 HALF = "Error: {HALFMANIFEST}/manifest.json is corrupt: Unterminated string starting at: line 8 column 20 (char 180)"
 
 CASES = [
@@ -63,7 +64,10 @@ CASES = [
     ("generate-engines-manifest-invalid-json", [*GEN_TRT, "{ENGBADJSON}"], 2, ENG_BAD_JSON),
     ("generate-engines-manifest-without-spec", [*GEN_TRT, "{ENGNOSPEC}"], 2, NO_SPEC),
     ("generate-engines-without-tensorrt", [*GEN_TRT, "{ENG}"], 1, TRT_MISSING),
+    ("generate-scheduler-unknown", [*GEN, "--scheduler", "dpm++"], 2, SCHED),
     # --- validate
+    ("validate-scheduler-unknown", [*VAL, "--scheduler", "dpm++"], 2, SCHED),
+    ("bench-scheduler-unknown", [*BENCH, "--scheduler", "dpm++"], 2, SCHED),
     ("validate-steps-0", [*VAL, "--steps", "0"], 2, RANGE.format(flag="--steps", v=0, lo=1)),
     ("validate-random-samples-0", [*VAL, "--random-samples", "0"], 2, RANGE.format(flag="--random-samples", v=0, lo=1)),
     ("validate-height-negative", [*VAL, "--height", "-32"], 2, RANGE.format(flag="--height", v=-32, lo=1)),

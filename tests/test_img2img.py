@@ -40,6 +40,23 @@ def test_img2img_equals_diffusers(tiny_encoder_artifacts: Path, reference: np.nd
     assert psnr(np.asarray(picture(), np.float32)[None] / 255, image) < 30  # it did change the image
 
 
+@pytest.mark.parametrize("scheduler", ["heun", "dpmpp_2m_karras"])
+def test_img2img_with_other_schedulers_equals_diffusers(tiny_source, tiny_encoder_artifacts: Path, noise: np.ndarray,
+                                                         scheduler: str) -> None:
+    """Heun (order 2: the start index doubles) and DPM++ 2M Karras against diffusers with the same scheduler."""
+    import diffusers
+
+    from sampler.schedulers import DIFFUSERS, scheduler_config
+    from validation.images import psnr
+
+    pipe = tiny_source.pipeline("img2img")
+    pipe.scheduler = getattr(diffusers, DIFFUSERS[scheduler][0]).from_config(scheduler_config(scheduler, tiny_source.scheduler_config))
+    ref = diffusers_image(pipe, noise, prompt="a koala", image=picture(), strength=STRENGTH, num_inference_steps=STEPS, guidance_scale=5.0)
+    image = ours(tiny_encoder_artifacts, "onnxruntime", noise, prompt="a koala", image=picture(), strength=STRENGTH, steps=STEPS,
+                 guidance=5.0, scheduler=scheduler)
+    assert psnr(ref, image) >= PSNR_DB
+
+
 def test_cli_writes_the_samplers_image(tiny_encoder_artifacts: Path, noise: np.ndarray, tmp_path: Path) -> None:
     """generate --image --strength --latents writes what the sampler gives; the noise is --latents'."""
     from PIL import Image
@@ -79,12 +96,21 @@ def test_preprocessing_equals_diffusers() -> None:
     assert torch.is_tensor(masks.preprocess(m))
 
 
-@pytest.mark.parametrize("steps, strength", [(5, 0.6), (25, 0.3), (4, 1.0), (10, 0.15), (3, 0.34)])
-def test_first_index_as_diffusers(steps: int, strength: float) -> None:
-    from sampler.img2img import first_index
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "ddim"])
+def test_every_scheduler_starts_img2img_as_diffusers(name: str) -> None:
+    """The loop starts at the scheduler's begin_index (tests/test_schedulers.py checks it and add_noise
+    against diffusers) and noises the image latents there."""
+    from exporter.sources import resolve
+    from sampler.img2img import ImageConditioning, ImageInputs, preprocess_image
+    from sampler.schedulers import make_scheduler
 
-    kept = min(int(steps * strength), steps)  # StableDiffusionXLImg2ImgPipeline.get_timesteps
-    assert first_index(steps, strength) == steps - kept
+    sched = make_scheduler(name, resolve("random:tiny").scheduler_config)
+    sched.set_timesteps(5)
+    noise = np.ones((1, 4, 4, 4), np.float32)
+    inputs = ImageInputs(preprocess_image(picture(32), 32, 32), None, 0.6)
+    cond = ImageConditioning(inputs, noise, sched, 5, True, lambda x: np.zeros((1, 8, 4, 4), np.float32), 0.13025, None, None, 4)
+    assert cond.start == 2 * sched.order  # StableDiffusionXLImg2ImgPipeline.get_timesteps: t_start x order
+    assert np.array_equal(cond.initial_latents(), sched.add_noise(np.zeros_like(noise), noise, cond.start))
 
 
 def test_grayscale_and_rgba_images_are_converted() -> None:

@@ -137,12 +137,14 @@ def inputs(module, **values):
 
 
 def request(prompt: str = "a koala in a tree", seed: int = 7, steps: int = STEPS, guidance: float = 5.0,
-            height: int = SIZE, width: int = SIZE, negative: str | None = None) -> dict:
+            height: int = SIZE, width: int = SIZE, negative: str | None = None, scheduler: str | None = None) -> dict:
     r = {"prompt": (np.array([prompt.encode()], dtype=np.object_), "BYTES"), "seed": (np.array([seed], np.int64), "INT64"),
          "steps": (np.array([steps], np.int32), "INT32"), "guidance": (np.array([guidance], np.float32), "FP32"),
          "height": (np.array([height], np.int32), "INT32"), "width": (np.array([width], np.int32), "INT32")}
     if negative is not None:
         r["negative_prompt"] = (np.array([negative.encode()], dtype=np.object_), "BYTES")
+    if scheduler is not None:
+        r["scheduler"] = (np.array([scheduler.encode()], dtype=np.object_), "BYTES")
     return r
 
 
@@ -169,8 +171,8 @@ def test_health_and_metrics_endpoints(server: Server) -> None:
         meta = client.get_model_metadata("koala")
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
         "prompt": "BYTES", "negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance": "FP32",
-        "height": "INT32", "width": "INT32", "image": "UINT8", "mask": "UINT8", "image_png": "BYTES", "mask_png": "BYTES",
-        "strength": "FP32"}
+        "height": "INT32", "width": "INT32", "scheduler": "BYTES", "image": "UINT8", "mask": "UINT8", "image_png": "BYTES",
+        "mask_png": "BYTES", "strength": "FP32"}
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [("image", "UINT8", [-1, -1, 3])]
 
 
@@ -182,6 +184,16 @@ def test_http_image_equals_generate(server: Server, tiny_artifacts: Path, tmp_pa
     assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE, 3)
     assert np.array_equal(image, generated(tiny_artifacts, tmp_path / "g.png"))
     assert "koala: request http-1 size 128x128 steps 3" in server.text()
+
+
+def test_scheduler_input_equals_generate_scheduler(server: Server, tiny_artifacts: Path, tmp_path: Path) -> None:
+    """The optional `scheduler` input is generate's --scheduler: the same image, and another than euler's."""
+    import tritonclient.http as th
+
+    with http_client(server) as client:
+        image = client.infer("koala", inputs(th, **request(seed=5, scheduler="dpmpp_2m_karras"))).as_numpy("image")
+    assert np.array_equal(image, generated(tiny_artifacts, tmp_path / "g.png", "a koala in a tree", 5, "", "--scheduler", "dpmpp_2m_karras"))
+    assert not np.array_equal(image, generated(tiny_artifacts, tmp_path / "e.png", "a koala in a tree", 5))
 
 
 def test_grpc_image_equals_generate_with_negative_prompt(server: Server, tiny_artifacts: Path, tmp_path: Path) -> None:
@@ -236,6 +248,7 @@ def test_img2img_and_inpainting_equal_generate(server: Server, tiny_encoder_arti
     ("unknown input", "unexpected inference input 'artifacts' for model 'koala'"),
     ("prompt not UTF-8", "prompt: not UTF-8 text"),
     ("seed -1", "--seed must be >= 0 (got -1)"),
+    ("scheduler dpm++", "unknown scheduler 'dpm++'; known: euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, lcm"),
     ("strength 0", "--strength must be in (0, 1] (got 0.0)"),
     ("image_png not an image", "--image: the image bytes is not an image; expected a PNG or JPEG"),
     ("mask of another size", "--mask is 96x64 px but --image is 128x128 px; give a mask of the image's size"),
@@ -267,6 +280,8 @@ def test_bad_request_gets_400_and_the_server_keeps_serving(server: Server, case:
         r["prompt"] = (np.array([b"\xff\xfe koala"], dtype=np.object_), "BYTES")
     elif case == "seed -1":
         r["seed"] = (np.array([-1], np.int64), "INT64")
+    elif case == "scheduler dpm++":
+        r["scheduler"] = (np.array([b"dpm++"], dtype=np.object_), "BYTES")
     elif case in ("strength 0", "mask of another size"):
         r["image"] = (np.full((SIZE, SIZE, 3), 128, np.uint8), "UINT8")
         r["strength" if case == "strength 0" else "mask"] = ((np.array([0.0], np.float32), "FP32") if case == "strength 0"

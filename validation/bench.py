@@ -43,6 +43,7 @@ class BenchOptions:
     seed: int = 0
     keep_outputs: bool = False  # keep each component's last outputs and the last end-to-end images (side by side)
     vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
+    scheduler: str | None = None  # a sampler.schedulers name for the end-to-end runs; None: the model's own
 
     def check(self) -> None:
         if self.warmup < 0:
@@ -166,6 +167,7 @@ class BenchResult:
         o, p = self.options, self.plan
         return {"backend": self.backend, "backend_detail": self.backend_detail, "unit": "seconds",
                 "height": p.height, "width": p.width, "batch": p.batch, "steps": p.steps, "guidance": p.guidance,
+                "scheduler": p.scheduler or "euler",
                 "cfg": p.cfg, "warmup": o.warmup, "runs": o.runs, "load_seconds": self.load_seconds,
                 "components": self.components, "end_to_end": self.end_to_end,
                 "images_per_minute": self.images_per_minute,
@@ -210,7 +212,8 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
     opts.check()
     sampler = Sampler(backend, assets)
     plan = sampler.plan(Request(prompt=opts.prompt, steps=opts.steps, guidance=opts.guidance, seed=opts.seed,
-                                height=opts.height, width=opts.width, batch=opts.batch, vae_tile=opts.vae_tile))
+                                height=opts.height, width=opts.width, batch=opts.batch, vae_tile=opts.vae_tile,
+                                scheduler=opts.scheduler))
     needed = list(SAMPLER_COMPONENTS) if opts.end_to_end else list(opts.components)
     t0 = time.perf_counter()
     load = getattr(backend, "load", None)

@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -63,6 +64,46 @@ class Trajectories:
     images: list[np.ndarray] = field(default_factory=list)  # [1, H, W, 3] in [0, 1]
 
 
+def diffusers_scheduler(name: str | None, config: Mapping[str, Any]) -> Any:
+    """The diffusers scheduler the numpy scheduler `name` stands for (sampler.schedulers.DIFFUSERS),
+    built from_config of the model's scheduler config with the name's overrides."""
+    import diffusers
+
+    from sampler.schedulers import DIFFUSERS, check_name
+
+    cls, overrides = DIFFUSERS[check_name(name)]
+    return getattr(diffusers, cls).from_config(dict(config), **overrides)
+
+
+@contextmanager
+def step_noise(seed: int, batch: int, shape: tuple[int, ...]) -> Iterator[None]:
+    """While active, diffusers' stochastic schedulers (EulerAncestralDiscreteScheduler, LCMScheduler), which
+    draw their step noise with randn_tensor inside step(), get the numpy stream the sampler's euler_a/lcm
+    add instead (sampler.schedulers.noise.StepNoise(seed, batch, shape)): both run on identical tensors."""
+    import torch
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a
+    import diffusers.schedulers.scheduling_lcm as lcm
+
+    from sampler.schedulers.noise import StepNoise
+
+    noise = StepNoise(seed, batch, shape)
+
+    def randn_tensor(shape_: Any, **kwargs: Any) -> Any:
+        out = torch.from_numpy(noise())
+        if tuple(out.shape) != tuple(shape_):
+            raise ValueError(f"step noise of shape {tuple(out.shape)} asked for {tuple(shape_)}")
+        return out
+
+    saved = [(m, m.randn_tensor) for m in (euler_a, lcm)]
+    try:
+        for m, _ in saved:
+            m.randn_tensor = randn_tensor  # type: ignore[attr-defined]
+        yield
+    finally:
+        for m, f in saved:
+            m.randn_tensor = f  # type: ignore[attr-defined]
+
+
 def load_pipeline(source: Any) -> Any:
     pipe = source.pipeline()
     pipe.watermark = None  # no invisible watermark on the reference images
@@ -71,15 +112,19 @@ def load_pipeline(source: Any) -> Any:
 
 
 def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], steps: int, guidance: float,
-                     height: int, width: int) -> Trajectories:
+                     height: int, width: int, scheduler: str | None = None) -> Trajectories:
     """Run the pipeline once per prompt (CFG with SDXL's zero negative embeddings, as the sampler),
     recording the U-Net's inputs and the latents after the last scheduler step. Prompts are encoded
-    in chunks of 77 tokens by the pipeline's own encoders, as the sampler encodes them."""
+    in chunks of 77 tokens by the pipeline's own encoders, as the sampler encodes them. `scheduler`
+    (a sampler.schedulers name; None: the model's own) is the diffusers scheduler of that name; the
+    stochastic ones get prompt i's step noise of seed i (the candidate's, end_to_end.candidate_run)."""
     import torch
 
     from calibration.capture import UNetRecorder
     from calibration.prompt_embeds import pipeline_embeds
 
+    if scheduler is not None:
+        pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     out = Trajectories(list(prompts), list(noise))
     recorder = UNetRecorder()
     hook = pipe.unet.register_forward_pre_hook(recorder, with_kwargs=True)
@@ -90,8 +135,8 @@ def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], ste
         return kwargs
 
     try:
-        for prompt, n in zip(prompts, noise):
-            with torch.no_grad():
+        for i, (prompt, n) in enumerate(zip(prompts, noise)):
+            with torch.no_grad(), step_noise(i, n.shape[0], n.shape[1:]):
                 res = pipe(**pipeline_embeds(pipe, prompt), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                            latents=torch.from_numpy(n.copy()), output_type="np", callback_on_step_end=on_step_end,
                            callback_on_step_end_tensor_inputs=["latents"])

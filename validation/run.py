@@ -38,12 +38,13 @@ class ValidateOptions:
     threads: int | None = None
     cpu_precision: str | None = None  # --backend openvino: auto, fp32 or bf16
     vae_tile: int | None = None  # end to end: decode in tiles of this many pixels (the sampler's --vae-tile)
+    scheduler: str | None = None  # a sampler.schedulers name for the trajectories and end to end; None: the model's own
     verbose: bool = False
 
 
 def settings(opts: ValidateOptions, height: int, width: int) -> dict[str, Any]:
     return {"height": height, "width": width, "steps": opts.steps, "prompts": list(opts.prompts), "seed": opts.seed,
-            "random_samples": opts.random_samples, "vae_tile": opts.vae_tile}
+            "random_samples": opts.random_samples, "vae_tile": opts.vae_tile, "scheduler": opts.scheduler}
 
 
 def default_size(artifacts: Path, height: int | None, width: int | None) -> tuple[int, int]:
@@ -81,6 +82,9 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     # ----- everything that can be wrong with the request fails before a network runs ---------------
     if opts.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {opts.steps})")
+    from sampler.schedulers import check_name
+
+    check_name(opts.scheduler)
     if opts.random_samples < 1:
         raise UsageError(f"--random-samples must be at least 1 (got {opts.random_samples})")
     if not opts.prompts:
@@ -114,7 +118,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             from sampler.loop import Request
 
             sampler.plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
-                                 height=height, width=width, vae_tile=opts.vae_tile))
+                                 height=height, width=width, vae_tile=opts.vae_tile, scheduler=opts.scheduler))
     except BaseException:
         backend.close()
         raise
@@ -135,7 +139,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             shape = (int(unet_spec.input("sample").dims[1]), height // f, width // f)
             noise = [initial_noise(opts.seed + i, 1, shape) for i in range(len(opts.prompts))]
             t0 = time.perf_counter()
-            traj = run_trajectories(pipe, opts.prompts, noise, opts.steps, source.sampler.guidance, height, width)
+            traj = run_trajectories(pipe, opts.prompts, noise, opts.steps, source.sampler.guidance, height, width, opts.scheduler)
             log(f"reference: {len(opts.prompts)} prompts x {opts.steps} steps at {width}x{height} in "
                 f"{time.perf_counter() - t0:.1f} s")
 
@@ -189,7 +193,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                         + (f", VAE decoded in {opts.vae_tile} px tiles" if opts.vae_tile else ""),
                         limits=limits_for(END_TO_END, e2e_prec, opts.overrides))
             latents, images, secs = candidate_run(sampler, traj, opts.steps, source.sampler.guidance, height, width, log,
-                                                 vae_tile=opts.vae_tile)
+                                                 vae_tile=opts.vae_tile, scheduler=opts.scheduler)
             measure(chk, traj, latents, images)
             chk.seconds = {opts.backend: round(secs, 3)}
             checks.append(chk)

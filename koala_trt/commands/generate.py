@@ -10,6 +10,7 @@ import click
 
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
+from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_core.errors import UsageError
 
 
@@ -85,6 +86,7 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--mask", type=click.Path(path_type=Path),
               help="Inpainting with --image: a mask of the image's size, white = repaint, black = keep (binarized at 50%).")
 @vae_tile_option()
+@scheduler_option()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
@@ -95,10 +97,10 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
                  width: int | None, batch: int | None, latents: Path | None, image: Path | None, strength: float | None,
-                 mask: Path | None, vae_tile: int | None, out: Path, threads: int | None,
+                 mask: Path | None, vae_tile: int | None, scheduler: str | None, out: Path, threads: int | None,
                  cpu_precision: str | None,
                  no_verify: bool, no_progress: bool, as_json: bool) -> None:
-    """Generate images with the numpy sampler (tokenize, encode, Euler with CFG, VAE decode, PNG).
+    """Generate images with the numpy sampler (tokenize, encode, the scheduler's loop with CFG, VAE decode, PNG).
 
     onnxruntime and tensorrt never import torch or diffusers. Everything is validated before any
     network runs; a failure leaves no PNG behind."""
@@ -111,6 +113,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     # ----- everything is checked before a network runs -------------------------------------------
     check_out_file(out, example="image.png")
     check_vae_tile(vae_tile)
+    check_scheduler(scheduler)
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
@@ -136,12 +139,12 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
             seed = secrets.randbelow(2**31)
         plan = sampler.plan(Request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     seed=seed if seed is not None else 0, height=height, width=width, batch=batch, latents=lat,
-                                    vae_tile=vae_tile, **image_args))
+                                    vae_tile=vae_tile, scheduler=scheduler, **image_args))
         paths = output_paths(out, plan.batch)
         log(f"{backend}: {plan.batch} image(s) {plan.width}x{plan.height}, {plan.steps} steps, guidance {plan.guidance:g}"
             + ("" if plan.cfg else " (no CFG)") + (f", seed {plan.seed}" if plan.seed is not None else f", latents {latents}")
             + (f", {'inpainting' if mask else 'img2img'} from {image} at strength {plan.image_inputs.strength:g}" if image else "")
-            + f", scheduler {sampler.scheduler.timestep_spacing} spacing"
+            + f", scheduler {scheduler or 'euler'} ({sampler.scheduler.timestep_spacing} spacing)"
             + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else ""))
         # ----- load, then run ---------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -165,7 +168,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
                     "image": str(image) if image else None, "mask": str(mask) if mask else None,
                     "strength": plan.image_inputs.strength if plan.image_inputs is not None else None,
                     "height": plan.height, "width": plan.width, "batch": plan.batch, "vae_tile": plan.vae_tile,
-                    "scheduler": {"timestep_spacing": sampler.scheduler.timestep_spacing, "timesteps": [float(t) for t in sampler.scheduler.timesteps]},  # type: ignore[union-attr]
+                    "scheduler": {"name": scheduler or "euler", "timestep_spacing": sampler.scheduler.timestep_spacing, "timesteps": [float(t) for t in sampler.scheduler.timesteps]},  # type: ignore[union-attr]
                     "timings": {**summary, "load_ms": load_ms, "png_ms": png_ms, "verify_ms": 1e3 * verify_s,
                                 "wall_ms": 1e3 * (time.perf_counter() - started)}})
         return

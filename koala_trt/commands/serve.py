@@ -32,7 +32,7 @@ def serve_cmd(artifacts: Path | None, engines: Path | None, repository: Path | N
               host: str, http_port: int, grpc_port: int, metrics_port: int, max_batch: int | None, instances: int,
               python_env: Path | None) -> None:
     """Serve text-to-image as Triton model `koala` (inputs prompt, negative_prompt, seed, steps, guidance,
-    height, width; output image uint8 [H, W, 3]) until Ctrl-C or SIGTERM. The server is the tritonserver
+    height, width, scheduler; output image uint8 [H, W, 3]) until Ctrl-C or SIGTERM. The server is the tritonserver
     that nvidia-pytriton ships; each component runs on its Python backend over koala-trt's runtime."""
     from shipping.serve import Ports, check_address, check_repository, find_server, python_env as serving_env, serve
 

@@ -15,61 +15,24 @@ Which 1000-step training timesteps are visited is the "timestep spacing" of Lin 
 Numerics. diffusers builds its tables with torch in float32 (linspace, square, a cumulative
 product accumulated in float64) and steps in float32. This module reproduces those roundings in
 numpy, so the schedule and every step agree with diffusers to float32 rounding (tests assert
-1e-6), with no torch at run time. The configuration is diffusers' scheduler_config.json.
+1e-6), with no torch at run time. The configuration is diffusers' scheduler_config.json. The
+helpers shared with the other schedulers (betas, spacings, Karras sigmas, sigma -> t) are in common.py.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
 from koala_core.errors import UsageError
-
-F32 = np.float32
-SPACINGS = ("linspace", "leading", "trailing")
-
-
-def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """torch.linspace(start, end, steps, dtype=float32): endpoints rounded to float32, a float32
-    step, values start + i*step in the first half and end - (steps-1-i)*step in the second, each
-    rounded once (the fused multiply-add torch's CPU kernel uses; emulated exactly in float64)."""
-    s, e = F32(start), F32(end)
-    if steps == 1:
-        return np.array([s], F32)
-    step = F32((e - s) / F32(steps - 1))
-    i = np.arange(steps)
-    first = np.float64(s) + np.float64(step) * i
-    second = np.float64(e) - np.float64(step) * (steps - 1 - i)
-    return np.where(i < steps // 2, first, second).astype(F32)
-
-
-def _betas(cfg: Mapping[str, Any]) -> np.ndarray:
-    """beta_t for t = 0..T-1 in float32 (DDPM's linear schedule, or latent diffusion's
-    "scaled_linear": linear in sqrt(beta) then squared)."""
-    n = int(cfg["num_train_timesteps"])
-    if cfg.get("trained_betas") is not None:
-        return np.asarray(cfg["trained_betas"], F32)
-    schedule = cfg.get("beta_schedule", "linear")
-    b0, b1 = float(cfg["beta_start"]), float(cfg["beta_end"])
-    if schedule == "linear":
-        return _linspace_f32(b0, b1, n)
-    if schedule == "scaled_linear":
-        r = _linspace_f32(b0 ** 0.5, b1 ** 0.5, n)
-        return (r * r).astype(F32)
-    if schedule == "squaredcos_cap_v2":
-        # Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), beta capped at 0.999.
-        def alpha_bar(t: float) -> float:
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], F32)
-    raise UsageError(f"scheduler: beta_schedule {schedule!r} is not supported (linear, scaled_linear, squaredcos_cap_v2)")
+from sampler.schedulers.common import (F32, SPACINGS, Scheduler, alphas_cumprod, karras_sigmas, linspace_f32, sigma_to_t,
+                                       spaced_timesteps, train_sigmas)
 
 
 @dataclass
-class EulerDiscreteScheduler:
+class EulerDiscreteScheduler(Scheduler):
     """Euler sampling as diffusers' EulerDiscreteScheduler with its default step (no churn).
 
     Usage, as the SDXL pipeline drives it:
@@ -80,6 +43,8 @@ class EulerDiscreteScheduler:
             x = s.step(eps, i, x)
     Steps are addressed by index (the pipeline starts at index 0, `set_begin_index(0)`).
     """
+
+    name = "euler"
 
     num_train_timesteps: int
     alphas_cumprod: np.ndarray  # float32 [T]
@@ -115,37 +80,23 @@ class EulerDiscreteScheduler:
         final = cfg.get("final_sigmas_type", "zero") or "zero"
         if final not in ("zero", "sigma_min"):
             raise UsageError(f"scheduler: final_sigmas_type {final!r} is not one of zero, sigma_min")
-        alphas = (F32(1.0) - _betas(cfg)).astype(F32)
-        # alpha_bar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, eq. 4); torch accumulates the float32
-        # cumulative product in float64 and rounds each entry once.
-        alphas_cumprod = np.cumprod(alphas.astype(np.float64)).astype(F32)
-        return cls(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)), alphas_cumprod=alphas_cumprod,
+        return cls(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)), alphas_cumprod=alphas_cumprod(cfg),
                    prediction_type=pred, timestep_spacing=spacing, steps_offset=int(cfg.get("steps_offset", 0) or 0),
                    interpolation_type=interp, use_karras_sigmas=bool(cfg.get("use_karras_sigmas", False)),
                    sigma_min=cfg.get("sigma_min"), sigma_max=cfg.get("sigma_max"), final_sigmas_type=final)
 
     # ----- the schedule -------------------------------------------------------------------------
     def train_sigmas(self) -> np.ndarray:
-        """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0..T-1, float32 (Karras et al. 2022, Table 1, VP)."""
-        ac = self.alphas_cumprod
-        return np.sqrt(((F32(1.0) - ac) / ac).astype(F32)).astype(F32)
+        """sigma_t for t = 0..T-1, float32 (common.train_sigmas)."""
+        return train_sigmas(self.alphas_cumprod)
 
     def spaced_timesteps(self, steps: int) -> np.ndarray:
-        """The training timesteps visited, first (noisiest) to last (Lin et al. 2023, Table 2)."""
-        T = self.num_train_timesteps
-        if self.timestep_spacing == "linspace":
-            return np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
-        if self.timestep_spacing == "leading":
-            ratio = T // steps
-            t = (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.float32)
-            return t + self.steps_offset
-        ratio = T / steps  # trailing
-        return np.arange(T, 0, -ratio).round().copy().astype(np.float32) - 1
+        """The training timesteps visited, first (noisiest) to last (common.spaced_timesteps)."""
+        return spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, steps, self.steps_offset)
 
     def set_timesteps(self, steps: int) -> None:
         """Timesteps and sigmas for `steps` inference steps (diffusers' set_timesteps(num_inference_steps))."""
-        if not 1 <= steps <= self.num_train_timesteps:
-            raise UsageError(f"steps must be between 1 and {self.num_train_timesteps} (got {steps})")
+        self._check_steps(steps)
         timesteps = self.spaced_timesteps(steps)
         train = self.train_sigmas()
         if self.interpolation_type == "linear":
@@ -153,33 +104,18 @@ class EulerDiscreteScheduler:
             sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
         else:  # log_linear: sigmas evenly spaced in log sigma from sigma_min to sigma_max
             lo, hi = np.log(train[-1]), np.log(train[0])
-            sigmas = np.exp(_linspace_f32(float(lo), float(hi), steps + 1)).astype(F32)
+            sigmas = np.exp(linspace_f32(float(lo), float(hi), steps + 1)).astype(F32)
         if self.use_karras_sigmas:
-            sigmas = self._karras(sigmas, steps)
-            timesteps = self._sigma_to_t(sigmas, np.log(train))
+            # Karras et al. 2022, eq. 5 between the schedule's own ends (or the config's sigma_min/max).
+            smin = self.sigma_min if self.sigma_min is not None else float(sigmas[-1])
+            smax = self.sigma_max if self.sigma_max is not None else float(sigmas[0])
+            sigmas = karras_sigmas(smin, smax, steps)
+            timesteps = sigma_to_t(sigmas, np.log(train))
         last = float(np.sqrt((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0])) if self.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sigmas, [last]]).astype(F32)
         self.timesteps = np.asarray(timesteps).astype(F32)
 
-    def _karras(self, in_sigmas: np.ndarray, steps: int) -> np.ndarray:
-        """Karras et al. 2022, eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, rho = 7."""
-        smin = self.sigma_min if self.sigma_min is not None else float(in_sigmas[-1])
-        smax = self.sigma_max if self.sigma_max is not None else float(in_sigmas[0])
-        rho = 7.0
-        ramp = np.linspace(0, 1, steps)
-        return (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-
-    @staticmethod
-    def _sigma_to_t(sigmas: np.ndarray, log_train: np.ndarray) -> np.ndarray:
-        """The fractional training timestep of each sigma: linear interpolation in log sigma."""
-        log_sigma = np.log(np.maximum(sigmas, 1e-10))
-        dists = log_sigma - log_train[:, np.newaxis]
-        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_train.shape[0] - 2)
-        lo, hi = log_train[low], log_train[low + 1]
-        w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
-        return ((1 - w) * low + w * (low + 1)).reshape(sigmas.shape)
-
-    def _ready(self) -> tuple[np.ndarray, np.ndarray]:
+    def _ready(self) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
         if self.sigmas is None or self.timesteps is None:
             raise RuntimeError("call set_timesteps(steps) first")
         return self.timesteps, self.sigmas
@@ -201,7 +137,7 @@ class EulerDiscreteScheduler:
         s = sigmas[index]
         return (sample / np.sqrt(F32(s * s + F32(1.0)))).astype(F32, copy=False)
 
-    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """One Euler step from sigma_i to sigma_{i+1} (Karras et al. 2022, Algorithm 1, line 5-8
         with gamma = 0): x0 = denoised(x, eps); d = (x - x0) / sigma_i; x' = x + d (sigma_{i+1} - sigma_i)."""
         _, sigmas = self._ready()
@@ -220,5 +156,7 @@ class EulerDiscreteScheduler:
         dt = F32(sigmas[index + 1] - sigma_hat)
         return (sample + derivative * dt).astype(model_output.dtype, copy=False)
 
-    def __len__(self) -> int:
-        return 0 if self.timesteps is None else len(self.timesteps)
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        """x = x0 + sigma_i * noise: the VE forward process at step `index` (img2img's start)."""
+        _, sigmas = self._ready()
+        return (original + noise * sigmas[index]).astype(F32, copy=False)

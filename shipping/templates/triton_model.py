@@ -63,7 +63,7 @@ class BlsBackend:
 def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.ndarray]:
     """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`:
     a function (prompt, **options) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). Options are sampler.loop.Request's
-    fields (negative_prompt, seed, steps, guidance, height, width, image, mask_image, strength).
+    fields (negative_prompt, seed, steps, guidance, height, width, scheduler, image, mask_image, strength).
 
     This is the one place that names the sampler's API (sampler/loop.py)."""
     from exporter.manifest import load_manifest
@@ -178,6 +178,7 @@ class TritonPythonModel:
                     "guidance": _scalar(request, "guidance", float),
                     "height": _scalar(request, "height", int),
                     "width": _scalar(request, "width", int),
+                    "scheduler": _scalar(request, "scheduler", str),
                 }.items() if v is not None}
                 kwargs.update(_image_inputs(request))
                 prompt = _scalar(request, "prompt", str)

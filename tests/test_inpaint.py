@@ -89,3 +89,27 @@ def test_rtx_engines_for_the_encoder_and_the_nine_channel_unet(tiny_inpaint_arti
     assert m["engines"]["vae_encoder"]["inputs"]["sample"]["min"] == [1, 3, 128, 128]
     for e in m["engines"].values():
         assert (out / e["file"]).read_bytes()[:4] == b"vtrt"  # a serialized TensorRT-RTX plan
+
+
+def test_known_region_is_the_images_latents() -> None:
+    """4-channel inpainting: after the last step the unmasked latents are the image's, exactly; before
+    it, the image's noised to the next step; the masked region is the scheduler's."""
+    from exporter.sources import resolve
+    from sampler.img2img import ImageConditioning, ImageInputs, preprocess_image, preprocess_mask
+    from sampler.schedulers import make_scheduler
+
+    sched = make_scheduler(None, resolve("random:tiny").scheduler_config)
+    sched.set_timesteps(4)
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
+    params = rng.standard_normal((1, 8, 16, 16), dtype=np.float32)
+    inputs = ImageInputs(preprocess_image(picture(), SIZE, SIZE), preprocess_mask(square_mask(), SIZE, SIZE), 1.0)
+    cond = ImageConditioning(inputs, noise, sched, 4, True, lambda x: params, 0.5, None, None, 4)
+    assert cond.start == 0 and np.array_equal(cond.initial_latents(), noise * sched.init_noise_sigma)
+    x = rng.standard_normal(noise.shape, dtype=np.float32)
+    m = inputs.mask[:, :, ::8, ::8].astype(bool)
+    for i, last in ((1, False), (3, True)):
+        y = cond.after_step(x, i, last)
+        known = 0.5 * params[:, :4] + (0 if last else sched.add_noise(np.zeros_like(noise), noise, i + 1))
+        assert np.allclose(y[:, :, ~m[0, 0]], np.broadcast_to(known, y.shape)[:, :, ~m[0, 0]], atol=1e-6)
+        assert np.array_equal(y[:, :, m[0, 0]], x[:, :, m[0, 0]])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,22 +68,10 @@ def ours(artifacts: Path, backend: str, noise: np.ndarray, **request: Any) -> np
 
 def diffusers_image(pipe: Any, noise: np.ndarray, **kwargs: Any) -> np.ndarray:
     """diffusers' pipeline with the noise it draws replaced by `noise` and the VAE posterior's sample by
-    its mean (retrieve_latents(..., sample_mode="argmax")), as koala-trt does."""
+    its mean (retrieve_latents(..., sample_mode="argmax")), as koala-trt does (validation.reference.image_noise)."""
     import torch
 
-    mod = sys.modules[type(pipe).__module__]
-    saved = mod.randn_tensor, mod.retrieve_latents
+    from validation.reference import image_noise
 
-    def randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None) -> Any:
-        assert tuple(shape) == noise.shape, (shape, noise.shape)
-        return torch.from_numpy(noise.copy()).to(dtype or torch.float32)
-
-    def mean(encoder_output: Any, generator: Any = None, sample_mode: str = "sample") -> Any:
-        return saved[1](encoder_output, generator, sample_mode="argmax")
-
-    mod.randn_tensor, mod.retrieve_latents = randn, mean
-    try:
-        with torch.no_grad():
-            return pipe(output_type="np", **kwargs).images
-    finally:
-        mod.randn_tensor, mod.retrieve_latents = saved
+    with torch.no_grad(), image_noise(pipe, noise):
+        return pipe(output_type="np", **kwargs).images

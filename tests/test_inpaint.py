@@ -113,3 +113,20 @@ def test_known_region_is_the_images_latents() -> None:
         known = 0.5 * params[:, :4] + (0 if last else sched.add_noise(np.zeros_like(noise), noise, i + 1))
         assert np.allclose(y[:, :, ~m[0, 0]], np.broadcast_to(known, y.shape)[:, :, ~m[0, 0]], atol=1e-6)
         assert np.array_equal(y[:, :, m[0, 0]], x[:, :, m[0, 0]])
+
+
+def test_validate_the_nine_channel_unet_end_to_end(tiny_inpaint_artifacts: Path, tmp_path: Path) -> None:
+    """validate --image --mask: every component against PyTorch (the U-Net on the inpainting pipeline's
+    own 9-channel inputs) and the image against StableDiffusionXLInpaintPipeline; without a mask, one line."""
+    picture().save(tmp_path / "in.png")
+    square_mask().save(tmp_path / "mask.png")
+    code, out, err = run_cli("validate", "-a", tiny_inpaint_artifacts, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+                             "--strength", "0.75", "--steps", "2", "--random-samples", "1", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    checks = {c["id"]: c for c in report["checks"]}
+    assert checks["end_to_end"]["passed"] and checks["unet/prompts"]["passed"] and checks["vae_encoder/random"]["passed"]
+    assert checks["unet/prompts"]["shapes"]["sample"][1] == 9
+    code, _, err = run_cli("validate", "-a", tiny_inpaint_artifacts, "--steps", "2", "--no-end-to-end", "-c", "unet")
+    assert code == 2 and err.strip().splitlines()[-1] == ("Error: the U-Net takes 9 input channels (an inpainting U-Net): "
+                                                          "its reference trajectories need --image and --mask")

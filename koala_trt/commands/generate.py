@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
+from koala_trt.commands.image_options import image_args as image_args_of, image_options
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_core.errors import UsageError
@@ -26,21 +27,6 @@ def _load_latents(path: Path) -> Any:
     if not isinstance(arr, np.ndarray):
         raise UsageError(f"--latents: {path} holds several arrays (.npz); save one array with numpy.save")
     return arr
-
-
-def _image_args(image: Path | None, mask: Path | None, strength: float | None) -> dict[str, Any]:
-    """--image/--mask read and decoded, --strength checked (sampler/img2img.py), before any model loads."""
-    from sampler.img2img import check_strength, open_image
-
-    if image is None:
-        for flag, v in (("--mask", mask), ("--strength", strength)):
-            if v is not None:
-                raise UsageError(f"{flag} needs --image (img2img or inpainting)")
-        return {}
-    if strength is not None:
-        check_strength(strength)
-    return {"image": open_image(image, "--image"), "mask_image": open_image(mask, "--mask") if mask is not None else None,
-            "strength": strength}
 
 
 def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_calls: int) -> list[list[str]]:
@@ -79,12 +65,7 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--batch", type=POSITIVE, help="Images to generate [default: 1, or the --latents batch].")
 @click.option("--latents", type=click.Path(path_type=Path),
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
-@click.option("--image", type=click.Path(path_type=Path),
-              help="img2img: start from this PNG/JPEG (converted to RGB; sets the default size, rounded down to a multiple of 8) instead of pure noise.")
-@click.option("--strength", type=float,
-              help="With --image: how much to change it, in (0, 1]; the last int(steps x strength) steps run [default: 0.3; 0.9999 with --mask].")
-@click.option("--mask", type=click.Path(path_type=Path),
-              help="Inpainting with --image: a mask of the image's size, white = repaint, black = keep (binarized at 50%).")
+@image_options()
 @vae_tile_option()
 @scheduler_option()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
@@ -117,7 +98,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
-    image_args = _image_args(image, mask, strength)
+    image_args = image_args_of(image, mask, strength)
     check_backend_sources(backend, artifacts, model, engines)
     manifest = None
     if image_args and artifacts is not None:  # the encoder's files are verified with the others

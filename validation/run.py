@@ -45,7 +45,20 @@ class ValidateOptions:
 
 def settings(opts: ValidateOptions, height: int, width: int) -> dict[str, Any]:
     return {"height": height, "width": width, "steps": opts.steps, "prompts": list(opts.prompts), "seed": opts.seed,
-            "random_samples": opts.random_samples, "vae_tile": opts.vae_tile, "scheduler": opts.scheduler}
+            "random_samples": opts.random_samples, "vae_tile": opts.vae_tile, "scheduler": opts.scheduler,
+            "image": _image_digest(opts.image_inputs)}
+
+
+def _image_digest(given: dict[str, Any] | None) -> dict[str, Any] | None:
+    """img2img / inpainting settings as a baseline compares them: the pixels' sha256, the strength."""
+    if not given or given.get("image") is None:
+        return None
+    import hashlib
+
+    def sha(img: Any) -> str | None:
+        return None if img is None else hashlib.sha256(img.convert("RGB").tobytes() + repr(img.size).encode()).hexdigest()
+
+    return {"image_sha256": sha(given["image"]), "mask_sha256": sha(given.get("mask_image")), "strength": given.get("strength")}
 
 
 def default_size(artifacts: Path, height: int | None, width: int | None) -> tuple[int, int]:

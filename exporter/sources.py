@@ -110,13 +110,20 @@ class ModelSource:
         model = self.build(module, device="meta")
         return sum(p.numel() for p in model.parameters())
 
-    def pipeline(self) -> Any:
-        """diffusers' StableDiffusionXLPipeline over the same components (the PyTorch reference)."""
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    def pipeline(self, task: str = "text2img") -> Any:
+        """diffusers' StableDiffusionXLPipeline over the same components (the PyTorch reference); task
+        "img2img" / "inpaint": StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline
+        (no aesthetic-score conditioning, as for a base model)."""
+        import diffusers
+        from diffusers import EulerDiscreteScheduler
         from transformers import CLIPTokenizer
 
+        cls = {"text2img": diffusers.StableDiffusionXLPipeline, "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+               "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[task]
+        extra = {} if task == "text2img" else {"requires_aesthetics_score": False}
         tok1, tok2 = self.tokenizer_dirs()
-        return StableDiffusionXLPipeline(
+        return cls(
+            **extra,
             vae=self.build("vae"),
             text_encoder=self.build("text_encoder"),
             text_encoder_2=self.build("text_encoder_2"),

@@ -34,7 +34,8 @@ from sampler.loop import SAMPLER_COMPONENTS, Plan, PipelineAssets, Request, Samp
 # and the inputs features add: image, mask_image, strength, control_image, ...).
 RENAMED = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "batch"}
 # The CLI's option in the sampler's one-line errors -> the keyword a Python caller passed.
-_OPTION_NAMES = {"--steps": "num_inference_steps", "--guidance": "guidance_scale", "--batch": "num_images_per_prompt"}
+_OPTION_NAMES = {"--steps": "num_inference_steps", "--guidance": "guidance_scale", "--batch": "num_images_per_prompt",
+                 "--mask": "mask_image"}
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
@@ -220,13 +221,14 @@ class Pipeline:
         latents) and draw its noise; UsageError in the CLI's words before anything runs."""
         return [self.sampler.plan(r) for r in ([requests] if isinstance(requests, Request) else requests)]
 
-    def load(self) -> float:
-        """Open every network now (else the first call does); the seconds it took (once)."""
+    def load(self, plans: Sequence[Plan] = ()) -> float:
+        """Open every network now (else the first call does): the text-to-image ones, and the VAE
+        encoder where one of `plans` starts from an image; the seconds it took (once)."""
         if self.load_seconds is None:
             t0 = time.perf_counter()
             load = getattr(self.backend, "load", None)
             if load is not None:
-                load(list(SAMPLER_COMPONENTS))
+                load(list(SAMPLER_COMPONENTS) + (["vae_encoder"] if any(p.image_inputs is not None for p in plans) else []))
             self.load_seconds = time.perf_counter() - t0
         return self.load_seconds
 

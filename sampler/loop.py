@@ -122,7 +122,10 @@ class Request:
     batch: int | None = None
     latents: np.ndarray | None = None  # initial noise as diffusers' `latents=` takes it (before * init_noise_sigma)
     vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
-    scheduler: str | None = None  # a name of sampler.schedulers.SCHEDULERS; None: the model's own config (Euler)
+    scheduler: str | None = None  # a name in sampler.schedulers.SCHEDULERS; None: the model's own (euler)
+    image: Any = None  # img2img / inpainting (sampler/img2img.py): PIL image, PNG path or bytes, uint8 [H, W, 3]
+    mask_image: Any = None  # inpainting: white = repaint; PIL image, path, bytes or uint8 [H, W]
+    strength: float | None = None  # (0, 1]; default 0.3 for img2img, 0.9999 for inpainting (diffusers')
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Plan:
     vae_tile: int | None = None  # pixels; None: one untiled decode
     scheduler: str | None = None  # sampler.schedulers name; None: the model's own
     step_seed: int = 0  # the seed of the step noise stochastic schedulers add (sampler/schedulers/noise.py)
+    image_inputs: Any = None  # sampler.img2img.ImageInputs for img2img / inpainting, else None
 
     @property
     def cfg(self) -> bool:
@@ -190,7 +194,7 @@ class Timings:
         return float(sum(self.stages.get(stage, [])))
 
     def model_seconds(self) -> float:
-        return sum(self.total(c) for c in SAMPLER_COMPONENTS)
+        return sum(self.total(c) for c in (*SAMPLER_COMPONENTS, "vae_encoder"))
 
     def step_overheads(self) -> list[float]:
         return [s - u for s, u in zip(self.stages.get("step", []), self.stages.get("unet", []))]
@@ -199,7 +203,7 @@ class Timings:
         """Per stage: calls, total and per-call ms, and the non-model overhead (all of `sample`
         except time inside backend.run; per denoising step: the loop's own work)."""
         rows: dict[str, Any] = {}
-        for k in ("tokenize", *SAMPLER_COMPONENTS, "postprocess"):
+        for k in ("tokenize", "vae_encoder", *SAMPLER_COMPONENTS, "postprocess"):
             v = self.stages.get(k, [])
             if v:
                 rows[k] = {"calls": len(v), "total_ms": 1e3 * sum(v), "per_call_ms": 1e3 * sum(v) / len(v)}
@@ -260,15 +264,16 @@ class Sampler:
         if not math.isfinite(guidance) or guidance < 0:
             raise UsageError(f"--guidance must be a finite number >= 0 (got {guidance})")
         lat = req.latents
-        c_in = int(self.unet.input("sample").dims[1])
+        c_in = int(self.vae.input("latent_sample").dims[1])  # the latents' channels (a 9-channel inpainting U-Net takes 4 + 5)
         f = self.unet.latent_factor
+        image_inputs, req_h, req_w = self._image_inputs(req, f)
         if lat is not None and lat.ndim == 4:  # sizes default to the latents' own
-            height = int(lat.shape[2]) * f if req.height is None else req.height
-            width = int(lat.shape[3]) * f if req.width is None else req.width
+            height = int(lat.shape[2]) * f if req_h is None else req_h
+            width = int(lat.shape[3]) * f if req_w is None else req_w
             batch = int(lat.shape[0]) if req.batch is None else req.batch
         else:  # None is the default; 0 is an error below, never "the default"
-            height = a.height if req.height is None else req.height
-            width = a.width if req.width is None else req.width
+            height = a.height if req_h is None else req_h
+            width = a.width if req_w is None else req_w
             batch = 1 if req.batch is None else req.batch
         if batch < 1:
             raise UsageError(f"--batch must be at least 1 (got {batch})")
@@ -280,7 +285,8 @@ class Sampler:
         vae_tile = self._vae_tile(req.vae_tile, height, width)
         prompts = 2 if (guidance > 1.0 and (req.negative_prompt or not a.force_zeros_for_empty_prompt)) else 1
         unet_batch = 2 * batch if guidance > 1.0 else batch
-        for comp, b in (("text_encoder", prompts), ("text_encoder_2", prompts), ("unet", unet_batch), ("vae_decoder", batch)):
+        encoder = (("vae_encoder", 1),) if image_inputs is not None else ()  # the image is encoded once
+        for comp, b in (("text_encoder", prompts), ("text_encoder_2", prompts), ("unet", unet_batch), ("vae_decoder", batch), *encoder):
             r = self._range(comp)
             if r is None:
                 continue
@@ -304,8 +310,25 @@ class Sampler:
             if req.seed < 0:
                 raise UsageError(f"--seed must be >= 0 (got {req.seed})")
             noise, seed = initial_noise(int(req.seed), batch, shape[1:]), int(req.seed)
+        if image_inputs is not None:
+            from sampler.img2img import check_steps_left
+
+            check_steps_left(steps, image_inputs.strength)
         return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile,
-                    scheduler=req.scheduler, step_seed=max(int(req.seed), 0))
+                    scheduler=req.scheduler, step_seed=max(int(req.seed), 0), image_inputs=image_inputs)
+
+    def _image_inputs(self, req: Request, f: int) -> tuple[Any, int | None, int | None]:
+        """img2img / inpainting inputs checked and preprocessed (sampler/img2img.py), with the run's
+        height and width defaulting to the image's; the VAE encoder is needed only here."""
+        from sampler.img2img import prepare
+
+        inputs, h, w = prepare(req.image, req.mask_image, req.strength, req.height, req.width, f,
+                               int(self.unet.input("sample").dims[1]))
+        if req.image is not None and "vae_encoder" not in self.specs:
+            from sampler.img2img import no_encoder
+
+            raise no_encoder(self.assets.origin or "the backend")
+        return inputs, h, w
 
     def check_prompt(self, prompt: str, negative_prompt: str | None = None) -> int:
         """The chunks the prompt (and the negative prompt, when it is encoded) take, inside the U-Net's
@@ -432,15 +455,20 @@ class Sampler:
         sched = self.scheduler = make_scheduler(plan.scheduler, self.assets.scheduler_config)
         sched.set_timesteps(plan.steps)
         assert sched.timesteps is not None
-        bar.reset(total=len(sched.timesteps))  # trailing spacing gives one extra step for some counts, as in diffusers
-        latents = (plan.noise * sched.init_noise_sigma).astype(F32, copy=False)
+        img_cond = self._conditioning(plan, timings)
+        start = 0 if img_cond is None else img_cond.start
+        bar.reset(total=len(sched.timesteps) - start)  # trailing spacing gives one extra step for some counts, as in diffusers
+        latents = (plan.noise * sched.init_noise_sigma).astype(F32, copy=False) if img_cond is None else img_cond.initial_latents()
         g = F32(plan.guidance)
         n = plan.batch
         step_noise = StepNoise(plan.step_seed, n, latents.shape[1:]) if sched.stochastic else None
-        for i, t in enumerate(sched.timesteps):
+        last = len(sched.timesteps) - 1
+        for i in range(start, last + 1):
+            t = sched.timesteps[i]
             t0 = time.perf_counter()
             x = sched.scale_model_input(latents, i)  # elementwise, so scaling before the CFG copy is the same
             x = np.concatenate([x, x]) if plan.cfg else x
+            x = x if img_cond is None else img_cond.unet_input(x)
             feeds = {"sample": x, "timestep": np.full((ub,), t, F32), "encoder_hidden_states": hidden,
                      "text_embeds": pooled, "time_ids": time_ids}
             eps = self._run(timings, "unet", feeds)["out_sample"]
@@ -448,9 +476,25 @@ class Sampler:
                 uncond, cond = eps[:n], eps[n:]
                 eps = uncond + g * (cond - uncond)
             latents = sched.step(eps, i, latents, noise=None if step_noise is None else step_noise())
+            if img_cond is not None:
+                latents = img_cond.after_step(latents, i, i == last)
             bar.update()
             timings.add("step", time.perf_counter() - t0)
         return latents
+
+    def _conditioning(self, plan: Plan, timings: Timings) -> Any:
+        """img2img / inpainting state (sampler.img2img.ImageConditioning), the image encoded; None for text-to-image."""
+        if plan.image_inputs is None:
+            return None
+        from sampler.img2img import ImageConditioning
+
+        a = self.assets
+
+        def encode(image: np.ndarray) -> np.ndarray:
+            return self._run(timings, "vae_encoder", {"sample": image})["latent_parameters"]
+
+        return ImageConditioning(plan.image_inputs, plan.noise, self.scheduler, plan.steps, plan.cfg, encode, a.scaling_factor,
+                                 a.latents_mean, a.latents_std, int(self.unet.input("sample").dims[1]))
 
     def unscale_latents(self, latents: np.ndarray) -> np.ndarray:
         """Latents back to the VAE's space (Rombach et al. 2022's scaling factor, SDXL's 0.13025)."""

@@ -54,6 +54,13 @@ PIPELINE_INPUTS = (  # name, Triton type, optional
     ("width", "TYPE_INT32", True),
     ("scheduler", "TYPE_STRING", True),  # a sampler.schedulers name; absent: the model's own
 )
+IMAGE_INPUTS = (  # img2img / inpainting (sampler/img2img.py), all optional: name, Triton type, dims
+    ("image", "TYPE_UINT8", (-1, -1, 3)),  # RGB pixels [H, W, 3]
+    ("mask", "TYPE_UINT8", (-1, -1)),  # [H, W], white = repaint
+    ("image_png", "TYPE_STRING", (1,)),  # or the image / mask as PNG (or JPEG) file bytes
+    ("mask_png", "TYPE_STRING", (1,)),
+    ("strength", "TYPE_FP32", (1,)),
+)
 CHUNK = 4 << 20
 FLAVOURS = ("production", "python")
 PYTHON_RUNTIMES = ("onnxruntime", "openvino")  # what the python flavour runs ONNX components on
@@ -110,6 +117,7 @@ def component_config(model: str, spec: ComponentSpec, platform: str, max_batch: 
 def pipeline_config(model: str, instances: int, note: str) -> str:
     """config.pbtxt of the Python-backend model: one prompt per request, image [H, W, 3] uint8 out."""
     inputs = [_tensor_block(TritonTensor(n, t, (1,), None), optional=o) for n, t, o in PIPELINE_INPUTS]
+    inputs += [_tensor_block(TritonTensor(n, t, d, None), optional=True) for n, t, d in IMAGE_INPUTS]
     outputs = [_tensor_block(TritonTensor("image", "TYPE_UINT8", (-1, -1, 3), None))]
     return "\n".join([f"# {note}", f"name: {_q(model)}", 'backend: "python"', "max_batch_size: 0",
                       _list("input", inputs), _list("output", outputs),

@@ -82,3 +82,25 @@ def tiny_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    "--height", "128", "--width", "128")
     assert code == 0, stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_artifacts(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random:tiny with its VAE encoder (img2img, inpainting): the session export plus an export of the
+    encoder alone, joined in one folder (hard links; the encoder's export takes seconds)."""
+    from tests.img_helpers import add_components
+
+    base = tmp_path_factory.mktemp("encoder")
+    code, _, stderr = run_cli("export", "--model", "random:tiny", "--out", base / "enc", "-c", "vae_encoder")
+    assert code == 0, stderr
+    return add_components(tiny_artifacts, base / "enc", base / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random:tiny-inpaint (a 9-channel inpainting U-Net), every component, exported at 128 px (64..256)."""
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-inpaint"
+    code, _, stderr = run_cli("export", "--model", "random:tiny-inpaint", "--out", out, "--height", "128", "--width", "128",
+                              "-c", "text_encoder,text_encoder_2,unet,vae_decoder,vae_encoder")
+    assert code == 0, stderr
+    return out

@@ -16,7 +16,7 @@ CASES = [
      "Error: model '{T}/nothing' not found: not a folder, not a hub id, not a preset (try random:tiny)"),
     ("unknown-preset", ["inspect", "random:nosuch"], 2,
      "Error: unknown preset 'random:nosuch'; built-in presets: random:koala-700m, random:koala-1b, "
-     "random:koala-lightning-700m, random:sdxl-base, random:tiny, random:tiny-sdxl"),
+     "random:koala-lightning-700m, random:sdxl-base, random:tiny, random:tiny-sdxl, random:tiny-inpaint"),
     ("a-file", ["inspect", "{FILE}"], 2, "Error: model path {FILE} is not a folder"),
     ("empty-folder", ["inspect", "{EMPTY}"], 2, "Error: {EMPTY} is not a diffusers model folder (no model_index.json)"),
     ("manifest-invalid-json", ["inspect", "{BADJSON}"], 2,

@@ -96,8 +96,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 @pytest.fixture(scope="module")
-def server(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_serve(["--artifacts", str(tiny_artifacts), "--instances", "2"], tmp_path_factory.mktemp("serve") / "server.log") as srv:
+def server(tiny_encoder_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """random:tiny with its VAE encoder (img2img): the text-to-image networks are tiny_artifacts' own."""
+    with running_serve(["--artifacts", str(tiny_encoder_artifacts), "--instances", "2"], tmp_path_factory.mktemp("serve") / "server.log") as srv:
         yield srv
 
 
@@ -170,7 +171,8 @@ def test_health_and_metrics_endpoints(server: Server) -> None:
         meta = client.get_model_metadata("koala")
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
         "prompt": "BYTES", "negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance": "FP32",
-        "height": "INT32", "width": "INT32", "scheduler": "BYTES"}
+        "height": "INT32", "width": "INT32", "scheduler": "BYTES", "image": "UINT8", "mask": "UINT8", "image_png": "BYTES",
+        "mask_png": "BYTES", "strength": "FP32"}
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [("image", "UINT8", [-1, -1, 3])]
 
 
@@ -205,6 +207,30 @@ def test_grpc_image_equals_generate_with_negative_prompt(server: Server, tiny_ar
     assert not np.array_equal(other, expected)  # the comparison can fail: another seed, another image
 
 
+def test_img2img_and_inpainting_equal_generate(server: Server, tiny_encoder_artifacts: Path, tmp_path: Path) -> None:
+    """img2img from pixels, inpainting from PNG bytes: the images `generate --image [--mask]` writes."""
+    import tritonclient.http as th
+
+    from tests.img_helpers import picture, square_mask
+
+    picture().save(tmp_path / "in.png")
+    square_mask().save(tmp_path / "mask.png")
+    pixels = request(seed=5)
+    pixels.update(image=(np.asarray(picture()), "UINT8"), strength=(np.array([0.7], np.float32), "FP32"))
+    png = request(seed=5)
+    png.update(image_png=(np.array([(tmp_path / "in.png").read_bytes()], dtype=np.object_), "BYTES"),
+               mask_png=(np.array([(tmp_path / "mask.png").read_bytes()], dtype=np.object_), "BYTES"),
+               strength=(np.array([0.7], np.float32), "FP32"))
+    with http_client(server) as client:
+        img2img = client.infer("koala", inputs(th, **pixels)).as_numpy("image")
+        inpaint = client.infer("koala", inputs(th, **png)).as_numpy("image")
+    image = ("--image", str(tmp_path / "in.png"), "--strength", "0.7")
+    assert np.array_equal(img2img, generated(tiny_encoder_artifacts, tmp_path / "a.png", "a koala in a tree", 5, "", *image))
+    assert np.array_equal(inpaint, generated(tiny_encoder_artifacts, tmp_path / "b.png", "a koala in a tree", 5, "", *image,
+                                             "--mask", str(tmp_path / "mask.png")))
+    assert not np.array_equal(img2img, inpaint)
+
+
 @pytest.mark.parametrize("case,expected", [
     ("missing prompt", "prompt"),
     ("steps 0", "--steps must be between 1 and 1000 (got 0)"),
@@ -223,6 +249,9 @@ def test_grpc_image_equals_generate_with_negative_prompt(server: Server, tiny_ar
     ("prompt not UTF-8", "prompt: not UTF-8 text"),
     ("seed -1", "--seed must be >= 0 (got -1)"),
     ("scheduler dpm++", "unknown scheduler 'dpm++'; known: euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, lcm"),
+    ("strength 0", "--strength must be in (0, 1] (got 0.0)"),
+    ("image_png not an image", "--image: the image bytes is not an image; expected a PNG or JPEG"),
+    ("mask of another size", "--mask is 96x64 px but --image is 128x128 px; give a mask of the image's size"),
 ])
 def test_bad_request_gets_400_and_the_server_keeps_serving(server: Server, case: str, expected: str) -> None:
     import tritonclient.http as th
@@ -245,7 +274,7 @@ def test_bad_request_gets_400_and_the_server_keeps_serving(server: Server, case:
         r["prompt"] = (np.array([7], np.int32), "INT32")
     elif case == "two seeds":
         r["seed"] = (np.array([1, 2], np.int64), "INT64")
-    elif case == "unknown input":  # no input names a file: the interface is the eight inputs above
+    elif case == "unknown input":  # no input names a file: the interface is the inputs declared above
         r["artifacts"] = (np.array([b"/etc/passwd"], dtype=np.object_), "BYTES")
     elif case == "prompt not UTF-8":
         r["prompt"] = (np.array([b"\xff\xfe koala"], dtype=np.object_), "BYTES")
@@ -253,6 +282,12 @@ def test_bad_request_gets_400_and_the_server_keeps_serving(server: Server, case:
         r["seed"] = (np.array([-1], np.int64), "INT64")
     elif case == "scheduler dpm++":
         r["scheduler"] = (np.array([b"dpm++"], dtype=np.object_), "BYTES")
+    elif case in ("strength 0", "mask of another size"):
+        r["image"] = (np.full((SIZE, SIZE, 3), 128, np.uint8), "UINT8")
+        r["strength" if case == "strength 0" else "mask"] = ((np.array([0.0], np.float32), "FP32") if case == "strength 0"
+                                                             else (np.zeros((64, 96), np.uint8), "UINT8"))
+    elif case == "image_png not an image":
+        r["image_png"] = (np.array([b"GIF? no"], dtype=np.object_), "BYTES")
     with http_client(server) as client:
         with pytest.raises(InferenceServerException) as e:
             client.infer("koala", inputs(th, **r))

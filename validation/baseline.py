@@ -25,7 +25,7 @@ from validation.results import Check, Measured
 FORMAT = "koala-trt-validate-baseline/1"
 DEFAULT_MARGIN = 0.5
 FLOOR = 0.01  # of the tolerance, in error units
-SETTINGS = ("height", "width", "steps", "prompts", "seed", "random_samples", "vae_tile", "scheduler")  # vae_tile, scheduler: None in older baselines
+SETTINGS = ("height", "width", "steps", "prompts", "seed", "random_samples", "vae_tile", "scheduler", "image")  # vae_tile, scheduler, image: None in older baselines
 
 
 def to_error(metric: str, value: float) -> float:

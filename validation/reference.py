@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -104,20 +104,51 @@ def step_noise(seed: int, batch: int, shape: tuple[int, ...]) -> Iterator[None]:
             m.randn_tensor = f  # type: ignore[attr-defined]
 
 
-def load_pipeline(source: Any) -> Any:
-    pipe = source.pipeline()
+@contextmanager
+def image_noise(pipe: Any, noise: np.ndarray) -> Iterator[None]:
+    """While active, diffusers' img2img / inpainting pipeline `pipe` takes the VAE posterior's mean
+    (retrieve_latents(..., sample_mode="argmax")) and `noise` where it draws its noise, as the sampler
+    does (sampler/img2img.py): both run on identical tensors."""
+    import sys
+
+    import torch
+
+    mod = sys.modules[type(pipe).__module__]
+    saved = mod.randn_tensor, mod.retrieve_latents
+
+    def randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None) -> Any:
+        if tuple(shape) != noise.shape:
+            raise ValueError(f"the pipeline draws noise of shape {tuple(shape)}, the candidate's is {noise.shape}")
+        return torch.from_numpy(noise.copy()).to(dtype or torch.float32)
+
+    def mean(encoder_output: Any, generator: Any = None, sample_mode: str = "sample") -> Any:
+        return saved[1](encoder_output, generator, sample_mode="argmax")
+
+    mod.randn_tensor, mod.retrieve_latents = randn, mean
+    try:
+        yield
+    finally:
+        mod.randn_tensor, mod.retrieve_latents = saved
+
+
+def load_pipeline(source: Any, task: str = "text2img") -> Any:
+    """The reference pipeline: text2img, img2img or inpaint (exporter.sources.ModelSource.pipeline)."""
+    pipe = source.pipeline(task)
     pipe.watermark = None  # no invisible watermark on the reference images
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], steps: int, guidance: float,
-                     height: int, width: int, scheduler: str | None = None) -> Trajectories:
+                     height: int, width: int, scheduler: str | None = None,
+                     image_inputs: Mapping[str, Any] | None = None) -> Trajectories:
     """Run the pipeline once per prompt (CFG with SDXL's zero negative embeddings, as the sampler),
     recording the U-Net's inputs and the latents after the last scheduler step. Prompts are encoded
     in chunks of 77 tokens by the pipeline's own encoders, as the sampler encodes them. `scheduler`
     (a sampler.schedulers name; None: the model's own) is the diffusers scheduler of that name; the
-    stochastic ones get prompt i's step noise of seed i (the candidate's, end_to_end.candidate_run)."""
+    stochastic ones get prompt i's step noise of seed i (the candidate's, end_to_end.candidate_run).
+    `image_inputs` (image, mask_image, strength; `pipe` an img2img or inpainting pipeline): the noise
+    is added to the image's latents (image_noise) instead of being the initial latents."""
     import torch
 
     from calibration.capture import UNetRecorder
@@ -136,10 +167,15 @@ def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], ste
 
     try:
         for i, (prompt, n) in enumerate(zip(prompts, noise)):
-            with torch.no_grad(), step_noise(i, n.shape[0], n.shape[1:]):
-                res = pipe(**pipeline_embeds(pipe, prompt), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                           latents=torch.from_numpy(n.copy()), output_type="np", callback_on_step_end=on_step_end,
-                           callback_on_step_end_tensor_inputs=["latents"])
+            if image_inputs:  # img2img takes its size from the image; inpainting is given it
+                start = {k: v for k, v in image_inputs.items() if v is not None}
+                start.update({"height": height, "width": width} if image_inputs.get("mask_image") is not None else {})
+                noising = image_noise(pipe, n)
+            else:
+                start, noising = {"height": height, "width": width, "latents": torch.from_numpy(n.copy())}, nullcontext()
+            with torch.no_grad(), step_noise(i, n.shape[0], n.shape[1:]), noising:
+                res = pipe(**pipeline_embeds(pipe, prompt), **start, num_inference_steps=steps, guidance_scale=guidance,
+                           output_type="np", callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
             out.latents.append(final.pop("latents"))
             out.images.append(np.asarray(res.images, dtype=np.float32))
     finally:

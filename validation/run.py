@@ -39,12 +39,26 @@ class ValidateOptions:
     cpu_precision: str | None = None  # --backend openvino: auto, fp32 or bf16
     vae_tile: int | None = None  # end to end: decode in tiles of this many pixels (the sampler's --vae-tile)
     scheduler: str | None = None  # a sampler.schedulers name for the trajectories and end to end; None: the model's own
+    image_inputs: dict[str, Any] | None = None  # img2img / inpainting (image, mask_image, strength): trajectories and end to end
     verbose: bool = False
 
 
 def settings(opts: ValidateOptions, height: int, width: int) -> dict[str, Any]:
     return {"height": height, "width": width, "steps": opts.steps, "prompts": list(opts.prompts), "seed": opts.seed,
-            "random_samples": opts.random_samples, "vae_tile": opts.vae_tile, "scheduler": opts.scheduler}
+            "random_samples": opts.random_samples, "vae_tile": opts.vae_tile, "scheduler": opts.scheduler,
+            "image": _image_digest(opts.image_inputs)}
+
+
+def _image_digest(given: dict[str, Any] | None) -> dict[str, Any] | None:
+    """img2img / inpainting settings as a baseline compares them: the pixels' sha256, the strength."""
+    if not given or given.get("image") is None:
+        return None
+    import hashlib
+
+    def sha(img: Any) -> str | None:
+        return None if img is None else hashlib.sha256(img.convert("RGB").tobytes() + repr(img.size).encode()).hexdigest()
+
+    return {"image_sha256": sha(given["image"]), "mask_sha256": sha(given.get("mask_image")), "strength": given.get("strength")}
 
 
 def default_size(artifacts: Path, height: int | None, width: int | None) -> tuple[int, int]:
@@ -110,6 +124,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     ranges = {c: backend.shape_range(c) for c in comps}
     precisions = {c: backend.run_precision(c, p) for c, p in precisions.items()}  # openvino's BF16 gets BF16 limits
     try:
+        image_inputs = _image_inputs(opts.image_inputs, height, width)
         pipeline.check_size(comps, height, width)
         if "unet" in comps:  # every prompt within the U-Net's sequence range, before the reference runs
             from sampler.loop import check_prompt_range
@@ -122,7 +137,10 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             from sampler.loop import Request
 
             sampler.plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
-                                 height=height, width=width, vae_tile=opts.vae_tile, scheduler=opts.scheduler))
+                                 height=height, width=width, vae_tile=opts.vae_tile, scheduler=opts.scheduler, **image_inputs))
+        elif "unet" in comps and image_inputs.get("mask_image") is None and specs["unet"].input("sample").dims[1] != 4:
+            raise UsageError(f"the U-Net takes {specs['unet'].input('sample').dims[1]} input channels (an inpainting U-Net): "
+                             "its reference trajectories need --image and --mask")
     except BaseException:
         backend.close()
         raise
@@ -131,7 +149,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     try:
         # ----- the PyTorch reference -------------------------------------------------------------
         t0 = time.perf_counter()
-        pipe = load_pipeline(source)
+        pipe = load_pipeline(source, "text2img" if not image_inputs else "inpaint" if image_inputs.get("mask_image") is not None else "img2img")
         reference = PipelineBackend(pipe, manifest.specs())
         log(f"reference: PyTorch pipeline of {source.ref} built in {time.perf_counter() - t0:.1f} s")
         unet_spec = manifest.spec("unet") if "unet" in manifest.components else None
@@ -140,10 +158,11 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             if unet_spec is None:
                 raise UsageError(f"{opts.artifacts} has no unet: the prompt inputs of the U-Net and VAE come from its trajectories")
             f = unet_spec.latent_factor
-            shape = (int(unet_spec.input("sample").dims[1]), height // f, width // f)
+            shape = (int(unet_spec.outputs[0].dims[1]), height // f, width // f)  # the latents' channels (an inpainting U-Net takes 9)
             noise = [initial_noise(opts.seed + i, 1, shape) for i in range(len(opts.prompts))]
             t0 = time.perf_counter()
-            traj = run_trajectories(pipe, opts.prompts, noise, opts.steps, source.sampler.guidance, height, width, opts.scheduler)
+            traj = run_trajectories(pipe, opts.prompts, noise, opts.steps, source.sampler.guidance, height, width, opts.scheduler,
+                                    image_inputs)
             log(f"reference: {len(opts.prompts)} prompts x {opts.steps} steps at {width}x{height} in "
                 f"{time.perf_counter() - t0:.1f} s")
 
@@ -197,7 +216,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                         + (f", VAE decoded in {opts.vae_tile} px tiles" if opts.vae_tile else ""),
                         limits=limits_for(END_TO_END, e2e_prec, opts.overrides))
             latents, images, secs = candidate_run(sampler, traj, opts.steps, source.sampler.guidance, height, width, log,
-                                                 vae_tile=opts.vae_tile, scheduler=opts.scheduler)
+                                                 vae_tile=opts.vae_tile, scheduler=opts.scheduler, image_inputs=image_inputs)
             measure(chk, traj, latents, images)
             chk.seconds = {opts.backend: round(secs, 3)}
             checks.append(chk)
@@ -216,6 +235,30 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
         "checks": [c.to_json() for c in checks], "_checks": checks,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _image_inputs(given: dict[str, Any] | None, height: int, width: int) -> dict[str, Any]:
+    """--image/--mask opened and resized to the run's size (Lanczos, as both pipelines would), so the
+    reference and the sampler start from the same pixels; {} without an image."""
+    if not given or given.get("image") is None:
+        return {}
+    from PIL import Image
+
+    from sampler.img2img import check_strength, open_image, to_rgb
+
+    def sized(img: Any) -> Any:
+        return img if img.size == (width, height) else img.resize((width, height), resample=Image.Resampling.LANCZOS)
+
+    image = to_rgb(open_image(given["image"], "--image"))
+    mask = given.get("mask_image")
+    if mask is not None:
+        mask = open_image(mask, "--mask")
+        if mask.size != image.size:
+            raise UsageError(f"--mask is {mask.width}x{mask.height} px but --image is {image.width}x{image.height} px; give a mask of the image's size")
+        mask = sized(mask.convert("L"))
+    strength = given.get("strength")
+    return {"image": sized(image), "mask_image": mask,
+            "strength": check_strength(strength) if strength is not None else (0.9999 if mask is not None else 0.3)}
 
 
 def finish(report: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
+from koala_trt.commands.image_options import image_args as image_args_of, image_options
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_core.errors import UsageError
@@ -64,6 +65,7 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--batch", type=POSITIVE, help="Images to generate [default: 1, or the --latents batch].")
 @click.option("--latents", type=click.Path(path_type=Path),
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
+@image_options()
 @vae_tile_option()
 @scheduler_option()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
@@ -75,7 +77,8 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
-                 width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, scheduler: str | None, out: Path, threads: int | None,
+                 width: int | None, batch: int | None, latents: Path | None, image: Path | None, strength: float | None,
+                 mask: Path | None, vae_tile: int | None, scheduler: str | None, out: Path, threads: int | None,
                  cpu_precision: str | None,
                  no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, the scheduler's loop with CFG, VAE decode, PNG).
@@ -85,7 +88,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     import secrets
 
     from sampler.api import Pipeline
-    from sampler.loop import output_paths, save_pngs
+    from sampler.loop import SAMPLER_COMPONENTS, output_paths, save_pngs
     from sampler.pipeline import open_pipeline
 
     started = time.perf_counter()
@@ -96,9 +99,19 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
+    image_args = image_args_of(image, mask, strength)
     check_backend_sources(backend, artifacts, model, engines)
+    manifest = None
+    if image_args and artifacts is not None:  # the encoder's files are verified with the others
+        from exporter.manifest import load_manifest
+        from sampler.img2img import no_encoder
+
+        manifest = load_manifest(artifacts)
+        if "vae_encoder" not in manifest.view.components and (backend != "tensorrt" or engines is None):
+            raise no_encoder(f"{artifacts} ({manifest.view.source.model})")
     opened = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                           full_hash=not no_verify, log=log)
+                           full_hash=not no_verify, log=log, manifest=manifest,
+                           components=(*SAMPLER_COMPONENTS, *(("vae_encoder",) if manifest is not None and "vae_encoder" in manifest.view.components else ())))
     manifest, runtime, verify_s = opened.manifest, opened.backend, opened.verify_seconds
     pipe = Pipeline.from_opened(opened, warn=lambda m: log(f"warning: {m}"))  # the Python API's one path to an image
     sampler = pipe.sampler
@@ -109,21 +122,24 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
             seed = secrets.randbelow(2**31)
         [plan] = pipe.plan(pipe.requests(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                                          seed=seed if seed is not None else 0, height=height, width=width,
-                                         num_images_per_prompt=batch, latents=lat, vae_tile=vae_tile, scheduler=scheduler))
+                                         num_images_per_prompt=batch, latents=lat, vae_tile=vae_tile, scheduler=scheduler,
+                                         **image_args))
         paths = output_paths(out, plan.batch)
         log(f"{backend}: {plan.batch} image(s) {plan.width}x{plan.height}, {plan.steps} steps, guidance {plan.guidance:g}"
             + ("" if plan.cfg else " (no CFG)") + (f", seed {plan.seed}" if plan.seed is not None else f", latents {latents}")
+            + (f", {'inpainting' if mask else 'img2img'} from {image} at strength {plan.image_inputs.strength:g}" if image else "")
             + f", scheduler {scheduler or 'euler'} ({sampler.scheduler.timestep_spacing} spacing)"
             + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else ""))
         # ----- load, then run ---------------------------------------------------------------------
-        load_ms = 1e3 * pipe.load()
+        load_ms = 1e3 * pipe.load([plan])
         backend_desc = runtime.describe()
         result = pipe.run([plan], output_type="np", progress=not no_progress)
         images, timings = result.images, result.timings
         t0 = time.perf_counter()
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": str(plan.steps), "guidance": f"{plan.guidance:g}",
                 "seed": str(plan.seed) if plan.seed is not None else f"latents:{latents}", "backend": backend_desc,
-                "software": "koala-trt generate"}
+                "software": "koala-trt generate",
+                **({"image": str(image), "strength": f"{plan.image_inputs.strength:g}"} if image else {}), **({"mask": str(mask)} if mask else {})}
         save_pngs(images, paths, meta)
         png_ms = 1e3 * (time.perf_counter() - t0)
     finally:
@@ -132,6 +148,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     if as_json:
         print_json({"images": [str(p) for p in paths], "backend": backend_desc, "prompt": prompt, "negative_prompt": negative_prompt,
                     "seed": plan.seed, "latents": str(latents) if latents else None, "steps": plan.steps, "guidance": plan.guidance,
+                    "image": str(image) if image else None, "mask": str(mask) if mask else None,
+                    "strength": plan.image_inputs.strength if plan.image_inputs is not None else None,
                     "height": plan.height, "width": plan.width, "batch": plan.batch, "vae_tile": plan.vae_tile,
                     "scheduler": {"name": scheduler or "euler", "timestep_spacing": sampler.scheduler.timestep_spacing, "timesteps": [float(t) for t in sampler.scheduler.timesteps]},  # type: ignore[union-attr]
                     "timings": {**summary, "load_ms": load_ms, "png_ms": png_ms, "verify_ms": 1e3 * verify_s,

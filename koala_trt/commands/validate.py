@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from koala_trt.commands.aid_options import check_vae_tile
+from koala_trt.commands.image_options import image_args, image_options
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_out_file, cpu_precision_option, components_option, log, print_json, table
 from koala_core.errors import CheckFailed, UsageError
@@ -62,6 +63,7 @@ def _read_prompts(path: Path | None) -> list[str]:
 @cpu_precision_option()
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256.")
 @scheduler_option()
+@image_options()
 @click.option("--verbose", is_flag=True, help="Polygraphy's comparison log on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the table.")
 def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str | None, components: tuple[str, ...],
@@ -69,7 +71,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
                  tolerances: tuple[str, ...], no_end_to_end: bool, report: Path | None, junit: Path | None,
                  markdown: Path | None, save_baseline: Path | None, baseline: Path | None, baseline_margin: float | None,
                  threads: int | None, cpu_precision: str | None, no_verify: bool, verbose: bool, as_json: bool,
-                 vae_tile: int | None, scheduler: str | None) -> None:
+                 vae_tile: int | None, scheduler: str | None, image: Path | None, strength: float | None, mask: Path | None) -> None:
     """Check that an artifact still computes what the PyTorch model computes.
 
     Per component, on random inputs and on inputs from real prompts, at the artifact's real size:
@@ -94,6 +96,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
         raise UsageError("--baseline-margin needs --baseline and a value >= 0")
     check_vae_tile(vae_tile)
     check_scheduler(scheduler)
+    image_inputs = image_args(image, mask, strength)
     if vae_tile is not None and no_end_to_end:
         raise UsageError("--vae-tile is for the end-to-end run; drop --no-end-to-end")
     if not Path(artifacts).is_dir():
@@ -105,7 +108,8 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     opts = ValidateOptions(artifacts=artifacts, backend=backend, model=model, engines=engines, components=names, height=height,
                            width=width, steps=steps, prompts=_read_prompts(prompts), seed=seed, random_samples=random_samples,
                            overrides=overrides, end_to_end=not no_end_to_end, verify=not no_verify, threads=threads,
-                           cpu_precision=cpu_precision, verbose=verbose, vae_tile=vae_tile, scheduler=scheduler)
+                           cpu_precision=cpu_precision, verbose=verbose, vae_tile=vae_tile, scheduler=scheduler,
+                           image_inputs=image_inputs or None)
     if base is not None:  # before anything runs: a baseline compares only with a run on the same inputs
         assert baseline is not None
         h, w = default_size(artifacts, height, width)

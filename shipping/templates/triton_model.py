@@ -64,7 +64,8 @@ def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.nd
     """koala-trt's Python API (sampler/api.py, the one path from a request to an image) over
     `backend`, configured from the artifacts manifest in `pipeline_dir`: a function
     (prompt, **inputs) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). The inputs are
-    this model's: negative_prompt, seed, steps, guidance, height, width, scheduler (INPUT_NAMES).
+    this model's: negative_prompt, seed, steps, guidance, height, width, scheduler, image, mask_image,
+    strength (INPUT_NAMES maps the served names to the API's).
 
     This is the one place that names the sampler's API."""
     from exporter.manifest import load_manifest
@@ -130,6 +131,27 @@ def _scalar(request, name: str, kind):
     return kind(v)
 
 
+def _image_inputs(request) -> dict:
+    """img2img / inpainting inputs as sampler.loop.Request's fields: `image` (uint8 [H, W, 3]) or
+    `image_png` (file bytes), `mask` ([H, W]) or `mask_png`, `strength`; checked by the sampler."""
+    out = {}
+    for field, pixels, encoded in (("image", "image", "image_png"), ("mask_image", "mask", "mask_png")):
+        a, b = pb_utils.get_input_tensor_by_name(request, pixels), pb_utils.get_input_tensor_by_name(request, encoded)
+        if a is not None and b is not None:
+            raise BadRequest(f"{pixels}: pass {pixels} (pixels) or {encoded} (file bytes), not both")
+        if a is not None:
+            out[field] = np.ascontiguousarray(a.as_numpy())
+        elif b is not None:
+            v = b.as_numpy().reshape(-1)
+            if v.size != 1:
+                raise BadRequest(f"{encoded}: one file per request (got shape {list(b.as_numpy().shape)})")
+            out[field] = bytes(v[0]) if isinstance(v[0], (bytes, bytearray)) else str(v[0]).encode()
+    strength = _scalar(request, "strength", float)
+    if strength is not None:
+        out["strength"] = strength
+    return out
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         from exporter.manifest import load_manifest
@@ -167,6 +189,7 @@ class TritonPythonModel:
                     "width": _scalar(request, "width", int),
                     "scheduler": _scalar(request, "scheduler", str),
                 }.items() if v is not None}
+                kwargs.update(_image_inputs(request))
                 prompt = _scalar(request, "prompt", str)
                 if prompt is None:
                     raise BadRequest("prompt: required input missing")

@@ -137,6 +137,10 @@ def open_backend(name: str, artifacts: Path | None = None, engines: Path | None 
             raise UsageError("--backend tensorrt needs --engines DIR (a `koala-trt build` folder)")
         if not Path(engines).is_dir():
             raise UsageError(f"engines folder {engines} does not exist")
+        from engines.engine_set import is_engine_set, resolve_engines
+
+        if is_engine_set(engines):  # an engine set: the folder of the card that runs here (says which)
+            engines = resolve_engines(engines, log=lambda m: print(m, file=__import__("sys").stderr))
         try:
             from runtime.tensorrt_backend import TensorRTBackend
 

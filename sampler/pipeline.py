@@ -66,6 +66,10 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
         from koala_core.machine import resolve_cpu_precision
 
         resolve_cpu_precision(cpu_precision)  # bf16 on a CPU without it fails before any file is read
+    if backend == "tensorrt" and engines is not None:  # an engine set: the folder of the card that runs here
+        from engines.engine_set import resolve_engines
+
+        engines = resolve_engines(engines, log=log or _log_stderr)
     if manifest is None and artifacts is not None:
         manifest = load_manifest(artifacts)
     if backend == "torch" and model is None and model_from_artifacts:
@@ -110,6 +114,12 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
         runtime.close()
         raise
     return Pipeline(runtime, assets, manifest, checked, verify_s, model)
+
+
+def _log_stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
 
 
 def _report_adapters(engines: Path, manifest: Manifest, log: Callable[[str], None]) -> None:

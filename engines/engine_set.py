@@ -30,6 +30,7 @@ from engines.cuda import DeviceInfo
 from engines.engines_record import Compat, EnginesRecord, safe_relpath
 from engines.libraries import LIBRARIES
 from engines.profile import GIB, GpuProfile, builtin_names, load_profile
+from exporter.manifest import sha256_file
 from koala_core import __version__
 from koala_core.errors import KoalaError, UsageError
 
@@ -117,14 +118,6 @@ def manifest_key(data: dict[str, Any]) -> str:
              for n, e in data.get("engines", {}).items()}
     lib = data.get("library") or {}
     return _key(lib.get("name"), lib.get("version"), data.get("flags"), data.get("profile"), comps)
-
-
-def _sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while b := f.read(4 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 # ----- the index ---------------------------------------------------------------------------------
@@ -274,7 +267,7 @@ def card_problem(root: Path, card: Card, full: bool = False) -> str | None:
             return f"{rel} is missing"
         if p.stat().st_size != meta["bytes"]:
             return f"{rel} has {p.stat().st_size} bytes, the index says {meta['bytes']}"
-        if (full or i == 0) and _sha256_file(p) != meta["sha256"]:
+        if (full or i == 0) and sha256_file(p) != meta["sha256"]:
             return f"{rel} does not match its sha256"
     return None
 

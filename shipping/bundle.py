@@ -182,40 +182,17 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True,
                          f"{es.INDEX})")
     if engines is not None and es.is_engine_set(engines):
         return _plan_set_bundle(artifacts, Path(engines), graphs, cards)
-    m = load_manifest(artifacts)
-    view = m.view
-    files = view.files
-    if not files:
-        raise UsageError(f"{artifacts}/{MANIFEST} lists no files; re-export the folder")
-    manifest_raw = (artifacts / MANIFEST).read_bytes()
-    items = [_Item(MANIFEST, artifacts / MANIFEST, _sha256_bytes(manifest_raw), len(manifest_raw))]
-
     info = load_engines_manifest(engines).record if engines is not None else None
     engines_raw = (engines / ENGINES_MANIFEST_NAME).read_bytes() if engines is not None else b""  # copied verbatim
+    if not graphs and info is None:
+        raise UsageError("--no-graphs needs --engines: without engines the graphs are what runs")
+    m, items, omitted = _artifact_items(artifacts, list(info.engines) if info is not None and not graphs else [])
+    view = m.view
     if info is not None:
         unknown = [c for c in info.engines if c not in m.components]
         if unknown:
             raise UsageError(f"{engines} has engines for {', '.join(unknown)}, which {artifacts} does not hold: "
                              "pack engines with the artifacts they were built from")
-    omitted: list[str] = []
-    if not graphs:
-        if info is None:
-            raise UsageError("--no-graphs needs --engines: without engines the graphs are what runs")
-        for comp in info.engines:
-            omitted += _graph_files(files, m.record(comp).file)
-
-    for rel, meta in files.items():
-        if not safe_relpath(rel) or rel in (BUNDLE_MANIFEST, MANIFEST) or rel.split("/")[0] == ENGINES_DIR:
-            raise UsageError(f"{artifacts}/{MANIFEST} lists {rel!r}, which cannot go into a bundle "
-                             f"(unsafe path, or a name the bundle reserves: {BUNDLE_MANIFEST}, {ENGINES_DIR}/)")
-        if rel in omitted:
-            continue
-        p = artifacts / rel
-        if not p.is_file():
-            raise UsageError(f"{artifacts} is incomplete: {rel} (listed in {MANIFEST}) is missing")
-        if p.stat().st_size != meta.bytes:
-            raise UsageError(f"{artifacts}/{rel} has {p.stat().st_size} bytes, {MANIFEST} says {meta.bytes} (changed or corrupt)")
-        items.append(_Item(rel, p, meta.sha256, meta.bytes))
 
     comps: dict[str, dict[str, Any]] = {}
     for name in m.components:

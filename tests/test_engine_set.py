@@ -315,3 +315,17 @@ def test_pack_verify_unpack_a_set(tiny_artifacts: Path, tiny_rtx_set: Path, tmp_
     assert (code, last_error(err)) == (2, f"Error: --card rtx5090: the engine set {tiny_rtx_set} has rtx2080ti, rtx3060ti, "
                                           "rtx4090")
     assert not (tmp_path / "x.tar.gz").exists()
+
+
+def test_auto_plans_every_card(tiny_artifacts: Path, tiny_fp16_gemm: Path, tmp_path: Path) -> None:
+    """--auto: the planner's choice is made per card (and the card's process builds with it; the index
+    records the aids and auto). random:tiny fits every card with the profile's own settings."""
+    args = [a for a in build_args(tiny_artifacts, tiny_fp16_gemm, tmp_path / "set", "rtx3060ti,rtx2080ti")
+            if a != "--no-estimate"]
+    code, out, err = run_cli(*args, "--auto", "--dry-run", "--json")
+    assert code == 0, err
+    for card in ("rtx3060ti", "rtx2080ti"):
+        assert f"[{card}] --auto: the profile's own settings (margin +" in err
+    d = json.loads(out)["cards"]
+    assert list(d) == ["rtx3060ti", "rtx2080ti"] and all(v["action"] == "build" for v in d.values())
+    assert not (tmp_path / "set").exists()

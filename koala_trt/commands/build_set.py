@@ -25,7 +25,7 @@ CHILD = "import sys; from koala_trt.cli import main; sys.exit(main(sys.argv[1:])
 @dataclass
 class CardJob:
     name: str
-    ref: str  # as --profile named it (a built-in name or a .toml path)
+    ref: str  # the child's --profile: a built-in name, or the .toml file's path
     plan: Any  # engines.buildplan.BuildPlan
     key: str
     action: str = "build"  # build | skip
@@ -83,20 +83,17 @@ def build_set(profile_ref: str, onnx_dirs: tuple[Path, ...], out: Path, options:
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1 (got {jobs})")
     profiles = es.parse_cards(profile_ref, options.get("library"))
-    refs = {p.name: r for p, r in zip(profiles, _refs(profile_ref))}
     out = Path(out)
     old: dict[str, Any] = {}
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"--out {out} is a file; give a folder name")
         if es.is_engine_set(out):
-            if not force:
+            try:
                 old = es.load_set(out).cards
-            else:
-                try:
-                    old = es.load_set(out).cards
-                except KoalaError:
-                    old = {}
+            except KoalaError:  # a corrupt index: refused, unless --force rebuilds every card listed
+                if not force:
+                    raise
         elif (out / "manifest.json").is_file():
             raise UsageError(f"{out} is the engines folder of one card (manifest.json), not an engine set; choose another "
                              "--out (or remove it)")
@@ -121,7 +118,7 @@ def build_set(profile_ref: str, onnx_dirs: tuple[Path, ...], out: Path, options:
         else:
             plan = make_build_plan(list(onnx_dirs), p, card_out, comps, version, estimate=not options.get("no_estimate")
                                    and dry_run)
-        job = CardJob(p.name, refs[p.name], plan, es.plan_key(plan))
+        job = CardJob(p.name, p.name if p.source == "builtin" else p.source, plan, es.plan_key(plan))
         prev = old.get(p.name)
         if force:
             job.why = "--force"
@@ -188,12 +185,6 @@ def build_set(profile_ref: str, onnx_dirs: tuple[Path, ...], out: Path, options:
         raise KoalaError("; ".join(f"card {j.name} failed (exit {j.returncode}): {(j.tail or ['no output'])[-1]}"
                                    for j in failed) + (f"; the other cards were built and indexed in {out / es.INDEX}"
                                                        if entries else ""))
-
-
-def _refs(profile_ref: str) -> list[str]:
-    from engines.engine_set import ALL_RTX, all_rtx
-
-    return [c for n in (x.strip() for x in profile_ref.split(",")) for c in (all_rtx() if n == ALL_RTX else [n])]
 
 
 def _manifest(folder: Path) -> dict[str, Any]:

@@ -89,6 +89,18 @@ def test_the_index_lists_every_card(tiny_rtx_set: Path) -> None:
     assert all(r["mib"] > 0 and r["peak_rss_mib"] > 50 for r in rows)
 
 
+def test_inspect_a_set(tiny_rtx_set: Path) -> None:
+    code, out, err = run_cli("inspect", tiny_rtx_set)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:4] == [f"engine set {tiny_rtx_set}: 3 card(s)",
+                         f"  rtx2080ti (sm_75, TensorRT-RTX {RTX_VERSION}) in rtx2080ti/; memory aids: none",
+                         f"  rtx3060ti (sm_86, TensorRT-RTX {RTX_VERSION}) in rtx3060ti/; memory aids: none",
+                         f"  rtx4090 (sm_89, TensorRT-RTX {RTX_VERSION}) in rtx4090/; memory aids: none"]
+    assert lines[4].split() == ["card", "component", "precision", "MiB", "build", "s", "peak", "RSS", "MiB"]
+    assert len(lines) == 6 + 12
+
+
 def test_an_unchanged_card_is_skipped(tiny_artifacts: Path, tiny_fp16_gemm: Path, tiny_rtx_set: Path, tmp_path: Path) -> None:
     """The same command again builds nothing; a card whose files no longer match the index is built
     again (TensorRT-RTX builds are deterministic here: the same bytes), the others are skipped."""

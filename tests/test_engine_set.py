@@ -134,6 +134,10 @@ def test_an_unchanged_card_is_skipped(tiny_artifacts: Path, tiny_fp16_gemm: Path
     code, out, err = run_cli(*build_args(tiny_artifacts, tiny_fp16_gemm, s), "--dry-run", "--json", "--force")
     assert {c: (v["action"], v["why"]) for c, v in json.loads(out)["cards"].items()} == dict.fromkeys(
         RTX_SET_CARDS, ("build", "--force"))
+    # one card named, --out an engine set: that card of the set (the others are kept)
+    code, out, err = run_cli(*build_args(tiny_artifacts, tiny_fp16_gemm, s, "rtx4090"), "--dry-run", "--json")
+    assert code == 0, err
+    assert {c: v["action"] for c, v in json.loads(out)["cards"].items()} == {"rtx4090": "skip"}
     # another precision is another input: every card would be built again
     code, out, err = run_cli(*build_args(tiny_artifacts, tiny_fp16_gemm, s, "rtx3060ti,rtx4090"), "--precision", "fp32",
                              "--dry-run", "--json")

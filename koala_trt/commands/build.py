@@ -91,14 +91,14 @@ def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, componen
     Profiles of GeForce cards build with TensorRT-RTX, here, without a GPU. Several cards
     (--profile rtx3060ti,rtx4090 or all-rtx) build an engine set: OUT/<card>/ each, and OUT/engines-index.json."""
     from engines.buildplan import auto_plan, make_build_plan
-    from engines.engine_set import is_set
+    from engines.engine_set import is_engine_set, is_set
     from koala_core.errors import UsageError
     from engines.profile import load_profile
     from exporter.specs import parse_components
 
     if auto and no_estimate:
         raise UsageError("--auto takes the memory plan's choice: drop --no-estimate")
-    if is_set(profile_ref):
+    if is_set(profile_ref) or is_engine_set(out):  # several cards, or one card into an existing set
         from koala_trt.commands.build_set import build_set
 
         options = {"onnx": [str(Path(d).resolve()) for d in onnx_dirs], "components": list(components) or None,

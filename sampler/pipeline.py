@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from exporter.manifest import Manifest, load_manifest
 from koala_core.errors import KoalaError, UsageError
-from runtime.backend import ONNX_BACKENDS, Backend, open_backend
+from runtime.backend import ONNX_BACKENDS, Backend, log_stderr, open_backend
 from sampler.loop import SAMPLER_COMPONENTS, PipelineAssets
 
 
@@ -69,7 +69,7 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     if backend == "tensorrt" and engines is not None:  # an engine set: the folder of the card that runs here
         from engines.engine_set import resolve_engines
 
-        engines = resolve_engines(engines, log=log or _log_stderr)
+        engines = resolve_engines(engines, log=log or log_stderr)
     if manifest is None and artifacts is not None:
         manifest = load_manifest(artifacts)
     if backend == "torch" and model is None and model_from_artifacts:
@@ -114,12 +114,6 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
         runtime.close()
         raise
     return Pipeline(runtime, assets, manifest, checked, verify_s, model)
-
-
-def _log_stderr(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr)
 
 
 def _report_adapters(engines: Path, manifest: Manifest, log: Callable[[str], None]) -> None:

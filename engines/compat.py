@@ -162,6 +162,24 @@ def engine_verdict(compat: Compat, facts: MachineFacts) -> Verdict:
     return Verdict(problems, warnings, not fit)
 
 
+def memory_problem(usable_bytes: int, gpu: DeviceInfo) -> str | None:
+    """Why engines planned for a card with `usable_bytes` of device memory (its profile's memory less its
+    reserve) may not fit `gpu`, or None: their shapes, residency and budgets were chosen for that much."""
+    if gpu.memory_bytes <= 0 or usable_bytes <= gpu.memory_bytes:
+        return None
+    return (f"planned for {usable_bytes / (1 << 30):.1f} GiB of usable device memory but {gpu.name} has "
+            f"{gpu.memory_bytes / (1 << 30):.1f} GiB")
+
+
+def card_verdict(compat: Compat, usable_bytes: int, facts: MachineFacts) -> Verdict:
+    """The one rule for a card of an engine set (engines/engine_set.py): `engine_verdict` (compute
+    capability, library version) and the memory the card's engines were planned for, against the first
+    GPU of `facts`. Pure: no I/O."""
+    v = engine_verdict(compat, facts)
+    mem = memory_problem(usable_bytes, facts.gpus[0]) if facts.gpus else None
+    return v if mem is None else Verdict([*v.problems, mem], v.warnings, v.wrong_gpu)
+
+
 def describe(compat: Compat) -> str:
     """One line for people: "TensorRT 10.8.0.43 on compute capability 8.9 (built on NVIDIA GeForce RTX 4090)"."""
     t = compat.targets

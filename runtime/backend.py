@@ -114,6 +114,13 @@ class OnnxRuntimeBackend(Backend):
         self._sessions.clear()
 
 
+def log_stderr(message: str) -> None:
+    """The default log of status lines (stdout stays for results and --json)."""
+    import sys
+
+    print(message, file=sys.stderr)
+
+
 def open_backend(name: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
                  manifest: Manifest | None = None, threads: int | None = None, cpu_precision: str | None = None,
                  torch_precision: str = "fp32") -> Any:
@@ -137,6 +144,9 @@ def open_backend(name: str, artifacts: Path | None = None, engines: Path | None 
             raise UsageError("--backend tensorrt needs --engines DIR (a `koala-trt build` folder)")
         if not Path(engines).is_dir():
             raise UsageError(f"engines folder {engines} does not exist")
+        from engines.engine_set import resolve_engines
+
+        engines = resolve_engines(engines, log=log_stderr)  # an engine set: the folder of the card that runs here
         try:
             from runtime.tensorrt_backend import TensorRTBackend
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from exporter.manifest import Manifest, load_manifest
 from koala_core.errors import KoalaError, UsageError
-from runtime.backend import ONNX_BACKENDS, Backend, open_backend
+from runtime.backend import ONNX_BACKENDS, Backend, log_stderr, open_backend
 from sampler.loop import SAMPLER_COMPONENTS, PipelineAssets
 
 
@@ -70,6 +70,10 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
         from koala_core.machine import resolve_cpu_precision
 
         resolve_cpu_precision(cpu_precision)  # bf16 on a CPU without it fails before any file is read
+    if backend == "tensorrt" and engines is not None:  # an engine set: the folder of the card that runs here
+        from engines.engine_set import resolve_engines
+
+        engines = resolve_engines(engines, log=log or log_stderr)
     if manifest is None and artifacts is not None:
         manifest = load_manifest(artifacts)
     if backend == "torch" and model is None and model_from_artifacts:

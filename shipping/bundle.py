@@ -42,6 +42,7 @@ from engines.cuda import DeviceInfo
 from engines.engine_manifest import FORMAT as ENGINES_FORMAT, MANIFEST as ENGINES_MANIFEST_NAME
 from engines.engine_manifest import load_engines_manifest
 from engines.engines_record import Compat, EnginesRecord, Library, Targets, adapter_mismatch, normalize_cc, safe_relpath
+from engines import engine_set as es
 from shipping.bundle_manifest import (BUNDLE_MANIFEST, FORMAT, FORMAT_VERSION, BundleProblem, BundleView, bundle_json,
                                       parse_bundle)
 
@@ -50,6 +51,7 @@ __all__ = ["BUNDLE_MANIFEST", "FORMAT", "FORMAT_VERSION", "BundleProblem", "Pack
 
 ENGINES_DIR = "engines"
 ENGINES_MANIFEST = f"{ENGINES_DIR}/{ENGINES_MANIFEST_NAME}"
+SET_INDEX = f"{ENGINES_DIR}/{es.INDEX}"  # an engine set: engines/engines-index.json and engines/<card>/...
 CHUNK = 4 << 20
 IO_BLOCK = 1 << 20  # tarfile's stream block: equal read/write sizes keep its buffer slicing linear
 MAX_JSON_BYTES = 64 << 20  # bundle.json and the two manifests are read into memory: bound them
@@ -75,6 +77,7 @@ class _Item:
     src: Path
     sha256: str
     bytes: int
+    raw: bytes | None = None  # written from memory (an engine set's sub-index for pack --card), not from src
 
 
 @dataclass
@@ -169,43 +172,27 @@ def device_problem(req: dict[str, Any], facts: MachineFacts, where: str = BUNDLE
     return f"the bundle's engines cannot run here: {'; '.join(verdict.problems)}; {hint}", warnings
 
 
-def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> tuple[dict[str, Any], list[_Item]]:
+def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True,
+                cards: list[str] | None = None) -> tuple[dict[str, Any], list[_Item]]:
     """bundle.json's content and the files to pack, checked for completeness (names and sizes)
-    before anything is written; hashes come from the manifests and are re-checked while packing."""
-    m = load_manifest(artifacts)
-    view = m.view
-    files = view.files
-    if not files:
-        raise UsageError(f"{artifacts}/{MANIFEST} lists no files; re-export the folder")
-    manifest_raw = (artifacts / MANIFEST).read_bytes()
-    items = [_Item(MANIFEST, artifacts / MANIFEST, _sha256_bytes(manifest_raw), len(manifest_raw))]
-
+    before anything is written; hashes come from the manifests and are re-checked while packing.
+    `engines` may be an engine set (engines/engine_set.py): every card, or only `cards` (pack --card)."""
+    if cards and (engines is None or not es.is_engine_set(engines)):
+        raise UsageError("--card picks cards of an engine set: pass the set with --engines (a folder with "
+                         f"{es.INDEX})")
+    if engines is not None and es.is_engine_set(engines):
+        return _plan_set_bundle(artifacts, Path(engines), graphs, cards)
     info = load_engines_manifest(engines).record if engines is not None else None
     engines_raw = (engines / ENGINES_MANIFEST_NAME).read_bytes() if engines is not None else b""  # copied verbatim
+    if not graphs and info is None:
+        raise UsageError("--no-graphs needs --engines: without engines the graphs are what runs")
+    m, items, omitted = _artifact_items(artifacts, list(info.engines) if info is not None and not graphs else [])
+    view = m.view
     if info is not None:
         unknown = [c for c in info.engines if c not in m.components]
         if unknown:
             raise UsageError(f"{engines} has engines for {', '.join(unknown)}, which {artifacts} does not hold: "
                              "pack engines with the artifacts they were built from")
-    omitted: list[str] = []
-    if not graphs:
-        if info is None:
-            raise UsageError("--no-graphs needs --engines: without engines the graphs are what runs")
-        for comp in info.engines:
-            omitted += _graph_files(files, m.record(comp).file)
-
-    for rel, meta in files.items():
-        if not safe_relpath(rel) or rel in (BUNDLE_MANIFEST, MANIFEST) or rel.split("/")[0] == ENGINES_DIR:
-            raise UsageError(f"{artifacts}/{MANIFEST} lists {rel!r}, which cannot go into a bundle "
-                             f"(unsafe path, or a name the bundle reserves: {BUNDLE_MANIFEST}, {ENGINES_DIR}/)")
-        if rel in omitted:
-            continue
-        p = artifacts / rel
-        if not p.is_file():
-            raise UsageError(f"{artifacts} is incomplete: {rel} (listed in {MANIFEST}) is missing")
-        if p.stat().st_size != meta.bytes:
-            raise UsageError(f"{artifacts}/{rel} has {p.stat().st_size} bytes, {MANIFEST} says {meta.bytes} (changed or corrupt)")
-        items.append(_Item(rel, p, meta.sha256, meta.bytes))
 
     comps: dict[str, dict[str, Any]] = {}
     for name in m.components:
@@ -235,6 +222,114 @@ def plan_bundle(artifacts: Path, engines: Path | None, graphs: bool = True) -> t
     return data, items
 
 
+def _artifact_items(artifacts: Path, omitted_for: list[str]) -> tuple[Any, list[_Item], list[str]]:
+    """The artifacts manifest, its files to pack (less the graphs of `omitted_for`) and those left out."""
+    m = load_manifest(artifacts)
+    files = m.view.files
+    if not files:
+        raise UsageError(f"{artifacts}/{MANIFEST} lists no files; re-export the folder")
+    raw = (artifacts / MANIFEST).read_bytes()
+    items = [_Item(MANIFEST, artifacts / MANIFEST, _sha256_bytes(raw), len(raw))]
+    omitted = [rel for comp in omitted_for if comp in m.components for rel in _graph_files(files, m.record(comp).file)]
+    for rel, meta in files.items():
+        if not safe_relpath(rel) or rel in (BUNDLE_MANIFEST, MANIFEST) or rel.split("/")[0] == ENGINES_DIR:
+            raise UsageError(f"{artifacts}/{MANIFEST} lists {rel!r}, which cannot go into a bundle "
+                             f"(unsafe path, or a name the bundle reserves: {BUNDLE_MANIFEST}, {ENGINES_DIR}/)")
+        if rel in omitted:
+            continue
+        p = artifacts / rel
+        if not p.is_file():
+            raise UsageError(f"{artifacts} is incomplete: {rel} (listed in {MANIFEST}) is missing")
+        if p.stat().st_size != meta.bytes:
+            raise UsageError(f"{artifacts}/{rel} has {p.stat().st_size} bytes, {MANIFEST} says {meta.bytes} (changed or corrupt)")
+        items.append(_Item(rel, p, meta.sha256, meta.bytes))
+    return m, items, omitted
+
+
+def _plan_set_bundle(artifacts: Path, engines: Path, graphs: bool, cards: list[str] | None) -> tuple[dict[str, Any], list[_Item]]:
+    """plan_bundle for an engine set: engines/engines-index.json (only the cards packed) and every packed
+    card's folder under engines/<card>/; requirements.engine_set lists what each card needs."""
+    eset = es.load_set(engines)
+    names = list(eset.cards)
+    if cards:
+        unknown = [c for c in cards if c not in eset.cards]
+        if unknown:
+            raise UsageError(f"--card {unknown[0]}: the engine set {engines} has {', '.join(names)}")
+        if len(set(cards)) != len(cards):
+            raise UsageError(f"--card lists {next(c for c in cards if cards.count(c) > 1)} twice")
+        names = list(cards)
+    records: dict[str, EnginesRecord] = {}
+    for n in names:
+        card = eset.cards[n]
+        problem = es.card_problem(engines, card)
+        if problem:
+            raise es.CorruptSet(f"{engines / es.INDEX} does not match its files: {problem} (changed or corrupt); rebuild "
+                                f"the card with `koala-trt build`")
+        records[n] = EnginesRecord.from_json(json.loads((engines / card.path / ENGINES_MANIFEST_NAME).read_bytes()),
+                                             str(engines / card.path / ENGINES_MANIFEST_NAME))
+    if not graphs:
+        everywhere = [c for c in records[names[0]].engines if all(c in r.engines for r in records.values())]
+    m, items, omitted = _artifact_items(artifacts, everywhere if not graphs else [])
+    for n, r in records.items():
+        unknown = [c for c in r.engines if c not in m.components]
+        if unknown:
+            raise UsageError(f"{engines / n} has engines for {', '.join(unknown)}, which {artifacts} does not hold: "
+                             "pack engines with the artifacts they were built from")
+    data = eset.data if names == list(eset.cards) else {
+        **eset.data, "cards": {n: eset.data["cards"][n] for n in names},
+        "summary": [r for r in eset.data.get("summary", []) if r.get("card") in names]}
+    index_raw = (engines / es.INDEX).read_bytes() if names == list(eset.cards) else (json.dumps(data, indent=2) + "\n").encode()
+    items.append(_Item(SET_INDEX, engines / es.INDEX, _sha256_bytes(index_raw), len(index_raw), index_raw))
+    for n in names:
+        for rel, meta in eset.cards[n].files.items():
+            items.append(_Item(f"{ENGINES_DIR}/{rel}", engines / rel, meta["sha256"], meta["bytes"]))
+    comps: dict[str, dict[str, Any]] = {c: {"backend": "onnxruntime", "precision": m.precision(c), "file": m.record(c).file}
+                                        for c in m.components}
+    for c in records[names[0]].engines:
+        if all(c in r.engines for r in records.values()):
+            comps[c] = {"backend": "tensorrt", "precision": m.precision(c),
+                        "file": f"{ENGINES_DIR}/{eset.cards[names[0]].path}/{records[names[0]].engines[c].file}"}
+    requirements: dict[str, Any] = {
+        "backend": "tensorrt", "components": comps, "onnx_opset": m.view.opset,
+        "onnxruntime_checked_with": m.view.versions.get("onnxruntime"),
+        "engine_set": {"index": SET_INDEX, "cards": {n: {"path": f"{ENGINES_DIR}/{eset.cards[n].path}",
+                                                          "gpu": eset.cards[n].gpu, **eset.cards[n].compat.to_json()}
+                                                      for n in names}}}
+    data_out = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "koala_trt_version": __version__,
+                "source": {"model": m.view.source.model, "artifacts_manifest_sha256": items[0].sha256},
+                "requirements": requirements, "omitted": omitted,
+                "files": {it.name: {"sha256": it.sha256, "bytes": it.bytes} for it in items}}
+    return data_out, items
+
+
+def set_cards(req: dict[str, Any], where: str) -> es.EngineSet:
+    """The engine set bundle.json's requirements.engine_set describes (paths inside the bundle)."""
+    cards = {}
+    try:
+        for n, c in req["engine_set"]["cards"].items():
+            compat = Compat.from_json(c, f"{where} requirements.engine_set.cards.{n}")
+            cards[n] = es.Card(n, str(c["path"]), compat, dict(c["gpu"]), {}, "", c)
+            cards[n].usable_bytes  # noqa: B018  # the gpu block has its memory
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UsageError(f"{where} requirements.engine_set is incomplete (cards with path, gpu, library, targets)") from None
+    if not cards:
+        raise UsageError(f"{where} requirements.engine_set lists no cards")
+    return es.EngineSet(Path(ENGINES_DIR), cards, req["engine_set"])
+
+
+def set_device_problem(req: dict[str, Any], facts: MachineFacts, where: str = BUNDLE_MANIFEST) -> tuple[str | None, str | None]:
+    """verify's device check of an engine-set bundle: (the one-line problem or None, the folder that would
+    be used, e.g. engines/rtx4090), chosen as `--engines` on this machine chooses (engines.engine_set)."""
+    eset = set_cards(req, where)
+    card, verdicts = es.choose_card(eset, facts)
+    if card is None:
+        hint = ("use `verify --no-device-check` to check integrity only" if not facts.gpus
+                else "build the set for this machine's card with `koala-trt build`")
+        return f"{es.none_fits(eset, facts, verdicts, 'the bundle' + chr(39) + 's engine set')}; {hint}", None
+    return None, card.path
+
+
 def _legacy_view(req: dict[str, Any], compat: Compat) -> Compat:
     """compat as an older bundle.json (gpu + tensorrt_version, no engines block) could record it."""
     if "engines" in req:
@@ -253,7 +348,7 @@ def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
 
 
 def pack(artifacts: Path, out: Path, engines: Path | None = None, graphs: bool = True, level: int = 1,
-         force: bool = False, log: Log = _quiet) -> PackResult:
+         force: bool = False, log: Log = _quiet, cards: list[str] | None = None) -> PackResult:
     """Write BUNDLE.tar.gz from an artifacts folder (and an engines folder); atomic: the archive
     appears only when every file was streamed and matched its manifest's sha256."""
     if Path(out).exists() and not force:
@@ -262,7 +357,7 @@ def pack(artifacts: Path, out: Path, engines: Path | None = None, graphs: bool =
         raise UsageError(f"{out} is a folder; --out names the archive file to write (BUNDLE.tar.gz)")
     if not 0 <= level <= 9:
         raise UsageError(f"--level must be 0..9 (got {level})")
-    data, items = plan_bundle(Path(artifacts), Path(engines) if engines else None, graphs)
+    data, items = plan_bundle(Path(artifacts), Path(engines) if engines else None, graphs, cards)
     header = bundle_json(data)
     total = sum(it.bytes for it in items)
     log(f"packing {len(items)} files ({_gb(total)}) into {out}")
@@ -276,7 +371,7 @@ def pack(artifacts: Path, out: Path, engines: Path | None = None, graphs: bool =
                     for it in items:
                         if it.bytes >= LOUD_BYTES:
                             log(f"  {it.name} ({_gb(it.bytes)})")
-                        with open(it.src, "rb") as f:
+                        with (io.BytesIO(it.raw) if it.raw is not None else open(it.src, "rb")) as f:
                             reader = _HashingReader(f)
                             tar.addfile(_tarinfo(it.name, it.bytes, it.src.stat().st_mtime), reader)  # type: ignore[arg-type]
                         if reader.n != it.bytes or reader.h.hexdigest() != it.sha256:
@@ -303,12 +398,13 @@ class Report:
     device: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     loras: dict[str, Any] = field(default_factory=dict)  # {"artifacts": [...], "engines": {component: [...]}}
+    engines_folder: str | None = None  # an engine set: the card folder this machine would use (engines/rtx4090)
 
     def to_json(self) -> dict[str, Any]:
         return {"bundle": str(self.path), "kind": self.kind, "ok": self.ok, "problem": self.problem,
                 "files": self.files, "data_bytes": self.data_bytes, "requirements": self.requirements,
                 "device_checked": self.device_checked, "device": self.device, "warnings": self.warnings,
-                "loras": self.loras}
+                "loras": self.loras, "engines_folder": self.engines_folder}
 
 
 class _Scan:
@@ -354,6 +450,16 @@ class _Scan:
             return
         facts = self.device or gather_facts()
         self.report.device = facts.to_json()
+        if "engine_set" in req.doc:
+            try:
+                problem, folder = set_device_problem(req.doc, facts, f"{self.report.path}: {BUNDLE_MANIFEST}")
+            except UsageError as e:
+                self.fail(str(e))
+            if problem:
+                self.fail(problem)
+            self.report.engines_folder = folder
+            self.report.device_checked = True
+            return
         try:
             problem, warnings = device_problem(req.doc, facts, f"{self.report.path}: {BUNDLE_MANIFEST}")
         except UsageError as e:
@@ -384,7 +490,8 @@ class _Scan:
             self.fail(f"{name} has {size} bytes, {BUNDLE_MANIFEST} says {meta.bytes} (changed or corrupt)")
         if size >= LOUD_BYTES:
             self.log(f"  {name} ({_gb(size)})")
-        keep = name in (MANIFEST, ENGINES_MANIFEST)
+        keep = name in (MANIFEST, ENGINES_MANIFEST, SET_INDEX) or (
+            name.startswith(f"{ENGINES_DIR}/") and name.endswith(f"/{ENGINES_MANIFEST_NAME}") and name.count("/") == 2)
         if keep and size > MAX_JSON_BYTES:
             self.fail(f"{name} is {size} bytes, too large to be a manifest")
         h, n, chunks = hashlib.sha256(), 0, []
@@ -470,6 +577,8 @@ class _Scan:
             if ENGINES_MANIFEST in self.files or any(c.backend == "tensorrt" for c in req.components.values()):
                 self.fail(f"{BUNDLE_MANIFEST} says backend {req.backend!r} but the bundle carries engines")
             return
+        if "engine_set" in req.doc:
+            return self.set_consistency(art)
         if ENGINES_MANIFEST not in self.blobs:
             self.fail(f"the bundle requires TensorRT but has no {ENGINES_MANIFEST}")
         try:
@@ -494,6 +603,47 @@ class _Scan:
         mismatch = adapter_mismatch(info.engines, {c: art.adapters(c) for c in info.engines}, f"the bundle's {ENGINES_MANIFEST}")
         if mismatch:
             self.report.warnings.append(mismatch)
+
+
+    def set_consistency(self, art: Any) -> None:
+        """An engine-set bundle: its index agrees with bundle.json's requirements and files, and every card's
+        manifest and engines are in the bundle with the sha256 the index and the manifest record."""
+        assert self.bundle is not None
+        if SET_INDEX not in self.blobs:
+            self.fail(f"the bundle requires an engine set but has no {SET_INDEX}")
+        try:
+            cards = es.parse_index(json.loads(self.blobs[SET_INDEX]), SET_INDEX)
+            wanted = set_cards(self.bundle.requirements.doc, BUNDLE_MANIFEST)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.fail(f"{SET_INDEX} is corrupt ({e})")
+        except KoalaError as e:
+            self.fail(str(e))
+        if sorted(cards) != sorted(wanted.cards) or any(
+                cards[n].compat.to_json() != wanted.cards[n].compat.to_json() for n in cards):
+            self.fail(f"{BUNDLE_MANIFEST} and {SET_INDEX} disagree on the cards, their targets or library versions")
+        self.report.loras["engines"] = {}
+        for n, card in cards.items():
+            for rel, meta in card.files.items():
+                name = f"{ENGINES_DIR}/{rel}"
+                if name not in self.files:
+                    self.fail(f"{name} of card {n} (listed in {SET_INDEX}) is not in the bundle")
+                if self.files[name].sha256 != meta["sha256"]:
+                    self.fail(f"{name}: {BUNDLE_MANIFEST} and {SET_INDEX} disagree on its sha256")
+            where = f"{ENGINES_DIR}/{card.path}/{ENGINES_MANIFEST_NAME}"
+            try:
+                info = EnginesRecord.from_json(json.loads(self.blobs[where]), where)
+            except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                self.fail(f"{where} is missing or corrupt ({e})")
+            except UsageError as e:
+                self.fail(str(e))
+            for comp, e in info.engines.items():
+                name = f"{ENGINES_DIR}/{card.path}/{e.file}"
+                if name not in self.files or self.files[name].sha256 != e.sha256:
+                    self.fail(f"engine {name} of {comp} ({where}) is not in the bundle with the sha256 it records")
+            self.report.loras["engines"][n] = {c: [a.to_json() for a in e.loras] for c, e in info.engines.items()}
+            mismatch = adapter_mismatch(info.engines, {c: art.adapters(c) for c in info.engines}, f"the bundle's {where}")
+            if mismatch:
+                self.report.warnings.append(mismatch)
 
 
 _KINDS = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",

@@ -55,7 +55,9 @@ def _requirements(r: Fields) -> Requirements:
                                      c.string("precision", required=True), c.string("file", required=True))
              for n, c in r.tables("components").items()}
     gpu, trt = None, None
-    if backend == "tensorrt" and "engines" in r.table:  # the engines' compatibility block (engines.engines_record)
+    if backend == "tensorrt" and "engine_set" in r.table:  # an engine set: per card (shipping.bundle.set_cards)
+        r.table_of("engine_set", required=True)
+    elif backend == "tensorrt" and "engines" in r.table:  # the engines' compatibility block (engines.engines_record)
         r.get("engines")
         if isinstance(r.table.get("gpu"), dict):
             gpu, trt = dict(r.table["gpu"]), str(r.table.get("tensorrt_version"))

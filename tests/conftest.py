@@ -104,3 +104,30 @@ def tiny_inpaint_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               "-c", "text_encoder,text_encoder_2,unet,vae_decoder,vae_encoder")
     assert code == 0, stderr
     return out
+
+
+RTX_SET_CARDS = ("rtx2080ti", "rtx3060ti", "rtx4090")
+RTX_SET_ARGS = ("--height", "128", "--width", "128", "--batch", "1", "--no-estimate")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_gemm(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random:tiny in FP16, its VAE decoder with FP16 GEMMs only (what rtx2080ti's profile builds from)."""
+    out = tmp_path_factory.mktemp("fp16-gemm") / "fp16"
+    code, _, err = run_cli("convert", "--onnx", tiny_artifacts, "--out", out, "--vae-gemm-fp16", "--no-accuracy")
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_rtx_set(tiny_artifacts: Path, tiny_fp16_gemm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TensorRT-RTX engine set of random:tiny for three cards (rtx2080ti in FP16, rtx3060ti, rtx4090) at
+    128x128, built once per session by `koala-trt build --profile rtx2080ti,rtx3060ti,rtx4090` (each card in
+    a process of its own; this process imports no TensorRT). test_rtx_build reuses its card folders."""
+    if __import__("importlib").util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("TensorRT-RTX is not installed (make install installs it)")
+    out = tmp_path_factory.mktemp("rtx-set") / "set"
+    code, _, err = run_cli("build", "--profile", ",".join(RTX_SET_CARDS), "--onnx", tiny_artifacts, "--onnx", tiny_fp16_gemm,
+                           *RTX_SET_ARGS, "--out", out)
+    assert code == 0, err[-3000:]
+    return out

@@ -50,12 +50,10 @@ def sha256(p: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_artifacts: Path, tiny_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def folders(tiny_artifacts: Path, tiny_fp16_gemm: Path, tiny_calibration: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The FP32 export, an FP16 folder whose VAE decoder has FP16 GEMMs only (for Turing), and an INT8 U-Net."""
-    base = tmp_path_factory.mktemp("rtx-src")
-    fp16, int8 = base / "fp16", base / "int8"
-    code, _, err = run_cli("convert", "--onnx", tiny_artifacts, "--out", fp16, "--vae-gemm-fp16", "--no-accuracy")
-    assert code == 0, err
+    fp16, int8 = tiny_fp16_gemm, tmp_path_factory.mktemp("rtx-src") / "int8"
     code, _, err = run_cli("quantize", "--onnx", tiny_artifacts, "--calib", tiny_calibration, "--out", int8,
                            "--no-accuracy", "--samples", "2")
     assert code == 0, err
@@ -63,21 +61,21 @@ def folders(tiny_artifacts: Path, tiny_calibration: Path, tmp_path_factory: pyte
 
 
 @pytest.fixture(scope="module")
-def built(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every engines folder the done-when of the TensorRT-RTX issue names, built once."""
+def built(folders: dict[str, Path], tiny_rtx_set: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every engines folder the done-when of the TensorRT-RTX issue names, built once: rtx3060ti, rtx4090 and
+    rtx2080ti are the card folders of the session's engine set (tiny_rtx_set: the same sources and options,
+    each card built by `koala-trt build --profile <card>`)."""
     out = tmp_path_factory.mktemp("rtx-engines")
     src = ("--onnx", folders["fp32"], "--onnx", folders["fp16"])
     jobs = {
-        "rtx3060ti": ("--profile", "rtx3060ti", *src),
-        "rtx4090": ("--profile", "rtx4090", *src),
-        "rtx2080ti": ("--profile", "rtx2080ti", *src),
         "unet-fp32": ("--profile", "rtx4090", "--onnx", folders["fp32"], "--precision", "fp32", "-c", "unet"),
         "unet-int8": ("--profile", "rtx3060ti", "--onnx", folders["int8"], "--precision", "int8", "-c", "unet"),
         "portable": ("--profile", "rtx-portable", *src, "-c", "unet"),
     }
     for name, args in jobs.items():
         koala("build", *args, *SIZE, "--batch", "1", "--no-estimate", "--out", out / name)
-    return {name: out / name for name in jobs}
+    return {**{card: tiny_rtx_set / card for card in ("rtx3060ti", "rtx4090", "rtx2080ti")},
+            **{name: out / name for name in jobs}}
 
 
 def manifest(folder: Path) -> dict:

@@ -60,8 +60,10 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @click.command("build")
 @click.option("--onnx", "onnx_dirs", required=True, multiple=True, type=click.Path(path_type=Path),
               help="Artifacts folder (repeat to combine precisions, e.g. an fp16 and an int8 folder).")
-@click.option("--profile", "-p", "profile_ref", required=True, help="GPU profile name or TOML path.")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Engines folder to write.")
+@click.option("--profile", "-p", "profile_ref", required=True,
+              help="GPU profile name or TOML path; several cards (rtx2080ti,rtx3060ti,rtx4090) or all-rtx: an engine set.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Engines folder to write (an engine set: one folder per card and engines-index.json).")
 @components_option("default: the profile's pipeline (text_encoder,text_encoder_2,unet,vae_decoder)")
 @click.option("--library", type=click.Choice(["tensorrt", "tensorrt-rtx"]),
               help="TensorRT library instead of the profile's (where both can serve: L4, A10 with tensorrt-rtx).")
@@ -75,28 +77,44 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @click.option("--auto", is_flag=True, help="Take the memory aids `koala-trt plan` chooses for the card (needs the estimate).")
 @click.option("--dry-run", is_flag=True, help="Print the whole build plan; build nothing, import no TensorRT.")
 @click.option("--no-estimate", is_flag=True, help="Skip the memory estimate (it traces the model on the meta device).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (an engine set: rebuild every card listed).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Engine set: cards built at once (each in its own process).")
 @click.option("--verbose", is_flag=True, help="Show TensorRT's and Polygraphy's build log.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, components: tuple[str, ...],
               library: str | None, precision: str | None, batch: int | None, height: int | None, width: int | None,
               vae_tile: int | None, residency: str | None, weight_streaming: bool, weight_streaming_budget: float | None,
-              auto: bool, dry_run: bool, no_estimate: bool, force: bool, verbose: bool, as_json: bool) -> None:
+              auto: bool, dry_run: bool, no_estimate: bool, force: bool, jobs: int, verbose: bool, as_json: bool) -> None:
     """Build one strongly typed TensorRT engine per component for a GPU profile, from the artifacts
     folder(s) holding the precision the profile asks for; --dry-run prints the plan only.
-    Profiles of GeForce cards build with TensorRT-RTX, here, without a GPU."""
+    Profiles of GeForce cards build with TensorRT-RTX, here, without a GPU. Several cards
+    (--profile rtx3060ti,rtx4090 or all-rtx) build an engine set: OUT/<card>/ each, and OUT/engines-index.json."""
     from engines.buildplan import auto_plan, make_build_plan
+    from engines.engine_set import is_engine_set, is_set
     from koala_core.errors import UsageError
     from engines.profile import load_profile
     from exporter.specs import parse_components
+
+    if auto and no_estimate:
+        raise UsageError("--auto takes the memory plan's choice: drop --no-estimate")
+    if is_set(profile_ref) or is_engine_set(out):  # several cards, or one card into an existing set
+        from koala_trt.commands.build_set import build_set
+
+        options = {"onnx": [str(Path(d).resolve()) for d in onnx_dirs], "components": list(components) or None,
+                   "library": library, "precision": precision, "batch": batch, "height": height, "width": width,
+                   "vae_tile": vae_tile, "residency": residency, "weight_streaming": weight_streaming,
+                   "weight_streaming_budget": weight_streaming_budget, "auto": auto, "no_estimate": no_estimate,
+                   "verbose": verbose}
+        return build_set(profile_ref, onnx_dirs, out, options, jobs, dry_run, force, as_json, log)
+    if jobs != 1:
+        raise UsageError("--jobs is for an engine set (--profile with several cards, or all-rtx)")
 
     profile = load_profile(profile_ref)
     if library:
         profile = profile.with_library(library)
     profile = profile.with_overrides(batch, height, width, precision)
     profile = apply_aids(profile, vae_tile, residency, weight_streaming, weight_streaming_budget)
-    if auto and no_estimate:
-        raise UsageError("--auto takes the memory plan's choice: drop --no-estimate")
     comps = parse_components(components, default=tuple(profile.components())) if components else None
     args = {"onnx": [str(Path(d).resolve()) for d in onnx_dirs],
             "profile": profile_ref if not Path(profile_ref).exists() else str(Path(profile_ref).resolve()),

@@ -17,6 +17,11 @@ def _size(n: int) -> str:
 def _requirements_line(req: dict) -> str:
     comps = ", ".join(f"{c} {v['precision']}" + (" (engine)" if v.get("backend") == "tensorrt" else "")
                       for c, v in (req.get("components") or {}).items())
+    if req.get("backend") == "tensorrt" and "engine_set" in req:
+        from shipping.bundle import set_cards
+
+        cards = set_cards(req, "bundle.json").cards.values()
+        return f"an engine set of {len(cards)} card(s): {', '.join(c.describe() for c in cards)}; {comps}"
     if req.get("backend") == "tensorrt":
         from engines.compat import describe
         from shipping.bundle import requirements_compat
@@ -29,18 +34,23 @@ def _requirements_line(req: dict) -> str:
 @click.option("--artifacts", "-a", required=True, type=click.Path(path_type=Path), help="Artifacts folder (from export, or an unpacked bundle).")
 @click.option("--engines", "-e", type=click.Path(path_type=Path), help="Engines folder from `koala-trt build` to include under engines/.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Archive to write (BUNDLE.tar.gz).")
+@click.option("--card", "cards", metavar="CARDS",
+              help="With an engine set as --engines: pack only these cards' engines (comma-separated, e.g. rtx4090).")
 @click.option("--graphs/--no-graphs", default=True, show_default=True,
               help="With --engines: keep (default) or leave out the ONNX graphs of components that have an engine.")
 @click.option("--level", default=1, show_default=True, type=click.IntRange(0, 9),
               help="gzip level; weights barely compress (about 7%): 0 stores them and packed ~8x faster here.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def pack_cmd(artifacts: Path, engines: Path | None, out: Path, graphs: bool, level: int, force: bool, as_json: bool) -> None:
-    """Pack an artifacts folder (and engines) into one archive with every file's sha256 and the runtime requirements."""
+def pack_cmd(artifacts: Path, engines: Path | None, cards: str | None, out: Path, graphs: bool, level: int, force: bool,
+             as_json: bool) -> None:
+    """Pack an artifacts folder (and engines: one folder, or an engine set) into one archive with every file's
+    sha256 and the runtime requirements."""
     from shipping.bundle import pack
 
     check_out_file(out)
-    r = pack(artifacts, out, engines, graphs=graphs, level=level, force=force, log=log)
+    names = None if cards is None else [c.strip() for c in cards.split(",")]
+    r = pack(artifacts, out, engines, graphs=graphs, level=level, force=force, log=log, cards=names)
     if as_json:
         print_json({"bundle": str(r.path), "archive_bytes": r.archive_bytes, "archive_sha256": r.archive_sha256,
                     "files": r.files, "data_bytes": r.data_bytes, "requirements": r.requirements, "omitted": r.omitted})
@@ -98,7 +108,10 @@ def verify_cmd(bundle: Path, no_device_check: bool, as_json: bool) -> None:
         if r.device_checked:
             gpus = ", ".join(f"{g['name']} ({g['compute_capability']})" for g in (r.device or {}).get("gpus", []))
             lib = ((r.requirements.get("engines") or {}).get("library") or {}).get("name", "tensorrt")
+            if r.engines_folder:
+                lib = next(iter(r.requirements["engine_set"]["cards"].values()))["library"]["name"]
             version = (r.device or {}).get("tensorrt_rtx_version" if lib == "tensorrt-rtx" else "tensorrt_version")
-            click.echo(f"this machine: {gpus}, {'TensorRT-RTX' if lib == 'tensorrt-rtx' else 'TensorRT'} {version}: matches")
+            used = f": would use {Path(bundle) / r.engines_folder}" if r.engines_folder else ": matches"
+            click.echo(f"this machine: {gpus}, {'TensorRT-RTX' if lib == 'tensorrt-rtx' else 'TensorRT'} {version}{used}")
         else:
             click.echo("device check skipped (--no-device-check)")

@@ -45,15 +45,40 @@ def _inspect_engines(target: str, as_json: bool) -> None:
     click.echo(table(rows, ["component", "engine", "precision", "MiB", "LoRA adapters (scale, sha256)"]))
 
 
+def _inspect_set(target: str, as_json: bool) -> None:
+    """An engine set (engines/engine_set.py): its cards and the summary table its build wrote."""
+    from engines.engine_set import load_set
+
+    es = load_set(target)
+    if as_json:
+        print_json(es.data)
+        return
+    click.echo(f"engine set {target}: {len(es.cards)} card(s)")
+    for c in es.cards.values():
+        a = c.data.get("aids", {})
+        aids = ", ".join([*([f"vae tile {a['vae_tile']} px"] if a.get("vae_tile") else []),
+                          *(["sequential residency"] if a.get("residency") == "sequential" else []),
+                          *(["weight streaming"] if a.get("weight_streaming") else [])]) or "none"
+        click.echo(f"  {c.describe()} in {c.path}/; memory aids: {aids}{' (--auto)' if a.get('auto') else ''}")
+    rows = [[r["card"], r["component"], r["precision"], f"{r['mib']:,.1f}", "skipped" if r["skipped"] else f"{r['build_s']:.1f}",
+             "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:,.0f}"] for r in es.data.get("summary", [])]
+    click.echo(table(rows, ["card", "component", "precision", "MiB", "build s", "peak RSS MiB"]))
+
+
 @click.command("inspect")
 @click.argument("target", metavar="MODEL_OR_ARTIFACTS")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_cmd(target: str, as_json: bool) -> None:
-    """Show a model's components (hub id, diffusers folder, random:<preset>), or an artifacts or engines folder's manifest."""
+    """Show a model's components (hub id, diffusers folder, random:<preset>), an artifacts or engines folder's
+    manifest, or an engine set's cards."""
     from exporter.inspect import inspect
+
+    from engines.engine_set import is_engine_set
 
     if _is_engines_folder(target):
         return _inspect_engines(target, as_json)
+    if is_engine_set(target):
+        return _inspect_set(target, as_json)
     info = inspect(target)
     if as_json:
         print_json(info)

@@ -55,6 +55,10 @@ def serve_cmd(artifacts: Path | None, engines: Path | None, repository: Path | N
             raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
     ports = Ports(http_port, grpc_port, metrics_port)
     check_address(host, ports)
+    if engines is not None:  # an engine set: the folder of the card that runs here
+        from engines.engine_set import resolve_engines
+
+        engines = resolve_engines(engines, log=log)
     find_server()
     env_dir = serving_env(python_env)
     code = serve(artifacts, engines, host, ports, env_dir, instances=instances, log=log, runtime=backend,

@@ -99,7 +99,15 @@ def choose_library(engines_dir: Path | str) -> str:
     from engines.build import missing_requirements
     from engines.libraries import library
 
-    name = load_engines_manifest(engines_dir).record.compat.library.name
+    from engines.engine_set import is_engine_set, load_set
+
+    if is_engine_set(Path(engines_dir)):  # a set of cards: their one library (a mixed set: chosen with the card)
+        names = {card.compat.library.name for card in load_set(Path(engines_dir)).cards.values()}
+        if len(names) != 1:
+            return ""
+        name = names.pop()
+    else:
+        name = load_engines_manifest(engines_dir).record.compat.library.name
     if not missing_requirements(library(name), run=True):
         trt.use_library(name)
     return name

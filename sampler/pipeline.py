@@ -60,10 +60,6 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     model_from_artifacts: --backend torch without --model builds the model the artifacts were
     exported from (bench); torch_precision "bf16" runs the torch backend under bf16 autocast (bench's
     `torch:bf16`). Usage errors come before any weight is read."""
-    if backend == "tensorrt" and engines is not None:
-        from engines.engine_manifest import choose_library
-
-        choose_library(engines)  # this process's TensorRT library, before anything imports Polygraphy
     if cpu_precision is not None and backend != "openvino":
         raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
     if backend == "openvino":
@@ -74,6 +70,9 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
         from engines.engine_set import resolve_engines
 
         engines = resolve_engines(engines, log=log or log_stderr)
+        from engines.engine_manifest import choose_library
+
+        choose_library(engines)  # this process's TensorRT library, before anything imports Polygraphy
     if manifest is None and artifacts is not None:
         manifest = load_manifest(artifacts)
     if backend == "torch" and model is None and model_from_artifacts:

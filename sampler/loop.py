@@ -47,6 +47,7 @@ class PipelineAssets:
     latents_std: tuple[float, ...] | None = None
     force_zeros_for_empty_prompt: bool = True  # SDXL base's pipeline config (and KOALA's)
     origin: str = ""
+    unet_config: dict[str, Any] = field(default_factory=dict)  # diffusers' U-Net config, where recorded (cache branches)
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> "PipelineAssets":
@@ -83,7 +84,7 @@ class PipelineAssets:
                    height=int(s.get("height", 1024)), width=int(s.get("width", 1024)), shape_ranges=shape_ranges,
                    latents_mean=_tuple(vae_cfg.get("latents_mean")), latents_std=_tuple(vae_cfg.get("latents_std")),
                    force_zeros_for_empty_prompt=bool(s.get("force_zeros_for_empty_prompt", True)),
-                   origin=f"{root} ({d.get('source', {}).get('model', '?')})")
+                   origin=f"{root} ({d.get('source', {}).get('model', '?')})", unet_config=dict(d.get("configs", {}).get("unet", {})))
 
     @classmethod
     def from_source(cls, source: Any) -> "PipelineAssets":
@@ -96,7 +97,7 @@ class PipelineAssets:
                    scheduler_config=dict(source.scheduler_config), scaling_factor=float(vae.get("scaling_factor", 0.18215)),
                    steps=source.sampler.steps, guidance=source.sampler.guidance, height=size, width=size,
                    latents_mean=_tuple(vae.get("latents_mean")), latents_std=_tuple(vae.get("latents_std")),
-                   origin=source.ref)
+                   origin=source.ref, unet_config=dict(source.configs["unet"]))
 
 
 def _tuple(v: Any) -> tuple[float, ...] | None:
@@ -119,6 +120,8 @@ class Request:
     batch: int | None = None
     latents: np.ndarray | None = None  # initial noise as diffusers' `latents=` takes it (before * init_noise_sigma)
     vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
+    cache_interval: int = 1  # feature caching (sampler/feature_cache.py): the full U-Net every N steps; 1: off
+    cache_branch: int | None = None  # where the U-Net is split for caching [the exported unet_deep's branch]
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class Plan:
     noise: np.ndarray  # float32 [batch, C, height/f, width/f]
     chunks: int = 1  # prompt chunks of 77 tokens each prompt is encoded as (sampler.tokenize.chunk_prompts)
     vae_tile: int | None = None  # pixels; None: one untiled decode
+    cache_interval: int = 1  # feature caching: unet_deep every N steps, unet_shallow between (1: off)
+    cache_branch: int | None = None
 
     @property
     def cfg(self) -> bool:
@@ -220,11 +225,12 @@ class Sampler:
         self.backend, self.assets = backend, assets
         specs = dict(assets.specs)
         specs.update(getattr(backend, "specs", {}) or {})
-        missing = [c for c in SAMPLER_COMPONENTS if c not in specs]
+        # The full U-Net: `unet`, else feature caching's unet_deep (its out_sample is the same U-Net's).
+        missing = [c for c in SAMPLER_COMPONENTS if c not in specs and not (c == "unet" and "unet_deep" in specs)]
         if missing:
             raise UsageError(f"{assets.origin or 'the backend'} has no {', '.join(missing)}: the sampler needs {', '.join(SAMPLER_COMPONENTS)}")
         self.specs = specs
-        self.unet, self.vae = specs["unet"], specs["vae_decoder"]
+        self.unet, self.vae = specs.get("unet") or specs["unet_deep"], specs["vae_decoder"]
         self.seq_len = int(specs["text_encoder"].input("input_ids").dims[1])
         self.tokenizers = tuple(ClipTokenizer(d, max_length=self.seq_len) for d in assets.tokenizer_dirs)
         self.scheduler = EulerDiscreteScheduler.from_config(assets.scheduler_config)
@@ -271,13 +277,20 @@ class Sampler:
             if height % spec.size_multiple or width % spec.size_multiple:
                 raise UsageError(f"{spec.name}: --height and --width must be multiples of {spec.size_multiple} for this model (got {height}x{width})")
         vae_tile = self._vae_tile(req.vae_tile, height, width)
+        from sampler.feature_cache import check_cache
+
+        cache_interval, cache_branch = check_cache(self.specs, req.cache_interval, req.cache_branch, self.scheduler,
+                                                   self.assets.unet_config, self.backend)
+        if cache_interval > 1:
+            self.specs.update({k: v for k, v in (getattr(self.backend, "specs", {}) or {}).items() if k.startswith("unet_")})
         prompts = 2 if (guidance > 1.0 and (req.negative_prompt or not a.force_zeros_for_empty_prompt)) else 1
         unet_batch = 2 * batch if guidance > 1.0 else batch
-        for comp, b in (("text_encoder", prompts), ("text_encoder_2", prompts), ("unet", unet_batch), ("vae_decoder", batch)):
+        unets = ("unet_deep", "unet_shallow") if cache_interval > 1 else (self.unet.name,)
+        for comp, b in (("text_encoder", prompts), ("text_encoder_2", prompts), *((u, unet_batch) for u in unets), ("vae_decoder", batch)):
             r = self._range(comp)
             if r is None:
                 continue
-            what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp == "unet" and unet_batch != batch else "")
+            what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp.startswith("unet") and unet_batch != batch else "")
             if comp == "vae_decoder" and vae_tile:  # the decoder runs on tiles, not on the image
                 r.check(comp, self.specs[comp].spatial, vae_tile, vae_tile, batch=b, batch_what=what,
                         fix=f"the VAE decodes {vae_tile}x{vae_tile} tiles: pick a --vae-tile inside that range")
@@ -297,13 +310,19 @@ class Sampler:
             if req.seed < 0:
                 raise UsageError(f"--seed must be >= 0 (got {req.seed})")
             noise, seed = initial_noise(int(req.seed), batch, shape[1:]), int(req.seed)
-        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile)
+        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile,
+                    cache_interval, cache_branch)
+
+    def components(self, plan: Plan | None = None) -> list[str]:
+        """The components `plan` runs (what to load): the U-Net pair where it caches features."""
+        unets = ["unet_deep", "unet_shallow"] if plan is not None and plan.cache_interval > 1 else [self.unet.name]
+        return ["text_encoder", "text_encoder_2", *unets, "vae_decoder"]
 
     def check_prompt(self, prompt: str, negative_prompt: str | None = None) -> int:
         """The chunks the prompt (and the negative prompt, when it is encoded) take, inside the U-Net's
         sequence range (its backend's, else its export's); UsageError naming the limit."""
         tokens = prompt_tokens(self.tokenizers, [prompt] if negative_prompt is None else [negative_prompt, prompt])
-        return check_prompt_range(self.unet, self._range("unet"), tokens)
+        return check_prompt_range(self.unet, self._range(self.unet.name), tokens)
 
     def _vae_tile(self, asked: int | None, height: int, width: int) -> int | None:
         """The decode's tile size in pixels: --vae-tile, else the one the VAE engine was built for (a
@@ -323,13 +342,14 @@ class Sampler:
         return tile
 
     # ----- the loop -----------------------------------------------------------------------------
-    def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """backend.run with the feeds in the spec's dtypes (fp16 I/O graphs or engines) and float32 back."""
+    def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray], stage: str | None = None) -> dict[str, np.ndarray]:
+        """backend.run with the feeds in the spec's dtypes (fp16 I/O graphs or engines) and float32 back;
+        its time under `stage` [the component]."""
         spec = self.specs[component]
         feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False) for k, v in feeds.items()}
         t0 = time.perf_counter()
         out = self.backend.run(component, feeds)
-        timings.add(component, time.perf_counter() - t0)
+        timings.add(stage or component, time.perf_counter() - t0)
         return {k: v.astype(F32, copy=False) for k, v in out.items()}
 
     def encode_prompt(self, plan: Plan, timings: Timings, warn: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
@@ -428,13 +448,19 @@ class Sampler:
         latents = (plan.noise * sched.init_noise_sigma).astype(F32, copy=False)
         g = F32(plan.guidance)
         n = plan.batch
+        from sampler.feature_cache import FeatureCache
+
+        cache = FeatureCache(plan.cache_interval, self.specs["unet_shallow"]) if plan.cache_interval > 1 else None
         for i, t in enumerate(sched.timesteps):
             t0 = time.perf_counter()
             x = sched.scale_model_input(latents, i)  # elementwise, so scaling before the CFG copy is the same
             x = np.concatenate([x, x]) if plan.cfg else x
             feeds = {"sample": x, "timestep": np.full((ub,), t, F32), "encoder_hidden_states": hidden,
                      "text_embeds": pooled, "time_ids": time_ids}
-            eps = self._run(timings, "unet", feeds)["out_sample"]
+            if cache is None:
+                eps = self._run(timings, self.unet.name, feeds, "unet")["out_sample"]
+            else:  # every U-Net call is timed as "unet", whichever graph of the pair ran
+                eps = cache.unet(i, feeds, lambda c, f: self._run(timings, c, f, "unet"))
             if plan.cfg:  # Ho & Salimans 2022, eq. 6: eps_uncond + w (eps_cond - eps_uncond)
                 uncond, cond = eps[:n], eps[n:]
                 eps = uncond + g * (cond - uncond)

@@ -52,6 +52,8 @@ PIPELINE_INPUTS = (  # name, Triton type, optional
     ("guidance", "TYPE_FP32", True),
     ("height", "TYPE_INT32", True),
     ("width", "TYPE_INT32", True),
+    ("cache_interval", "TYPE_INT32", True),  # feature caching (sampler/feature_cache.py): needs unet_deep and unet_shallow
+    ("cache_branch", "TYPE_INT32", True),
 )
 CHUNK = 4 << 20
 FLAVOURS = ("production", "python")

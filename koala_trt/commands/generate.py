@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
+from koala_trt.commands.cache_options import cache_options, cache_record
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_core.errors import UsageError
 
@@ -64,6 +65,7 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--latents", type=click.Path(path_type=Path),
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
 @vae_tile_option()
+@cache_options()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
@@ -73,7 +75,8 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
-                 width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, out: Path, threads: int | None,
+                 width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, cache_interval: int,
+                 cache_branch: int | None, out: Path, threads: int | None,
                  cpu_precision: str | None,
                  no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, Euler with CFG, VAE decode, PNG).
@@ -82,6 +85,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     network runs; a failure leaves no PNG behind."""
     import secrets
 
+    from exporter.cache_branch import check_interval
     from sampler.loop import Request, Sampler, output_paths, save_pngs
     from sampler.pipeline import open_pipeline
 
@@ -89,12 +93,13 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     # ----- everything is checked before a network runs -------------------------------------------
     check_out_file(out, example="image.png")
     check_vae_tile(vae_tile)
+    check_interval(cache_interval)
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
     check_backend_sources(backend, artifacts, model, engines)
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                         full_hash=not no_verify, log=log)
+                         full_hash=not no_verify, log=log, cache=cache_interval > 1)
     manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
     try:
         if backend == "torch" and manifest is not None:
@@ -104,15 +109,16 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
             seed = secrets.randbelow(2**31)
         plan = sampler.plan(Request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     seed=seed if seed is not None else 0, height=height, width=width, batch=batch, latents=lat,
-                                    vae_tile=vae_tile))
+                                    vae_tile=vae_tile, cache_interval=cache_interval, cache_branch=cache_branch))
         paths = output_paths(out, plan.batch)
         log(f"{backend}: {plan.batch} image(s) {plan.width}x{plan.height}, {plan.steps} steps, guidance {plan.guidance:g}"
             + ("" if plan.cfg else " (no CFG)") + (f", seed {plan.seed}" if plan.seed is not None else f", latents {latents}")
             + f", scheduler {sampler.scheduler.timestep_spacing} spacing"
-            + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else ""))
+            + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else "")
+            + (f", feature cache every {plan.cache_interval} steps at branch {plan.cache_branch}" if plan.cache_interval > 1 else ""))
         # ----- load, then run ---------------------------------------------------------------------
         t0 = time.perf_counter()
-        runtime.load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
+        runtime.load(sampler.components(plan))
         load_ms = 1e3 * (time.perf_counter() - t0)
         backend_desc = runtime.describe()
         images, timings = sampler.sample(plan, progress=not no_progress, warn=lambda m: log(f"warning: {m}"))
@@ -129,6 +135,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         print_json({"images": [str(p) for p in paths], "backend": backend_desc, "prompt": prompt, "negative_prompt": negative_prompt,
                     "seed": plan.seed, "latents": str(latents) if latents else None, "steps": plan.steps, "guidance": plan.guidance,
                     "height": plan.height, "width": plan.width, "batch": plan.batch, "vae_tile": plan.vae_tile,
+                    "cache": cache_record(plan, timings),
                     "scheduler": {"timestep_spacing": sampler.scheduler.timestep_spacing, "timesteps": [float(t) for t in sampler.scheduler.timesteps]},  # type: ignore[union-attr]
                     "timings": {**summary, "load_ms": load_ms, "png_ms": png_ms, "verify_ms": 1e3 * verify_s,
                                 "wall_ms": 1e3 * (time.perf_counter() - started)}})

@@ -63,7 +63,7 @@ class BlsBackend:
 def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.ndarray]:
     """The koala-trt sampler over `backend`, configured from the artifacts manifest in `pipeline_dir`:
     a function (prompt, **options) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). Options are sampler.loop.Request's
-    fields (negative_prompt, seed, steps, guidance, height, width).
+    fields (negative_prompt, seed, steps, guidance, height, width, cache_interval, cache_branch).
 
     This is the one place that names the sampler's API (sampler/loop.py)."""
     from exporter.manifest import load_manifest
@@ -157,6 +157,8 @@ class TritonPythonModel:
                     "guidance": _scalar(request, "guidance", float),
                     "height": _scalar(request, "height", int),
                     "width": _scalar(request, "width", int),
+                    "cache_interval": _scalar(request, "cache_interval", int),
+                    "cache_branch": _scalar(request, "cache_branch", int),
                 }.items() if v is not None}
                 prompt = _scalar(request, "prompt", str)
                 if prompt is None:

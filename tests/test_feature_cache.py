@@ -29,27 +29,23 @@ def cached_artifacts(tiny_cached_artifacts: Path) -> Path:
 
 
 def reference(preset: str, latents: np.ndarray, steps: int, guidance: float, interval: int, branch: int) -> np.ndarray:
-    """DeepCacheSDHelper on diffusers' pipeline. Its helper wraps `unet.mid_block` unconditionally;
-    without one (KOALA) that block is skipped: it would always be in the cached deep part anyway."""
+    """DeepCacheSDHelper on diffusers' pipeline (validation/deepcache_reference.py: a missing mid block left unwrapped)."""
     import torch
-    from DeepCache import DeepCacheSDHelper
 
     from exporter.sources import resolve
+    from validation.deepcache_reference import deepcache
+    from validation.reference import load_pipeline
 
-    class Helper(DeepCacheSDHelper):
-        def wrap_block_forward(self, block, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if block is not None:
-                super().wrap_block_forward(block, *args, **kwargs)
-
-    pipe = resolve(f"random:{preset}").pipeline()
-    pipe.watermark = None
-    pipe.set_progress_bar_config(disable=True)
-    helper = Helper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
+    pipe = load_pipeline(resolve(f"random:{preset}"))
     n, _, h, w = latents.shape
-    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=h * 8, width=w * 8, num_images_per_prompt=n,
-                latents=torch.from_numpy(latents.copy()), output_type="np").images
+    with deepcache(pipe, interval, branch):
+        cached = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=h * 8, width=w * 8, num_images_per_prompt=n,
+                      latents=torch.from_numpy(latents.copy()), output_type="np").images
+    # Restored on the way out: the same pipeline is the uncached reference again.
+    plain = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=h * 8, width=w * 8, num_images_per_prompt=n,
+                 latents=torch.from_numpy(latents.copy()), output_type="np").images
+    assert float(np.abs(plain - cached).max()) > 1e-3
+    return cached
 
 
 def _check(images: np.ndarray, ref: np.ndarray, uncached: np.ndarray | None = None) -> None:
@@ -136,3 +132,15 @@ def test_generate_cli_caches(cached_artifacts: Path, tmp_path: Path) -> None:
     assert out.is_file() and json.loads(stdout)["cache"] == {"interval": 2, "branch": BRANCH, "deep_steps": 2, "shallow_steps": 1}
     code, _, stderr = run_cli("generate", "-a", cached_artifacts, "-p", PROMPT, "--cache-interval", 0, "-o", tmp_path / "x.png")
     assert code == 2 and "--cache-interval must be a whole number >= 1" in stderr and not (tmp_path / "x.png").exists()
+
+
+def test_validate_end_to_end_against_deepcache(cached_artifacts: Path, tmp_path: Path) -> None:
+    import json
+
+    report = tmp_path / "report.json"
+    code, _, stderr = run_cli("validate", "-a", cached_artifacts, "--steps", 3, "--height", SIZE, "--width", SIZE,
+                              "--random-samples", 1, "--cache-interval", 2, "--report", report, "--json")
+    assert code == 0, stderr[-2000:]
+    data = json.loads(report.read_text())
+    assert data["cache_interval"] == 2 and data["cache_branch"] == BRANCH
+    assert {"unet_deep", "unet_shallow", "end_to_end"} <= {c["component"] for c in data["checks"]}

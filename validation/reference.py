@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,10 +73,11 @@ def load_pipeline(source: Any) -> Any:
 
 
 def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], steps: int, guidance: float,
-                     height: int, width: int) -> Trajectories:
+                     height: int, width: int, cache: tuple[int, int] | None = None) -> Trajectories:
     """Run the pipeline once per prompt (CFG with SDXL's zero negative embeddings, as the sampler),
     recording the U-Net's inputs and the latents after the last scheduler step. Prompts are encoded
-    in chunks of 77 tokens by the pipeline's own encoders, as the sampler encodes them."""
+    in chunks of 77 tokens by the pipeline's own encoders, as the sampler encodes them. cache:
+    (interval, branch) runs them with DeepCache (validation/deepcache_reference.py)."""
     import torch
 
     from calibration.capture import UNetRecorder
@@ -89,6 +92,11 @@ def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], ste
         final["latents"] = kwargs["latents"].detach().float().numpy().copy()
         return kwargs
 
+    stack = contextlib.ExitStack()
+    if cache is not None:
+        from validation.deepcache_reference import deepcache
+
+        stack.enter_context(deepcache(pipe, *cache))
     try:
         for prompt, n in zip(prompts, noise):
             with torch.no_grad():
@@ -99,5 +107,6 @@ def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], ste
             out.images.append(np.asarray(res.images, dtype=np.float32))
     finally:
         hook.remove()
+        stack.close()
     out.unet_calls = recorder.calls
     return out

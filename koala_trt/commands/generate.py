@@ -70,7 +70,9 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
 @cpu_precision_option()
-@click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256 (faster start for big models).")
+@click.option("--verify", is_flag=True, help="Hash every artifact file (and openvino's compiled models) even where the record of "
+              "verified files vouches for it (unchanged size, mtime and ctime since it was hashed).")
+@click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
@@ -78,7 +80,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
                  width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, cache_interval: int,
                  cache_branch: int | None, out: Path, threads: int | None,
                  cpu_precision: str | None,
-                 no_verify: bool, no_progress: bool, as_json: bool) -> None:
+                 verify: bool, no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, Euler with CFG, VAE decode, PNG).
 
     onnxruntime and tensorrt never import torch or diffusers. Everything is validated before any
@@ -94,12 +96,14 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     check_out_file(out, example="image.png")
     check_vae_tile(vae_tile)
     check_interval(cache_interval)
+    if verify and no_verify:
+        raise UsageError("--verify and --no-verify contradict each other; pass one")
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
     check_backend_sources(backend, artifacts, model, engines)
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                         full_hash=not no_verify, log=log, cache=cache_interval > 1)
+                         full_hash=not no_verify, log=log, cache=cache_interval > 1, verify=verify)
     manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
     try:
         if backend == "torch" and manifest is not None:

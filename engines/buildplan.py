@@ -337,8 +337,10 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
     if profile.build.weight_streaming:
         check_weight_streaming(plan.library, trt_version)
     # Feature caching's U-Net pair is built by default where the artifacts hold it (`export --cache-branch`).
+    # Without a plain unet (`export --cache-branch B -c ...` left it out) the pair is the U-Net.
     cached = [c for c in CACHE_COMPONENTS if any(c in m.view.components for m in manifests)]
-    for name in components or [*profile.components(), *cached]:
+    plain = any("unet" in m.view.components for m in manifests) or len(cached) < 2
+    for name in components or [*(c for c in profile.components() if c != "unet" or plain), *cached]:
         precision = profile.precision_for(name)
         check_precision(name, precision, profile)
         m = _pick_folder(manifests, name, precision, profile)

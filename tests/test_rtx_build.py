@@ -363,11 +363,16 @@ def test_rtx_engines_run_on_the_card(built: dict[str, Path], tmp_path: Path) -> 
 def test_feature_cache_pair_builds_for_rtx3060ti(tiny_cached_artifacts: Path, tmp_path: Path) -> None:
     """Feature caching's two U-Net graphs (`export --cache-branch`) are built by default where the
     artifacts hold them, each with its own inputs (unet_shallow's deep_feature) in the profile."""
+    from engines.buildplan import make_build_plan
+    from engines.profile import load_profile
+
     out = tmp_path / "cached"
-    koala("build", "--profile", "rtx3060ti", "--onnx", tiny_cached_artifacts, "--precision", "fp32", *SIZE, "--batch", "1",
-          "--no-estimate", "--out", out)
+    plan = make_build_plan([tiny_cached_artifacts], load_profile("rtx3060ti").with_overrides(precision="fp32"), out, estimate=False)
+    assert list(plan.components) == ["text_encoder", "text_encoder_2", "vae_decoder", "unet_deep", "unet_shallow"]
+    koala("build", "--profile", "rtx3060ti", "--onnx", tiny_cached_artifacts, "--precision", "fp32", "-c", "unet_deep,unet_shallow",
+          *SIZE, "--batch", "1", "--no-estimate", "--out", out)
     m = manifest(out)
-    assert {"unet_deep", "unet_shallow"} <= set(m["engines"]) and "unet" not in m["engines"]
+    assert set(m["engines"]) == {"unet_deep", "unet_shallow"}
     for component in ("unet_deep", "unet_shallow"):
         e = m["engines"][component]
         assert (out / e["file"]).read_bytes()[:4] == b"vtrt" and e["precision"] == "fp32"

@@ -127,7 +127,7 @@ def _graph_components(manifest: Manifest, components: Sequence[str], cache: bool
 
     have = manifest.view.components
     out = [("unet_deep" if c == "unet" and c not in have and "unet_deep" in have else c) for c in components]
-    return list(dict.fromkeys([*out, *(CACHE_COMPONENTS if cache else ())]))
+    return list(dict.fromkeys([*out, *(c for c in CACHE_COMPONENTS if cache and c in have)]))  # a missing pair: the sampler's plan says so
 
 
 def _report_adapters(engines: Path, manifest: Manifest, log: Callable[[str], None]) -> None:

@@ -63,6 +63,17 @@ CASES = [
     ("generate-engines-manifest-invalid-json", [*GEN_TRT, "{ENGBADJSON}"], 2, ENG_BAD_JSON),
     ("generate-engines-manifest-without-spec", [*GEN_TRT, "{ENGNOSPEC}"], 2, NO_SPEC),
     ("generate-engines-without-tensorrt", [*GEN_TRT, "{ENG}"], 1, TRT_MISSING),
+    ("generate-cache-interval-0", [*GEN, "--cache-interval", "0"], 2,
+     "Error: --cache-interval must be a whole number >= 1 (1: no caching; got 0)"),
+    ("generate-cache-interval-negative", [*GEN, "--cache-interval", "-3"], 2,
+     "Error: --cache-interval must be a whole number >= 1 (1: no caching; got -3)"),
+    ("generate-cache-without-the-pair", [*GEN, "--cache-interval", "3"], 2,
+     "...\nError: --cache-interval 3 needs the U-Net pair unet_deep and unet_shallow; neither is there: re-export with "
+     "`koala-trt export --cache-branch B` (and convert/build the pair like the unet)"),
+    ("generate-cache-branch-the-unet-lacks", [*GEN, "--cache-interval", "2", "--cache-branch", "5"], 2,
+     "...\nError: --cache-branch 5: this U-Net has branches 0, 1, 3, 4, 6, 7 (3 up blocks of 2, 2, 2 layers; "
+     "branch = 3 x block + layer, as DeepCache numbers them)"),
+    ("generate-verify-and-no-verify", [*GEN, "--verify", "--no-verify"], 2, "Error: --verify and --no-verify contradict each other; pass one"),
     # --- validate
     ("validate-steps-0", [*VAL, "--steps", "0"], 2, RANGE.format(flag="--steps", v=0, lo=1)),
     ("validate-random-samples-0", [*VAL, "--random-samples", "0"], 2, RANGE.format(flag="--random-samples", v=0, lo=1)),

@@ -367,7 +367,8 @@ def test_feature_cache_pair_builds_for_rtx3060ti(tiny_cached_artifacts: Path, tm
     from engines.profile import load_profile
 
     out = tmp_path / "cached"
-    plan = make_build_plan([tiny_cached_artifacts], load_profile("rtx3060ti").with_overrides(batch=1, height=128, width=128, precision="fp32"), out, estimate=False)
+    profile = load_profile("rtx3060ti").with_overrides(batch=1, height=128, width=128, precision="fp32")
+    plan = make_build_plan([tiny_cached_artifacts], profile, out, estimate=False)
     assert list(plan.components) == ["text_encoder", "text_encoder_2", "vae_decoder", "unet_deep", "unet_shallow"]
     koala("build", "--profile", "rtx3060ti", "--onnx", tiny_cached_artifacts, "--precision", "fp32", "-c", "unet_deep,unet_shallow",
           *SIZE, "--batch", "1", "--no-estimate", "--out", out)

@@ -14,6 +14,12 @@ EXPORT = ["export", "--model", "random:tiny", "--out", "{T}/out"]
 
 CASES = [
     ("batch-0", [*EXPORT, "--batch", "0"], 2, RANGE.format(flag="--batch", v=0)),
+    ("cache-branch-the-unet-lacks", [*EXPORT, "--cache-branch", "2"], 2,
+     "Error: --cache-branch 2: this U-Net has branches 0, 1, 3, 4, 6, 7 (3 up blocks of 2, 2, 2 layers; "
+     "branch = 3 x block + layer, as DeepCache numbers them)"),
+    ("cache-branch-negative", [*EXPORT, "--cache-branch", "-1"], 2,
+     "Error: --cache-branch -1: this U-Net has branches 0, 1, 3, 4, 6, 7 (3 up blocks of 2, 2, 2 layers; "
+     "branch = 3 x block + layer, as DeepCache numbers them)"),
     ("batch-negative", [*EXPORT, "--batch", "-1"], 2, RANGE.format(flag="--batch", v=-1)),
     ("height-0", [*EXPORT, "--height", "0"], 2, RANGE.format(flag="--height", v=0)),
     ("height-negative-multiple", [*EXPORT, "--height", "-256"], 2, RANGE.format(flag="--height", v=-256)),

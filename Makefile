@@ -7,7 +7,7 @@ OUT    ?= out
 DEMO_MODEL ?= random:tiny
 TORCH  := torch==2.13.0
 
-.PHONY: install install-gpu test test-gpu demo bench optimum-venv serve-venv clean
+.PHONY: install install-gpu test test-gpu demo bench optimum-venv genai-venv serve-venv clean
 
 install: $(STAMP)
 
@@ -60,6 +60,17 @@ optimum-venv:
 	.venv-optimum/bin/python -m pip install -q --upgrade pip
 	.venv-optimum/bin/python -m pip install -q $(TORCH)
 	.venv-optimum/bin/python -m pip install -q 'optimum-onnx==0.1.0' 'transformers==4.57.6' 'diffusers==0.39.0' 'onnx==1.23.2' 'onnxruntime==1.31.1'
+
+# Intel's own pipeline for the side-by-side of scripts/bench_genai.py: openvino-genai (Text2ImagePipeline) and
+# optimum-intel (`optimum-cli export openvino`), in their own venv; openvino at the pin koala-trt runs. optimum-intel
+# 2.2.0 resolves to diffusers 0.39 and torch 2.14 (not koala-trt's 0.42 / 2.13): pinned as it resolved.
+genai-venv:
+	$(PYTHON) -m venv .venv-genai
+	.venv-genai/bin/python -m pip install -q --upgrade pip
+	.venv-genai/bin/python -m pip install -q 'torch==2.14.1'
+	.venv-genai/bin/python -m pip install -q 'openvino-genai==2026.4.1.0' 'openvino-tokenizers==2026.4.1.0' 'openvino==2026.4.1' \
+		'optimum-intel[openvino,diffusers]==2.2.0' 'optimum==2.3.0' 'nncf==3.4.0' 'diffusers==0.39.0' 'transformers==5.5.4' \
+		'huggingface_hub==1.21.0' 'tokenizers==0.22.2'
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info

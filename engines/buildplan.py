@@ -17,14 +17,14 @@ from engines.planner import MemoryPlan
 from engines.profile import GIB, REFIT_FLAGS, GpuProfile
 from exporter.artifacts_check import check_files
 from exporter.manifest import Manifest, load_manifest
-from exporter.specs import ComponentSpec, ShapeRange
+from exporter.specs import CACHE_COMPONENTS, ComponentSpec, ShapeRange
 from koala_core.errors import UsageError
 from koala_core.schema import FileRecord
 
 TIMING_CACHE = "timing.cache"
 
 # Components whose graphs hold GEMMs (MatMul/Gemm): all of them, the VAE's through its mid-block attention.
-GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *CACHE_COMPONENTS)
 WEIGHT_STREAMING_NOTE = ("weight streaming: the engines are streamable (WEIGHT_STREAMING); the runtime keeps each engine's "
                          "budget of weights on the device and streams the rest from host memory at every call")
 INT8_ON_RTX = ("full INT8 Q/DQ (activations and weights) builds for TensorRT-RTX, but NVIDIA documents only "
@@ -336,7 +336,11 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
     plan.args.setdefault("profile", profile.name if profile.source == "builtin" else profile.source)
     if profile.build.weight_streaming:
         check_weight_streaming(plan.library, trt_version)
-    for name in components or profile.components():
+    # Feature caching's U-Net pair is built by default where the artifacts hold it (`export --cache-branch`).
+    # Without a plain unet (`export --cache-branch B -c ...` left it out) the pair is the U-Net.
+    cached = [c for c in CACHE_COMPONENTS if any(c in m.view.components for m in manifests)]
+    plain = any("unet" in m.view.components for m in manifests) or len(cached) < 2
+    for name in components or [*(c for c in profile.components() if c != "unet" or plain), *cached]:
         precision = profile.precision_for(name)
         check_precision(name, precision, profile)
         m = _pick_folder(manifests, name, precision, profile)

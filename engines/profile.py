@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engines.libraries import LIBRARIES, RTX_NEEDS_GPU, library as get_library, sm
-from exporter.specs import COMPONENTS, ShapeRange, check_tile
+from exporter.specs import CACHE_COMPONENTS, COMPONENTS, ShapeRange, check_tile
 from exporter.tolerances import PRECISIONS
 from koala_core.errors import UsageError
 from koala_core.schema import Fields as _Fields, Triple
@@ -160,11 +160,13 @@ class GpuProfile:
     # ----- what the build and the planner ask ----------------------------------------------
     def components(self) -> list[str]:
         """The components a pipeline on this card runs (vae_encoder only when the VAE policy asks)."""
-        return [c for c in COMPONENTS if c != "vae_encoder" or self.vae.encoder]
+        return [c for c in COMPONENTS if (c != "vae_encoder" or self.vae.encoder) and c not in CACHE_COMPONENTS]
 
     def precision_for(self, component: str) -> str:
         if component.startswith("vae"):
             return self.vae.precision
+        if component in CACHE_COMPONENTS:  # feature caching's U-Net pair runs at the U-Net's precision
+            return self.precision.get(component, self.precision["unet"])
         return self.precision[component]
 
     def shape_range(self, kind: str) -> ShapeRange:

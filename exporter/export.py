@@ -15,7 +15,7 @@ from exporter.check import compare, fp32_tolerance, onnx_outputs, torch_outputs
 from exporter.manifest import FORMAT, FORMAT_VERSION, Manifest, file_record, hash_tree
 from exporter.metrics import Tolerance
 from exporter.sources import ModelSource
-from exporter.specs import (CHUNK_TOKENS, DEFAULT_COMPONENTS, DEFAULT_PROMPT_CHUNKS, ComponentSpec, ShapeRange,
+from exporter.specs import (CACHE_COMPONENTS, CHUNK_TOKENS, DEFAULT_COMPONENTS, DEFAULT_PROMPT_CHUNKS, ComponentSpec, ShapeRange,
                             default_range, specs_from_configs)
 from koala_core.atomic import staged_dir
 from koala_core.errors import CheckFailed, UsageError
@@ -38,6 +38,7 @@ class ExportOptions:
     static: bool = False  # fixed shapes (batch, height, width): faster to export, runs at that shape only
     loras: list[Any] = field(default_factory=list)  # exporter.lora.Adapter, fused in order before export
     max_prompt_chunks: int | None = None  # the U-Net's sequence range: 1..N chunks of 77 tokens [DEFAULT_PROMPT_CHUNKS]
+    cache_branch: int | None = None  # feature caching: also unet_deep and unet_shallow split at this branch (exporter/cache_branch.py)
 
 
 def tool_versions() -> dict[str, str]:
@@ -69,7 +70,7 @@ def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: Export
 
 # Default check sides: a VAE decode costs about 8x a U-Net step per pixel on a CPU (16 s for one 512 px
 # image here), so the VAE is checked at 256 px; `validate` checks every component at full resolution.
-CHECK_SIDE = {"unet": 512, "vae_decoder": 256, "vae_encoder": 256}
+CHECK_SIDE = {"unet": 512, "unet_deep": 512, "unet_shallow": 512, "vae_decoder": 256, "vae_encoder": 256}
 
 
 def check_shape(spec: ComponentSpec, batch: int, height: int, width: int, side: int | None) -> tuple[int, int, int]:
@@ -101,7 +102,9 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
     from exporter.onnx_export import export_onnx
     from exporter.wrappers import wrap
 
-    specs = specs_from_configs(source.configs)
+    specs = specs_from_configs(source.configs, opts.cache_branch or 0)  # an unknown branch: UsageError here
+    if opts.cache_branch is not None:
+        opts.components += [c for c in CACHE_COMPONENTS if c not in opts.components]
     height, width = _validate(source, specs, opts)
     log(f"exporting {source.ref} ({', '.join(opts.components)}) to {out}")
     trace_batch = opts.batch if opts.static else max(2, opts.batch)  # torch.export specializes a batch of 1

@@ -36,12 +36,16 @@ def file_record(path: Path) -> dict[str, Any]:
     return FileRecord(sha256_file(path), path.stat().st_size).to_json()
 
 
+VERIFIED = ".koala-verified.json"  # the record of verified files (exporter/artifacts_check.py): never an artifact
+
+
 def hash_tree(root: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under root (relative POSIX paths), manifest excluded."""
+    """sha256 and size of every file under root (relative POSIX paths), manifest and record of
+    verified files excluded."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in skip:
+        if p.is_file() and rel not in skip and rel != VERIFIED:
             out[rel] = file_record(p)
     return out
 

@@ -42,6 +42,12 @@ def _dynamic_shapes(spec: ComponentSpec, r: ShapeRange) -> dict[str, dict[int, A
     def dim(sym: str) -> Any:
         if sym in made:
             return made[sym]
+        if "/" in sym:  # a feature `div` times coarser than the latents (unet_shallow's deep_feature): same base dim
+            name, div = sym.split("/")
+            step = m // f // int(div)
+            dim(name)
+            made[sym] = step * made[name + "#base"] if step > 1 else made[name + "#base"]
+            return made[sym]
         if sym == "batch":
             d = Dim("batch", min=r.batch[0], max=r.batch[2])
         elif sym == "sequence":
@@ -51,7 +57,7 @@ def _dynamic_shapes(spec: ComponentSpec, r: ShapeRange) -> dict[str, dict[int, A
             lo, hi = (r.height[0], r.height[2]) if "height" in sym else (r.width[0], r.width[2])
             unit = f if sym.startswith("latent") else 1  # pixels per unit of this axis
             step = m // unit  # granularity in this axis's units
-            base = Dim(sym, min=max(1, -(-lo // m)), max=hi // m)
+            base = made[sym + "#base"] = Dim(sym, min=max(1, -(-lo // m)), max=hi // m)
             d = step * base if step > 1 else base
         made[sym] = d
         return d

@@ -20,7 +20,8 @@ import numpy as np
 
 from koala_core.errors import UsageError
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "unet_deep", "unet_shallow")
+CACHE_COMPONENTS = ("unet_deep", "unet_shallow")  # feature caching's U-Net pair (`export --cache-branch`)
 DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 NUMPY_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 MAX_BATCH = 8  # default upper end of every batch range: 4 images with classifier-free guidance
@@ -51,6 +52,13 @@ def prompt_chunk_ids(ids: list[int], chunks: int, bos: int, eos: int, pad: int,
     return out
 
 
+def symbol_size(sym: str, sizes: Mapping[str, int]) -> int:
+    """The size of a symbolic dim: a name of `sizes`, or `name/N` (that size divided by N: a U-Net
+    feature N times coarser than the latents, as unet_deep's cached feature)."""
+    name, _, div = sym.partition("/")
+    return int(sizes[name]) // (int(div) if div else 1)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -58,7 +66,7 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
     def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
+        return tuple(d if isinstance(d, int) else symbol_size(d, sizes) for d in self.dims)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
@@ -263,11 +271,32 @@ class UNetSpec(ComponentSpec):
         rng = np.random.default_rng(seed)
         shapes = self.input_shapes(batch, height, width, chunks)
         time_ids = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (batch, 1))
-        return {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
-                "timestep": np.full((batch,), float(rng.integers(1, 1000)), np.float32),
-                "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
-                "text_embeds": rng.standard_normal(shapes["text_embeds"], dtype=np.float32),
-                "time_ids": time_ids}
+        feeds = {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
+                 "timestep": np.full((batch,), float(rng.integers(1, 1000)), np.float32),
+                 "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32)
+                 if "encoder_hidden_states" in shapes else None,
+                 "text_embeds": rng.standard_normal(shapes["text_embeds"], dtype=np.float32),
+                 "time_ids": time_ids}
+        if "deep_feature" in shapes:  # unet_shallow: a cached feature of a U-Net's scale (unit variance, as GroupNorm leaves it)
+            feeds["deep_feature"] = rng.standard_normal(shapes["deep_feature"], dtype=np.float32)
+        return {k: v for k, v in feeds.items() if v is not None and k in shapes}
+
+    @classmethod
+    def cache_variants(cls, unet: "UNetSpec", cfg: Mapping[str, Any], branch: int) -> dict[str, "UNetSpec"]:
+        """Feature caching's two graphs for `branch` (exporter/cache_branch.py): `unet_deep`, the U-Net
+        with the hidden state entering the branch's up-block layer as a second output (deep_feature), and
+        `unet_shallow`, the part that runs on cached steps: the U-Net's inputs (encoder_hidden_states only
+        where that part has cross-attention) plus deep_feature, out_sample out."""
+        from exporter.cache_branch import cache_branch
+
+        b = cache_branch(cfg, branch)
+        lat = ("latent_height", "latent_width") if b.scale == 1 else (f"latent_height/{b.scale}", f"latent_width/{b.scale}")
+        feature = TensorSpec("deep_feature", "float32", ("batch", b.channels, *lat))
+        extra = {**unet.extra, "cache_branch": b.branch, "cache_block": b.block, "cache_layer": b.layer}
+        shallow_in = tuple(t for t in unet.inputs if t.name != "encoder_hidden_states" or b.cross_attention)
+        common = dict(module="unet", latent_factor=unet.latent_factor, size_multiple=unet.size_multiple)
+        return {"unet_deep": cls(name="unet_deep", inputs=unet.inputs, outputs=(*unet.outputs, feature), extra=extra, **common),
+                "unet_shallow": cls(name="unet_shallow", inputs=(*shallow_in, feature), outputs=unet.outputs, extra=extra, **common)}
 
 
 class VaeDecoderSpec(ComponentSpec):
@@ -322,15 +351,18 @@ def check_tile(tile: object, height: int | None = None, width: int | None = None
         raise ValueError(f"must not be larger than the image ({tile} px > {width}x{height} px)")
 
 
-def specs_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, ComponentSpec]:
-    """Every component's spec, from the pipeline's configs (text_encoder, text_encoder_2, unet, vae)."""
+def specs_from_configs(configs: Mapping[str, Mapping[str, Any]], cache_branch: int = 0) -> dict[str, ComponentSpec]:
+    """Every component's spec, from the pipeline's configs (text_encoder, text_encoder_2, unet, vae);
+    the feature-caching pair (unet_deep, unet_shallow) split at `cache_branch`."""
     f = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    unet = UNetSpec.from_config(configs["unet"], f, int(configs["text_encoder"]["max_position_embeddings"]))
     return {
         "text_encoder": TextEncoderSpec.from_config("text_encoder", configs["text_encoder"], with_projection=False),
         "text_encoder_2": TextEncoderSpec.from_config("text_encoder_2", configs["text_encoder_2"], with_projection=True),
-        "unet": UNetSpec.from_config(configs["unet"], f, int(configs["text_encoder"]["max_position_embeddings"])),
+        "unet": unet,
         "vae_decoder": VaeDecoderSpec.from_config(configs["vae"], f),
         "vae_encoder": VaeEncoderSpec.from_config(configs["vae"], f),
+        **UNetSpec.cache_variants(unet, configs["unet"], cache_branch),
     }
 
 

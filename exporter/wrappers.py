@@ -36,6 +36,98 @@ class UNetWrapper(torch.nn.Module):
                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
 
 
+class UNetDeepWrapper(UNetWrapper):
+    """unet_deep: the whole U-Net (diffusers' own forward) and, as `deep_feature`, the hidden state
+    that enters the cache branch's up-block layer (the first `channels` of that resnet's input, which
+    diffusers concatenates as [hidden state, skip connection])."""
+
+    def __init__(self, unet: torch.nn.Module, spec: ComponentSpec) -> None:
+        super().__init__(unet)
+        self.spec = spec
+        block = unet.up_blocks[len(unet.up_blocks) - 1 - spec.extra["cache_block"]]
+        self.tap = block.resnets[len(block.resnets) - 1 - spec.extra["cache_layer"]]
+        self.channels = int(spec.output("deep_feature").dims[1])
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        hook = self.tap.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, :self.channels]))
+        try:
+            out = super().forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+        finally:
+            hook.remove()
+        return out, seen[0]
+
+
+class UNetShallowWrapper(torch.nn.Module):
+    """unet_shallow: what DeepCache recomputes on a cached step (exporter/cache_branch.py), written
+    out of the U-Net's own modules in the order of diffusers' UNet2DConditionModel.forward (SDXL's
+    case: no masks, no class labels, no adapters; sizes in the spec's granularity): time and added
+    embeddings, conv_in, down blocks 0..k-1, the first c layers of down block k, then up block k
+    from the cached `deep_feature`, the up blocks above it and the output head."""
+
+    def __init__(self, unet: torch.nn.Module, spec: ComponentSpec) -> None:
+        super().__init__()
+        self.unet, self.k, self.c = unet, int(spec.extra["cache_block"]), int(spec.extra["cache_layer"])
+
+    @staticmethod
+    def _layer(block: torch.nn.Module, i: int, h: torch.Tensor, emb: torch.Tensor, ehs: torch.Tensor | None) -> torch.Tensor:
+        h = block.resnets[i](h, emb)
+        if getattr(block, "attentions", None):
+            h = block.attentions[i](h, encoder_hidden_states=ehs, return_dict=False)[0]
+        return h
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor, deep_feature: torch.Tensor) -> torch.Tensor:
+        return self.shallow(sample, timestep, encoder_hidden_states, text_embeds, time_ids, deep_feature)
+
+    def shallow(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor | None,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        u = self.unet
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        emb = u.time_embedding(u.get_time_embed(sample=sample, timestep=timestep), None)
+        aug = u.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if u.time_embed_act is not None:
+            emb = u.time_embed_act(emb)
+        if ehs is not None:
+            ehs = u.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
+        h = u.conv_in(sample)
+        res = [h]
+        for j in range(self.k):  # the down blocks above the branch, whole
+            block = u.down_blocks[j]
+            if getattr(block, "has_cross_attention", False):
+                h, r = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+            else:
+                h, r = block(hidden_states=h, temb=emb)
+            res.extend(r)
+        for i in range(self.c):  # the branch's down block: its first c layers
+            h = self._layer(u.down_blocks[self.k], i, h, emb, ehs)
+            res.append(h)
+        n = len(u.up_blocks)
+        h = feature
+        for ub in range(n - 1 - self.k, n):
+            block = u.up_blocks[ub]
+            first = len(block.resnets) - 1 - self.c if ub == n - 1 - self.k else 0
+            for i in range(first, len(block.resnets)):
+                h = torch.cat([h, res.pop()], dim=1)
+                h = self._layer(block, i, h, emb, ehs)
+            for up in block.upsamplers or []:
+                h = up(h, None)
+        if u.conv_norm_out:
+            h = u.conv_act(u.conv_norm_out(h))
+        return u.conv_out(h)
+
+
+class UNetShallowNoTextWrapper(UNetShallowWrapper):
+    """unet_shallow of a branch without cross-attention (SDXL's and KOALA's top block, branch 0): the
+    prompt's hidden states are not an input (the graph would not read them)."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor,  # type: ignore[override]
+                time_ids: torch.Tensor, deep_feature: torch.Tensor) -> torch.Tensor:
+        return self.shallow(sample, timestep, None, text_embeds, time_ids, deep_feature)
+
+
 class VaeDecoderWrapper(torch.nn.Module):
     def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()
@@ -58,4 +150,9 @@ def wrap(spec: ComponentSpec, module: torch.nn.Module) -> torch.nn.Module:
     """The export wrapper for `spec` around the pipeline module it names."""
     if spec.kind == "text_encoder":
         return TextEncoderWrapper(module, with_projection=len(spec.outputs) > 1).eval()
+    if spec.name in ("unet_deep", "unet_shallow"):  # feature caching's pair (specs.UNetSpec.cache_variants)
+        if spec.name == "unet_deep":
+            return UNetDeepWrapper(module, spec).eval()
+        text = any(t.name == "encoder_hidden_states" for t in spec.inputs)
+        return (UNetShallowWrapper if text else UNetShallowNoTextWrapper)(module, spec).eval()
     return {"unet": UNetWrapper, "vae_decoder": VaeDecoderWrapper, "vae_encoder": VaeEncoderWrapper}[spec.kind](module).eval()

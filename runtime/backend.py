@@ -123,7 +123,7 @@ def log_stderr(message: str) -> None:
 
 def open_backend(name: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
                  manifest: Manifest | None = None, threads: int | None = None, cpu_precision: str | None = None,
-                 torch_precision: str = "fp32") -> Any:
+                 torch_precision: str = "fp32", verify: bool = False) -> Any:
     """The backend `name` over its inputs: onnxruntime and openvino <- artifacts, tensorrt <- engines,
     torch <- model. openvino, tensorrt and torch are imported here, only when asked for.
     cpu_precision (auto, fp32, bf16) is for openvino; torch_precision (fp32, bf16 = autocast) for torch."""
@@ -134,7 +134,8 @@ def open_backend(name: str, artifacts: Path | None = None, engines: Path | None 
             raise UsageError("--backend openvino needs --artifacts DIR")
         from runtime.openvino_backend import OpenVinoBackend
 
-        return OpenVinoBackend(manifest or load_manifest(artifacts), threads=threads, cpu_precision=cpu_precision)  # type: ignore[arg-type]
+        return OpenVinoBackend(manifest or load_manifest(artifacts), threads=threads, cpu_precision=cpu_precision,  # type: ignore[arg-type]
+                               verify=verify)
     if name == "onnxruntime":
         if artifacts is None and manifest is None:
             raise UsageError("--backend onnxruntime needs --artifacts DIR")

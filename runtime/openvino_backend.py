@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from exporter.artifacts_check import file_stamp
 from exporter.manifest import Manifest, sha256_file
 from exporter.specs import ComponentSpec, ShapeRange
 from koala_core.errors import KoalaError, UsageError
@@ -32,6 +33,7 @@ from runtime.backend import Backend
 
 CACHE_SUFFIX = ".openvino-cache"
 CACHE_RECORD = "koala-cache.json"
+BLOB = "compiled.blob"  # CompiledModel.export_model() of one component, imported by Core.import_model
 # OpenVINO's names for the precisions of --cpu-precision.
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
@@ -139,7 +141,7 @@ class OpenVinoBackend(Backend):
 
     def __init__(self, manifest: Manifest, threads: int | None = None, cpu_precision: str | None = None,
                  cache_dir: Path | None = None, flags: set[str] | None = None,
-                 log: Callable[[str], None] = _stderr) -> None:
+                 log: Callable[[str], None] = _stderr, verify: bool = False) -> None:
         from koala_core.machine import SIMD_FLAGS, all_cpu_flags, cpu_isa, resolve_cpu_precision
 
         self.manifest = manifest
@@ -155,8 +157,10 @@ class OpenVinoBackend(Backend):
         self.version = self._ov.get_version()
         self.cache_root = cache_dir if cache_dir is not None else manifest.root.parent / (manifest.root.name + CACHE_SUFFIX)
         self.log = log
+        self.verify = verify  # hash the compiled blobs even where their size and mtime match the record
         self._compiled: dict[str, Any] = {}
         self._requests: dict[str, Any] = {}
+        self._mapped: dict[str, Any] = {}
         self.cache_hits: dict[str, bool] = {}  # component -> whether its compiled model came from the cache
 
     # ----- precision and cache ---------------------------------------------------------------------
@@ -178,7 +182,7 @@ class OpenVinoBackend(Backend):
 
     def _config(self, component: str) -> dict[str, Any]:
         cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[self.precision_of(component)],
-                               "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(self.cache_dir(component))}
+                               "PERFORMANCE_HINT": "LATENCY"}
         if self.threads:
             cfg["INFERENCE_NUM_THREADS"] = int(self.threads)
         return cfg
@@ -187,13 +191,26 @@ class OpenVinoBackend(Backend):
     def _blobs(folder: Path) -> dict[str, str]:
         return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CACHE_RECORD}
 
+    @staticmethod
+    def _stats(folder: Path) -> dict[str, list[int]]:
+        """Each blob's (bytes, mtime_ns, ctime_ns, inode): what the record's sha256 were taken of. A
+        rewrite changes mtime and ctime (ctime cannot be set back), so a match skips the hashing."""
+        return {p.name: file_stamp(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CACHE_RECORD}
+
     def _trusted(self, folder: Path) -> bool:
-        """Whether `folder` holds blobs that match their record; anything else there is removed."""
+        """Whether `folder` holds blobs that match their record: the same size, mtime, ctime and inode
+        as when their sha256 were recorded (with `verify`, their sha256 again); anything else there is
+        removed."""
         if not folder.is_dir():
             return False
         record = folder / CACHE_RECORD
         try:
-            recorded = json.loads(record.read_text(encoding="utf-8"))["blobs"]
+            doc = json.loads(record.read_text(encoding="utf-8"))
+            recorded = doc["blobs"]
+            if BLOB not in recorded:
+                raise ValueError(f"written by an older koala-trt, without {BLOB}")
+            if not self.verify and doc.get("stats") and doc["stats"] == self._stats(folder) and set(recorded) == set(doc["stats"]):
+                return True
             blobs = self._blobs(folder)
             if blobs and recorded == blobs:
                 return True
@@ -209,7 +226,7 @@ class OpenVinoBackend(Backend):
 
         try:
             doc = {"component": component, "openvino": self.version, "isa": self.isa, "simd": self.simd,
-                   "graph": self.graph_files(component), "blobs": self._blobs(folder)}
+                   "graph": self.graph_files(component), "blobs": self._blobs(folder), "stats": self._stats(folder)}
             with staged_file(folder / CACHE_RECORD) as tmp:
                 tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
         except OSError as e:  # a read-only folder or a full disk: runs uncached next time
@@ -224,6 +241,9 @@ class OpenVinoBackend(Backend):
         return model
 
     def compiled(self, component: str) -> Any:
+        """The compiled model of `component`: imported straight from its cache folder when the record
+        there matches (no ONNX read, no graph edit, no hashing of the graph by OpenVINO), else
+        compiled from the graph and exported into the folder with its record."""
         if component not in self._compiled:
             if component not in self.specs:
                 raise UsageError(f"{self.manifest.root} has no {component} (it holds {', '.join(self.specs)})")
@@ -231,31 +251,44 @@ class OpenVinoBackend(Backend):
             if not path.is_file():
                 raise UsageError(f"missing ONNX file {path}")
             folder = self.cache_dir(component)
-            hit = self._trusted(folder)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                self.log(f"warning: cannot create the openvino cache {folder} ({_first_line(e)}); compiling uncached")
-            config = self._config(component) if folder.is_dir() else {k: v for k, v in self._config(component).items() if k != "CACHE_DIR"}
-            try:
-                model = self._core.compile_model(self._graph(path, component), "CPU", config)
-            except Exception as e:  # OpenVINO raises RuntimeError with a long multi-line text
-                if not hit:
-                    raise KoalaError(f"OpenVINO cannot compile {path}: {_first_line(e)}") from None
-                self.log(f"warning: openvino cache {folder} could not be loaded ({_first_line(e)}); compiling again")
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir(parents=True, exist_ok=True)
-                hit = False
+            hit, model = self._trusted(folder), None
+            if hit:
                 try:
-                    model = self._core.compile_model(self._graph(path, component), "CPU", config)
-                except Exception as e2:
-                    raise KoalaError(f"OpenVINO cannot compile {path}: {_first_line(e2)}") from None
-            if not hit and folder.is_dir():
-                self._record(component, folder)
+                    model = self._import(folder / BLOB, component)
+                except Exception as e:  # OpenVINO raises RuntimeError with a long multi-line text
+                    self.log(f"warning: openvino cache {folder} could not be loaded ({_first_line(e)}); compiling again")
+                    shutil.rmtree(folder, ignore_errors=True)
+                    hit = False
+            if model is None:
+                try:
+                    model = self._core.compile_model(self._graph(path, component), "CPU", self._config(component))
+                except Exception as e:
+                    raise KoalaError(f"OpenVINO cannot compile {path}: {_first_line(e)}") from None
+                self._store(component, folder, model)
             self.cache_hits[component] = hit
             self._compiled[component] = model
             self._requests[component] = model.create_infer_request()
         return self._compiled[component]
+
+    def _import(self, blob: Path, component: str) -> Any:
+        """A compiled model from its exported blob, memory-mapped (not read into a Python bytes)."""
+        data = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: writeable, as ov.Tensor asks, the file untouched
+        self._mapped[component] = data  # OpenVINO may keep pointing into it: alive as long as the model
+        return self._core.import_model(self._ov.Tensor(data, shared_memory=True), "CPU", self._config(component))
+
+    def _store(self, component: str, folder: Path, model: Any) -> None:
+        """Export `model` into its cache folder (written under a temporary name) and record it; a
+        folder that cannot be written leaves the run uncached next time, with one warning."""
+        from koala_core.atomic import staged_file
+
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with staged_file(folder / BLOB) as tmp, tmp.open("wb") as f:
+                f.write(model.export_model().getbuffer())  # a BytesIO; the GIL is released while it serializes
+        except (OSError, RuntimeError) as e:
+            self.log(f"warning: cannot write the openvino cache {folder} ({_first_line(e)}); runs uncached next time")
+            return
+        self._record(component, folder)
 
     # ----- the Backend interface -------------------------------------------------------------------
     def load(self, components: list[str]) -> None:
@@ -285,3 +318,4 @@ class OpenVinoBackend(Backend):
     def close(self) -> None:
         self._requests.clear()
         self._compiled.clear()
+        self._mapped.clear()

@@ -44,6 +44,17 @@ class TorchBackend(Backend):
             self._wrapped[component] = wrap(spec, self._modules[spec.module])
         return self._wrapped[component]
 
+    def set_cache_branch(self, branch: int) -> None:
+        """Feature caching's pair (unet_deep, unet_shallow) split at `branch`: the reference needs no
+        export, so it splits wherever a request asks (exporter/cache_branch.py)."""
+        from exporter.specs import CACHE_COMPONENTS, UNetSpec
+
+        if self.specs.get("unet_deep") is not None and self.specs["unet_deep"].extra.get("cache_branch") == branch:
+            return
+        self.specs.update(UNetSpec.cache_variants(self.specs["unet"], self.source.configs["unet"], branch))  # type: ignore[arg-type]
+        for c in CACHE_COMPONENTS:
+            self._wrapped.pop(c, None)
+
     def load(self, components: list[str]) -> None:
         for name in components:
             self._wrapper(name)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from koala_core.errors import KoalaError, UsageError
-from sampler.loop import SAMPLER_COMPONENTS, Plan, PipelineAssets, Request, Sampler, Timings, to_uint8
+from sampler.loop import Plan, PipelineAssets, Request, Sampler, Timings, to_uint8
 
 # diffusers' keyword -> sampler.loop.Request's field, where the two differ; every other keyword is a
 # Request field of the same name (negative_prompt, height, width, latents, seed, scheduler, vae_tile,
@@ -35,7 +35,7 @@ from sampler.loop import SAMPLER_COMPONENTS, Plan, PipelineAssets, Request, Samp
 RENAMED = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "batch"}
 # The CLI's option in the sampler's one-line errors -> the keyword a Python caller passed.
 _OPTION_NAMES = {"--steps": "num_inference_steps", "--guidance": "guidance_scale", "--batch": "num_images_per_prompt",
-                 "--mask": "mask_image"}
+                 "--mask": "mask_image", "--cache-interval": "cache_interval", "--cache-branch": "cache_branch"}
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
@@ -222,13 +222,14 @@ class Pipeline:
         return [self.sampler.plan(r) for r in ([requests] if isinstance(requests, Request) else requests)]
 
     def load(self, plans: Sequence[Plan] = ()) -> float:
-        """Open every network now (else the first call does): the text-to-image ones, and the VAE
-        encoder where one of `plans` starts from an image; the seconds it took (once)."""
+        """Open every network now (else the first call does): those `plans` run (Sampler.components: the
+        U-Net pair where they cache features, the VAE encoder where they start from an image; no plans:
+        the text-to-image ones); the seconds it took (once)."""
         if self.load_seconds is None:
             t0 = time.perf_counter()
             load = getattr(self.backend, "load", None)
             if load is not None:
-                load(list(SAMPLER_COMPONENTS) + (["vae_encoder"] if any(p.image_inputs is not None for p in plans) else []))
+                load(list(dict.fromkeys(c for p in (plans or [None]) for c in self.sampler.components(p))))
             self.load_seconds = time.perf_counter() - t0
         return self.load_seconds
 

@@ -48,6 +48,7 @@ class PipelineAssets:
     latents_std: tuple[float, ...] | None = None
     force_zeros_for_empty_prompt: bool = True  # SDXL base's pipeline config (and KOALA's)
     origin: str = ""
+    unet_config: dict[str, Any] = field(default_factory=dict)  # diffusers' U-Net config, where recorded (cache branches)
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> "PipelineAssets":
@@ -84,7 +85,7 @@ class PipelineAssets:
                    height=int(s.get("height", 1024)), width=int(s.get("width", 1024)), shape_ranges=shape_ranges,
                    latents_mean=_tuple(vae_cfg.get("latents_mean")), latents_std=_tuple(vae_cfg.get("latents_std")),
                    force_zeros_for_empty_prompt=bool(s.get("force_zeros_for_empty_prompt", True)),
-                   origin=f"{root} ({d.get('source', {}).get('model', '?')})")
+                   origin=f"{root} ({d.get('source', {}).get('model', '?')})", unet_config=dict(d.get("configs", {}).get("unet", {})))
 
     @classmethod
     def from_source(cls, source: Any) -> "PipelineAssets":
@@ -97,7 +98,7 @@ class PipelineAssets:
                    scheduler_config=dict(source.scheduler_config), scaling_factor=float(vae.get("scaling_factor", 0.18215)),
                    steps=source.sampler.steps, guidance=source.sampler.guidance, height=size, width=size,
                    latents_mean=_tuple(vae.get("latents_mean")), latents_std=_tuple(vae.get("latents_std")),
-                   origin=source.ref)
+                   origin=source.ref, unet_config=dict(source.configs["unet"]))
 
 
 def _tuple(v: Any) -> tuple[float, ...] | None:
@@ -126,6 +127,8 @@ class Request:
     image: Any = None  # img2img / inpainting (sampler/img2img.py): PIL image, PNG path or bytes, uint8 [H, W, 3]
     mask_image: Any = None  # inpainting: white = repaint; PIL image, path, bytes or uint8 [H, W]
     strength: float | None = None  # (0, 1]; default 0.3 for img2img, 0.9999 for inpainting (diffusers')
+    cache_interval: int = 1  # feature caching (sampler/feature_cache.py): the full U-Net every N steps; 1: off
+    cache_branch: int | None = None  # where the U-Net is split for caching [the exported unet_deep's branch]
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,8 @@ class Plan:
     scheduler: str | None = None  # sampler.schedulers name; None: the model's own
     step_seed: int = 0  # the seed of the step noise stochastic schedulers add (sampler/schedulers/noise.py)
     image_inputs: Any = None  # sampler.img2img.ImageInputs for img2img / inpainting, else None
+    cache_interval: int = 1  # feature caching: unet_deep every N steps, unet_shallow between (1: off)
+    cache_branch: int | None = None
 
     @property
     def cfg(self) -> bool:
@@ -230,11 +235,12 @@ class Sampler:
         self.backend, self.assets = backend, assets
         specs = dict(assets.specs)
         specs.update(getattr(backend, "specs", {}) or {})
-        missing = [c for c in SAMPLER_COMPONENTS if c not in specs]
+        # The full U-Net: `unet`, else feature caching's unet_deep (its out_sample is the same U-Net's).
+        missing = [c for c in SAMPLER_COMPONENTS if c not in specs and not (c == "unet" and "unet_deep" in specs)]
         if missing:
             raise UsageError(f"{assets.origin or 'the backend'} has no {', '.join(missing)}: the sampler needs {', '.join(SAMPLER_COMPONENTS)}")
         self.specs = specs
-        self.unet, self.vae = specs["unet"], specs["vae_decoder"]
+        self.unet, self.vae = specs.get("unet") or specs["unet_deep"], specs["vae_decoder"]
         self.seq_len = int(specs["text_encoder"].input("input_ids").dims[1])
         self.tokenizers = tuple(ClipTokenizer(d, max_length=self.seq_len) for d in assets.tokenizer_dirs)
         self.scheduler = make_scheduler(None, assets.scheduler_config)  # the last plan's (generate reports its timesteps)
@@ -283,14 +289,22 @@ class Sampler:
             if height % spec.size_multiple or width % spec.size_multiple:
                 raise UsageError(f"{spec.name}: --height and --width must be multiples of {spec.size_multiple} for this model (got {height}x{width})")
         vae_tile = self._vae_tile(req.vae_tile, height, width)
+        from sampler.feature_cache import check_cache
+
+        cache_interval, cache_branch = check_cache(self.specs, req.cache_interval, req.cache_branch, sched,
+                                                   self.assets.unet_config, self.backend)
+        if cache_interval > 1:
+            self.specs.update({k: v for k, v in (getattr(self.backend, "specs", {}) or {}).items() if k.startswith("unet_")})
         prompts = 2 if (guidance > 1.0 and (req.negative_prompt or not a.force_zeros_for_empty_prompt)) else 1
         unet_batch = 2 * batch if guidance > 1.0 else batch
         encoder = (("vae_encoder", 1),) if image_inputs is not None else ()  # the image is encoded once
-        for comp, b in (("text_encoder", prompts), ("text_encoder_2", prompts), ("unet", unet_batch), ("vae_decoder", batch), *encoder):
+        unets = ("unet_deep", "unet_shallow") if cache_interval > 1 else (self.unet.name,)
+        for comp, b in (("text_encoder", prompts), ("text_encoder_2", prompts), *((u, unet_batch) for u in unets),
+                        ("vae_decoder", batch), *encoder):
             r = self._range(comp)
             if r is None:
                 continue
-            what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp == "unet" and unet_batch != batch else "")
+            what = f"batch {b}" + (" (2 x --batch with classifier-free guidance)" if comp.startswith("unet") and unet_batch != batch else "")
             if comp == "vae_decoder" and vae_tile:  # the decoder runs on tiles, not on the image
                 r.check(comp, self.specs[comp].spatial, vae_tile, vae_tile, batch=b, batch_what=what,
                         fix=f"the VAE decodes {vae_tile}x{vae_tile} tiles: pick a --vae-tile inside that range")
@@ -315,7 +329,15 @@ class Sampler:
 
             check_steps_left(steps, image_inputs.strength)
         return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile,
-                    scheduler=req.scheduler, step_seed=max(int(req.seed), 0), image_inputs=image_inputs)
+                    scheduler=req.scheduler, step_seed=max(int(req.seed), 0), image_inputs=image_inputs,
+                    cache_interval=cache_interval, cache_branch=cache_branch)
+
+    def components(self, plan: Plan | None = None) -> list[str]:
+        """The components `plan` runs (what to load): the U-Net pair where it caches features, the VAE
+        encoder where it starts from an image."""
+        unets = ["unet_deep", "unet_shallow"] if plan is not None and plan.cache_interval > 1 else [self.unet.name]
+        encoder = ["vae_encoder"] if plan is not None and plan.image_inputs is not None else []
+        return ["text_encoder", "text_encoder_2", *unets, "vae_decoder", *encoder]
 
     def _image_inputs(self, req: Request, f: int) -> tuple[Any, int | None, int | None]:
         """img2img / inpainting inputs checked and preprocessed (sampler/img2img.py), with the run's
@@ -334,7 +356,7 @@ class Sampler:
         """The chunks the prompt (and the negative prompt, when it is encoded) take, inside the U-Net's
         sequence range (its backend's, else its export's); UsageError naming the limit."""
         tokens = prompt_tokens(self.tokenizers, [prompt] if negative_prompt is None else [negative_prompt, prompt])
-        return check_prompt_range(self.unet, self._range("unet"), tokens)
+        return check_prompt_range(self.unet, self._range(self.unet.name), tokens)
 
     def _vae_tile(self, asked: int | None, height: int, width: int) -> int | None:
         """The decode's tile size in pixels: --vae-tile, else the one the VAE engine was built for (a
@@ -354,13 +376,14 @@ class Sampler:
         return tile
 
     # ----- the loop -----------------------------------------------------------------------------
-    def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """backend.run with the feeds in the spec's dtypes (fp16 I/O graphs or engines) and float32 back."""
+    def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray], stage: str | None = None) -> dict[str, np.ndarray]:
+        """backend.run with the feeds in the spec's dtypes (fp16 I/O graphs or engines) and float32 back;
+        its time under `stage` [the component]."""
         spec = self.specs[component]
         feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False) for k, v in feeds.items()}
         t0 = time.perf_counter()
         out = self.backend.run(component, feeds)
-        timings.add(component, time.perf_counter() - t0)
+        timings.add(stage or component, time.perf_counter() - t0)
         return {k: v.astype(F32, copy=False) for k, v in out.items()}
 
     def encode_prompt(self, plan: Plan, timings: Timings, warn: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
@@ -462,6 +485,9 @@ class Sampler:
         g = F32(plan.guidance)
         n = plan.batch
         step_noise = StepNoise(plan.step_seed, n, latents.shape[1:]) if sched.stochastic else None
+        from sampler.feature_cache import FeatureCache
+
+        cache = FeatureCache(plan.cache_interval, self.specs["unet_shallow"]) if plan.cache_interval > 1 else None
         last = len(sched.timesteps) - 1
         for i in range(start, last + 1):
             t = sched.timesteps[i]
@@ -471,7 +497,10 @@ class Sampler:
             x = x if img_cond is None else img_cond.unet_input(x)
             feeds = {"sample": x, "timestep": np.full((ub,), t, F32), "encoder_hidden_states": hidden,
                      "text_embeds": pooled, "time_ids": time_ids}
-            eps = self._run(timings, "unet", feeds)["out_sample"]
+            if cache is None:
+                eps = self._run(timings, self.unet.name, feeds, "unet")["out_sample"]
+            else:  # every U-Net call is timed as "unet", whichever graph of the pair ran; refreshes count from `start`
+                eps = cache.unet(i - start, feeds, lambda c, f: self._run(timings, c, f, "unet"))
             if plan.cfg:  # Ho & Salimans 2022, eq. 6: eps_uncond + w (eps_cond - eps_uncond)
                 uncond, cond = eps[:n], eps[n:]
                 eps = uncond + g * (cond - uncond)

@@ -52,14 +52,19 @@ class OpenedPipeline:
 def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | None = None, model: str | None = None,
                   manifest: Manifest | None = None, components: Sequence[str] = SAMPLER_COMPONENTS,
                   threads: int | None = None, cpu_precision: str | None = None, full_hash: bool = True, model_from_artifacts: bool = False,
-                  log: Callable[[str], None] | None = None, torch_precision: str = "fp32") -> OpenedPipeline:
+                  log: Callable[[str], None] | None = None, torch_precision: str = "fp32", cache: bool = False,
+                  verify: bool = False) -> OpenedPipeline:
     """Check the artifacts' files (tokenizers, the scheduler's config and, for the backends that run
     the ONNX graphs, those of `components`), open backend `backend` and gather the sampler's assets:
     from the artifacts, else the torch model's source, else the engines folder.
 
     model_from_artifacts: --backend torch without --model builds the model the artifacts were
     exported from (bench); torch_precision "bf16" runs the torch backend under bf16 autocast (bench's
-    `torch:bf16`). Usage errors come before any weight is read."""
+    `torch:bf16`). cache: the run caches features (sampler/feature_cache.py), so unet_deep and
+    unet_shallow are checked too. full_hash without `verify` hashes only files the artifacts' record
+    of verified files does not vouch for, and imports the openvino backend's compiled models on their
+    record's size and mtime (exporter/artifacts_check.py); `verify` hashes everything (--verify).
+    Usage errors come before any weight is read."""
     if cpu_precision is not None and backend != "openvino":
         raise UsageError(f"--cpu-precision is for --backend openvino (not {backend})")
     if backend == "openvino":
@@ -90,10 +95,13 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
 
         prefixes = ["tokenizer/", "tokenizer_2/", str(Path(manifest.view.scheduler).parent.as_posix()) + "/"]
         if backend in ONNX_BACKENDS:
-            prefixes += [f"{c}/" for c in components]
-        checked = check_files(manifest, prefixes, full_hash=full_hash)
+            prefixes += [f"{c}/" for c in _graph_components(manifest, components, cache)]
+        hashed = [0]
+        checked = check_files(manifest, prefixes, full_hash=full_hash, record=not verify, hashed=hashed)
         if log is not None:
-            log(f"artifacts {artifacts if artifacts is not None else manifest.root}: {checked / 2**20:,.1f} MiB {'verified (sha256)' if full_hash else 'size-checked'} "
+            how = (f"verified (sha256 of {hashed[0] / 2**20:,.1f} MiB, the rest on its verified record)" if full_hash and not verify
+                   else "verified (sha256)" if full_hash else "size-checked")
+            log(f"artifacts {artifacts if artifacts is not None else manifest.root}: {checked / 2**20:,.1f} MiB {how} "
                 f"in {time.perf_counter() - t0:.1f} s")
         assets: PipelineAssets | None = PipelineAssets.from_manifest(manifest)
     elif backend == "torch":
@@ -108,7 +116,7 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
     if backend == "tensorrt" and engines is not None and manifest is not None and log is not None:
         _report_adapters(Path(engines), manifest, log)
     runtime: Backend = open_backend(backend, artifacts=artifacts, engines=engines, model=model, manifest=manifest, threads=threads,
-                                    cpu_precision=cpu_precision, torch_precision=torch_precision)
+                                    cpu_precision=cpu_precision, torch_precision=torch_precision, verify=verify)
     try:
         if assets is None:
             em = runtime.manifest  # type: ignore[attr-defined]
@@ -117,6 +125,16 @@ def open_pipeline(backend: str, artifacts: Path | None = None, engines: Path | N
         runtime.close()
         raise
     return OpenedPipeline(runtime, assets, manifest, checked, verify_s, model)
+
+
+def _graph_components(manifest: Manifest, components: Sequence[str], cache: bool) -> list[str]:
+    """The graphs a run reads: feature caching's pair where it caches, and unet_deep in place of a
+    plain unet the artifacts do not hold (`export --cache-branch B -c ...` without unet)."""
+    from exporter.specs import CACHE_COMPONENTS
+
+    have = manifest.view.components
+    out = [("unet_deep" if c == "unet" and c not in have and "unet_deep" in have else c) for c in components]
+    return list(dict.fromkeys([*out, *(c for c in CACHE_COMPONENTS if cache and c in have)]))  # a missing pair: the sampler's plan says so
 
 
 def _report_adapters(engines: Path, manifest: Manifest, log: Callable[[str], None]) -> None:

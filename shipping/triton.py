@@ -53,6 +53,8 @@ PIPELINE_INPUTS = (  # name, Triton type, optional
     ("height", "TYPE_INT32", True),
     ("width", "TYPE_INT32", True),
     ("scheduler", "TYPE_STRING", True),  # a sampler.schedulers name; absent: the model's own
+    ("cache_interval", "TYPE_INT32", True),  # feature caching (sampler/feature_cache.py): needs unet_deep and unet_shallow
+    ("cache_branch", "TYPE_INT32", True),
 )
 IMAGE_INPUTS = (  # img2img / inpainting (sampler/img2img.py), all optional: name, Triton type, dims
     ("image", "TYPE_UINT8", (-1, -1, 3)),  # RGB pixels [H, W, 3]

@@ -75,6 +75,17 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cached_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random:tiny with feature caching's U-Net pair split at branch 1 and no plain unet (the sampler's
+    full steps run unet_deep), both checked against PyTorch, once per session."""
+    out = tmp_path_factory.mktemp("cached") / "tiny"
+    code, stdout, stderr = run_cli("export", "--model", "random:tiny", "--out", out, "--cache-branch", "1",
+                                   "--components", "text_encoder,text_encoder_2,vae_decoder")
+    assert code == 0, stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny calibration set of random:tiny: 2 prompts x 3 denoising steps at 128x128 (16x16 latents)."""
     out = tmp_path_factory.mktemp("calibration") / "calib"

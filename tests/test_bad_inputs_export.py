@@ -14,6 +14,12 @@ EXPORT = ["export", "--model", "random:tiny", "--out", "{T}/out"]
 
 CASES = [
     ("batch-0", [*EXPORT, "--batch", "0"], 2, RANGE.format(flag="--batch", v=0)),
+    ("cache-branch-the-unet-lacks", [*EXPORT, "--cache-branch", "2"], 2,
+     "Error: --cache-branch 2: this U-Net has branches 0, 1, 3, 4, 6, 7 (3 up blocks of 2, 2, 2 layers; "
+     "branch = 3 x block + layer, as DeepCache numbers them)"),
+    ("cache-branch-negative", [*EXPORT, "--cache-branch", "-1"], 2,
+     "Error: --cache-branch -1: this U-Net has branches 0, 1, 3, 4, 6, 7 (3 up blocks of 2, 2, 2 layers; "
+     "branch = 3 x block + layer, as DeepCache numbers them)"),
     ("batch-negative", [*EXPORT, "--batch", "-1"], 2, RANGE.format(flag="--batch", v=-1)),
     ("height-0", [*EXPORT, "--height", "0"], 2, RANGE.format(flag="--height", v=0)),
     ("height-negative-multiple", [*EXPORT, "--height", "-256"], 2, RANGE.format(flag="--height", v=-256)),
@@ -23,7 +29,7 @@ CASES = [
     ("height-not-a-multiple", [*EXPORT, "--height", "100"], 2,
      "Error: unet: height and width must be multiples of 32 (got 100x256)"),
     ("unknown-component", [*EXPORT, "-c", "unet,nosuch"], 2,
-     "Error: unknown component 'nosuch'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder"),
+     "Error: unknown component 'nosuch'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, unet_deep, unet_shallow"),
     ("out-exists", ["export", "--model", "random:tiny", "--out", "{ART}"], 2,
      "Error: {ART} already exists; pass --force to replace it"),
     ("out-is-a-file", ["export", "--model", "random:tiny", "--out", "{FILE}"], 2,

@@ -65,6 +65,17 @@ CASES = [
     ("generate-engines-manifest-without-spec", [*GEN_TRT, "{ENGNOSPEC}"], 2, NO_SPEC),
     ("generate-engines-without-tensorrt", [*GEN_TRT, "{ENG}"], 1, TRT_MISSING),
     ("generate-scheduler-unknown", [*GEN, "--scheduler", "dpm++"], 2, SCHED),
+    ("generate-cache-interval-0", [*GEN, "--cache-interval", "0"], 2,
+     "Error: --cache-interval must be a whole number >= 1 (1: no caching; got 0)"),
+    ("generate-cache-interval-negative", [*GEN, "--cache-interval", "-3"], 2,
+     "Error: --cache-interval must be a whole number >= 1 (1: no caching; got -3)"),
+    ("generate-cache-without-the-pair", [*GEN, "--cache-interval", "3"], 2,
+     "...\nError: --cache-interval 3 needs the U-Net pair unet_deep and unet_shallow; neither is there: re-export with "
+     "`koala-trt export --cache-branch B` (and convert/build the pair like the unet)"),
+    ("generate-cache-branch-the-unet-lacks", [*GEN, "--cache-interval", "2", "--cache-branch", "5"], 2,
+     "...\nError: --cache-branch 5: this U-Net has branches 0, 1, 3, 4, 6, 7 (3 up blocks of 2, 2, 2 layers; "
+     "branch = 3 x block + layer, as DeepCache numbers them)"),
+    ("generate-verify-and-no-verify", [*GEN, "--verify", "--no-verify"], 2, "Error: --verify and --no-verify contradict each other; pass one"),
     # --- validate
     ("validate-scheduler-unknown", [*VAL, "--scheduler", "dpm++"], 2, SCHED),
     ("bench-scheduler-unknown", [*BENCH, "--scheduler", "dpm++"], 2, SCHED),
@@ -107,7 +118,7 @@ CASES = [
     ("bench-height-not-a-multiple", [*BENCH, "--height", "100"], 2,
      "...\nError: --height and --width must be positive multiples of 8 (got 100x256)"),
     ("bench-unknown-component", [*BENCH, "-c", "unet,nope"], 2,
-     "Error: unknown component 'nope'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder"),
+     "Error: unknown component 'nope'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, unet_deep, unet_shallow"),
     ("bench-csv-is-a-folder", [*BENCH, "--csv", "{DIR}"], 2, "Error: --csv {DIR} is a folder; give a file name"),
     ("bench-csv-unwritable", [*BENCH, "--csv", "{FILE}/x.csv"], 2, "Error: cannot write {FILE}/x.csv: {FILE} is not a writable folder"),
     ("bench-artifacts-missing", ["bench", "--artifacts", "{T}/nothing"], 2, "Error: artifacts folder {T}/nothing does not exist"),

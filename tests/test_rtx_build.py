@@ -356,3 +356,24 @@ def test_rtx_engines_run_on_the_card(built: dict[str, Path], tmp_path: Path) -> 
     r = koala("validate", "--engines", folder, "--backend", "tensorrt", "--json", check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert list((folder / "runtime-cache").glob("unet.*.cache"))  # the JIT kernels were kept
+
+
+def test_feature_cache_pair_builds_for_rtx3060ti(tiny_cached_artifacts: Path, tmp_path: Path) -> None:
+    """Feature caching's two U-Net graphs (`export --cache-branch`) are built by default where the
+    artifacts hold them, each with its own inputs (unet_shallow's deep_feature) in the profile."""
+    from engines.buildplan import make_build_plan
+    from engines.profile import load_profile
+
+    out = tmp_path / "cached"
+    profile = load_profile("rtx3060ti").with_overrides(batch=1, height=128, width=128, precision="fp32")
+    plan = make_build_plan([tiny_cached_artifacts], profile, out, estimate=False)
+    assert list(plan.components) == ["text_encoder", "text_encoder_2", "vae_decoder", "unet_deep", "unet_shallow"]
+    koala("build", "--profile", "rtx3060ti", "--onnx", tiny_cached_artifacts, "--precision", "fp32", "-c", "unet_deep,unet_shallow",
+          *SIZE, "--batch", "1", "--no-estimate", "--out", out)
+    m = manifest(out)
+    assert set(m["engines"]) == {"unet_deep", "unet_shallow"}
+    for component in ("unet_deep", "unet_shallow"):
+        e = m["engines"][component]
+        assert (out / e["file"]).read_bytes()[:4] == b"vtrt" and e["precision"] == "fp32"
+    feature = m["engines"]["unet_shallow"]["inputs"]["deep_feature"]
+    assert feature["min"][1:] == [64, 16, 16] and feature["max"][0] == 2  # 64 channels at the latents' size (branch 1)

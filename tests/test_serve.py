@@ -172,7 +172,7 @@ def test_health_and_metrics_endpoints(server: Server) -> None:
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
         "prompt": "BYTES", "negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance": "FP32",
         "height": "INT32", "width": "INT32", "scheduler": "BYTES", "image": "UINT8", "mask": "UINT8", "image_png": "BYTES",
-        "mask_png": "BYTES", "strength": "FP32"}
+        "mask_png": "BYTES", "strength": "FP32", "cache_interval": "INT32", "cache_branch": "INT32"}
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [("image", "UINT8", [-1, -1, 3])]
 
 
@@ -404,3 +404,19 @@ def test_production_flavour_parsed_by_the_bundled_server(tiny_artifacts: Path, t
     assert 'Unknown enumeration value of "TYPE_NOPE"' in log
     assert states["koala_invalid"] == (None, ""), states  # validation refused it: never loaded
     assert re.search(r"koala_invalid.*preferred|preferred.*koala_invalid", log), log[-3000:]
+
+
+def test_serve_with_feature_caching(tiny_cached_artifacts: Path, tmp_path: Path) -> None:
+    """A request's cache_interval runs unet_deep / unet_shallow through the repository: the image of
+    `generate --cache-interval`; interval 0 is a 400 and the server keeps serving."""
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    interval = {"cache_interval": (np.array([2], np.int32), "INT32")}
+    with running_serve(["--artifacts", str(tiny_cached_artifacts)], tmp_path / "server.log") as srv, http_client(srv) as client:
+        image = client.infer("koala", inputs(th, **request(), **interval)).as_numpy("image")
+        with pytest.raises(InferenceServerException, match="--cache-interval must be a whole number >= 1"):
+            client.infer("koala", inputs(th, **request(), cache_interval=(np.array([0], np.int32), "INT32")))
+        assert client.is_server_live()
+    assert np.array_equal(image, generated(tiny_cached_artifacts, tmp_path / "g.png", "a koala in a tree", 7, "",
+                                           "--cache-interval", "2"))

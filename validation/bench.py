@@ -45,6 +45,8 @@ class BenchOptions:
     keep_outputs: bool = False  # keep each component's last outputs and the last end-to-end images (side by side)
     vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
     scheduler: str | None = None  # a sampler.schedulers name for the end-to-end runs; None: the model's own
+    cache_interval: int = 1  # feature caching end to end (sampler/feature_cache.py); 1: off
+    cache_branch: int | None = None
 
     def check(self) -> None:
         if self.warmup < 0:
@@ -54,6 +56,9 @@ class BenchOptions:
         bad = [c for c in self.components if c not in SAMPLER_COMPONENTS]
         if bad:
             raise UsageError(f"cannot bench {', '.join(bad)}: the sampler's components are {', '.join(SAMPLER_COMPONENTS)}")
+        from exporter.cache_branch import check_interval
+
+        check_interval(self.cache_interval)
         if not self.components and not self.end_to_end:
             raise UsageError("nothing to measure: no components and --no-end-to-end")
 
@@ -216,8 +221,8 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
     sampler = pipe.sampler
     [plan] = pipe.plan(pipe.requests(opts.prompt, num_inference_steps=opts.steps, guidance_scale=opts.guidance, seed=opts.seed,
                                      height=opts.height, width=opts.width, num_images_per_prompt=opts.batch, vae_tile=opts.vae_tile,
-                                     scheduler=opts.scheduler))
-    needed = list(SAMPLER_COMPONENTS) if opts.end_to_end else list(opts.components)
+                                     scheduler=opts.scheduler, cache_interval=opts.cache_interval, cache_branch=opts.cache_branch))
+    needed = list(dict.fromkeys([*opts.components, *sampler.components(plan)])) if opts.end_to_end else list(opts.components)
     t0 = time.perf_counter()
     load = getattr(backend, "load", None)
     if load is not None:

@@ -18,7 +18,8 @@ from validation.results import Check, Measured
 
 def candidate_run(sampler: Any, ref: Trajectories, steps: int, guidance: float, height: int, width: int,
                   log: Callable[[str], None], vae_tile: int | None = None,
-                  scheduler: str | None = None, image_inputs: dict[str, Any] | None = None) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+                  scheduler: str | None = None, image_inputs: dict[str, Any] | None = None, cache_interval: int = 1,
+                  cache_branch: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """The sampler's final latents and images ([1, H, W, 3] in [0, 1]) per prompt, and the seconds taken.
     The images are decoded as the sampler decodes them: in tiles with `vae_tile` (or a VAE engine
     built for a tile), so the comparison with diffusers' untiled decode includes the tiling's error.
@@ -30,7 +31,8 @@ def candidate_run(sampler: Any, ref: Trajectories, steps: int, guidance: float, 
     t0 = time.perf_counter()
     for i, (prompt, noise) in enumerate(zip(ref.prompts, ref.noise)):
         plan = sampler.plan(Request(prompt, steps=steps, guidance=guidance, height=height, width=width, latents=noise,
-                                    vae_tile=vae_tile, scheduler=scheduler, seed=i, **(image_inputs or {})))
+                                    vae_tile=vae_tile, scheduler=scheduler, seed=i, cache_interval=cache_interval,
+                                    cache_branch=cache_branch, **(image_inputs or {})))
         lat, _ = sampler.sample(plan, progress=False, warn=lambda m: log(f"warning: {m}"), decode=False)
         # Decoded as Sampler.sample does (its decode step), so latents and images come from one run.
         image = sampler.decode(sampler.unscale_latents(lat), tile=plan.vae_tile).astype(np.float32)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -141,14 +142,15 @@ def load_pipeline(source: Any, task: str = "text2img") -> Any:
 
 def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], steps: int, guidance: float,
                      height: int, width: int, scheduler: str | None = None,
-                     image_inputs: Mapping[str, Any] | None = None) -> Trajectories:
+                     image_inputs: Mapping[str, Any] | None = None, cache: tuple[int, int] | None = None) -> Trajectories:
     """Run the pipeline once per prompt (CFG with SDXL's zero negative embeddings, as the sampler),
     recording the U-Net's inputs and the latents after the last scheduler step. Prompts are encoded
     in chunks of 77 tokens by the pipeline's own encoders, as the sampler encodes them. `scheduler`
     (a sampler.schedulers name; None: the model's own) is the diffusers scheduler of that name; the
     stochastic ones get prompt i's step noise of seed i (the candidate's, end_to_end.candidate_run).
     `image_inputs` (image, mask_image, strength; `pipe` an img2img or inpainting pipeline): the noise
-    is added to the image's latents (image_noise) instead of being the initial latents."""
+    is added to the image's latents (image_noise) instead of being the initial latents. cache:
+    (interval, branch) runs them with DeepCache (validation/deepcache_reference.py)."""
     import torch
 
     from calibration.capture import UNetRecorder
@@ -165,6 +167,11 @@ def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], ste
         final["latents"] = kwargs["latents"].detach().float().numpy().copy()
         return kwargs
 
+    stack = contextlib.ExitStack()
+    if cache is not None:
+        from validation.deepcache_reference import deepcache
+
+        stack.enter_context(deepcache(pipe, *cache))
     try:
         for i, (prompt, n) in enumerate(zip(prompts, noise)):
             if image_inputs:  # img2img takes its size from the image; inpainting is given it
@@ -180,5 +187,6 @@ def run_trajectories(pipe: Any, prompts: list[str], noise: list[np.ndarray], ste
             out.images.append(np.asarray(res.images, dtype=np.float32))
     finally:
         hook.remove()
+        stack.close()
     out.unet_calls = recorder.calls
     return out

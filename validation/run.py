@@ -40,13 +40,16 @@ class ValidateOptions:
     vae_tile: int | None = None  # end to end: decode in tiles of this many pixels (the sampler's --vae-tile)
     scheduler: str | None = None  # a sampler.schedulers name for the trajectories and end to end; None: the model's own
     image_inputs: dict[str, Any] | None = None  # img2img / inpainting (image, mask_image, strength): trajectories and end to end
+    cache_interval: int = 1  # end to end with feature caching, against DeepCache on the pipeline (1: off)
+    cache_branch: int | None = None
     verbose: bool = False
 
 
 def settings(opts: ValidateOptions, height: int, width: int) -> dict[str, Any]:
     return {"height": height, "width": width, "steps": opts.steps, "prompts": list(opts.prompts), "seed": opts.seed,
             "random_samples": opts.random_samples, "vae_tile": opts.vae_tile, "scheduler": opts.scheduler,
-            "image": _image_digest(opts.image_inputs)}
+            "image": _image_digest(opts.image_inputs),
+            **({"cache_interval": opts.cache_interval, "cache_branch": opts.cache_branch} if opts.cache_interval > 1 else {})}
 
 
 def _image_digest(given: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -114,7 +117,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
         raise UsageError(f"{opts.artifacts} has no {', '.join(unknown)} (it holds {', '.join(manifest.components)})")
     precisions = {c: check_precision(manifest.precision(c), f"{opts.artifacts}/manifest.json ({c})") for c in comps}
     height, width = default_size(opts.artifacts, opts.height, opts.width)
-    run_e2e = opts.end_to_end and all(c in comps for c in SAMPLER_COMPONENTS)
+    run_e2e = opts.end_to_end and all(c in comps or (c == "unet" and "unet_deep" in comps) for c in SAMPLER_COMPONENTS)
     source = resolve(opts.model or manifest.view.source.model)
     _check_model(source, manifest)
     pipeline = open_pipeline(opts.backend, artifacts=opts.artifacts, engines=opts.engines, manifest=manifest, components=comps,
@@ -136,8 +139,10 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
         if sampler is not None:  # the end-to-end request as the sampler will plan it (a --vae-tile the VAE cannot take)
             from sampler.loop import Request
 
-            sampler.plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
-                                 height=height, width=width, vae_tile=opts.vae_tile, scheduler=opts.scheduler, **image_inputs))
+            plan = sampler.plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
+                                        height=height, width=width, vae_tile=opts.vae_tile, scheduler=opts.scheduler,
+                                        cache_interval=opts.cache_interval, cache_branch=opts.cache_branch, **image_inputs))
+            opts.cache_branch = plan.cache_branch  # the artifacts' split, where not given
         elif "unet" in comps and image_inputs.get("mask_image") is None and specs["unet"].input("sample").dims[1] != 4:
             raise UsageError(f"the U-Net takes {specs['unet'].input('sample').dims[1]} input channels (an inpainting U-Net): "
                              "its reference trajectories need --image and --mask")
@@ -152,7 +157,8 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
         pipe = load_pipeline(source, "text2img" if not image_inputs else "inpaint" if image_inputs.get("mask_image") is not None else "img2img")
         reference = PipelineBackend(pipe, manifest.specs())
         log(f"reference: PyTorch pipeline of {source.ref} built in {time.perf_counter() - t0:.1f} s")
-        unet_spec = manifest.spec("unet") if "unet" in manifest.components else None
+        unet_name = "unet" if "unet" in manifest.components else "unet_deep"  # feature caching's pair alone: its full U-Net
+        unet_spec = manifest.spec(unet_name) if unet_name in manifest.components else None
         traj = None
         if any(c in comps for c in ("unet", "vae_decoder")) or run_e2e:
             if unet_spec is None:
@@ -161,8 +167,9 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             shape = (int(unet_spec.outputs[0].dims[1]), height // f, width // f)  # the latents' channels (an inpainting U-Net takes 9)
             noise = [initial_noise(opts.seed + i, 1, shape) for i in range(len(opts.prompts))]
             t0 = time.perf_counter()
+            cache = (opts.cache_interval, int(opts.cache_branch)) if opts.cache_interval > 1 and opts.cache_branch is not None else None
             traj = run_trajectories(pipe, opts.prompts, noise, opts.steps, source.sampler.guidance, height, width, opts.scheduler,
-                                    image_inputs)
+                                    image_inputs, cache)
             log(f"reference: {len(opts.prompts)} prompts x {opts.steps} steps at {width}x{height} in "
                 f"{time.perf_counter() - t0:.1f} s")
 
@@ -216,7 +223,8 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                         + (f", VAE decoded in {opts.vae_tile} px tiles" if opts.vae_tile else ""),
                         limits=limits_for(END_TO_END, e2e_prec, opts.overrides))
             latents, images, secs = candidate_run(sampler, traj, opts.steps, source.sampler.guidance, height, width, log,
-                                                 vae_tile=opts.vae_tile, scheduler=opts.scheduler, image_inputs=image_inputs)
+                                                 vae_tile=opts.vae_tile, scheduler=opts.scheduler, image_inputs=image_inputs,
+                                                 cache_interval=opts.cache_interval, cache_branch=opts.cache_branch)
             measure(chk, traj, latents, images)
             chk.seconds = {opts.backend: round(secs, 3)}
             checks.append(chk)

@@ -14,6 +14,7 @@ import click
 
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
+from koala_trt.commands.cache_options import cache_options
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_core.errors import KoalaError, UsageError
 
@@ -74,6 +75,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = Fal
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
 @vae_tile_option()
 @scheduler_option()
+@cache_options()
 @cpu_precision_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write one CSV row per component and end to end.")
@@ -88,7 +90,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = Fal
               help="(side by side) write the last outputs of each component and the last images to this .npz file.")
 def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, model: str | None, height: int | None,
               width: int | None, batch: int, steps: int | None, guidance: float | None, warmup: int, runs: int,
-              components: str, end_to_end: bool, threads: int | None, vae_tile: int | None, cpu_precision: str | None, as_json: bool,
+              components: str, end_to_end: bool, threads: int | None, vae_tile: int | None, cache_interval: int, cache_branch: int | None,
+              cpu_precision: str | None, as_json: bool,
               csv_path: Path | None, lock_path: Path | None, rounds: int, save_outputs: Path | None, scheduler: str | None = None) -> None:
     """Latency (median, p90; warm-up excluded), peak memory and images per minute of one backend: each
     component alone (text encoders, one U-Net step at the CFG batch, VAE decode) and end to end
@@ -104,7 +107,8 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
     comps = tuple(parse_components([components], default=())) if components.strip() else ()
     opts = BenchOptions(height=height, width=width, steps=steps, guidance=guidance, batch=batch, warmup=warmup, runs=runs,
                         components=tuple(c for c in SAMPLER_COMPONENTS if c in comps), end_to_end=end_to_end,
-                        keep_outputs=save_outputs is not None, vae_tile=vae_tile, scheduler=check_scheduler(scheduler))
+                        keep_outputs=save_outputs is not None, vae_tile=vae_tile, scheduler=check_scheduler(scheduler),
+                        cache_interval=cache_interval, cache_branch=cache_branch)
     if comps and len(opts.components) != len(comps):
         raise UsageError(f"cannot bench {', '.join(c for c in comps if c not in SAMPLER_COMPONENTS)}: "
                          f"the sampler's components are {', '.join(SAMPLER_COMPONENTS)}")
@@ -159,7 +163,8 @@ def bench_one(entry: Any, artifacts: Path | None, engines: Path | None, model: s
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads,
                          cpu_precision=entry.precision if backend == "openvino" else None,
                          torch_precision=entry.precision or "fp32" if backend == "torch" else "fp32", full_hash=False,
-                         components=SAMPLER_COMPONENTS if opts.end_to_end else opts.components, model_from_artifacts=True, log=log)
+                         components=SAMPLER_COMPONENTS if opts.end_to_end else opts.components, model_from_artifacts=True, log=log,
+                         cache=opts.cache_interval > 1)
     with pipe:
         result = run_bench(pipe.backend, pipe.assets, opts, log=log)
         precision_of = getattr(pipe.backend, "precision_of", None)
@@ -223,7 +228,8 @@ def _child_args(entry: Any, artifacts: Path | None, engines: Path | None, model:
             "--components", components, "--end-to-end" if opts.end_to_end else "--no-end-to-end"]
     for flag, value in (("--height", opts.height), ("--width", opts.width), ("--steps", opts.steps),
                         ("--guidance", opts.guidance), ("--threads", threads), ("--vae-tile", opts.vae_tile),
-                        ("--scheduler", opts.scheduler)):
+                        ("--scheduler", opts.scheduler),
+                        ("--cache-interval", opts.cache_interval if opts.cache_interval != 1 else None), ("--cache-branch", opts.cache_branch)):
         if value is not None:
             args += [flag, str(value)]
     folder = entry.artifacts or artifacts  # an @FOLDER entry reads its own folder

@@ -23,11 +23,13 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, components_option
               "(77 encoder positions each) [default: 3, i.e. 231 tokens].")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse a LoRA adapter (diffusers/PEFT or kohya safetensors) into the weights, at SCALE [default 1.0]; repeatable.")
+@click.option("--cache-branch", type=int, help="Feature caching (DeepCache): also export unet_deep and unet_shallow split at this "
+              "branch (3 x up block + layer, as DeepCache's cache_branch_id; 0 is the cheapest cached step); see docs/feature-cache.md.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's component summary as JSON.")
 def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Path | None, opset: int, batch: int, height: int | None,
                width: int | None, check_size: int | None, no_check: bool, static: bool, max_prompt_chunks: int | None,
-               loras: tuple[str, ...], force: bool, as_json: bool) -> None:
+               loras: tuple[str, ...], cache_branch: int | None, force: bool, as_json: bool) -> None:
     """Export a KOALA/SDXL pipeline's components to ONNX, each checked in ONNX Runtime against PyTorch."""
     from exporter.export import ExportOptions, export
     from exporter.lora import parse_lora_arg, read_adapter
@@ -36,7 +38,7 @@ def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Pat
 
     opts = ExportOptions(components=parse_components(components), opset=opset, batch=batch, height=height,
                          width=width, check=not no_check, check_size=check_size, force=force, static=static,
-                         max_prompt_chunks=max_prompt_chunks, loras=[read_adapter(parse_lora_arg(a)) for a in loras])
+                         max_prompt_chunks=max_prompt_chunks, cache_branch=cache_branch, loras=[read_adapter(parse_lora_arg(a)) for a in loras])
     check_out_dir(out, force)
     source = resolve(model)
     if vae_path is not None:

@@ -10,6 +10,7 @@ import click
 
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
 from koala_trt.commands.image_options import image_args as image_args_of, image_options
+from koala_trt.commands.cache_options import cache_options, cache_record
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_core.errors import UsageError
@@ -68,25 +69,30 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @image_options()
 @vae_tile_option()
 @scheduler_option()
+@cache_options()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
 @cpu_precision_option()
-@click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256 (faster start for big models).")
+@click.option("--verify", is_flag=True, help="Hash every artifact file (and openvino's compiled models) even where the record of "
+              "verified files vouches for it (unchanged size, mtime and ctime since it was hashed).")
+@click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
                  width: int | None, batch: int | None, latents: Path | None, image: Path | None, strength: float | None,
-                 mask: Path | None, vae_tile: int | None, scheduler: str | None, out: Path, threads: int | None,
+                 mask: Path | None, vae_tile: int | None, scheduler: str | None, cache_interval: int,
+                 cache_branch: int | None, out: Path, threads: int | None,
                  cpu_precision: str | None,
-                 no_verify: bool, no_progress: bool, as_json: bool) -> None:
+                 verify: bool, no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, the scheduler's loop with CFG, VAE decode, PNG).
 
     onnxruntime and tensorrt never import torch or diffusers. Everything is validated before any
     network runs; a failure leaves no PNG behind."""
     import secrets
 
+    from exporter.cache_branch import check_interval
     from sampler.api import Pipeline
     from sampler.loop import SAMPLER_COMPONENTS, output_paths, save_pngs
     from sampler.pipeline import open_pipeline
@@ -96,6 +102,9 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     check_out_file(out, example="image.png")
     check_vae_tile(vae_tile)
     check_scheduler(scheduler)
+    check_interval(cache_interval)
+    if verify and no_verify:
+        raise UsageError("--verify and --no-verify contradict each other; pass one")
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
@@ -110,7 +119,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         if "vae_encoder" not in manifest.view.components and (backend != "tensorrt" or engines is None):
             raise no_encoder(f"{artifacts} ({manifest.view.source.model})")
     opened = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                           full_hash=not no_verify, log=log, manifest=manifest,
+                           full_hash=not no_verify, log=log, manifest=manifest, cache=cache_interval > 1, verify=verify,
                            components=(*SAMPLER_COMPONENTS, *(("vae_encoder",) if manifest is not None and "vae_encoder" in manifest.view.components else ())))
     manifest, runtime, verify_s = opened.manifest, opened.backend, opened.verify_seconds
     pipe = Pipeline.from_opened(opened, warn=lambda m: log(f"warning: {m}"))  # the Python API's one path to an image
@@ -123,13 +132,14 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         [plan] = pipe.plan(pipe.requests(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                                          seed=seed if seed is not None else 0, height=height, width=width,
                                          num_images_per_prompt=batch, latents=lat, vae_tile=vae_tile, scheduler=scheduler,
-                                         **image_args))
+                                         cache_interval=cache_interval, cache_branch=cache_branch, **image_args))
         paths = output_paths(out, plan.batch)
         log(f"{backend}: {plan.batch} image(s) {plan.width}x{plan.height}, {plan.steps} steps, guidance {plan.guidance:g}"
             + ("" if plan.cfg else " (no CFG)") + (f", seed {plan.seed}" if plan.seed is not None else f", latents {latents}")
             + (f", {'inpainting' if mask else 'img2img'} from {image} at strength {plan.image_inputs.strength:g}" if image else "")
             + f", scheduler {scheduler or 'euler'} ({sampler.scheduler.timestep_spacing} spacing)"
-            + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else ""))
+            + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else "")
+            + (f", feature cache every {plan.cache_interval} steps at branch {plan.cache_branch}" if plan.cache_interval > 1 else ""))
         # ----- load, then run ---------------------------------------------------------------------
         load_ms = 1e3 * pipe.load([plan])
         backend_desc = runtime.describe()
@@ -151,6 +161,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
                     "image": str(image) if image else None, "mask": str(mask) if mask else None,
                     "strength": plan.image_inputs.strength if plan.image_inputs is not None else None,
                     "height": plan.height, "width": plan.width, "batch": plan.batch, "vae_tile": plan.vae_tile,
+                    "cache": cache_record(plan, timings),
                     "scheduler": {"name": scheduler or "euler", "timestep_spacing": sampler.scheduler.timestep_spacing, "timesteps": [float(t) for t in sampler.scheduler.timesteps]},  # type: ignore[union-attr]
                     "timings": {**summary, "load_ms": load_ms, "png_ms": png_ms, "verify_ms": 1e3 * verify_s,
                                 "wall_ms": 1e3 * (time.perf_counter() - started)}})

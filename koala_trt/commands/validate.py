@@ -10,6 +10,7 @@ import click
 from koala_trt.commands.aid_options import check_vae_tile
 from koala_trt.commands.image_options import image_args, image_options
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
+from koala_trt.commands.cache_options import cache_options
 from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_out_file, cpu_precision_option, components_option, log, print_json, table
 from koala_core.errors import CheckFailed, UsageError
 
@@ -60,6 +61,7 @@ def _read_prompts(path: Path | None) -> list[str]:
 @click.option("--baseline", type=click.Path(path_type=Path), help="Fail metrics that got worse than this baseline beyond the margin.")
 @click.option("--baseline-margin", type=float, default=None, help="Relative margin over the baseline's error [default: 0.5].")
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@cache_options()
 @cpu_precision_option()
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256.")
 @scheduler_option()
@@ -71,7 +73,8 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
                  tolerances: tuple[str, ...], no_end_to_end: bool, report: Path | None, junit: Path | None,
                  markdown: Path | None, save_baseline: Path | None, baseline: Path | None, baseline_margin: float | None,
                  threads: int | None, cpu_precision: str | None, no_verify: bool, verbose: bool, as_json: bool,
-                 vae_tile: int | None, scheduler: str | None, image: Path | None, strength: float | None, mask: Path | None) -> None:
+                 vae_tile: int | None, scheduler: str | None, image: Path | None, strength: float | None, mask: Path | None,
+                 cache_interval: int, cache_branch: int | None) -> None:
     """Check that an artifact still computes what the PyTorch model computes.
 
     Per component, on random inputs and on inputs from real prompts, at the artifact's real size:
@@ -79,6 +82,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     on the backend against the diffusers pipeline from the same latents: final-latent relative L2,
     image PSNR and SSIM. Exit 0 when every metric holds, 1 on any drift (reports are written first),
     2 on usage errors."""
+    from exporter.cache_branch import check_interval
     from exporter.specs import COMPONENTS, parse_components
     from exporter.tolerances import parse_overrides
     from koala_core.jsonfile import write_json
@@ -97,6 +101,9 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
     check_vae_tile(vae_tile)
     check_scheduler(scheduler)
     image_inputs = image_args(image, mask, strength)
+    check_interval(cache_interval)
+    if cache_interval > 1 and no_end_to_end:
+        raise UsageError("--cache-interval is for the end-to-end run; drop --no-end-to-end")
     if vae_tile is not None and no_end_to_end:
         raise UsageError("--vae-tile is for the end-to-end run; drop --no-end-to-end")
     if not Path(artifacts).is_dir():
@@ -109,7 +116,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
                            width=width, steps=steps, prompts=_read_prompts(prompts), seed=seed, random_samples=random_samples,
                            overrides=overrides, end_to_end=not no_end_to_end, verify=not no_verify, threads=threads,
                            cpu_precision=cpu_precision, verbose=verbose, vae_tile=vae_tile, scheduler=scheduler,
-                           image_inputs=image_inputs or None)
+                           image_inputs=image_inputs or None, cache_interval=cache_interval, cache_branch=cache_branch)
     if base is not None:  # before anything runs: a baseline compares only with a run on the same inputs
         assert baseline is not None
         h, w = default_size(artifacts, height, width)

@@ -65,7 +65,7 @@ def make_sampler(backend: BlsBackend, pipeline_dir: Path) -> Callable[..., np.nd
     `backend`, configured from the artifacts manifest in `pipeline_dir`: a function
     (prompt, **inputs) -> (uint8 [H, W, 3] image, (height, width, steps) it ran at). The inputs are
     this model's: negative_prompt, seed, steps, guidance, height, width, scheduler, image, mask_image,
-    strength (INPUT_NAMES maps the served names to the API's).
+    strength, cache_interval, cache_branch (INPUT_NAMES maps the served names to the API's).
 
     This is the one place that names the sampler's API."""
     from exporter.manifest import load_manifest
@@ -188,6 +188,8 @@ class TritonPythonModel:
                     "height": _scalar(request, "height", int),
                     "width": _scalar(request, "width", int),
                     "scheduler": _scalar(request, "scheduler", str),
+                    "cache_interval": _scalar(request, "cache_interval", int),
+                    "cache_branch": _scalar(request, "cache_branch", int),
                 }.items() if v is not None}
                 kwargs.update(_image_inputs(request))
                 prompt = _scalar(request, "prompt", str)

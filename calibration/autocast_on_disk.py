@@ -64,6 +64,30 @@ def _read(base: Path, t: Any, dtype: Any) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(tuple(t.dims))
 
 
+def with_external_weights(path: Path, folder: Path, threshold: int = 1024) -> Path:
+    """The graph at `path` with every weight of `threshold` bytes or more in an external data file:
+    `path` itself when it already is so (full-size exports over 2 GB), else a copy in `folder` (the
+    inline weights written to one data file, the existing data files linked), so that AutoCast's
+    passes over the graph never carry the weights (the full text encoder's 470 MB)."""
+    import onnx
+    from onnx import external_data_helper
+
+    from calibration.artifacts import link_or_copy
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not any(not _is_external(t) and len(t.raw_data) >= threshold for t in model.graph.initializer):
+        return Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in Path(path).parent.iterdir():
+        if f.is_file() and f.name != Path(path).name:
+            link_or_copy(f, folder / f.name)
+    external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True, location="inline-weights.data",
+                                                        size_threshold=threshold, convert_attribute=False)
+    out = folder / Path(path).name
+    onnx.save_model(model, str(out))
+    return out
+
+
 def initializer_absmax(model: Any, base: Path, chunk: int = 1 << 24) -> dict[str, float]:
     """name -> largest magnitude of every float32 initializer (external ones streamed from disk in
     chunks, inline ones from the graph)."""
@@ -100,9 +124,11 @@ def _fp16(values: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def weights_on_disk() -> Iterator[None]:
+def weights_on_disk(base: Path) -> Iterator[None]:
     """While inside, ModelOpt AutoCast converts graphs loaded without their external data, leaving
-    the external initializers where they are (see the module's docstring)."""
+    the external initializers where they are (see the module's docstring). `base`: the folder of the
+    source graph; the working directory while inside, as onnx's checker looks for an in-memory
+    graph's external data files there."""
     import onnx
     from modelopt.onnx.autocast import convert as ac_convert
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
@@ -125,7 +151,8 @@ def weights_on_disk() -> Iterator[None]:
         new.name, new.data_type, new.data_location = init.name, to_type.onnx_type, onnx.TensorProto.EXTERNAL
         new.dims.extend(init.dims)
         for e in init.external_data:
-            new.external_data.add(key=e.key, value=e.value)
+            if e.key != "length":  # the source's byte count, not this type's (the checker would compare them)
+                new.external_data.add(key=e.key, value=e.value)
         new.external_data.add(key=SOURCE_TYPE, value=str(init.data_type))
         return new
 
@@ -143,9 +170,12 @@ def weights_on_disk() -> Iterator[None]:
     PrecisionConverter._convert_initializer_data = convert_lazily
     PrecisionConverter._cleanup_no_consumer_nodes = cleanup_no_consumer_nodes
     helper.load_external_data_for_model = lambda model, base_dir: None
+    cwd = os.getcwd()
     try:
+        os.chdir(base)
         yield
     finally:
+        os.chdir(cwd)
         PrecisionConverter._convert_initializer_data = original_convert
         PrecisionConverter._cleanup_no_consumer_nodes = original_cleanup
         helper.load_external_data_for_model = original_load

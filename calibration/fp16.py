@@ -197,8 +197,9 @@ def autocast(path: Path, absmax: dict[str, float], keep_ops: list[str], data_max
 
     from calibration.autocast_on_disk import initializer_absmax, weights_on_disk
 
+    path = Path(path).resolve()
     init_absmax = initializer_absmax(onnx.load(str(path), load_external_data=False), path.parent)
-    with weights_on_disk():
+    with weights_on_disk(path.parent):
         return convert_to_mixed_precision(
             str(path), low_precision_type="fp16", keep_io_types=True, data_max=np.inf,
             custom_rule=_range_rule(absmax, data_max, init_absmax, INIT_MAX),
@@ -213,7 +214,7 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
         raise UsageError(f"FP16 conversion needs NVIDIA ModelOpt's ONNX tools ({e}); install them with: pip install 'koala-trt[precision]'") from None
     import onnx
 
-    from calibration.autocast_on_disk import save_with_weights
+    from calibration.autocast_on_disk import save_with_weights, with_external_weights
 
     samples = _range_inputs(src, name, opts)
     path = src.onnx_path(name)
@@ -224,8 +225,9 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
     with Meter() as mr:
         absmax = measure_ranges(path, samples, split_batch=src.spec(name).kind == "unet", scratch=scratch)
     out_of_range = sum(v > opts.data_max for v in absmax.values())
-    with Meter() as m, quiet_library():
-        model = autocast(path, absmax, keep_ops, opts.data_max)
+    with Meter() as m, quiet_library(), tempfile.TemporaryDirectory(prefix="koala-fp16-", dir=scratch) as tmp:
+        source = with_external_weights(path, Path(tmp))
+        model = autocast(source, absmax, keep_ops, opts.data_max)
         census = _precision_census(model)
         # AutoCast leaves value_info shapes specialised to the calibration inputs; ONNX Runtime then
         # fails at other sizes ("shape mismatch attempting to re-use buffer"). Infer them afresh.
@@ -233,7 +235,7 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
         for old in out_path.parent.glob("*"):  # the component's old graph and weights
             if old.is_file():
                 old.unlink()
-        save_with_weights(model, path.parent, out_path)
+        save_with_weights(model, source.parent, out_path)
         del model
         onnx.shape_inference.infer_shapes_path(str(out_path), str(out_path), check_type=True, strict_mode=False, data_prop=True)
     if census["fp16_nodes"] == 0:

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import functools
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -108,6 +109,7 @@ def _instrument(ph: Phases) -> list[Callable[[], None]]:
         ph.wrap(PrecisionConverter, "convert", "rewrite graph (casts, initializers, cleanup)"),
         ph.wrap(mu, "check_model", "onnx checker (AutoCast)"),
         ph.wrap(aod, "initializer_absmax", "initializer magnitudes from disk"),
+        ph.wrap(aod, "with_external_weights", "inline weights moved to a data file"),
         ph.wrap(art, "save_onnx", "save"),
         ph.wrap(aod, "save_with_weights", "save"),
         ph.wrap(onnx.shape_inference, "infer_shapes_path", "shape inference of the saved graph"),
@@ -140,13 +142,14 @@ def _old(path: Path, absmax: dict[str, float], keep: list[str], data_max: float,
 def _new(path: Path, absmax: dict[str, float], keep: list[str], data_max: float, out: Path) -> Any:
     import onnx
 
-    from calibration.autocast_on_disk import save_with_weights
+    from calibration.autocast_on_disk import save_with_weights, with_external_weights
     from calibration.fp16 import _precision_census, autocast
 
-    model = autocast(path, absmax, keep, data_max)
+    source = with_external_weights(path, out.parent / "source")
+    model = autocast(source, absmax, keep, data_max)
     census = _precision_census(model)
     del model.graph.value_info[:]
-    save_with_weights(model, path.parent, out)
+    save_with_weights(model, source.parent, out)
     del model
     onnx.shape_inference.infer_shapes_path(str(out), str(out), check_type=True, strict_mode=False, data_prop=True)
     onnx.checker.check_model(str(out))
@@ -186,7 +189,7 @@ def main() -> None:
                                              "samples": len(samples), "tensors": len(absmax)}
                 print(json.dumps({f"{name}/ranges": results[f"{name}/ranges"]}), flush=True)
                 islands: dict[str, set[str]] = {}
-                for which in a.path.split(","):
+                for which in a.path.split(","):  # new first: the old path's freed memory would stay in RSS
                     out = Path(tmp) / which / name / "model.onnx"
                     out.parent.mkdir(parents=True, exist_ok=True)
                     ph.reset()
@@ -200,8 +203,7 @@ def main() -> None:
                                                   "fp16_nodes": census["fp16_nodes"], "fp32_nodes": census["fp32_nodes"],
                                                   "phases": ph.table()}
                     print(json.dumps({f"{name}/{which}": results[f"{name}/{which}"]}), flush=True)
-                    for f in out.parent.iterdir():
-                        f.unlink()
+                    shutil.rmtree(out.parent)
                 if len(islands) == 2:
                     results[f"{name}/same_fp32_nodes"] = islands["old"] == islands["new"]
                     print(f"{name}: same FP32 nodes in both paths: {islands['old'] == islands['new']}", flush=True)

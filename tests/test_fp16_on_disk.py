@@ -124,7 +124,6 @@ def test_same_islands_as_autocasts_reference_runner(tiny_artifacts: Path, tiny_c
     assert islands == {n for n, p in fp16.compute_precisions(cheap).items() if p == "fp32"}
     by_range = {n for n in islands if ops[n] not in keep}  # kept FP32 by the ranges, not by op type
     assert len(by_range) >= 5, by_range
-    assert _nodes(cheap) == _nodes(own)
 
 
 def test_convert_writes_the_graph_and_its_weights_only(tiny_artifacts: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from exporter.manifest import MANIFEST, Manifest, load_manifest
 from koala_core.errors import KoalaError, UsageError
@@ -30,13 +30,15 @@ def load_fp32_source(onnx_dir: Path) -> Manifest:
     return m
 
 
-def copy_artifacts(src: Manifest, stage: Path) -> Manifest:
-    """Copy every file of `src` (components, tokenizers, scheduler) into `stage`; the manifest is
-    copied as data, to be updated and saved by the caller."""
+def copy_artifacts(src: Manifest, stage: Path, skip: Iterable[str] = ()) -> Manifest:
+    """Copy every file of `src` (components, tokenizers, scheduler) into `stage`, but those of the
+    components in `skip` (their graphs are to be written afresh); the manifest is copied as data, to
+    be updated and saved by the caller."""
     import copy
 
+    skipped = {str(Path(src.record(n).file).parent) + "/" for n in skip}
     for rel in src.view.files:
-        if rel == ACCURACY:
+        if rel == ACCURACY or any(rel.startswith(d) for d in skipped):
             continue
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)

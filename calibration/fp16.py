@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -73,8 +73,9 @@ def _range_inputs(src: Manifest, name: str, opts: Fp16Options) -> list[dict[str,
     return [spec.dummy_inputs(2, side(exp["height"]), side(exp["width"]), seed=10 + i) for i in range(min(opts.samples, 2))]
 
 
-def _precision_census(model: Any) -> dict[str, Any]:
-    """How many compute nodes run in FP16 and which op types stayed FP32 (the FP32 islands)."""
+def compute_precisions(model: Any) -> dict[str, str]:
+    """node name -> "fp16" or "fp32", for every compute node of a converted graph with a float
+    output (casts and shape plumbing left out): the FP32 islands are the "fp32" ones."""
     import onnx
 
     types: dict[str, int] = {}
@@ -82,16 +83,25 @@ def _precision_census(model: Any) -> dict[str, Any]:
         types[v.name] = v.type.tensor_type.elem_type
     for t in model.graph.initializer:
         types[t.name] = t.data_type
-    fp16, fp32 = 0, collections.Counter()
+    out: dict[str, str] = {}
     for node in model.graph.node:
         if node.op_type in ("Cast", "Constant", "Shape", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Transpose"):
             continue
         dt = {types.get(o) for o in node.output}
         if onnx.TensorProto.FLOAT16 in dt:
-            fp16 += 1
+            out[node.name] = "fp16"
         elif onnx.TensorProto.FLOAT in dt:
-            fp32[node.op_type] += 1
-    return {"fp16_nodes": fp16, "fp32_nodes": sum(fp32.values()), "fp32_islands_by_op": dict(fp32.most_common())}
+            out[node.name] = "fp32"
+    return out
+
+
+def _precision_census(model: Any) -> dict[str, Any]:
+    """How many compute nodes run in FP16 and which op types stayed FP32 (the FP32 islands)."""
+    ops = {n.name: n.op_type for n in model.graph.node}
+    precisions = compute_precisions(model)
+    fp32 = collections.Counter(ops[n] for n, p in precisions.items() if p == "fp32")
+    return {"fp16_nodes": sum(p == "fp16" for p in precisions.values()), "fp32_nodes": sum(fp32.values()),
+            "fp32_islands_by_op": dict(fp32.most_common())}
 
 
 def _check_finite(src: Manifest, name: str, path: Path, samples: list[dict[str, np.ndarray]]) -> None:
@@ -129,29 +139,82 @@ def _float_tensors(model: Any) -> list[str]:
     return names
 
 
-def _range_rule(absmax: dict[str, float], data_max: float) -> Any:
+def _range_rule(absmax: dict[str, float], data_max: float, init_absmax: dict[str, float] | None = None,
+                init_max: float = INIT_MAX) -> Any:
     """An AutoCast node rule: keep a node FP32 when an input or output exceeded `data_max` in
-    magnitude on the calibration samples (the semantics of AutoCast's IORangeRule)."""
+    magnitude on the calibration samples (the semantics of AutoCast's IORangeRule), or when one of
+    its float32 initializers holds a value beyond `init_max` (its InitializerRangeRule, on
+    magnitudes measured from disk)."""
     from modelopt.onnx.autocast.nodeclassifier import NodeRuleBase
+
+    from calibration.autocast_on_disk import init_max_rule
+
+    beyond_init_max = init_max_rule(init_absmax or {}, init_max)
 
     class MeasuredRangeRule(NodeRuleBase):
         def _check_inner(self, node: Any) -> bool:
             if node.op_type == "Constant":
                 return False
-            return any(absmax.get(t, 0.0) > data_max for t in (*node.input, *node.output) if t)
+            return any(absmax.get(t, 0.0) > data_max for t in (*node.input, *node.output) if t) or beyond_init_max(node)
 
     return MeasuredRangeRule()
+
+
+def _halves(samples: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """Each batch element of each sample on its own (the U-Net's CFG batch: negative, then positive).
+    Every op of these graphs works on each batch element independently, so the min and max over the
+    runs are those over the batched samples, at half the activations' memory (1024 px U-Net)."""
+    for feeds in samples:
+        sizes = {v.shape[0] if v.ndim else 0 for v in feeds.values()}
+        if len(sizes) != 1 or (b := sizes.pop()) < 2:
+            yield feeds
+            continue
+        for i in range(b):
+            yield {k: v[i:i + 1] for k, v in feeds.items()}
+
+
+def measure_ranges(path: Path, samples: list[dict[str, np.ndarray]], split_batch: bool = False,
+                   scratch: Path | None = None) -> dict[str, float]:
+    """name -> largest magnitude over the samples of every float tensor of the graph at `path`
+    (the range pass of calibration/ranges.py, in-graph reductions, graph run in node order)."""
+    import onnx
+
+    from calibration.ranges import collect_ranges
+
+    names = _float_tensors(onnx.load(str(path), load_external_data=False))
+    with tempfile.TemporaryDirectory(prefix="koala-fp16-", dir=scratch) as tmp:
+        feeds = _halves(samples) if split_batch else iter(samples)
+        ranges = collect_ranges(path, names, feeds, scratch=Path(tmp)).reduce("max")
+    return {n: ranges.amax(n) for n in names}
+
+
+def autocast(path: Path, absmax: dict[str, float], keep_ops: list[str], data_max: float) -> Any:
+    """ModelOpt AutoCast on the graph at `path` with the measured ranges, its weights left on disk
+    (calibration/autocast_on_disk.py): the FP16 graph, whose external initializers still refer to
+    the source's data file, to be written by `save_with_weights`."""
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+    import onnx
+
+    from calibration.autocast_on_disk import initializer_absmax, weights_on_disk
+
+    path = Path(path).resolve()
+    init_absmax = initializer_absmax(onnx.load(str(path), load_external_data=False), path.parent)
+    with weights_on_disk(path.parent):
+        return convert_to_mixed_precision(
+            str(path), low_precision_type="fp16", keep_io_types=True, data_max=np.inf,
+            custom_rule=_range_rule(absmax, data_max, init_absmax, INIT_MAX),
+            op_types_to_exclude=keep_ops, init_max=None, providers=["cpu"])
 
 
 def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Options, log: Log, scratch: Path | None = None) -> dict[str, Any]:
     """AutoCast one component's graph to FP16; returns what the manifest records about it."""
     try:
-        from modelopt.onnx.autocast import convert_to_mixed_precision
+        import modelopt.onnx.autocast  # noqa: F401
     except ImportError as e:
         raise UsageError(f"FP16 conversion needs NVIDIA ModelOpt's ONNX tools ({e}); install them with: pip install 'koala-trt[precision]'") from None
     import onnx
 
-    from calibration.ranges import collect_ranges
+    from calibration.autocast_on_disk import save_with_weights, with_external_weights
 
     samples = _range_inputs(src, name, opts)
     path = src.onnx_path(name)
@@ -159,22 +222,20 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
     keep_ops = list(opts.keep_fp32_ops)
     if gemm_only:  # every op type but the GEMMs stays FP32 (TensorRT-RTX has no FP32 GEMM on Turing)
         keep_ops = sorted({n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node} - set(GEMM_OPS))
-    with Meter() as mr, tempfile.TemporaryDirectory(prefix="koala-fp16-", dir=scratch) as tmp:
-        names = _float_tensors(onnx.load(str(path), load_external_data=False))
-        per_sample = collect_ranges(path, names, iter(samples), scratch=Path(tmp))
-        ranges = per_sample.reduce("max")
-        absmax = {n: ranges.amax(n) for n in names}
+    with Meter() as mr:
+        absmax = measure_ranges(path, samples, split_batch=src.spec(name).kind == "unet", scratch=scratch)
     out_of_range = sum(v > opts.data_max for v in absmax.values())
-    with Meter() as m, quiet_library():
-        model = convert_to_mixed_precision(
-            str(path), low_precision_type="fp16", keep_io_types=True, data_max=np.inf,
-            custom_rule=_range_rule(absmax, opts.data_max),
-            op_types_to_exclude=keep_ops, init_max=INIT_MAX, providers=["cpu"])
+    with Meter() as m, quiet_library(), tempfile.TemporaryDirectory(prefix="koala-fp16-", dir=scratch) as tmp:
+        source = with_external_weights(path, Path(tmp))
+        model = autocast(source, absmax, keep_ops, opts.data_max)
         census = _precision_census(model)
         # AutoCast leaves value_info shapes specialised to the calibration inputs; ONNX Runtime then
         # fails at other sizes ("shape mismatch attempting to re-use buffer"). Infer them afresh.
         del model.graph.value_info[:]
-        save_onnx(model, out_path)
+        for old in out_path.parent.glob("*"):  # the component's old graph and weights
+            if old.is_file():
+                old.unlink()
+        save_with_weights(model, source.parent, out_path)
         del model
         onnx.shape_inference.infer_shapes_path(str(out_path), str(out_path), check_type=True, strict_mode=False, data_prop=True)
     if census["fp16_nodes"] == 0:
@@ -187,7 +248,7 @@ def convert_component(src: Manifest, name: str, out_path: Path, opts: Fp16Option
             "peak_rss_mb": round(max(mr.peak_rss_mb, m.peak_rss_mb), 1),
             "ranges": {"tensors": len(absmax), "above_data_max": out_of_range, "seconds": round(mr.seconds, 2),
                        "peak_rss_mb": round(mr.peak_rss_mb, 1)},
-            "autocast": {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)},
+            "autocast": {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1), "weights": "converted on disk"},
             "range_inputs": {"samples": len(samples), "shapes": shape,
                              "from": "calibration set" if name == "unet" and opts.calib else ("prompts" if "text" in name else "spec dummy inputs")},
             "data_max": opts.data_max, "keep_fp32_ops": keep_ops, "fp16_ops": "gemm" if gemm_only else "all", **census}
@@ -218,7 +279,7 @@ def convert_fp16(onnx_dir: Path, out: Path, opts: Fp16Options, log: Log = print,
         check_same_unet(load_calibration(opts.calib), src)
     started = time.perf_counter()
     with staged_dir(out, force=opts.force) as stage:
-        manifest = copy_artifacts(src, stage)
+        manifest = copy_artifacts(src, stage, skip=names)  # the converted graphs are written afresh
         for i, name in enumerate(names, 1):
             log(f"[{i}/{len(names)}] {name}: FP16 with FP32 islands (ModelOpt AutoCast)")
             info = convert_component(src, name, stage / src.record(name).file, opts, log, scratch=stage.parent)

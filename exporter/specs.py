@@ -21,6 +21,9 @@ import numpy as np
 from koala_core.errors import UsageError
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# Components an export has only when asked for: `export --controlnet` writes the ControlNet and the
+# U-Net variant taking its residuals (exporter/controlnet.py).
+VARIANT_COMPONENTS = ("controlnet", "unet_controlnet")
 DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 NUMPY_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 MAX_BATCH = 8  # default upper end of every batch range: 4 images with classifier-free guidance
@@ -51,6 +54,13 @@ def prompt_chunk_ids(ids: list[int], chunks: int, bos: int, eos: int, pad: int,
     return out
 
 
+def dim_size(sym: str, sizes: Mapping[str, int]) -> int:
+    """A symbolic dim's size: `sizes[sym]`, or for `name/k` (a ControlNet residual at 1/k of the
+    latents) sizes[name] // k."""
+    name, _, k = sym.partition("/")
+    return int(sizes[name]) // (int(k) if k else 1)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -58,7 +68,7 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
     def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
+        return tuple(d if isinstance(d, int) else dim_size(d, sizes) for d in self.dims)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
@@ -236,6 +246,12 @@ class TextEncoderSpec(ComponentSpec):
         return {"input_ids": ids.astype(np.int32)}
 
 
+def _residual(name: str, channels: int, scale: int) -> TensorSpec:
+    """A ControlNet residual: [batch, channels] at 1/scale of the latents (dims `latent_height/scale`)."""
+    axes = ("latent_height", "latent_width") if scale == 1 else (f"latent_height/{scale}", f"latent_width/{scale}")
+    return TensorSpec(name, "float32", ("batch", channels, *axes))
+
+
 class UNetSpec(ComponentSpec):
     """The denoising U-Net, inputs named as diffusers' UNet2DConditionModel.forward takes them."""
 
@@ -259,15 +275,50 @@ class UNetSpec(ComponentSpec):
             latent_factor=vae_scale_factor, size_multiple=vae_scale_factor * down,
             extra={"downsample": down, "chunk_tokens": seq_len})
 
+    @classmethod
+    def with_residuals(cls, unet: "UNetSpec", down: list[tuple[int, int]], mid: tuple[int, int]) -> "UNetSpec":
+        """The `unet_controlnet` variant: the U-Net's inputs plus a ControlNet's down residuals and mid
+        residual, each (channels, downscale from the latents), in diffusers' order."""
+        extra = tuple(_residual(f"down_block_additional_residual_{i}", c, k) for i, (c, k) in enumerate(down))
+        return cls(name="unet_controlnet", module="unet", inputs=unet.inputs + extra + (_residual("mid_block_additional_residual", *mid),),
+                   outputs=unet.outputs, latent_factor=unet.latent_factor, size_multiple=unet.size_multiple, extra=dict(unet.extra))
+
     def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         shapes = self.input_shapes(batch, height, width, chunks)
         time_ids = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (batch, 1))
-        return {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
-                "timestep": np.full((batch,), float(rng.integers(1, 1000)), np.float32),
-                "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
-                "text_embeds": rng.standard_normal(shapes["text_embeds"], dtype=np.float32),
-                "time_ids": time_ids}
+        feeds = {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
+                 "timestep": np.full((batch,), float(rng.integers(1, 1000)), np.float32),
+                 "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
+                 "text_embeds": rng.standard_normal(shapes["text_embeds"], dtype=np.float32),
+                 "time_ids": time_ids}
+        for t in self.inputs:  # a variant's extra inputs (ControlNet residuals): features of O(1)
+            if t.name not in feeds:
+                feeds[t.name] = rng.standard_normal(shapes[t.name], dtype=np.float32)
+        return feeds
+
+
+class ControlNetSpec(ComponentSpec):
+    """A ControlNet: the U-Net's inputs plus the control image (pixels in [0, 1], as diffusers'
+    control_image_processor gives it) and the conditioning scale; the down residuals and the mid
+    residual out, already scaled, in diffusers' order (exporter/controlnet.py)."""
+
+    kind = "controlnet"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], unet: UNetSpec, down: list[tuple[int, int]], mid: tuple[int, int]) -> "ControlNetSpec":
+        inputs = unet.inputs + (TensorSpec("controlnet_cond", "float32", ("batch", int(cfg.get("conditioning_channels", 3)), "height", "width")),
+                                TensorSpec("conditioning_scale", "float32", (1,)))
+        outputs = tuple(_residual(f"down_block_res_sample_{i}", c, k) for i, (c, k) in enumerate(down)) + (_residual("mid_block_res_sample", *mid),)
+        return cls(name="controlnet", module="controlnet", inputs=inputs, outputs=outputs, latent_factor=unet.latent_factor,
+                   size_multiple=unet.size_multiple, extra=dict(unet.extra))
+
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
+        base = UNetSpec(name=self.name, module="unet", inputs=self.inputs[:5], outputs=(), latent_factor=self.latent_factor,
+                        size_multiple=self.size_multiple, extra=self.extra).dummy_inputs(batch, height, width, seed, chunks)
+        rng = np.random.default_rng(seed + 1)
+        shape = self.input_shapes(batch, height, width, chunks)["controlnet_cond"]
+        return {**base, "controlnet_cond": rng.random(shape, dtype=np.float32), "conditioning_scale": np.array([0.8], np.float32)}
 
 
 class VaeDecoderSpec(ComponentSpec):
@@ -309,7 +360,7 @@ class VaeEncoderSpec(ComponentSpec):
         return {"sample": rng.uniform(-1, 1, shape).astype(np.float32)}
 
 
-_KINDS: dict[str, type[ComponentSpec]] = {c.kind: c for c in (TextEncoderSpec, UNetSpec, VaeDecoderSpec, VaeEncoderSpec)}
+_KINDS: dict[str, type[ComponentSpec]] = {c.kind: c for c in (TextEncoderSpec, UNetSpec, VaeDecoderSpec, VaeEncoderSpec, ControlNetSpec)}
 
 
 def check_tile(tile: object, height: int | None = None, width: int | None = None, multiple: int = 8) -> None:
@@ -325,13 +376,24 @@ def check_tile(tile: object, height: int | None = None, width: int | None = None
 def specs_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, ComponentSpec]:
     """Every component's spec, from the pipeline's configs (text_encoder, text_encoder_2, unet, vae)."""
     f = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    return {
+    specs: dict[str, ComponentSpec] = {
         "text_encoder": TextEncoderSpec.from_config("text_encoder", configs["text_encoder"], with_projection=False),
         "text_encoder_2": TextEncoderSpec.from_config("text_encoder_2", configs["text_encoder_2"], with_projection=True),
         "unet": UNetSpec.from_config(configs["unet"], f, int(configs["text_encoder"]["max_position_embeddings"])),
         "vae_decoder": VaeDecoderSpec.from_config(configs["vae"], f),
         "vae_encoder": VaeEncoderSpec.from_config(configs["vae"], f),
     }
+    if "controlnet" in configs:  # export --controlnet: the ControlNet and the U-Net taking its residuals
+        from exporter.controlnet import residual_layout
+
+        unet = specs["unet"]
+        assert isinstance(unet, UNetSpec)
+        c_down, c_mid = residual_layout(configs["controlnet"])
+        u_down, u_mid = residual_layout(configs["unet"])
+        specs["controlnet"] = ControlNetSpec.from_config(configs["controlnet"], unet, [(r.channels, r.scale) for r in c_down],
+                                                         (c_mid.channels, c_mid.scale))
+        specs["unet_controlnet"] = UNetSpec.with_residuals(unet, [(r.channels, r.scale) for r in u_down], (u_mid.channels, u_mid.scale))
+    return specs
 
 
 def default_range(spec: ComponentSpec, batch: int, height: int, width: int,
@@ -358,8 +420,8 @@ def parse_components(names: tuple[str, ...] | list[str] | None, default: tuple[s
             n = n.strip()
             if not n:
                 continue
-            if n not in COMPONENTS:
-                raise UsageError(f"unknown component {n!r}; expected one of {', '.join(COMPONENTS)}")
+            if n not in COMPONENTS + VARIANT_COMPONENTS:
+                raise UsageError(f"unknown component {n!r}; expected one of {', '.join(COMPONENTS + VARIANT_COMPONENTS)}")
             if n not in out:
                 out.append(n)
     return out

@@ -20,6 +20,8 @@ from exporter.manifest import Manifest
 from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange, check_tile
 from koala_core.errors import UsageError
 from koala_core.jsonfile import read_json
+from sampler.controlnet import CONTROLNET, UNET_CONTROLNET, plan_control
+from sampler.controlnet import residuals as control_residuals
 from sampler.schedulers.euler import EulerDiscreteScheduler
 from sampler.tokenize import ClipTokenizer, chunk_prompts, prompt_tokens
 
@@ -119,6 +121,11 @@ class Request:
     batch: int | None = None
     latents: np.ndarray | None = None  # initial noise as diffusers' `latents=` takes it (before * init_noise_sigma)
     vae_tile: int | None = None  # decode in tiles of this many pixels (sampler/vae_tiling.py); None: the engine's own, else untiled
+    # ControlNet (sampler/controlnet.py), diffusers' names: PNG bytes, a PIL image or a uint8 [H, W, 3] array
+    control_image: Any = None
+    controlnet_conditioning_scale: float | None = None  # [1.0]
+    control_guidance_start: float | None = None  # [0.0]
+    control_guidance_end: float | None = None  # [1.0]
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,7 @@ class Plan:
     noise: np.ndarray  # float32 [batch, C, height/f, width/f]
     chunks: int = 1  # prompt chunks of 77 tokens each prompt is encoded as (sampler.tokenize.chunk_prompts)
     vae_tile: int | None = None  # pixels; None: one untiled decode
+    control: Any = None  # sampler.controlnet.ControlPlan, or None without a control image
 
     @property
     def cfg(self) -> bool:
@@ -184,7 +192,7 @@ class Timings:
         return float(sum(self.stages.get(stage, [])))
 
     def model_seconds(self) -> float:
-        return sum(self.total(c) for c in SAMPLER_COMPONENTS)
+        return sum(self.total(c) for c in (*SAMPLER_COMPONENTS, "controlnet"))
 
     def step_overheads(self) -> list[float]:
         return [s - u for s, u in zip(self.stages.get("step", []), self.stages.get("unet", []))]
@@ -193,7 +201,7 @@ class Timings:
         """Per stage: calls, total and per-call ms, and the non-model overhead (all of `sample`
         except time inside backend.run; per denoising step: the loop's own work)."""
         rows: dict[str, Any] = {}
-        for k in ("tokenize", *SAMPLER_COMPONENTS, "postprocess"):
+        for k in ("tokenize", *SAMPLER_COMPONENTS, "controlnet", "postprocess"):
             v = self.stages.get(k, [])
             if v:
                 rows[k] = {"calls": len(v), "total_ms": 1e3 * sum(v), "per_call_ms": 1e3 * sum(v) / len(v)}
@@ -284,6 +292,12 @@ class Sampler:
                 continue
             r.check(comp, self.specs[comp].spatial, height, width, batch=b, batch_what=what)
         chunks = self.check_prompt(req.prompt, req.negative_prompt if prompts == 2 else None)
+        control = plan_control(self.specs, req.control_image, req.controlnet_conditioning_scale, req.control_guidance_start,
+                               req.control_guidance_end, height, width, batch, guidance > 1.0, self.assets.origin or "the backend")
+        for comp in ((CONTROLNET, UNET_CONTROLNET) if control is not None else ()):
+            r = self._range(comp)
+            if r is not None:
+                r.check(comp, True, height, width, batch=unet_batch, batch_what=f"batch {unet_batch}")
         shape = (batch, c_in, height // f, width // f)
         if lat is not None:
             if lat.dtype != np.float32:
@@ -297,7 +311,7 @@ class Sampler:
             if req.seed < 0:
                 raise UsageError(f"--seed must be >= 0 (got {req.seed})")
             noise, seed = initial_noise(int(req.seed), batch, shape[1:]), int(req.seed)
-        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile)
+        return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile, control)
 
     def check_prompt(self, prompt: str, negative_prompt: str | None = None) -> int:
         """The chunks the prompt (and the negative prompt, when it is encoded) take, inside the U-Net's
@@ -323,13 +337,14 @@ class Sampler:
         return tile
 
     # ----- the loop -----------------------------------------------------------------------------
-    def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """backend.run with the feeds in the spec's dtypes (fp16 I/O graphs or engines) and float32 back."""
+    def _run(self, timings: Timings, component: str, feeds: dict[str, np.ndarray], stage: str | None = None) -> dict[str, np.ndarray]:
+        """backend.run with the feeds in the spec's dtypes (fp16 I/O graphs or engines) and float32 back,
+        timed as `stage` (default: the component)."""
         spec = self.specs[component]
         feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False) for k, v in feeds.items()}
         t0 = time.perf_counter()
         out = self.backend.run(component, feeds)
-        timings.add(component, time.perf_counter() - t0)
+        timings.add(stage or component, time.perf_counter() - t0)
         return {k: v.astype(F32, copy=False) for k, v in out.items()}
 
     def encode_prompt(self, plan: Plan, timings: Timings, warn: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
@@ -434,13 +449,18 @@ class Sampler:
             x = np.concatenate([x, x]) if plan.cfg else x
             feeds = {"sample": x, "timestep": np.full((ub,), t, F32), "encoder_hidden_states": hidden,
                      "text_embeds": pooled, "time_ids": time_ids}
-            eps = self._run(timings, "unet", feeds)["out_sample"]
+            unet, aside = "unet", 0.0
+            if plan.control is not None:  # the ControlNet's residuals into the U-Net variant that takes them
+                c0 = time.perf_counter()
+                feeds.update(control_residuals(lambda c, f: self._run(timings, c, f), self.specs, plan.control, i, len(sched.timesteps), feeds))
+                unet, aside = UNET_CONTROLNET, time.perf_counter() - c0
+            eps = self._run(timings, unet, feeds, stage="unet")["out_sample"]
             if plan.cfg:  # Ho & Salimans 2022, eq. 6: eps_uncond + w (eps_cond - eps_uncond)
                 uncond, cond = eps[:n], eps[n:]
                 eps = uncond + g * (cond - uncond)
             latents = sched.step(eps, i, latents)
             bar.update()
-            timings.add("step", time.perf_counter() - t0)
+            timings.add("step", time.perf_counter() - t0 - aside)  # the ControlNet is a model stage of its own
         return latents
 
     def unscale_latents(self, latents: np.ndarray) -> np.ndarray:

@@ -17,14 +17,14 @@ from engines.planner import MemoryPlan
 from engines.profile import GIB, REFIT_FLAGS, GpuProfile
 from exporter.artifacts_check import check_files
 from exporter.manifest import Manifest, load_manifest
-from exporter.specs import ComponentSpec, ShapeRange
+from exporter.specs import VARIANT_COMPONENTS, ComponentSpec, ShapeRange
 from koala_core.errors import UsageError
 from koala_core.schema import FileRecord
 
 TIMING_CACHE = "timing.cache"
 
 # Components whose graphs hold GEMMs (MatMul/Gemm): all of them, the VAE's through its mid-block attention.
-GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "controlnet", "unet_controlnet")
 WEIGHT_STREAMING_NOTE = ("weight streaming: the engines are streamable (WEIGHT_STREAMING); the runtime keeps each engine's "
                          "budget of weights on the device and streams the rest from host memory at every call")
 INT8_ON_RTX = ("full INT8 Q/DQ (activations and weights) builds for TensorRT-RTX, but NVIDIA documents only "
@@ -336,7 +336,9 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
     plan.args.setdefault("profile", profile.name if profile.source == "builtin" else profile.source)
     if profile.build.weight_streaming:
         check_weight_streaming(plan.library, trt_version)
-    for name in components or profile.components():
+    # By default every component the card runs, plus the U-Net variants (the ControlNet pair) the artifacts hold.
+    variants = [v for v in VARIANT_COMPONENTS if any(v in m.components for m in manifests)]
+    for name in components or profile.components() + variants:
         precision = profile.precision_for(name)
         check_precision(name, precision, profile)
         m = _pick_folder(manifests, name, precision, profile)
@@ -370,9 +372,9 @@ def plan_function(plan: BuildPlan) -> Any:
     try:
         import torch  # noqa: F401
 
-        from exporter.sources import resolve
+        from exporter.sources import resolve_recorded
 
-        source = resolve(first.view.source.model)
+        source = resolve_recorded(first.view.source.model, first.view.source.controlnet)
     except Exception:  # torch missing, or the source folder or hub id is not reachable from here
         return None
     return lambda profile: plan_memory(source, profile, list(comps), specs=specs, precisions=precisions,
@@ -419,9 +421,9 @@ def estimate_memory(plan: BuildPlan, log: Any = None) -> MemoryPlan:
     try:
         import torch  # noqa: F401
 
-        from exporter.sources import resolve
+        from exporter.sources import resolve_recorded
 
-        source = resolve(model)
+        source = resolve_recorded(model, first.view.source.controlnet if first else None)
     except ImportError:
         reason = "activations not estimated: torch is not installed (weights only: a lower bound)"
         return weights_only_plan(model, plan.profile, specs, precisions, weights, parameters, reason)

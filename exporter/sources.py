@@ -251,7 +251,14 @@ def with_controlnet(source: ModelSource, ref: str) -> ModelSource:
     from exporter.controlnet import resolve_controlnet
 
     cfg, root = resolve_controlnet(ref, source.configs["unet"])
-    return replace(source, configs=dict(source.configs, controlnet=cfg), controlnet=ref, controlnet_root=root)
+    local = root is not None and Path(ref).expanduser().exists()  # recorded as an absolute path, found from anywhere
+    return replace(source, configs=dict(source.configs, controlnet=cfg), controlnet=str(root) if local else ref, controlnet_root=root)
+
+
+def resolve_recorded(model: str, controlnet: str | None = None) -> ModelSource:
+    """The source an artifacts manifest records: its model, with its ControlNet where it has one."""
+    source = resolve(model)
+    return with_controlnet(source, controlnet) if controlnet else source
 
 
 # ----- resolving --model ------------------------------------------------------------------------

@@ -19,10 +19,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from exporter.controlnet import CONTROLNET_COMPONENTS
 from koala_core.errors import UsageError
 
 F32 = np.float32
-CONTROLNET, UNET_CONTROLNET = "controlnet", "unet_controlnet"
+CONTROLNET, UNET_CONTROLNET = CONTROLNET_COMPONENTS
 
 
 @dataclass(frozen=True)

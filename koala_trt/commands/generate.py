@@ -27,6 +27,19 @@ def _load_latents(path: Path) -> Any:
     return arr
 
 
+def _read_control_image(path: Path | None, scale: float | None, start: float | None, end: float | None) -> Any:
+    """--control-image as a decoded PIL image (a truncated or non-image file is one line, before any model work)."""
+    if path is None:
+        if scale is not None or start is not None or end is not None:
+            raise UsageError("--controlnet-scale / --control-guidance-start / --control-guidance-end need --control-image")
+        return None
+    from sampler.controlnet import to_pil
+
+    if not path.is_file():
+        raise UsageError(f"--control-image: no such file {path}")
+    return to_pil(path, what=f"--control-image {path}")
+
+
 def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_calls: int) -> list[list[str]]:
     def ms(v: float) -> str:
         return f"{v:,.1f}" if v >= 100 else f"{v:.3f}"
@@ -64,6 +77,11 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--latents", type=click.Path(path_type=Path),
               help="Initial noise as a float32 .npy [batch, 4, height/8, width/8], as diffusers' `latents=` takes it (before scaling by the initial sigma).")
 @vae_tile_option()
+@click.option("--control-image", type=click.Path(path_type=Path), metavar="IMAGE.png",
+              help="ControlNet conditioning image (edges, depth, ...), resized to the output size; needs artifacts exported with --controlnet.")
+@click.option("--controlnet-scale", type=float, help="ControlNet conditioning scale (diffusers' controlnet_conditioning_scale) [default: 1.0].")
+@click.option("--control-guidance-start", type=float, help="Fraction of the steps after which the ControlNet starts acting [default: 0.0].")
+@click.option("--control-guidance-end", type=float, help="Fraction of the steps after which the ControlNet stops acting [default: 1.0].")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
@@ -73,7 +91,9 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
-                 width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, out: Path, threads: int | None,
+                 width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, control_image: Path | None,
+                 controlnet_scale: float | None, control_guidance_start: float | None, control_guidance_end: float | None,
+                 out: Path, threads: int | None,
                  cpu_precision: str | None,
                  no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, Euler with CFG, VAE decode, PNG).
@@ -82,7 +102,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     network runs; a failure leaves no PNG behind."""
     import secrets
 
-    from sampler.loop import Request, Sampler, output_paths, save_pngs
+    from sampler.controlnet import CONTROLNET_COMPONENTS
+    from sampler.loop import SAMPLER_COMPONENTS, Request, Sampler, output_paths, save_pngs
     from sampler.pipeline import open_pipeline
 
     started = time.perf_counter()
@@ -92,9 +113,11 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     if seed is not None and latents is not None:
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
+    control = _read_control_image(control_image, controlnet_scale, control_guidance_start, control_guidance_end)
     check_backend_sources(backend, artifacts, model, engines)
+    components = SAMPLER_COMPONENTS + (CONTROLNET_COMPONENTS if control is not None else ())
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
-                         full_hash=not no_verify, log=log)
+                         full_hash=not no_verify, log=log, components=components)
     manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds
     try:
         if backend == "torch" and manifest is not None:
@@ -104,21 +127,26 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
             seed = secrets.randbelow(2**31)
         plan = sampler.plan(Request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     seed=seed if seed is not None else 0, height=height, width=width, batch=batch, latents=lat,
-                                    vae_tile=vae_tile))
+                                    vae_tile=vae_tile, control_image=control, controlnet_conditioning_scale=controlnet_scale,
+                                    control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end))
         paths = output_paths(out, plan.batch)
         log(f"{backend}: {plan.batch} image(s) {plan.width}x{plan.height}, {plan.steps} steps, guidance {plan.guidance:g}"
             + ("" if plan.cfg else " (no CFG)") + (f", seed {plan.seed}" if plan.seed is not None else f", latents {latents}")
             + f", scheduler {sampler.scheduler.timestep_spacing} spacing"
-            + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else ""))
+            + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else "")
+            + (f", ControlNet {control_image} at scale {plan.control.scale:g} (steps {plan.control.start:g}..{plan.control.end:g})"
+               if plan.control is not None else ""))
         # ----- load, then run ---------------------------------------------------------------------
         t0 = time.perf_counter()
-        runtime.load(["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
+        runtime.load([c for c in components if c != "unet" or plan.control is None])
         load_ms = 1e3 * (time.perf_counter() - t0)
         backend_desc = runtime.describe()
         images, timings = sampler.sample(plan, progress=not no_progress, warn=lambda m: log(f"warning: {m}"))
         t0 = time.perf_counter()
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": str(plan.steps), "guidance": f"{plan.guidance:g}",
                 "seed": str(plan.seed) if plan.seed is not None else f"latents:{latents}", "backend": backend_desc,
+                **({"control_image": str(control_image), "controlnet_conditioning_scale": f"{plan.control.scale:g}",
+                    "control_guidance": f"{plan.control.start:g}..{plan.control.end:g}"} if plan.control is not None else {}),
                 "software": "koala-trt generate"}
         save_pngs(images, paths, meta)
         png_ms = 1e3 * (time.perf_counter() - t0)
@@ -129,6 +157,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         print_json({"images": [str(p) for p in paths], "backend": backend_desc, "prompt": prompt, "negative_prompt": negative_prompt,
                     "seed": plan.seed, "latents": str(latents) if latents else None, "steps": plan.steps, "guidance": plan.guidance,
                     "height": plan.height, "width": plan.width, "batch": plan.batch, "vae_tile": plan.vae_tile,
+                    "control_image": str(control_image) if control_image else None,
                     "scheduler": {"timestep_spacing": sampler.scheduler.timestep_spacing, "timesteps": [float(t) for t in sampler.scheduler.timesteps]},  # type: ignore[union-attr]
                     "timings": {**summary, "load_ms": load_ms, "png_ms": png_ms, "verify_ms": 1e3 * verify_s,
                                 "wall_ms": 1e3 * (time.perf_counter() - started)}})

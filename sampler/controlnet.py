@@ -23,6 +23,7 @@ from exporter.controlnet import CONTROLNET_COMPONENTS
 from koala_core.errors import UsageError
 
 F32 = np.float32
+ENCODED = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG and JPEG signatures
 CONTROLNET, UNET_CONTROLNET = CONTROLNET_COMPONENTS
 
 
@@ -41,12 +42,16 @@ class ControlPlan:
 
 
 def to_pil(image: Any, what: str = "control image") -> Any:
-    """A PIL image from what a request may carry: a PIL image, PNG/JPEG bytes, a path, or a uint8
-    array [H, W], [H, W, 3] or [H, W, 4]; UsageError saying what is expected otherwise."""
+    """A PIL image from what a request may carry: a PIL image, PNG/JPEG bytes, a path, a uint8 array
+    [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], or a uint8 array [N] / [1, 1, N] holding the bytes of a PNG
+    or JPEG file (how a Triton UINT8 input carries one); UsageError saying what is expected otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
         return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.size >= 8 and (
+            image.ndim == 1 or (image.ndim == 3 and image.shape[:2] == (1, 1))) and bytes(image.reshape(-1)[:8]).startswith(ENCODED):
+        image = image.tobytes()
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():

@@ -228,11 +228,12 @@ class Sampler:
         self.backend, self.assets = backend, assets
         specs = dict(assets.specs)
         specs.update(getattr(backend, "specs", {}) or {})
-        missing = [c for c in SAMPLER_COMPONENTS if c not in specs]
+        # A folder may hold the ControlNet U-Net only (unet_controlnet); it then runs with a control image only.
+        missing = [c for c in SAMPLER_COMPONENTS if c not in specs and not (c == "unet" and UNET_CONTROLNET in specs)]
         if missing:
             raise UsageError(f"{assets.origin or 'the backend'} has no {', '.join(missing)}: the sampler needs {', '.join(SAMPLER_COMPONENTS)}")
         self.specs = specs
-        self.unet, self.vae = specs["unet"], specs["vae_decoder"]
+        self.unet, self.vae = specs.get("unet") or specs[UNET_CONTROLNET], specs["vae_decoder"]
         self.seq_len = int(specs["text_encoder"].input("input_ids").dims[1])
         self.tokenizers = tuple(ClipTokenizer(d, max_length=self.seq_len) for d in assets.tokenizer_dirs)
         self.scheduler = EulerDiscreteScheduler.from_config(assets.scheduler_config)
@@ -294,6 +295,8 @@ class Sampler:
         chunks = self.check_prompt(req.prompt, req.negative_prompt if prompts == 2 else None)
         control = plan_control(self.specs, req.control_image, req.controlnet_conditioning_scale, req.control_guidance_start,
                                req.control_guidance_end, height, width, batch, guidance > 1.0, self.assets.origin or "the backend")
+        if control is None and "unet" not in self.specs:
+            raise UsageError(f"{a.origin or 'the backend'} holds the ControlNet U-Net only (no unet): pass a control image")
         for comp in ((CONTROLNET, UNET_CONTROLNET) if control is not None else ()):
             r = self._range(comp)
             if r is not None:
@@ -317,7 +320,7 @@ class Sampler:
         """The chunks the prompt (and the negative prompt, when it is encoded) take, inside the U-Net's
         sequence range (its backend's, else its export's); UsageError naming the limit."""
         tokens = prompt_tokens(self.tokenizers, [prompt] if negative_prompt is None else [negative_prompt, prompt])
-        return check_prompt_range(self.unet, self._range("unet"), tokens)
+        return check_prompt_range(self.unet, self._range(self.unet.name), tokens)
 
     def _vae_tile(self, asked: int | None, height: int, width: int) -> int | None:
         """The decode's tile size in pixels: --vae-tile, else the one the VAE engine was built for (a

@@ -52,7 +52,12 @@ PIPELINE_INPUTS = (  # name, Triton type, optional
     ("guidance", "TYPE_FP32", True),
     ("height", "TYPE_INT32", True),
     ("width", "TYPE_INT32", True),
+    ("controlnet_scale", "TYPE_FP32", True),  # ControlNet (artifacts exported with --controlnet): diffusers' controlnet_conditioning_scale
+    ("control_guidance_start", "TYPE_FP32", True),
+    ("control_guidance_end", "TYPE_FP32", True),
 )
+# Images: UINT8 pixels [H, W, C] (C 1, 3 or 4), or a PNG/JPEG file's bytes as UINT8 [1, 1, N].
+PIPELINE_IMAGES = ("control_image",)
 CHUNK = 4 << 20
 FLAVOURS = ("production", "python")
 PYTHON_RUNTIMES = ("onnxruntime", "openvino")  # what the python flavour runs ONNX components on
@@ -109,6 +114,7 @@ def component_config(model: str, spec: ComponentSpec, platform: str, max_batch: 
 def pipeline_config(model: str, instances: int, note: str) -> str:
     """config.pbtxt of the Python-backend model: one prompt per request, image [H, W, 3] uint8 out."""
     inputs = [_tensor_block(TritonTensor(n, t, (1,), None), optional=o) for n, t, o in PIPELINE_INPUTS]
+    inputs += [_tensor_block(TritonTensor(n, "TYPE_UINT8", (-1, -1, -1), None), optional=True) for n in PIPELINE_IMAGES]
     outputs = [_tensor_block(TritonTensor("image", "TYPE_UINT8", (-1, -1, 3), None))]
     return "\n".join([f"# {note}", f"name: {_q(model)}", 'backend: "python"', "max_batch_size: 0",
                       _list("input", inputs), _list("output", outputs),

@@ -116,6 +116,8 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     control = _read_control_image(control_image, controlnet_scale, control_guidance_start, control_guidance_end)
     check_backend_sources(backend, artifacts, model, engines)
     components = SAMPLER_COMPONENTS + (CONTROLNET_COMPONENTS if control is not None else ())
+    if control is not None and artifacts is not None and backend != "torch":  # the plain U-Net is not needed then
+        components = tuple(c for c in components if c != "unet")
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
                          full_hash=not no_verify, log=log, components=components)
     manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds

@@ -122,6 +122,12 @@ def _scalar(request, name: str, kind):
     return kind(v)
 
 
+def _image(request, name: str):
+    """An image input (UINT8 [H, W, C] pixels or [1, 1, N] PNG/JPEG bytes) as the sampler takes it, or None."""
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else np.ascontiguousarray(t.as_numpy())
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         from exporter.manifest import load_manifest
@@ -157,6 +163,10 @@ class TritonPythonModel:
                     "guidance": _scalar(request, "guidance", float),
                     "height": _scalar(request, "height", int),
                     "width": _scalar(request, "width", int),
+                    "control_image": _image(request, "control_image"),
+                    "controlnet_conditioning_scale": _scalar(request, "controlnet_scale", float),
+                    "control_guidance_start": _scalar(request, "control_guidance_start", float),
+                    "control_guidance_end": _scalar(request, "control_guidance_end", float),
                 }.items() if v is not None}
                 prompt = _scalar(request, "prompt", str)
                 if prompt is None:

@@ -83,6 +83,14 @@ def prepare_image(image: Any, height: int, width: int) -> np.ndarray:
     return (rgb.astype(F32) / F32(255.0)).transpose(2, 0, 1)[None].copy()
 
 
+def require_controlnet(components: Any, origin: str) -> None:
+    """A control image needs the ControlNet pair among `components` (names): else one line saying how to export it."""
+    missing = [c for c in CONTROLNET_COMPONENTS if c not in components]
+    if missing:
+        raise UsageError(f"a control image needs a ControlNet, and {origin} has no {' or '.join(missing)}; "
+                         "export one with `koala-trt export --controlnet DIR_OR_HUB_ID`")
+
+
 def plan_control(specs: Mapping[str, Any], image: Any, scale: float | None, start: float | None, end: float | None,
                  height: int, width: int, batch: int, cfg: bool, origin: str = "the artifacts") -> ControlPlan | None:
     """Check the ControlNet fields of a request and prepare the image; None without a control image.
@@ -91,10 +99,7 @@ def plan_control(specs: Mapping[str, Any], image: Any, scale: float | None, star
         if scale is not None or start is not None or end is not None:
             raise UsageError("--controlnet-scale / --control-guidance-start / --control-guidance-end need --control-image")
         return None
-    missing = [c for c in (CONTROLNET, UNET_CONTROLNET) if c not in specs]
-    if missing:
-        raise UsageError(f"a control image needs a ControlNet, and {origin} has no {' or '.join(missing)}; "
-                         "export one with `koala-trt export --controlnet DIR_OR_HUB_ID`")
+    require_controlnet(specs, origin)
     scale = 1.0 if scale is None else float(scale)
     start = 0.0 if start is None else float(start)
     end = 1.0 if end is None else float(end)

@@ -116,8 +116,16 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
     control = _read_control_image(control_image, controlnet_scale, control_guidance_start, control_guidance_end)
     check_backend_sources(backend, artifacts, model, engines)
     components = SAMPLER_COMPONENTS + (CONTROLNET_COMPONENTS if control is not None else ())
-    if control is not None and artifacts is not None and backend != "torch":  # the plain U-Net is not needed then
-        components = tuple(c for c in components if c != "unet")
+    if artifacts is not None and backend != "torch":  # the ControlNet pair's presence, before any file is hashed
+        from exporter.manifest import load_manifest
+        from sampler.controlnet import UNET_CONTROLNET, require_controlnet
+
+        held = load_manifest(artifacts).components
+        if control is not None:
+            require_controlnet(held, str(artifacts))
+            components = tuple(c for c in components if c != "unet")  # the plain U-Net is not needed then
+        elif "unet" not in held and UNET_CONTROLNET in held:
+            raise UsageError(f"{artifacts} holds the ControlNet U-Net only (no unet): pass --control-image")
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
                          full_hash=not no_verify, log=log, components=components)
     manifest, runtime, assets, verify_s = pipe.manifest, pipe.backend, pipe.assets, pipe.verify_seconds

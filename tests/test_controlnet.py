@@ -241,3 +241,40 @@ def test_fp16_pair_and_tensorrt_rtx_engines_for_rtx3060ti(cn_artifacts: Path, tm
         assert (tmp_path / "eng" / v["file"]).read_bytes()[:4] == b"vtrt"
     res = e["unet_controlnet"]["inputs"]["mid_block_additional_residual"]
     assert res["min"] == res["max"] == [2, 64, 4, 4]
+
+
+def test_served_image_equals_generate(cn_artifacts: Path, control: Path, tmp_path: Path) -> None:
+    """`koala-trt serve` over the ControlNet folder: control_image as a PNG file's bytes (UINT8 [1, 1, N]) and
+    as pixels (UINT8 [H, W, 3]) give generate's image; a cut-short PNG is HTTP 400 and the server keeps serving."""
+    pytest.importorskip("tritonclient")
+    from PIL import Image
+    from test_serve import SERVE_ENV, http_client, inputs, running_serve
+    from tritonclient.utils import InferenceServerException
+
+    if importlib.util.find_spec("pytriton") is None or not (SERVE_ENV / "bin" / "python").is_file():
+        pytest.skip("needs nvidia-pytriton and .venv-serve (make install)")
+    import tritonclient.http as th
+
+    out = tmp_path / "g.png"
+    code, _, err = run_cli("generate", "--artifacts", cn_artifacts, "--prompt", PROMPT, "--seed", "7", "--steps", "3",
+                           "--height", SIZE, "--width", SIZE, "--control-image", control, "--controlnet-scale", "0.7",
+                           "--out", out, "--no-progress")
+    assert code == 0, err
+    expected = np.asarray(Image.open(out).convert("RGB"))
+    png = np.frombuffer(control.read_bytes(), np.uint8).reshape(1, 1, -1)
+    pixels = np.asarray(Image.open(control).convert("RGB"))
+
+    def req(image: np.ndarray) -> dict:
+        return {"prompt": (np.array([PROMPT.encode()], dtype=np.object_), "BYTES"), "seed": (np.array([7], np.int64), "INT64"),
+                "steps": (np.array([3], np.int32), "INT32"), "height": (np.array([SIZE], np.int32), "INT32"),
+                "width": (np.array([SIZE], np.int32), "INT32"), "controlnet_scale": (np.array([0.7], np.float32), "FP32"),
+                "control_image": (image, "UINT8")}
+
+    with running_serve(["--artifacts", str(cn_artifacts)], tmp_path / "server.log") as server, http_client(server) as client:
+        for image in (png, pixels):
+            got = client.infer("koala", inputs(th, **req(image))).as_numpy("image")
+            assert np.array_equal(got, expected)
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("koala", inputs(th, **req(png[:, :, :150])))
+        assert e.value.status() == "400" and "not a readable image" in e.value.message()
+        assert client.is_server_ready()

@@ -168,7 +168,8 @@ def test_health_and_metrics_endpoints(server: Server) -> None:
         meta = client.get_model_metadata("koala")
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
         "prompt": "BYTES", "negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance": "FP32",
-        "height": "INT32", "width": "INT32"}
+        "height": "INT32", "width": "INT32", "controlnet_scale": "FP32", "control_guidance_start": "FP32",
+        "control_guidance_end": "FP32", "control_image": "UINT8"}
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [("image", "UINT8", [-1, -1, 3])]
 
 

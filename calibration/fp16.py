@@ -35,7 +35,7 @@ from koala_core.meter import Meter, process_peak_rss_mb
 
 Log = Callable[[str], None]
 
-FP16_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+FP16_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "controlnet", "unet_controlnet")  # the ControlNet pair where exported
 # Normalizations stay FP32: their mean/variance reductions are where FP16 overflows first.
 KEEP_FP32_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean", "Pow", "Sqrt")
 GEMM_OPS = ("MatMul", "Gemm")

@@ -17,14 +17,14 @@ from engines.planner import MemoryPlan
 from engines.profile import GIB, REFIT_FLAGS, GpuProfile
 from exporter.artifacts_check import check_files
 from exporter.manifest import Manifest, load_manifest
-from exporter.specs import CACHE_COMPONENTS, ComponentSpec, ShapeRange
+from exporter.specs import CACHE_COMPONENTS, VARIANT_COMPONENTS, ComponentSpec, ShapeRange
 from koala_core.errors import UsageError
 from koala_core.schema import FileRecord
 
 TIMING_CACHE = "timing.cache"
 
 # Components whose graphs hold GEMMs (MatMul/Gemm): all of them, the VAE's through its mid-block attention.
-GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *CACHE_COMPONENTS)
+GEMM_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *CACHE_COMPONENTS, *VARIANT_COMPONENTS)
 WEIGHT_STREAMING_NOTE = ("weight streaming: the engines are streamable (WEIGHT_STREAMING); the runtime keeps each engine's "
                          "budget of weights on the device and streams the rest from host memory at every call")
 INT8_ON_RTX = ("full INT8 Q/DQ (activations and weights) builds for TensorRT-RTX, but NVIDIA documents only "
@@ -337,10 +337,12 @@ def make_build_plan(onnx_dirs: list[Path], profile: GpuProfile, out: Path, compo
     if profile.build.weight_streaming:
         check_weight_streaming(plan.library, trt_version)
     # Feature caching's U-Net pair is built by default where the artifacts hold it (`export --cache-branch`).
-    # Without a plain unet (`export --cache-branch B -c ...` left it out) the pair is the U-Net.
+    # Without a plain unet (`export --cache-branch B -c ...` left it out) the pair is the U-Net. Likewise
+    # the U-Net variants (the ControlNet pair) the artifacts hold.
     cached = [c for c in CACHE_COMPONENTS if any(c in m.view.components for m in manifests)]
     plain = any("unet" in m.view.components for m in manifests) or len(cached) < 2
-    for name in components or [*(c for c in profile.components() if c != "unet" or plain), *cached]:
+    variants = [v for v in VARIANT_COMPONENTS if any(v in m.components for m in manifests)]
+    for name in components or [*(c for c in profile.components() if c != "unet" or plain), *cached, *variants]:
         precision = profile.precision_for(name)
         check_precision(name, precision, profile)
         m = _pick_folder(manifests, name, precision, profile)
@@ -374,9 +376,9 @@ def plan_function(plan: BuildPlan) -> Any:
     try:
         import torch  # noqa: F401
 
-        from exporter.sources import resolve
+        from exporter.sources import resolve_recorded
 
-        source = resolve(first.view.source.model)
+        source = resolve_recorded(first.view.source.model, first.view.source.controlnet)
     except Exception:  # torch missing, or the source folder or hub id is not reachable from here
         return None
     return lambda profile: plan_memory(source, profile, list(comps), specs=specs, precisions=precisions,
@@ -423,9 +425,9 @@ def estimate_memory(plan: BuildPlan, log: Any = None) -> MemoryPlan:
     try:
         import torch  # noqa: F401
 
-        from exporter.sources import resolve
+        from exporter.sources import resolve_recorded
 
-        source = resolve(model)
+        source = resolve_recorded(model, first.view.source.controlnet if first else None)
     except ImportError:
         reason = "activations not estimated: torch is not installed (weights only: a lower bound)"
         return weights_only_plan(model, plan.profile, specs, precisions, weights, parameters, reason)

@@ -165,8 +165,8 @@ class GpuProfile:
     def precision_for(self, component: str) -> str:
         if component.startswith("vae"):
             return self.vae.precision
-        if component in CACHE_COMPONENTS:  # feature caching's U-Net pair runs at the U-Net's precision
-            return self.precision.get(component, self.precision["unet"])
+        if component not in self.precision and (component.startswith("unet_") or component == "controlnet"):
+            return self.precision["unet"]  # U-Net variants (the caching and ControlNet pairs) and the ControlNet follow the U-Net's policy
         return self.precision[component]
 
     def shape_range(self, kind: str) -> ShapeRange:
@@ -176,7 +176,8 @@ class GpuProfile:
         [vae] tile, the decoder sees tiles of that size: the engine is built for them).
         Only the U-Net has a prompt-chunk range (None here: the build takes its export's)."""
         b, g = self.shapes.batch, 2 if self.shapes.guidance else 1
-        if kind == "unet":
+        unet_like = kind in ("unet", "controlnet")  # the ControlNet runs on the U-Net's batch and prompt
+        if unet_like:
             batch = (b[0] * g, b[1] * g, b[2] * g)
         elif kind == "text_encoder":
             batch = (b[0], b[1] * g, b[2] * g)
@@ -185,7 +186,7 @@ class GpuProfile:
         if kind == "vae_decoder" and self.vae.tile is not None:
             t = self.vae.tile
             return ShapeRange(batch, (t, t, t), (t, t, t))
-        return ShapeRange(batch, self.shapes.height, self.shapes.width, self.shapes.prompt_chunks if kind == "unet" else None)
+        return ShapeRange(batch, self.shapes.height, self.shapes.width, self.shapes.prompt_chunks if unet_like else None)
 
     def with_overrides(self, batch: int | None = None, height: int | None = None, width: int | None = None,
                        precision: str | None = None) -> "GpuProfile":

@@ -58,6 +58,9 @@ def _validate(source: ModelSource, specs: dict[str, ComponentSpec], opts: Export
         raise UsageError("--max-prompt-chunks does not apply with --static (a static U-Net takes one chunk of 77 tokens)")
     if not 7 <= opts.opset <= 23:
         raise UsageError(f"--opset {opts.opset} is outside what the exporter supports (7..23; 17+ recommended)")
+    missing = [n for n in opts.components if n not in specs]
+    if missing:  # the ControlNet pair exists only with a ControlNet (exporter/controlnet.py)
+        raise UsageError(f"{', '.join(missing)}: export a ControlNet with --controlnet DIR_OR_HUB_ID (or `random:`)")
     for name in opts.components:
         specs[name].check_size(height, width)
     if opts.loras:
@@ -184,8 +187,9 @@ def export(source: ModelSource, out: Path, opts: ExportOptions, log: Log = print
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"model": source.ref, "kind": source.kind, "description": source.description,
                        "vae": str(source.vae_path) if source.vae_path else None,
-                       "config_sha256": source.config_sha256()},
-            "configs": {k: source.configs[k] for k in ("unet", "vae")},
+                       "config_sha256": source.config_sha256(),
+                       **({"controlnet": source.controlnet} if source.controlnet else {})},
+            "configs": {k: source.configs[k] for k in ("unet", "vae", "controlnet") if k in source.configs},
             "sampler": {"steps": source.sampler.steps, "guidance": source.sampler.guidance,
                         "height": source.default_size, "width": source.default_size},
             "vae": {"scaling_factor": float(source.configs["vae"].get("scaling_factor", 0.18215)),

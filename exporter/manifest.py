@@ -68,6 +68,7 @@ class ComponentRecord:
 class SourceRecord:
     model: str
     config_sha256: dict[str, str]
+    controlnet: str | None = None  # export --controlnet, as exporter.sources.resolve_recorded takes it
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def read_artifacts(data: Any, where: str) -> ArtifactsView:
         opset = top.integer("opset", lo=1)
     return ArtifactsView(
         format_version=version,
-        source=SourceRecord(src.string("model", required=True), src.mapping("config_sha256")),
+        source=SourceRecord(src.string("model", required=True), src.mapping("config_sha256"), src.get("controlnet")),
         components={n: _component(c) for n, c in top.tables("components", required=True).items()},
         files=read_files(top), tokenizers=top.strings("tokenizers", required=True),
         scheduler=top.string("scheduler", required=True), sampler=top.mapping("sampler"), vae=top.mapping("vae"),

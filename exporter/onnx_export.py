@@ -38,17 +38,17 @@ def _dynamic_shapes(spec: ComponentSpec, r: ShapeRange) -> dict[str, dict[int, A
 
     f, m = spec.latent_factor, spec.size_multiple
     made: dict[str, Any] = {}
+    bases: dict[str, Any] = {}
 
     def dim(sym: str) -> Any:
         if sym in made:
             return made[sym]
-        if "/" in sym:  # a feature `div` times coarser than the latents (unet_shallow's deep_feature): same base dim
-            name, div = sym.split("/")
-            step = m // f // int(div)
+        name, _, k = sym.partition("/")
+        if k:  # a ControlNet residual at 1/k of the latents: the same base Dim, k times coarser
             dim(name)
-            made[sym] = step * made[name + "#base"] if step > 1 else made[name + "#base"]
-            return made[sym]
-        if sym == "batch":
+            step = m // f // int(k)
+            d = step * bases[name] if step > 1 else bases[name]
+        elif sym == "batch":
             d = Dim("batch", min=r.batch[0], max=r.batch[2])
         elif sym == "sequence":
             lo, _, hi = r.prompt_chunks or (1, 1, 1)
@@ -57,7 +57,10 @@ def _dynamic_shapes(spec: ComponentSpec, r: ShapeRange) -> dict[str, dict[int, A
             lo, hi = (r.height[0], r.height[2]) if "height" in sym else (r.width[0], r.width[2])
             unit = f if sym.startswith("latent") else 1  # pixels per unit of this axis
             step = m // unit  # granularity in this axis's units
-            base = made[sym + "#base"] = Dim(sym, min=max(1, -(-lo // m)), max=hi // m)
+            key = "height" if "height" in sym else "width"  # pixels and latents (a ControlNet takes both) share one Dim
+            if key not in bases:
+                bases[key] = Dim(sym, min=max(1, -(-lo // m)), max=hi // m)
+            base = bases[sym] = bases[key]
             d = step * base if step > 1 else base
         made[sym] = d
         return d

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ class ModelSource:
     root: Path | None = None
     description: str = ""
     vae_path: Path | None = None  # a separate VAE folder (e.g. an fp16-safe SDXL VAE) replacing the pipeline's
+    controlnet: str | None = None  # --controlnet as given (its config is configs["controlnet"]; exporter/controlnet.py)
+    controlnet_root: Path | None = None  # its folder; None for the random one
     _tokenizers: tuple[Path, Path] | None = field(default=None, repr=False)
 
     # ----- what the exporter and the reference need -------------------------------------------
@@ -88,6 +90,10 @@ class ModelSource:
         """The PyTorch module for `module` (one of MODULES), in float32 eval mode."""
         import torch
 
+        if module == "controlnet" and "controlnet" in self.configs:
+            from exporter.controlnet import build
+
+            return build(self.configs["controlnet"], self.controlnet_root, _seed(f"{self.ref}/controlnet"), device)
         if module not in MODULES:
             raise UsageError(f"unknown module {module!r}; expected one of {', '.join(MODULES)}")
         cls = _module_class(module)
@@ -243,8 +249,23 @@ def with_vae(source: ModelSource, vae: Path | str) -> ModelSource:
     if cfg.get("_class_name") not in (None, "AutoencoderKL"):
         raise UsageError(f"--vae {vae}: config is a {cfg.get('_class_name')}, not an AutoencoderKL")
     configs = dict(source.configs, vae=cfg)
-    return ModelSource(ref=source.ref, kind=source.kind, configs=configs, sampler=source.sampler, root=source.root,
-                       description=source.description, vae_path=vae, _tokenizers=source._tokenizers)
+    return replace(source, configs=configs, vae_path=vae)
+
+
+def with_controlnet(source: ModelSource, ref: str) -> ModelSource:
+    """The same source with a ControlNet (`export --controlnet`): a ControlNetModel folder, a hub id, or
+    `random:` (built from the U-Net's config); its residuals checked against the U-Net's first."""
+    from exporter.controlnet import resolve_controlnet
+
+    cfg, root = resolve_controlnet(ref, source.configs["unet"])
+    local = root is not None and Path(ref).expanduser().exists()  # recorded as an absolute path, found from anywhere
+    return replace(source, configs=dict(source.configs, controlnet=cfg), controlnet=str(root) if local else ref, controlnet_root=root)
+
+
+def resolve_recorded(model: str, controlnet: str | None = None) -> ModelSource:
+    """The source an artifacts manifest records: its model, with its ControlNet where it has one."""
+    source = resolve(model)
+    return with_controlnet(source, controlnet) if controlnet else source
 
 
 # ----- resolving --model ------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from koala_core.errors import UsageError
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "unet_deep", "unet_shallow")
 CACHE_COMPONENTS = ("unet_deep", "unet_shallow")  # feature caching's U-Net pair (`export --cache-branch`)
+# Components an export has only when asked for: `export --controlnet` writes the ControlNet and the
+# U-Net variant taking its residuals (exporter/controlnet.py).
+VARIANT_COMPONENTS = ("controlnet", "unet_controlnet")
 DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 NUMPY_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 MAX_BATCH = 8  # default upper end of every batch range: 4 images with classifier-free guidance
@@ -244,6 +247,12 @@ class TextEncoderSpec(ComponentSpec):
         return {"input_ids": ids.astype(np.int32)}
 
 
+def _residual(name: str, channels: int, scale: int) -> TensorSpec:
+    """A ControlNet residual: [batch, channels] at 1/scale of the latents (dims `latent_height/scale`)."""
+    axes = ("latent_height", "latent_width") if scale == 1 else (f"latent_height/{scale}", f"latent_width/{scale}")
+    return TensorSpec(name, "float32", ("batch", channels, *axes))
+
+
 class UNetSpec(ComponentSpec):
     """The denoising U-Net, inputs named as diffusers' UNet2DConditionModel.forward takes them."""
 
@@ -267,6 +276,14 @@ class UNetSpec(ComponentSpec):
             latent_factor=vae_scale_factor, size_multiple=vae_scale_factor * down,
             extra={"downsample": down, "chunk_tokens": seq_len})
 
+    @classmethod
+    def with_residuals(cls, unet: "UNetSpec", down: list[tuple[int, int]], mid: tuple[int, int]) -> "UNetSpec":
+        """The `unet_controlnet` variant: the U-Net's inputs plus a ControlNet's down residuals and mid
+        residual, each (channels, downscale from the latents), in diffusers' order."""
+        extra = tuple(_residual(f"down_block_additional_residual_{i}", c, k) for i, (c, k) in enumerate(down))
+        return cls(name="unet_controlnet", module="unet", inputs=unet.inputs + extra + (_residual("mid_block_additional_residual", *mid),),
+                   outputs=unet.outputs, latent_factor=unet.latent_factor, size_multiple=unet.size_multiple, extra=dict(unet.extra))
+
     def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         shapes = self.input_shapes(batch, height, width, chunks)
@@ -277,9 +294,11 @@ class UNetSpec(ComponentSpec):
                  if "encoder_hidden_states" in shapes else None,
                  "text_embeds": rng.standard_normal(shapes["text_embeds"], dtype=np.float32),
                  "time_ids": time_ids}
-        if "deep_feature" in shapes:  # unet_shallow: a cached feature of a U-Net's scale (unit variance, as GroupNorm leaves it)
-            feeds["deep_feature"] = rng.standard_normal(shapes["deep_feature"], dtype=np.float32)
-        return {k: v for k, v in feeds.items() if v is not None and k in shapes}
+        feeds = {k: v for k, v in feeds.items() if v is not None and k in shapes}
+        for t in self.inputs:  # a variant's extra inputs (ControlNet residuals, unet_shallow's deep_feature): O(1) features
+            if t.name not in feeds:
+                feeds[t.name] = rng.standard_normal(shapes[t.name], dtype=np.float32)
+        return feeds
 
     @classmethod
     def cache_variants(cls, unet: "UNetSpec", cfg: Mapping[str, Any], branch: int) -> dict[str, "UNetSpec"]:
@@ -297,6 +316,29 @@ class UNetSpec(ComponentSpec):
         common = dict(module="unet", latent_factor=unet.latent_factor, size_multiple=unet.size_multiple)
         return {"unet_deep": cls(name="unet_deep", inputs=unet.inputs, outputs=(*unet.outputs, feature), extra=extra, **common),
                 "unet_shallow": cls(name="unet_shallow", inputs=(*shallow_in, feature), outputs=unet.outputs, extra=extra, **common)}
+
+
+class ControlNetSpec(ComponentSpec):
+    """A ControlNet: the U-Net's inputs plus the control image (pixels in [0, 1], as diffusers'
+    control_image_processor gives it) and the conditioning scale; the down residuals and the mid
+    residual out, already scaled, in diffusers' order (exporter/controlnet.py)."""
+
+    kind = "controlnet"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], unet: UNetSpec, down: list[tuple[int, int]], mid: tuple[int, int]) -> "ControlNetSpec":
+        inputs = unet.inputs + (TensorSpec("controlnet_cond", "float32", ("batch", int(cfg.get("conditioning_channels", 3)), "height", "width")),
+                                TensorSpec("conditioning_scale", "float32", (1,)))
+        outputs = tuple(_residual(f"down_block_res_sample_{i}", c, k) for i, (c, k) in enumerate(down)) + (_residual("mid_block_res_sample", *mid),)
+        return cls(name="controlnet", module="controlnet", inputs=inputs, outputs=outputs, latent_factor=unet.latent_factor,
+                   size_multiple=unet.size_multiple, extra=dict(unet.extra))
+
+    def dummy_inputs(self, batch: int, height: int, width: int, seed: int = 0, chunks: int = 1) -> dict[str, np.ndarray]:
+        base = UNetSpec(name=self.name, module="unet", inputs=self.inputs[:5], outputs=(), latent_factor=self.latent_factor,
+                        size_multiple=self.size_multiple, extra=self.extra).dummy_inputs(batch, height, width, seed, chunks)
+        rng = np.random.default_rng(seed + 1)
+        shape = self.input_shapes(batch, height, width, chunks)["controlnet_cond"]
+        return {**base, "controlnet_cond": rng.random(shape, dtype=np.float32), "conditioning_scale": np.array([0.8], np.float32)}
 
 
 class VaeDecoderSpec(ComponentSpec):
@@ -338,7 +380,7 @@ class VaeEncoderSpec(ComponentSpec):
         return {"sample": rng.uniform(-1, 1, shape).astype(np.float32)}
 
 
-_KINDS: dict[str, type[ComponentSpec]] = {c.kind: c for c in (TextEncoderSpec, UNetSpec, VaeDecoderSpec, VaeEncoderSpec)}
+_KINDS: dict[str, type[ComponentSpec]] = {c.kind: c for c in (TextEncoderSpec, UNetSpec, VaeDecoderSpec, VaeEncoderSpec, ControlNetSpec)}
 
 
 def check_tile(tile: object, height: int | None = None, width: int | None = None, multiple: int = 8) -> None:
@@ -356,7 +398,7 @@ def specs_from_configs(configs: Mapping[str, Mapping[str, Any]], cache_branch: i
     the feature-caching pair (unet_deep, unet_shallow) split at `cache_branch`."""
     f = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     unet = UNetSpec.from_config(configs["unet"], f, int(configs["text_encoder"]["max_position_embeddings"]))
-    return {
+    specs: dict[str, ComponentSpec] = {
         "text_encoder": TextEncoderSpec.from_config("text_encoder", configs["text_encoder"], with_projection=False),
         "text_encoder_2": TextEncoderSpec.from_config("text_encoder_2", configs["text_encoder_2"], with_projection=True),
         "unet": unet,
@@ -364,6 +406,17 @@ def specs_from_configs(configs: Mapping[str, Mapping[str, Any]], cache_branch: i
         "vae_encoder": VaeEncoderSpec.from_config(configs["vae"], f),
         **UNetSpec.cache_variants(unet, configs["unet"], cache_branch),
     }
+    if "controlnet" in configs:  # export --controlnet: the ControlNet and the U-Net taking its residuals
+        from exporter.controlnet import residual_layout
+
+        unet = specs["unet"]
+        assert isinstance(unet, UNetSpec)
+        c_down, c_mid = residual_layout(configs["controlnet"])
+        u_down, u_mid = residual_layout(configs["unet"])
+        specs["controlnet"] = ControlNetSpec.from_config(configs["controlnet"], unet, [(r.channels, r.scale) for r in c_down],
+                                                         (c_mid.channels, c_mid.scale))
+        specs["unet_controlnet"] = UNetSpec.with_residuals(unet, [(r.channels, r.scale) for r in u_down], (u_mid.channels, u_mid.scale))
+    return specs
 
 
 def default_range(spec: ComponentSpec, batch: int, height: int, width: int,
@@ -390,8 +443,8 @@ def parse_components(names: tuple[str, ...] | list[str] | None, default: tuple[s
             n = n.strip()
             if not n:
                 continue
-            if n not in COMPONENTS:
-                raise UsageError(f"unknown component {n!r}; expected one of {', '.join(COMPONENTS)}")
+            if n not in COMPONENTS + VARIANT_COMPONENTS:
+                raise UsageError(f"unknown component {n!r}; expected one of {', '.join(COMPONENTS + VARIANT_COMPONENTS)}")
             if n not in out:
                 out.append(n)
     return out

@@ -160,5 +160,10 @@ def open_backend(name: str, artifacts: Path | None = None, engines: Path | None 
             raise UsageError("--backend torch needs --model (the PyTorch reference: hub id, folder or random:<preset>)")
         from runtime.torch_backend import TorchBackend
 
-        return TorchBackend(model, specs=manifest.specs() if manifest is not None else None, precision=torch_precision)
+        source: Any = model
+        if manifest is not None and manifest.view.source.controlnet:  # the artifacts' ControlNet, for its pair of components
+            from exporter.sources import resolve_recorded
+
+            source = resolve_recorded(model, manifest.view.source.controlnet)
+        return TorchBackend(source, specs=manifest.specs() if manifest is not None else None, precision=torch_precision)
     raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

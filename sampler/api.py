@@ -35,7 +35,9 @@ from sampler.loop import Plan, PipelineAssets, Request, Sampler, Timings, to_uin
 RENAMED = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "batch"}
 # The CLI's option in the sampler's one-line errors -> the keyword a Python caller passed.
 _OPTION_NAMES = {"--steps": "num_inference_steps", "--guidance": "guidance_scale", "--batch": "num_images_per_prompt",
-                 "--mask": "mask_image", "--cache-interval": "cache_interval", "--cache-branch": "cache_branch"}
+                 "--mask": "mask_image", "--cache-interval": "cache_interval", "--cache-branch": "cache_branch",
+                 "--control-image": "control_image", "--controlnet-scale": "controlnet_conditioning_scale",
+                 "--control-guidance-start": "control_guidance_start", "--control-guidance-end": "control_guidance_end"}
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 

@@ -20,6 +20,8 @@ from exporter.manifest import Manifest
 from exporter.specs import NUMPY_DTYPES, ComponentSpec, ShapeRange, check_tile
 from koala_core.errors import UsageError
 from koala_core.jsonfile import read_json
+from sampler.controlnet import CONTROLNET, UNET_CONTROLNET, plan_control
+from sampler.controlnet import residuals as control_residuals
 from sampler.schedulers import make_scheduler
 from sampler.schedulers.noise import StepNoise
 from sampler.tokenize import ClipTokenizer, chunk_prompts, prompt_tokens
@@ -129,6 +131,11 @@ class Request:
     strength: float | None = None  # (0, 1]; default 0.3 for img2img, 0.9999 for inpainting (diffusers')
     cache_interval: int = 1  # feature caching (sampler/feature_cache.py): the full U-Net every N steps; 1: off
     cache_branch: int | None = None  # where the U-Net is split for caching [the exported unet_deep's branch]
+    # ControlNet (sampler/controlnet.py), diffusers' names: PNG bytes, a PIL image or a uint8 [H, W, 3] array
+    control_image: Any = None
+    controlnet_conditioning_scale: float | None = None  # [1.0]
+    control_guidance_start: float | None = None  # [0.0]
+    control_guidance_end: float | None = None  # [1.0]
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class Plan:
     image_inputs: Any = None  # sampler.img2img.ImageInputs for img2img / inpainting, else None
     cache_interval: int = 1  # feature caching: unet_deep every N steps, unet_shallow between (1: off)
     cache_branch: int | None = None
+    control: Any = None  # sampler.controlnet.ControlPlan, or None without a control image
 
     @property
     def cfg(self) -> bool:
@@ -199,7 +207,7 @@ class Timings:
         return float(sum(self.stages.get(stage, [])))
 
     def model_seconds(self) -> float:
-        return sum(self.total(c) for c in (*SAMPLER_COMPONENTS, "vae_encoder"))
+        return sum(self.total(c) for c in (*SAMPLER_COMPONENTS, "vae_encoder", "controlnet"))
 
     def step_overheads(self) -> list[float]:
         return [s - u for s, u in zip(self.stages.get("step", []), self.stages.get("unet", []))]
@@ -208,7 +216,7 @@ class Timings:
         """Per stage: calls, total and per-call ms, and the non-model overhead (all of `sample`
         except time inside backend.run; per denoising step: the loop's own work)."""
         rows: dict[str, Any] = {}
-        for k in ("tokenize", "vae_encoder", *SAMPLER_COMPONENTS, "postprocess"):
+        for k in ("tokenize", "vae_encoder", *SAMPLER_COMPONENTS, "controlnet", "postprocess"):
             v = self.stages.get(k, [])
             if v:
                 rows[k] = {"calls": len(v), "total_ms": 1e3 * sum(v), "per_call_ms": 1e3 * sum(v) / len(v)}
@@ -235,12 +243,13 @@ class Sampler:
         self.backend, self.assets = backend, assets
         specs = dict(assets.specs)
         specs.update(getattr(backend, "specs", {}) or {})
-        # The full U-Net: `unet`, else feature caching's unet_deep (its out_sample is the same U-Net's).
-        missing = [c for c in SAMPLER_COMPONENTS if c not in specs and not (c == "unet" and "unet_deep" in specs)]
+        # The full U-Net: `unet`, else feature caching's unet_deep (its out_sample is the same U-Net's), else
+        # the ControlNet U-Net (unet_controlnet; a folder holding only that runs with a control image only).
+        missing = [c for c in SAMPLER_COMPONENTS if c not in specs and not (c == "unet" and ("unet_deep" in specs or UNET_CONTROLNET in specs))]
         if missing:
             raise UsageError(f"{assets.origin or 'the backend'} has no {', '.join(missing)}: the sampler needs {', '.join(SAMPLER_COMPONENTS)}")
         self.specs = specs
-        self.unet, self.vae = specs.get("unet") or specs["unet_deep"], specs["vae_decoder"]
+        self.unet, self.vae = specs.get("unet") or specs.get("unet_deep") or specs[UNET_CONTROLNET], specs["vae_decoder"]
         self.seq_len = int(specs["text_encoder"].input("input_ids").dims[1])
         self.tokenizers = tuple(ClipTokenizer(d, max_length=self.seq_len) for d in assets.tokenizer_dirs)
         self.scheduler = make_scheduler(None, assets.scheduler_config)  # the last plan's (generate reports its timesteps)
@@ -311,6 +320,17 @@ class Sampler:
                 continue
             r.check(comp, self.specs[comp].spatial, height, width, batch=b, batch_what=what)
         chunks = self.check_prompt(req.prompt, req.negative_prompt if prompts == 2 else None)
+        control = plan_control(self.specs, req.control_image, req.controlnet_conditioning_scale, req.control_guidance_start,
+                               req.control_guidance_end, height, width, batch, guidance > 1.0, self.assets.origin or "the backend")
+        if control is not None and cache_interval > 1:
+            raise UsageError("a control image and --cache-interval together are not supported (the ControlNet's residuals "
+                             "change the U-Net's features every step); drop one of them")
+        if control is None and "unet" not in self.specs and "unet_deep" not in self.specs:
+            raise UsageError(f"{a.origin or 'the backend'} holds the ControlNet U-Net only (no unet): pass a control image")
+        for comp in ((CONTROLNET, UNET_CONTROLNET) if control is not None else ()):
+            r = self._range(comp)
+            if r is not None:
+                r.check(comp, True, height, width, batch=unet_batch, batch_what=f"batch {unet_batch}")
         shape = (batch, c_in, height // f, width // f)
         if lat is not None:
             if lat.dtype != np.float32:
@@ -330,12 +350,15 @@ class Sampler:
             check_steps_left(steps, image_inputs.strength)
         return Plan(req.prompt, req.negative_prompt, steps, guidance, seed, height, width, batch, noise, chunks, vae_tile,
                     scheduler=req.scheduler, step_seed=max(int(req.seed), 0), image_inputs=image_inputs,
-                    cache_interval=cache_interval, cache_branch=cache_branch)
+                    cache_interval=cache_interval, cache_branch=cache_branch, control=control)
 
     def components(self, plan: Plan | None = None) -> list[str]:
-        """The components `plan` runs (what to load): the U-Net pair where it caches features, the VAE
-        encoder where it starts from an image."""
+        """The components `plan` runs (what to load): the U-Net pair where it caches features, the
+        ControlNet and the U-Net taking its residuals where it has a control image, the VAE encoder where
+        it starts from an image."""
         unets = ["unet_deep", "unet_shallow"] if plan is not None and plan.cache_interval > 1 else [self.unet.name]
+        if plan is not None and plan.control is not None:
+            unets = [CONTROLNET, UNET_CONTROLNET]
         encoder = ["vae_encoder"] if plan is not None and plan.image_inputs is not None else []
         return ["text_encoder", "text_encoder_2", *unets, "vae_decoder", *encoder]
 
@@ -497,7 +520,13 @@ class Sampler:
             x = x if img_cond is None else img_cond.unet_input(x)
             feeds = {"sample": x, "timestep": np.full((ub,), t, F32), "encoder_hidden_states": hidden,
                      "text_embeds": pooled, "time_ids": time_ids}
-            if cache is None:
+            aside = 0.0
+            if plan.control is not None:  # the ControlNet's residuals into the U-Net variant that takes them
+                c0 = time.perf_counter()
+                feeds.update(control_residuals(lambda c, f: self._run(timings, c, f), self.specs, plan.control, i, len(sched.timesteps), feeds))
+                aside = time.perf_counter() - c0
+                eps = self._run(timings, UNET_CONTROLNET, feeds, "unet")["out_sample"]
+            elif cache is None:
                 eps = self._run(timings, self.unet.name, feeds, "unet")["out_sample"]
             else:  # every U-Net call is timed as "unet", whichever graph of the pair ran; refreshes count from `start`
                 eps = cache.unet(i - start, feeds, lambda c, f: self._run(timings, c, f, "unet"))
@@ -508,7 +537,7 @@ class Sampler:
             if img_cond is not None:
                 latents = img_cond.after_step(latents, i, i == last)
             bar.update()
-            timings.add("step", time.perf_counter() - t0)
+            timings.add("step", time.perf_counter() - t0 - aside)  # the ControlNet is a model stage of its own
         return latents
 
     def _conditioning(self, plan: Plan, timings: Timings) -> Any:

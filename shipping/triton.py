@@ -55,6 +55,9 @@ PIPELINE_INPUTS = (  # name, Triton type, optional
     ("scheduler", "TYPE_STRING", True),  # a sampler.schedulers name; absent: the model's own
     ("cache_interval", "TYPE_INT32", True),  # feature caching (sampler/feature_cache.py): needs unet_deep and unet_shallow
     ("cache_branch", "TYPE_INT32", True),
+    ("controlnet_scale", "TYPE_FP32", True),  # ControlNet (artifacts exported with --controlnet): diffusers' controlnet_conditioning_scale
+    ("control_guidance_start", "TYPE_FP32", True),
+    ("control_guidance_end", "TYPE_FP32", True),
 )
 IMAGE_INPUTS = (  # img2img / inpainting (sampler/img2img.py), all optional: name, Triton type, dims
     ("image", "TYPE_UINT8", (-1, -1, 3)),  # RGB pixels [H, W, 3]
@@ -63,6 +66,8 @@ IMAGE_INPUTS = (  # img2img / inpainting (sampler/img2img.py), all optional: nam
     ("mask_png", "TYPE_STRING", (1,)),
     ("strength", "TYPE_FP32", (1,)),
 )
+# Images: UINT8 pixels [H, W, C] (C 1, 3 or 4), or a PNG/JPEG file's bytes as UINT8 [1, 1, N].
+PIPELINE_IMAGES = ("control_image",)
 CHUNK = 4 << 20
 FLAVOURS = ("production", "python")
 PYTHON_RUNTIMES = ("onnxruntime", "openvino")  # what the python flavour runs ONNX components on
@@ -120,6 +125,7 @@ def pipeline_config(model: str, instances: int, note: str) -> str:
     """config.pbtxt of the Python-backend model: one prompt per request, image [H, W, 3] uint8 out."""
     inputs = [_tensor_block(TritonTensor(n, t, (1,), None), optional=o) for n, t, o in PIPELINE_INPUTS]
     inputs += [_tensor_block(TritonTensor(n, t, d, None), optional=True) for n, t, d in IMAGE_INPUTS]
+    inputs += [_tensor_block(TritonTensor(n, "TYPE_UINT8", (-1, -1, -1), None), optional=True) for n in PIPELINE_IMAGES]
     outputs = [_tensor_block(TritonTensor("image", "TYPE_UINT8", (-1, -1, 3), None))]
     return "\n".join([f"# {note}", f"name: {_q(model)}", 'backend: "python"', "max_batch_size: 0",
                       _list("input", inputs), _list("output", outputs),

@@ -29,7 +29,7 @@ CASES = [
     ("height-not-a-multiple", [*EXPORT, "--height", "100"], 2,
      "Error: unet: height and width must be multiples of 32 (got 100x256)"),
     ("unknown-component", [*EXPORT, "-c", "unet,nosuch"], 2,
-     "Error: unknown component 'nosuch'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, unet_deep, unet_shallow"),
+     "Error: unknown component 'nosuch'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, unet_deep, unet_shallow, controlnet, unet_controlnet"),
     ("out-exists", ["export", "--model", "random:tiny", "--out", "{ART}"], 2,
      "Error: {ART} already exists; pass --force to replace it"),
     ("out-is-a-file", ["export", "--model", "random:tiny", "--out", "{FILE}"], 2,

@@ -118,7 +118,7 @@ CASES = [
     ("bench-height-not-a-multiple", [*BENCH, "--height", "100"], 2,
      "...\nError: --height and --width must be positive multiples of 8 (got 100x256)"),
     ("bench-unknown-component", [*BENCH, "-c", "unet,nope"], 2,
-     "Error: unknown component 'nope'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, unet_deep, unet_shallow"),
+     "Error: unknown component 'nope'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, unet_deep, unet_shallow, controlnet, unet_controlnet"),
     ("bench-csv-is-a-folder", [*BENCH, "--csv", "{DIR}"], 2, "Error: --csv {DIR} is a folder; give a file name"),
     ("bench-csv-unwritable", [*BENCH, "--csv", "{FILE}/x.csv"], 2, "Error: cannot write {FILE}/x.csv: {FILE} is not a writable folder"),
     ("bench-artifacts-missing", ["bench", "--artifacts", "{T}/nothing"], 2, "Error: artifacts folder {T}/nothing does not exist"),

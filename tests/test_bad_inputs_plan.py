@@ -67,7 +67,7 @@ CASES = [
      "Error: unet: input sample needs height 96 px, outside the range its export recorded (height 128..512 px, {ART}): "
      "the limit is at least 128 px; set --height within it, or re-export at a size whose range covers it"),
     ("build-unknown-component", [*DRY, "-c", "unet,nope"], 2,
-     "Error: unknown component 'nope'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, unet_deep, unet_shallow"),
+     "Error: unknown component 'nope'; expected one of text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, unet_deep, unet_shallow, controlnet, unet_controlnet"),
     ("build-profile-not-toml", [*DRY, "--profile", "{FILE}"], 2, NOT_TOML),
     ("build-onnx-missing", [*DRY_ON, "{T}/nothing"], 2, "Error: artifacts folder {T}/nothing does not exist"),
     ("build-onnx-empty", [*DRY_ON, "{EMPTY}"], 2,

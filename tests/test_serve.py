@@ -172,7 +172,8 @@ def test_health_and_metrics_endpoints(server: Server) -> None:
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
         "prompt": "BYTES", "negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance": "FP32",
         "height": "INT32", "width": "INT32", "scheduler": "BYTES", "image": "UINT8", "mask": "UINT8", "image_png": "BYTES",
-        "mask_png": "BYTES", "strength": "FP32", "cache_interval": "INT32", "cache_branch": "INT32"}
+        "mask_png": "BYTES", "strength": "FP32", "cache_interval": "INT32", "cache_branch": "INT32", "controlnet_scale": "FP32",
+        "control_guidance_start": "FP32", "control_guidance_end": "FP32", "control_image": "UINT8"}
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [("image", "UINT8", [-1, -1, 3])]
 
 

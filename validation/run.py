@@ -85,7 +85,7 @@ def _check_model(source: Any, manifest: Any) -> None:
 def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     from calibration.inputs import spread
     from exporter.manifest import load_manifest
-    from exporter.sources import resolve
+    from exporter.sources import resolve_recorded
     from runtime.backend import OnnxRuntimeBackend
     from sampler.loop import SAMPLER_COMPONENTS, Sampler, initial_noise
     from sampler.pipeline import open_pipeline
@@ -118,7 +118,9 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
     precisions = {c: check_precision(manifest.precision(c), f"{opts.artifacts}/manifest.json ({c})") for c in comps}
     height, width = default_size(opts.artifacts, opts.height, opts.width)
     run_e2e = opts.end_to_end and all(c in comps or (c == "unet" and "unet_deep" in comps) for c in SAMPLER_COMPONENTS)
-    source = resolve(opts.model or manifest.view.source.model)
+    # With a ControlNet: the sampler with a control image against diffusers' ControlNet pipeline (validation/controlnet.py).
+    run_cn = opts.end_to_end and all(c in comps for c in ("text_encoder", "text_encoder_2", "vae_decoder", "controlnet", "unet_controlnet"))
+    source = resolve_recorded(opts.model or manifest.view.source.model, manifest.view.source.controlnet)
     _check_model(source, manifest)
     pipeline = open_pipeline(opts.backend, artifacts=opts.artifacts, engines=opts.engines, manifest=manifest, components=comps,
                              threads=opts.threads, cpu_precision=opts.cpu_precision, full_hash=opts.verify, log=log)
@@ -135,8 +137,8 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
 
             toks = [ClipTokenizer(manifest.root / t) for t in manifest.view.tokenizers]
             check_prompt_range(specs["unet"], ranges["unet"], prompt_tokens(toks, opts.prompts))
-        sampler = Sampler(backend, assets) if run_e2e else None
-        if sampler is not None:  # the end-to-end request as the sampler will plan it (a --vae-tile the VAE cannot take)
+        sampler = Sampler(backend, assets) if run_e2e or run_cn else None
+        if sampler is not None and run_e2e:  # the end-to-end request as the sampler will plan it (a --vae-tile the VAE cannot take)
             from sampler.loop import Request
 
             plan = sampler.plan(Request(opts.prompts[0], steps=opts.steps, guidance=source.sampler.guidance,
@@ -155,12 +157,17 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
         # ----- the PyTorch reference -------------------------------------------------------------
         t0 = time.perf_counter()
         pipe = load_pipeline(source, "text2img" if not image_inputs else "inpaint" if image_inputs.get("mask_image") is not None else "img2img")
+        controlnet = source.build("controlnet") if "controlnet" in source.configs else None
+        if controlnet is not None:
+            pipe.controlnet = controlnet  # the reference of the controlnet component (PipelineBackend reads pipe.<module>)
         reference = PipelineBackend(pipe, manifest.specs())
         log(f"reference: PyTorch pipeline of {source.ref} built in {time.perf_counter() - t0:.1f} s")
-        unet_name = "unet" if "unet" in manifest.components else "unet_deep"  # feature caching's pair alone: its full U-Net
+        # The full U-Net: unet, else feature caching's unet_deep, else the ControlNet U-Net (a folder may hold only that).
+        unet_name = next(u for u in ("unet", "unet_deep", "unet_controlnet") if u in manifest.components) \
+            if any(u in manifest.components for u in ("unet", "unet_deep", "unet_controlnet")) else "unet"
         unet_spec = manifest.spec(unet_name) if unet_name in manifest.components else None
         traj = None
-        if any(c in comps for c in ("unet", "vae_decoder")) or run_e2e:
+        if any(c in comps for c in ("unet", "vae_decoder")) or run_e2e or run_cn:
             if unet_spec is None:
                 raise UsageError(f"{opts.artifacts} has no unet: the prompt inputs of the U-Net and VAE come from its trajectories")
             f = unet_spec.latent_factor
@@ -212,7 +219,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                 # 1024 px); the end-to-end run opens the sessions again.
                 backend.close()
             later = comps[comps.index(c) + 1:]
-            if all(specs[o].module != spec.module for o in later):
+            if all(specs[o].module != spec.module for o in later) and not run_cn:  # the ControlNet run needs every module
                 reference.release(c)  # the trajectories already hold what end to end compares with
 
         # ----- end to end ------------------------------------------------------------------------
@@ -229,8 +236,24 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
             chk.seconds = {opts.backend: round(secs, 3)}
             checks.append(chk)
             log(f"end_to_end: {'ok' if chk.passed else 'FAIL'} ({secs:.1f} s)")
-        elif opts.end_to_end:
+        elif opts.end_to_end and not run_cn:
             log("end_to_end: skipped (it needs all of " + ", ".join(SAMPLER_COMPONENTS) + ")")
+        if sampler is not None and traj is not None and run_cn:
+            from validation.controlnet import SCALE, candidate_runs, control_pattern, reference_runs
+
+            cn_prec = end_to_end_precision([precisions[c] for c in comps if c != "unet"])
+            image = control_pattern(height, width)
+            chk = Check(END_TO_END, "controlnet", cn_prec, f"numpy Sampler on {opts.backend} with a control image (synthetic edges, "
+                        f"scale {SCALE:g}) vs diffusers' StableDiffusionXLControlNetPipeline, {len(opts.prompts)} prompts, "
+                        f"{opts.steps} steps, guidance {source.sampler.guidance:g}", limits=limits_for(END_TO_END, cn_prec, opts.overrides))
+            t0 = time.perf_counter()
+            cn_ref = reference_runs(pipe, controlnet, opts.prompts, traj.noise, opts.steps, source.sampler.guidance, height, width, image)
+            log(f"reference: ControlNet pipeline, {len(opts.prompts)} prompts in {time.perf_counter() - t0:.1f} s")
+            latents, images, secs = candidate_runs(sampler, cn_ref, opts.steps, source.sampler.guidance, height, width, image, log)
+            measure(chk, cn_ref, latents, images)
+            chk.seconds = {opts.backend: round(secs, 3)}
+            checks.append(chk)
+            log(f"{chk.id}: {'ok' if chk.passed else 'FAIL'} ({secs:.1f} s)")
         backend_desc = backend.describe()
     finally:
         backend.close()

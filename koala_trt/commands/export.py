@@ -25,11 +25,13 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, components_option
               help="Fuse a LoRA adapter (diffusers/PEFT or kohya safetensors) into the weights, at SCALE [default 1.0]; repeatable.")
 @click.option("--cache-branch", type=int, help="Feature caching (DeepCache): also export unet_deep and unet_shallow split at this "
               "branch (3 x up block + layer, as DeepCache's cache_branch_id; 0 is the cheapest cached step); see docs/feature-cache.md.")
+@click.option("--controlnet", metavar="DIR_OR_HUB_ID", help="Also export this ControlNet (a diffusers ControlNetModel folder or hub id; "
+              "`random:` builds one from the U-Net's config) and the U-Net variant taking its residuals (unet_controlnet).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's component summary as JSON.")
 def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Path | None, opset: int, batch: int, height: int | None,
                width: int | None, check_size: int | None, no_check: bool, static: bool, max_prompt_chunks: int | None,
-               loras: tuple[str, ...], cache_branch: int | None, force: bool, as_json: bool) -> None:
+               loras: tuple[str, ...], cache_branch: int | None, controlnet: str | None, force: bool, as_json: bool) -> None:
     """Export a KOALA/SDXL pipeline's components to ONNX, each checked in ONNX Runtime against PyTorch."""
     from exporter.export import ExportOptions, export
     from exporter.lora import parse_lora_arg, read_adapter
@@ -43,6 +45,12 @@ def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Pat
     source = resolve(model)
     if vae_path is not None:
         source = with_vae(source, vae_path)
+    if controlnet is not None:
+        from exporter.controlnet import CONTROLNET_COMPONENTS
+        from exporter.sources import with_controlnet
+
+        source = with_controlnet(source, controlnet)  # its residuals checked against the U-Net's, before any weight
+        opts.components += [c for c in CONTROLNET_COMPONENTS if c not in opts.components]
     manifest = export(source, out, opts, log=log)
     comps = manifest.view.components
     if as_json:

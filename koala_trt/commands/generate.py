@@ -30,6 +30,19 @@ def _load_latents(path: Path) -> Any:
     return arr
 
 
+def _read_control_image(path: Path | None, scale: float | None, start: float | None, end: float | None) -> Any:
+    """--control-image as a decoded PIL image (a truncated or non-image file is one line, before any model work)."""
+    if path is None:
+        if scale is not None or start is not None or end is not None:
+            raise UsageError("--controlnet-scale / --control-guidance-start / --control-guidance-end need --control-image")
+        return None
+    from sampler.controlnet import to_pil
+
+    if not path.is_file():
+        raise UsageError(f"--control-image: no such file {path}")
+    return to_pil(path, what=f"--control-image {path}")
+
+
 def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_calls: int) -> list[list[str]]:
     def ms(v: float) -> str:
         return f"{v:,.1f}" if v >= 100 else f"{v:.3f}"
@@ -70,6 +83,11 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @vae_tile_option()
 @scheduler_option()
 @cache_options()
+@click.option("--control-image", type=click.Path(path_type=Path), metavar="IMAGE.png",
+              help="ControlNet conditioning image (edges, depth, ...), resized to the output size; needs artifacts exported with --controlnet.")
+@click.option("--controlnet-scale", type=float, help="ControlNet conditioning scale (diffusers' controlnet_conditioning_scale) [default: 1.0].")
+@click.option("--control-guidance-start", type=float, help="Fraction of the steps after which the ControlNet starts acting [default: 0.0].")
+@click.option("--control-guidance-end", type=float, help="Fraction of the steps after which the ControlNet stops acting [default: 1.0].")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
 @click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
@@ -83,7 +101,9 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
                  width: int | None, batch: int | None, latents: Path | None, image: Path | None, strength: float | None,
                  mask: Path | None, vae_tile: int | None, scheduler: str | None, cache_interval: int,
-                 cache_branch: int | None, out: Path, threads: int | None,
+                 cache_branch: int | None, control_image: Path | None,
+                 controlnet_scale: float | None, control_guidance_start: float | None, control_guidance_end: float | None,
+                 out: Path, threads: int | None,
                  cpu_precision: str | None,
                  verify: bool, no_verify: bool, no_progress: bool, as_json: bool) -> None:
     """Generate images with the numpy sampler (tokenize, encode, the scheduler's loop with CFG, VAE decode, PNG).
@@ -94,6 +114,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
 
     from exporter.cache_branch import check_interval
     from sampler.api import Pipeline
+    from sampler.controlnet import CONTROLNET_COMPONENTS
     from sampler.loop import SAMPLER_COMPONENTS, output_paths, save_pngs
     from sampler.pipeline import open_pipeline
 
@@ -109,18 +130,29 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         raise UsageError("--seed and --latents both set the initial noise; pass one of them")
     lat = _load_latents(latents) if latents is not None else None
     image_args = image_args_of(image, mask, strength)
+    control = _read_control_image(control_image, controlnet_scale, control_guidance_start, control_guidance_end)
     check_backend_sources(backend, artifacts, model, engines)
+    components: tuple[str, ...] = SAMPLER_COMPONENTS + (CONTROLNET_COMPONENTS if control is not None else ())
     manifest = None
-    if image_args and artifacts is not None:  # the encoder's files are verified with the others
+    if artifacts is not None and backend != "torch":  # the ControlNet pair's and the encoder's presence, before any file is hashed
         from exporter.manifest import load_manifest
+        from sampler.controlnet import UNET_CONTROLNET, require_controlnet
         from sampler.img2img import no_encoder
 
         manifest = load_manifest(artifacts)
-        if "vae_encoder" not in manifest.view.components and (backend != "tensorrt" or engines is None):
+        held = manifest.components
+        if control is not None:
+            require_controlnet(held, str(artifacts))
+            components = tuple(c for c in components if c != "unet")  # the plain U-Net is not needed then
+        elif "unet" not in held and UNET_CONTROLNET in held:
+            raise UsageError(f"{artifacts} holds the ControlNet U-Net only (no unet): pass --control-image")
+        if image_args and "vae_encoder" not in held and (backend != "tensorrt" or engines is None):
             raise no_encoder(f"{artifacts} ({manifest.view.source.model})")
+        if "vae_encoder" in held:  # the encoder's files are verified with the others
+            components += ("vae_encoder",)
     opened = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads, cpu_precision=cpu_precision,
                            full_hash=not no_verify, log=log, manifest=manifest, cache=cache_interval > 1, verify=verify,
-                           components=(*SAMPLER_COMPONENTS, *(("vae_encoder",) if manifest is not None and "vae_encoder" in manifest.view.components else ())))
+                           components=components)
     manifest, runtime, verify_s = opened.manifest, opened.backend, opened.verify_seconds
     pipe = Pipeline.from_opened(opened, warn=lambda m: log(f"warning: {m}"))  # the Python API's one path to an image
     sampler = pipe.sampler
@@ -132,14 +164,18 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         [plan] = pipe.plan(pipe.requests(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                                          seed=seed if seed is not None else 0, height=height, width=width,
                                          num_images_per_prompt=batch, latents=lat, vae_tile=vae_tile, scheduler=scheduler,
-                                         cache_interval=cache_interval, cache_branch=cache_branch, **image_args))
+                                         cache_interval=cache_interval, cache_branch=cache_branch, control_image=control,
+                                         controlnet_conditioning_scale=controlnet_scale, control_guidance_start=control_guidance_start,
+                                         control_guidance_end=control_guidance_end, **image_args))
         paths = output_paths(out, plan.batch)
         log(f"{backend}: {plan.batch} image(s) {plan.width}x{plan.height}, {plan.steps} steps, guidance {plan.guidance:g}"
             + ("" if plan.cfg else " (no CFG)") + (f", seed {plan.seed}" if plan.seed is not None else f", latents {latents}")
             + (f", {'inpainting' if mask else 'img2img'} from {image} at strength {plan.image_inputs.strength:g}" if image else "")
             + f", scheduler {scheduler or 'euler'} ({sampler.scheduler.timestep_spacing} spacing)"
             + (f", VAE decode in {sampler.tile_grid(plan).describe()}" if plan.vae_tile else "")
-            + (f", feature cache every {plan.cache_interval} steps at branch {plan.cache_branch}" if plan.cache_interval > 1 else ""))
+            + (f", feature cache every {plan.cache_interval} steps at branch {plan.cache_branch}" if plan.cache_interval > 1 else "")
+            + (f", ControlNet {control_image} at scale {plan.control.scale:g} (steps {plan.control.start:g}..{plan.control.end:g})"
+               if plan.control is not None else ""))
         # ----- load, then run ---------------------------------------------------------------------
         load_ms = 1e3 * pipe.load([plan])
         backend_desc = runtime.describe()
@@ -149,7 +185,9 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": str(plan.steps), "guidance": f"{plan.guidance:g}",
                 "seed": str(plan.seed) if plan.seed is not None else f"latents:{latents}", "backend": backend_desc,
                 "software": "koala-trt generate",
-                **({"image": str(image), "strength": f"{plan.image_inputs.strength:g}"} if image else {}), **({"mask": str(mask)} if mask else {})}
+                **({"image": str(image), "strength": f"{plan.image_inputs.strength:g}"} if image else {}), **({"mask": str(mask)} if mask else {}),
+                **({"control_image": str(control_image), "controlnet_conditioning_scale": f"{plan.control.scale:g}",
+                    "control_guidance": f"{plan.control.start:g}..{plan.control.end:g}"} if plan.control is not None else {})}
         save_pngs(images, paths, meta)
         png_ms = 1e3 * (time.perf_counter() - t0)
     finally:
@@ -162,6 +200,7 @@ def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, mod
                     "strength": plan.image_inputs.strength if plan.image_inputs is not None else None,
                     "height": plan.height, "width": plan.width, "batch": plan.batch, "vae_tile": plan.vae_tile,
                     "cache": cache_record(plan, timings),
+                    "control_image": str(control_image) if control_image else None,
                     "scheduler": {"name": scheduler or "euler", "timestep_spacing": sampler.scheduler.timestep_spacing, "timesteps": [float(t) for t in sampler.scheduler.timesteps]},  # type: ignore[union-attr]
                     "timings": {**summary, "load_ms": load_ms, "png_ms": png_ms, "verify_ms": 1e3 * verify_s,
                                 "wall_ms": 1e3 * (time.perf_counter() - started)}})

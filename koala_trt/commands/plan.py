@@ -43,10 +43,12 @@ def ladder_table(choice: object) -> str:
 @aid_options
 @click.option("--min-margin", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="GIB",
               help="The choice needs at least this much memory to spare.")
+@click.option("--controlnet", metavar="DIR_OR_HUB_ID", help="Plan a ControlNet pipeline: the ControlNet and the U-Net taking "
+              "its residuals (unet_controlnet) instead of the plain U-Net (`random:` for one built from the U-Net's config).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan_cmd(model: str, profile_ref: str, batch: int | None, height: int | None, width: int | None,
              precision: str | None, vae_tile: int | None, residency: str | None, weight_streaming: bool,
-             weight_streaming_budget: float | None, min_margin: float, as_json: bool) -> None:
+             weight_streaming_budget: float | None, min_margin: float, controlnet: str | None, as_json: bool) -> None:
     """Will the model's engines fit the card? Device memory per component at the profile's largest
     shapes (weights + activations traced on the meta device + I/O), resident and one-at-a-time peaks,
     and a verdict with its margin. Then the memory aids, tried in order (tiled VAE decode, sequential
@@ -64,9 +66,17 @@ def plan_cmd(model: str, profile_ref: str, batch: int | None, height: int | None
     for component, prec in profile.precision.items():  # what the card cannot build, as `build` refuses it
         check_precision(component, prec, profile)
     source = resolve(model)
-    check_plan_sizes(specs_from_configs(source.configs), profile)
-    log(f"planning {source.ref} on {profile.name} (tracing each component on the meta device)")
-    choice = choose(profile, lambda p: plan_memory(source, p), min_margin_bytes=int(min_margin * GIB))
+    comps = None
+    if controlnet is not None:
+        from exporter.controlnet import CONTROLNET_COMPONENTS
+        from exporter.sources import with_controlnet
+
+        source = with_controlnet(source, controlnet)
+        comps = [c for c in profile.components() if c != "unet"] + list(CONTROLNET_COMPONENTS)
+    check_plan_sizes(specs_from_configs(source.configs), profile, comps)
+    log(f"planning {source.ref}{' with ControlNet ' + controlnet if controlnet else ''} on {profile.name} "
+        "(tracing each component on the meta device)")
+    choice = choose(profile, lambda p: plan_memory(source, p, comps), min_margin_bytes=int(min_margin * GIB), components=comps)
     plan = choice.rungs[0].plan
     if as_json:
         print_json({**plan.to_json(), **choice.to_json()})

@@ -150,6 +150,10 @@ def _image_inputs(request) -> dict:
     if strength is not None:
         out["strength"] = strength
     return out
+def _image(request, name: str):
+    """An image input (UINT8 [H, W, C] pixels or [1, 1, N] PNG/JPEG bytes) as the sampler takes it, or None."""
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else np.ascontiguousarray(t.as_numpy())
 
 
 class TritonPythonModel:
@@ -190,6 +194,10 @@ class TritonPythonModel:
                     "scheduler": _scalar(request, "scheduler", str),
                     "cache_interval": _scalar(request, "cache_interval", int),
                     "cache_branch": _scalar(request, "cache_branch", int),
+                    "control_image": _image(request, "control_image"),
+                    "controlnet_conditioning_scale": _scalar(request, "controlnet_scale", float),
+                    "control_guidance_start": _scalar(request, "control_guidance_start", float),
+                    "control_guidance_end": _scalar(request, "control_guidance_end", float),
                 }.items() if v is not None}
                 kwargs.update(_image_inputs(request))
                 prompt = _scalar(request, "prompt", str)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json, table
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, json_option, log, print_json, progress_option, table, threads_option
 
 
 @click.command("export")
@@ -24,7 +24,9 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, components_option
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse a LoRA adapter (diffusers/PEFT or kohya safetensors) into the weights, at SCALE [default 1.0]; repeatable.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest's component summary as JSON.")
+@threads_option(expose=False, what="ONNX Runtime threads of the check against PyTorch")
+@progress_option()
+@json_option("the manifest's component summary")
 def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Path | None, opset: int, batch: int, height: int | None,
                width: int | None, check_size: int | None, no_check: bool, static: bool, max_prompt_chunks: int | None,
                loras: tuple[str, ...], force: bool, as_json: bool) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, json_option, log, print_json, progress_option, table, threads_option
 from koala_core.errors import UsageError
 
 
@@ -66,11 +66,11 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @vae_tile_option()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@threads_option()
 @cpu_precision_option()
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256 (faster start for big models).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
+@progress_option(expose=True)
+@json_option("the result (paths, settings, timings)")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
                  width: int | None, batch: int | None, latents: Path | None, vae_tile: int | None, out: Path, threads: int | None,

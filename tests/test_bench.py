@@ -405,9 +405,16 @@ def test_bench_script_quick_unet_section(tiny_artifacts: Path, tmp_path: Path) -
     """The unet and flops sections on random:tiny: the step times are koala-trt bench's own records
     (one process per backend), the FLOPs counted apart, the error against the first row on the same inputs."""
     out = tmp_path / "bench"
+    page = tmp_path / "BENCHMARKS.md"  # the page whose generated block the run rewrites (the real one: without --quick)
+    page.write_text("# kept\n<!-- make bench: begin -->\nold tables\n<!-- make bench: end -->\nkept too\n")
     p = _bench_script("--quick", "--sections", "unet,flops", "--fp32", str(tiny_artifacts), "--int8", "none",
-                      "--backends", "torch,onnxruntime", "--warmup", "0", "--runs", "1", "--out", str(out))
+                      "--backends", "torch,onnxruntime", "--warmup", "0", "--runs", "1", "--out", str(out),
+                      "--benchmarks", str(page))
     assert p.returncode == 0, p.stderr
+    text = page.read_text()
+    assert text.startswith("# kept\n<!-- make bench: begin -->\nLast run: ") and text.endswith("<!-- make bench: end -->\nkept too\n")
+    assert "old tables" not in text and "### One U-Net step (random:tiny" in text
+    assert (out / "unet.png").stat().st_size > 0  # koala-trt bench --plot's chart of the U-Net section
     u = json.loads((out / "results.json").read_text())["unet"]
     assert u["flops"]["flops"] > 0 and u["flops"]["parameters"] > 0 and u["flops"]["batch"] == 2
     side = u["side_by_side"]

@@ -272,6 +272,7 @@ def _post_json(server: Server, guidance: str) -> tuple[int, str]:
     ('"5"', 500, "Unable to parse 'data': attempt to access JSON non-number as double"),
     ("NaN", 400, "--guidance must be a finite number >= 0 (got nan)"),  # Triton's parser reads the bare token
     ("Infinity", 400, "--guidance must be a finite number >= 0 (got inf)"),
+    ("1e999", 500, "failed to parse the request JSON buffer: Number too big to be stored in double."),
 ])
 def test_json_guidance_nan(server: Server, guidance: str, status: int, message: str) -> None:
     """docs/serve.md, "NaN over JSON": a number sent as a JSON string is refused by Triton's HTTP front end
@@ -279,7 +280,7 @@ def test_json_guidance_nan(server: Server, guidance: str, status: int, message: 
     400); the bare NaN / Infinity tokens, binary data and gRPC reach the model's own check: 400."""
     before = server.text().count(" error: ")
     code, body = _post_json(server, guidance)
-    assert (code, json.loads(body)["error"]) == (status, message)
+    assert code == status and json.loads(body)["error"].startswith(message), (code, body)
     code, ok = _post_json(server, "5.0")  # the server keeps serving; by now the bad request's log line is written
     assert code == 200 and json.loads(ok)["outputs"][0]["shape"][2] == 3
     assert server.text().count(" error: ") == before + (status == 400)  # the 500 never reached the model

@@ -34,10 +34,15 @@ def test_machine_path_pattern() -> None:
     assert not MACHINE_PATH.search("grep model /proc/cpuinfo; /usr/bin/time -v; /opt/koala")
 
 
+def lines_matching(path: Path, pattern: re.Pattern[str]) -> list[str]:
+    """`file:line: text` of each line of `path` that `pattern` finds something in."""
+    return [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if pattern.search(line)]
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_machine_specific_paths(path: Path) -> None:
-    bad = [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-           if MACHINE_PATH.search(line)]
+    bad = lines_matching(path, MACHINE_PATH)
     assert not bad, "machine-specific paths (use paths relative to the repository root):\n" + "\n".join(bad)
 
 
@@ -91,8 +96,7 @@ def test_tracker_reference_pattern() -> None:
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_docs_speak_of_the_product(path: Path) -> None:
-    bad = [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-           if TRACKER_REFERENCE.search(line)]
+    bad = lines_matching(path, TRACKER_REFERENCE)
     assert not bad, "references to the project's tracker (say what the figure or rule is instead):\n" + "\n".join(bad)
 
 

@@ -7,16 +7,16 @@ OUT    ?= out
 DEMO_MODEL ?= random:tiny
 TORCH  := torch==2.13.0
 
-.PHONY: install install-gpu test test-gpu demo bench optimum-venv genai-venv serve-venv clean
+.PHONY: install install-gpu browser test test-gpu demo bench optimum-venv genai-venv serve-venv clean
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 # torch first, from the pinned version (a CPU build here), so nothing pulls a CUDA build of several GB.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision,rtx,serve]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,cpu,validate,test,precision,rtx,serve,plot]'
 	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
 	$(MAKE) serve-venv
 	@touch $@
@@ -28,6 +28,15 @@ serve-venv:
 	$(PYTHON) -m venv .venv-serve
 	.venv-serve/bin/python -m pip install -q 'numpy==1.26.4' 'onnxruntime==1.31.1' 'openvino==2026.4.1' 'openvino-telemetry==2025.2.0' 'tokenizers==0.23.3' 'pillow==13.0.0' 'click==8.5.1' 'tqdm==4.70.1' 'onnx==1.23.2' 'protobuf==7.36.2'
 	.venv-serve/bin/python -m pip install -q --no-deps -e .
+
+# The HTML report's test opens it in a real browser: Debian's chromium where none is installed (as
+# root, where apt-get exists); anywhere else the install goes on and that test skips, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null \
+	  || echo "make install: chromium could not be installed; the browser test of the HTML report will skip" >&2; \
+	else echo "make install: no chromium here and no apt-get as root to install it; the browser test of the HTML report will skip" >&2; fi
 
 # On a GPU machine: onnxruntime-gpu and TensorRT instead of the CPU onnxruntime (never both).
 install-gpu:

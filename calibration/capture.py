@@ -146,6 +146,8 @@ def capture(source: ModelSource, out: Path, opts: CaptureOptions, log: Log = pri
     import torch
     from tqdm import tqdm
 
+    from koala_core.run_settings import progress_disabled
+
     from calibration.prompt_embeds import pipeline_embeds
 
     with Meter() as m:
@@ -155,7 +157,7 @@ def capture(source: ModelSource, out: Path, opts: CaptureOptions, log: Log = pri
     recorder = UNetRecorder()
     handle = pipe.unet.register_forward_pre_hook(recorder, with_kwargs=True)
     bar = tqdm(total=len(todo) * opts.steps, unit="step", desc="calibrate", file=sys.stderr, dynamic_ncols=True,
-               disable=None, mininterval=1.0)
+               disable=progress_disabled(), mininterval=1.0)
     try:
         for i in todo:
             recorder.calls.clear()

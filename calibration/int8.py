@@ -116,6 +116,8 @@ def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any
     """Phase 1, cached in the calibration folder under a key of the graph, tensors and samples."""
     from tqdm import tqdm
 
+    from koala_core.run_settings import progress_disabled
+
     chosen = {n.name: n for n in model.graph.node if n.name in set(plan.candidates)}
     names = activation_inputs(model, QUANT_OPS)
     names = [t for t in names if any(t in chosen[n].input for n in chosen)]
@@ -134,7 +136,7 @@ def _ranges(unet: Path, model: Any, plan: Plan, calib: CalibrationSet, spec: Any
     samples = unet_samples(calib, spec, opts.max_samples)
     log(f"      activation ranges: {len(names)} tensors over {len(samples)} calibration samples "
         f"(batch {samples[0]['sample'].shape[0]}, latents {samples[0]['sample'].shape[2]}x{samples[0]['sample'].shape[3]})")
-    bar = tqdm(total=len(samples), unit="sample", desc="ranges", file=sys.stderr, disable=None, mininterval=1.0)
+    bar = tqdm(total=len(samples), unit="sample", desc="ranges", file=sys.stderr, disable=progress_disabled(), mininterval=1.0)
     try:
         with Meter() as m:
             per_sample = collect_ranges(unet, names, iter(samples), threads=opts.threads, progress=bar.update, scratch=scratch)

@@ -60,6 +60,10 @@ def make_session(path: Path | str, providers: list[Provider] | None = None, thre
         providers = default_providers(list(ort.get_available_providers()))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads is None:
+        from koala_core.run_settings import default_threads
+
+        threads = default_threads()  # a command's --threads
     if threads:
         opts.intra_op_num_threads = threads
     if in_node_order:

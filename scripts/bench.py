@@ -25,12 +25,16 @@ koala-trt bench does not measure (the GEMM peak, FLOP counts, export wall times,
 and merges and prints the results. In the full run each heavy process holds `flock` on LOCK
 (`$KOALA_HEAVY_LOCK`, default koala-heavy.lock in the temporary folder), so only one heavy job runs
 on the machine at a time. Results are merged into OUT/results.json (sections already there are kept
-unless re-run) and printed as Markdown tables (OUT/summary.md).
+unless re-run) and printed as Markdown tables (OUT/summary.md). The full run (not --quick) also
+rewrites the generated part of BENCHMARKS.md (between its `make bench` markers; --benchmarks FILE
+names another file, `none` skips it) and draws the U-Net section as OUT/unet.png (`koala-trt bench
+--plot`'s chart).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -560,6 +564,36 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+
+
+def write_benchmarks(path: Path, text: str, results: dict[str, Any]) -> None:
+    """Replace what lies between the two markers of `path` with this run's tables (atomically)."""
+    from koala_core.atomic import staged_file
+    from koala_core.errors import UsageError
+
+    page = path.read_text(encoding="utf-8")
+    if page.count(BEGIN) != 1 or page.count(END) != 1 or page.index(BEGIN) > page.index(END):
+        raise UsageError(f"{path} has no `{BEGIN}` ... `{END}` block to rewrite")
+    head, rest = page.split(BEGIN)
+    _, tail = rest.split(END)
+    when = time.strftime("%d %b %Y", time.gmtime())
+    block = f"{BEGIN}\nLast run: {when}, `{results.get('command', 'scripts/bench.py')}`.\n\n{text.strip()}\n{END}"
+    with staged_file(path) as tmp:
+        tmp.write_text(head + block + tail, encoding="utf-8")
+
+
+def unet_chart(results: dict[str, Any], path: Path) -> bool:
+    """The U-Net section's side-by-side record as `koala-trt bench --plot` draws it; False when there is none."""
+    doc = results.get("unet", {}).get("side_by_side")
+    if not doc or "backends" not in doc or not any("error" not in b for b in doc["backends"]):
+        return False
+    from validation.bench_plot import plot
+
+    plot(doc, path)
+    return True
+
+
 def main() -> int:
     if "--worker" in sys.argv:
         ap = argparse.ArgumentParser()
@@ -595,6 +629,7 @@ def main() -> int:
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--optimum-need-gib", type=float, default=19.0)
     ap.add_argument("--out", type=Path, help="results folder [out/bench, --quick: out/bench-quick; or $KOALA_BENCH_OUT/...]")
+    ap.add_argument("--benchmarks", help="the page whose `make bench` block this run rewrites [BENCHMARKS.md; --quick: none]")
     args = ap.parse_args()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
@@ -618,6 +653,8 @@ def main() -> int:
         else:
             args.size = 1024
     args.tag = args.model.split(":")[-1].replace("/", "_")
+    if args.benchmarks is None:
+        args.benchmarks = "none" if args.quick else str(REPO / "BENCHMARKS.md")
     base = Path(os.environ.get("KOALA_BENCH_OUT", REPO / "out"))
     args.out = (args.out or base / ("bench-quick" if args.quick else "bench")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -638,6 +675,12 @@ def main() -> int:
         text = report(results)
         (args.out / "summary.md").write_text(text)
         print(text)
+        if args.benchmarks != "none":
+            page = Path(args.benchmarks)
+            write_benchmarks(page, text, results)
+            log(f"rewrote the `make bench` block of {page}")
+        if importlib.util.find_spec("matplotlib") is not None and unet_chart(results, args.out / "unet.png"):
+            log(f"chart: {args.out / 'unet.png'}")
     log(f"results: {results_path}")
     return 0
 

@@ -58,7 +58,8 @@ def run(model: str, out: Path) -> None:
          "convert", "--onnx", str(art), "--precision", "fp16", "--calib", str(calib), "--out", str(fp16), "--force")
     step("Validate the FP32 artifacts against PyTorch, per component and end to end (CI gate)",
          "validate", "--artifacts", str(art), *size, "--steps", "4",
-         "--markdown", str(out / "validate.md"), "--junit", str(out / "validate.xml"), "--report", str(out / "validate.json"))
+         "--markdown", str(out / "validate.md"), "--junit", str(out / "validate.xml"), "--report", str(out / "validate.json"),
+         "--html", str(out / "validate.html"))
     step("Validate the FP16 variant under the FP16 tolerances", "validate", "--artifacts", str(fp16), *size, "--steps", "4")
     step("INT8 variant: explicit Q/DQ in the U-Net (TensorRT layout)",
          "quantize", "--onnx", str(art), "--calib", str(calib), "--out", str(int8), "--force")
@@ -87,7 +88,11 @@ def run(model: str, out: Path) -> None:
     step(f"Generate an image on {backend}, the fastest CPU backend of the benchmark above (numpy sampler, no torch)",
          "generate", "--artifacts", str(art), "--backend", backend, "--prompt", "a koala climbing a eucalyptus tree at sunset",
          "--seed", "0", "--out", str(out / "koala.png"))
-    print(f"\nartifacts: {art.resolve()}\nimage: {(out / 'koala.png').resolve()} (made on {backend}: {why})")
+    print(f"\nartifacts: {art.resolve()}\nvalidation report (open in a browser): {(out / 'validate.html').resolve()}"
+          f"\nimage: {(out / 'koala.png').resolve()} (made on {backend}: {why})")
+    if model.startswith("random:"):
+        print(f"note: {model} has random weights, so the image is coloured noise, not a koala; where the Hugging Face hub "
+              "is reachable, `make demo DEMO_MODEL=etri-vilab/koala-700m` makes a real one")
 
 
 if __name__ == "__main__":

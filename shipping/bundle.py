@@ -37,6 +37,7 @@ from koala_core import __version__
 from koala_core.atomic import staged_dir, staged_file
 from koala_core.errors import KoalaError, UsageError
 from koala_core.schema import FileRecord
+from koala_core.run_settings import progress_enabled
 from engines.compat import MachineFacts, engine_verdict, gather_facts
 from engines.cuda import DeviceInfo
 from engines.engine_manifest import FORMAT as ENGINES_FORMAT, MANIFEST as ENGINES_MANIFEST_NAME
@@ -369,7 +370,7 @@ def pack(artifacts: Path, out: Path, engines: Path | None = None, graphs: bool =
                     tar.copybufsize = IO_BLOCK  # tarfile's defaults (10-16 KiB) cost a Python call per block
                     tar.addfile(_tarinfo(BUNDLE_MANIFEST, len(header), time.time()), io.BytesIO(header))
                     for it in items:
-                        if it.bytes >= LOUD_BYTES:
+                        if it.bytes >= LOUD_BYTES and progress_enabled():
                             log(f"  {it.name} ({_gb(it.bytes)})")
                         with (io.BytesIO(it.raw) if it.raw is not None else open(it.src, "rb")) as f:
                             reader = _HashingReader(f)
@@ -488,7 +489,7 @@ class _Scan:
             self.fail(f"entry {name!r} appears twice")
         if size != meta.bytes:
             self.fail(f"{name} has {size} bytes, {BUNDLE_MANIFEST} says {meta.bytes} (changed or corrupt)")
-        if size >= LOUD_BYTES:
+        if size >= LOUD_BYTES and progress_enabled():
             self.log(f"  {name} ({_gb(size)})")
         keep = name in (MANIFEST, ENGINES_MANIFEST, SET_INDEX) or (
             name.startswith(f"{ENGINES_DIR}/") and name.endswith(f"/{ENGINES_MANIFEST_NAME}") and name.count("/") == 2)

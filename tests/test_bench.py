@@ -200,9 +200,53 @@ def side_by_side_run(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFact
     shutil.copytree(tiny_artifacts, art)
     code, stdout, stderr = run_cli("bench", "--artifacts", str(art), "--backend", ",".join(entries), *SIZE,
                                    "-c", "unet", "--steps", "2", "--warmup", "0", "--runs", "1", "--threads", "1",
-                                   "--lock", str(out.parent / "heavy.lock"), "--json", "--csv", str(out))
+                                   "--lock", str(out.parent / "heavy.lock"), "--json", "--csv", str(out),
+                                   "--plot", str(out.parent / "chart.png"))
     assert code == 0, stderr
     return json.loads(stdout), out, entries
+
+
+def test_side_by_side_plot(side_by_side_run: tuple[dict, Path, list[str]]) -> None:
+    """--plot: one PNG with the U-Net step and the image panels, a bar per entry."""
+    from PIL import Image
+
+    _, out, entries = side_by_side_run
+    with Image.open(out.parent / "chart.png") as im:
+        assert im.format == "PNG" and im.width >= 600 and im.height >= 200 + 40 * len(entries)
+
+
+def test_plot_panels_and_refusals(tmp_path: Path) -> None:
+    from koala_core.errors import UsageError
+    from validation.bench_plot import check_plot_path, plot
+
+    unet = {"batch": 2, **latency_stats([1.0, 1.2, 1.1])}
+    doc = {"backends": [{"entry": "a", "components": {"unet": unet}, "width": 128, "height": 128},
+                        {"entry": "b", "components": {"unet": {**unet, **latency_stats([0.5, 0.6])}},
+                         "against": {"unet.out_sample": {"rel_l2": 0.01}}},
+                        {"entry": "c", "error": "failed"}], "machine": machine_facts()}
+    assert plot(doc, tmp_path / "u.png") == ["unet"] and (tmp_path / "u.png").stat().st_size > 0
+    with pytest.raises(UsageError, match="draws the U-Net step"):
+        plot({"backends": [{"entry": "a", "components": {"text_encoder": unet}}]}, tmp_path / "x.png")
+    with pytest.raises(UsageError, match="png"):
+        check_plot_path(tmp_path / "chart.svg")
+
+
+def test_bench_unet_only_export(tmp_path: Path) -> None:
+    """Timing the U-Net of `export --components unet` needs only the U-Net; end to end still needs all four."""
+    art = tmp_path / "unet-only"
+    code, _, err = run_cli("export", "--model", "random:tiny", "--components", "unet", "--out", str(art), "--no-check")
+    assert code == 0, err
+    code, stdout, err = run_cli("bench", "--artifacts", str(art), "-c", "unet", "--no-end-to-end", *SIZE,
+                                "--warmup", "0", "--runs", "1", "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert list(data["components"]) == ["unet"] and data["components"]["unet"]["batch"] == 2 and data["end_to_end"] is None
+    code, _, err = run_cli("bench", "--artifacts", str(art), "-c", "unet,vae_decoder", "--no-end-to-end", *SIZE)
+    assert code == 2 and "has no vae_decoder (it holds unet)" in err
+    code, _, err = run_cli("bench", "--artifacts", str(art), "-c", "unet", *SIZE, "--runs", "1")
+    assert code == 2 and "end to end needs text_encoder" in err and "--no-end-to-end" in err
+    code, _, err = run_cli("bench", "--artifacts", str(art), "-c", "unet", "--no-end-to-end", "--height", "100", "--width", "128")
+    assert code == 2 and "multiples of" in err
 
 
 def test_side_by_side_json(side_by_side_run: tuple[dict, Path, list[str]]) -> None:
@@ -361,9 +405,16 @@ def test_bench_script_quick_unet_section(tiny_artifacts: Path, tmp_path: Path) -
     """The unet and flops sections on random:tiny: the step times are koala-trt bench's own records
     (one process per backend), the FLOPs counted apart, the error against the first row on the same inputs."""
     out = tmp_path / "bench"
+    page = tmp_path / "BENCHMARKS.md"  # the page whose generated block the run rewrites (the real one: without --quick)
+    page.write_text("# kept\n<!-- make bench: begin -->\nold tables\n<!-- make bench: end -->\nkept too\n")
     p = _bench_script("--quick", "--sections", "unet,flops", "--fp32", str(tiny_artifacts), "--int8", "none",
-                      "--backends", "torch,onnxruntime", "--warmup", "0", "--runs", "1", "--out", str(out))
+                      "--backends", "torch,onnxruntime", "--warmup", "0", "--runs", "1", "--out", str(out),
+                      "--benchmarks", str(page))
     assert p.returncode == 0, p.stderr
+    text = page.read_text()
+    assert text.startswith("# kept\n<!-- make bench: begin -->\nLast run: ") and text.endswith("<!-- make bench: end -->\nkept too\n")
+    assert "old tables" not in text and "### One U-Net step (random:tiny" in text
+    assert (out / "unet.png").stat().st_size > 0  # koala-trt bench --plot's chart of the U-Net section
     u = json.loads((out / "results.json").read_text())["unet"]
     assert u["flops"]["flops"] > 0 and u["flops"]["parameters"] > 0 and u["flops"]["batch"] == 2
     side = u["side_by_side"]

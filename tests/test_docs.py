@@ -34,10 +34,15 @@ def test_machine_path_pattern() -> None:
     assert not MACHINE_PATH.search("grep model /proc/cpuinfo; /usr/bin/time -v; /opt/koala")
 
 
+def lines_matching(path: Path, pattern: re.Pattern[str]) -> list[str]:
+    """`file:line: text` of each line of `path` that `pattern` finds something in."""
+    return [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if pattern.search(line)]
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_machine_specific_paths(path: Path) -> None:
-    bad = [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-           if MACHINE_PATH.search(line)]
+    bad = lines_matching(path, MACHINE_PATH)
     assert not bad, "machine-specific paths (use paths relative to the repository root):\n" + "\n".join(bad)
 
 
@@ -75,3 +80,35 @@ def test_readme_command_parses(command: str) -> None:
             leaf = cmd.get_command(sub, name)
             assert leaf is not None, f"unknown subcommand in README: {command}"
             leaf.make_context(name, list(rest[1:]))
+
+
+# A reference to the project's own tracker ("issue 17", "the issue's target"): meaningless to a reader
+# of the product. A library's "known issue" is a different thing and stays.
+TRACKER_REFERENCE = re.compile(r"(?i)(?<!known )(?<!wrong-results )(?<!the )\bissues? ?#?\d+|\bthe issue\b|\bissue's\b")
+
+
+def test_tracker_reference_pattern() -> None:
+    assert TRACKER_REFERENCE.search("met issue 17's target") and TRACKER_REFERENCE.search("the issue asks for 40 dB")
+    assert TRACKER_REFERENCE.search("(issue #7)") and TRACKER_REFERENCE.search("the issue's hand figures")
+    assert not TRACKER_REFERENCE.search("TensorRT 11.3 documents a known issue with refit")
+    assert not TRACKER_REFERENCE.search("its known wrong-results issue")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_docs_speak_of_the_product(path: Path) -> None:
+    bad = lines_matching(path, TRACKER_REFERENCE)
+    assert not bad, "references to the project's tracker (say what the figure or rule is instead):\n" + "\n".join(bad)
+
+
+def test_benchmarks_page_is_current_and_short() -> None:
+    """BENCHMARKS.md is the current page (under 20 KB, its charts beside it in docs/, the `make bench`
+    block scripts/bench.py rewrites); every older run is in docs/bench-history.md."""
+    page = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert len(page.encode()) < 20 * 1024
+    charts = re.findall(r"!\[[^\]]*\]\((docs/[^)]+\.png)\)", page)
+    assert charts and all((REPO / c).is_file() and (REPO / c).stat().st_size < 200 * 1024 for c in charts)
+    assert page.count("<!-- make bench: begin -->") == 1 and page.count("<!-- make bench: end -->") == 1
+    assert (REPO / "docs" / "bench-history.md").is_file()
+    readme = README.read_text(encoding="utf-8")
+    for figure in re.findall(r"\b\d+\.\d+x\b", readme.split("Figures in [BENCHMARKS.md]")[1].split("##")[0]):
+        assert figure in page, f"README's {figure} is not on BENCHMARKS.md"

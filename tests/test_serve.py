@@ -301,6 +301,42 @@ def test_bad_request_gets_400_and_the_server_keeps_serving(server: Server, case:
         assert client.infer("koala", inputs(th, **request(steps=1))).as_numpy("image").shape == (SIZE, SIZE, 3)
 
 
+def _post_json(server: Server, guidance: str) -> tuple[int, str]:
+    """A KServe v2 JSON request with `guidance` written as given (a JSON string, or a bare token)."""
+    import urllib.error
+    import urllib.request
+
+    body = ('{"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a koala"]}, '
+            '{"name": "steps", "datatype": "INT32", "shape": [1], "data": [1]}, '
+            f'{{"name": "guidance", "datatype": "FP32", "shape": [1], "data": [{guidance}]}}]}}')
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http}/v2/models/koala/infer", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_S) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize("guidance,status,message", [
+    ('"NaN"', 500, "Unable to parse 'data': attempt to access JSON non-number as double"),  # Triton's own parser
+    ('"5"', 500, "Unable to parse 'data': attempt to access JSON non-number as double"),
+    ("NaN", 400, "--guidance must be a finite number >= 0 (got nan)"),  # Triton's parser reads the bare token
+    ("Infinity", 400, "--guidance must be a finite number >= 0 (got inf)"),
+    ("1e999", 500, "failed to parse the request JSON buffer: Number too big to be stored in double."),
+])
+def test_json_guidance_nan(server: Server, guidance: str, status: int, message: str) -> None:
+    """docs/serve.md, "NaN over JSON": a number sent as a JSON string is refused by Triton's HTTP front end
+    with 500 before any model sees the request (no model hook runs earlier, so koala-trt cannot make it a
+    400); the bare NaN / Infinity tokens, binary data and gRPC reach the model's own check: 400."""
+    before = server.text().count(" error: ")
+    code, body = _post_json(server, guidance)
+    assert code == status and json.loads(body)["error"].startswith(message), (code, body)
+    code, ok = _post_json(server, "5.0")  # the server keeps serving; by now the bad request's log line is written
+    assert code == 200 and json.loads(ok)["outputs"][0]["shape"][2] == 3
+    assert server.text().count(" error: ") == before + (status == 400)  # the 500 never reached the model
+
+
 def test_load_8_clients_x_4_requests(server: Server) -> None:
     import tritonclient.http as th
 

@@ -203,11 +203,12 @@ def _tiled_decode(sampler: Sampler, tile: int) -> Callable[[dict[str, np.ndarray
     return lambda feeds: {"sample": sampler.decode(feeds["latent_sample"], tile=tile)}
 
 
-def component_batches(plan: Plan, sampler: Sampler) -> dict[str, int]:
+def component_batches(plan: Plan, sampler: Sampler | PipelineAssets) -> dict[str, int]:
     """The batch each component sees in one image request, as the sampler runs it: the text encoders
     encode the prompts in one call (the negative only when one is given: an empty one is zeros, SDXL's
     force_zeros_for_empty_prompt), the U-Net runs the CFG batch (2 x images), the VAE the images."""
-    prompts = 2 if plan.encode_negative or (plan.cfg and not sampler.assets.force_zeros_for_empty_prompt) else 1
+    assets = sampler.assets if isinstance(sampler, Sampler) else sampler
+    prompts = 2 if plan.encode_negative or (plan.cfg and not assets.force_zeros_for_empty_prompt) else 1
     return {"text_encoder": prompts, "text_encoder_2": prompts, "unet": 2 * plan.batch if plan.cfg else plan.batch,
             "vae_decoder": plan.batch}
 
@@ -216,13 +217,19 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
               log: Callable[[str], None] = lambda m: None) -> BenchResult:
     """Load, then time each component in isolation and the whole loop through the Sampler."""
     opts.check()
-    # The end-to-end loop goes the way every image request goes (sampler/api.py).
-    pipe = Pipeline(backend, assets, warn=lambda m: log(f"warning: {m}"))
-    sampler = pipe.sampler
-    [plan] = pipe.plan(pipe.requests(opts.prompt, num_inference_steps=opts.steps, guidance_scale=opts.guidance, seed=opts.seed,
-                                     height=opts.height, width=opts.width, num_images_per_prompt=opts.batch, vae_tile=opts.vae_tile,
-                                     scheduler=opts.scheduler, cache_interval=opts.cache_interval, cache_branch=opts.cache_branch))
-    needed = list(dict.fromkeys([*opts.components, *sampler.components(plan)])) if opts.end_to_end else list(opts.components)
+    specs = {**assets.specs, **(getattr(backend, "specs", {}) or {})}
+    sampler: Sampler | None = None
+    if opts.end_to_end or all(c in specs for c in SAMPLER_COMPONENTS):
+        # The end-to-end loop goes the way every image request goes (sampler/api.py).
+        pipe = Pipeline(backend, assets, warn=lambda m: log(f"warning: {m}"))
+        sampler = pipe.sampler
+        [plan] = pipe.plan(pipe.requests(opts.prompt, num_inference_steps=opts.steps, guidance_scale=opts.guidance, seed=opts.seed,
+                                         height=opts.height, width=opts.width, num_images_per_prompt=opts.batch, vae_tile=opts.vae_tile,
+                                         scheduler=opts.scheduler, cache_interval=opts.cache_interval, cache_branch=opts.cache_branch))
+    else:  # components alone from an export of some of them (`export --components unet`): no sampler runs
+        plan = components_plan(backend, assets, specs, opts)
+    needed = list(dict.fromkeys([*opts.components, *sampler.components(plan)])) if opts.end_to_end and sampler is not None \
+        else list(opts.components)
     t0 = time.perf_counter()
     load = getattr(backend, "load", None)
     if load is not None:
@@ -236,14 +243,14 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
 
     # Each component alone on spec-shaped inputs (the same sizes the sampler feeds), timings kept in a
     # sampler Timings so both phases are summarised alike.
-    batches = component_batches(plan, sampler)
+    batches = component_batches(plan, assets)
     alone = Timings()
     for comp in opts.components:
-        spec = sampler.specs[comp]
+        spec = specs[comp]
         feeds = {k: v.astype(NUMPY_DTYPES[spec.input(k).dtype], copy=False)
                  for k, v in spec.dummy_inputs(batches[comp], plan.height, plan.width, seed=opts.seed).items()}
-        tiled = comp == "vae_decoder" and plan.vae_tile is not None
-        call = _tiled_decode(sampler, plan.vae_tile) if tiled else partial(backend.run, comp)
+        tiled = comp == "vae_decoder" and plan.vae_tile is not None and sampler is not None
+        call = _tiled_decode(sampler, plan.vae_tile) if tiled else partial(backend.run, comp)  # type: ignore[arg-type]
         probe.start()
         for i in range(opts.warmup):
             t = time.perf_counter()
@@ -259,10 +266,10 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
             probe.sample()
             log(f"{comp} (batch {batches[comp]}): run {i + 1}/{opts.runs} {alone.stages[comp][-1]:.3f} s")
         result.components[comp] = {"batch": batches[comp], **latency_stats(alone.stages[comp]), "peak_memory_mb": probe.stop(),
-                                   **({"vae_tile": plan.vae_tile, "tiles": sampler.tile_grid(plan).count}
+                                   **({"vae_tile": plan.vae_tile, "tiles": sampler.tile_grid(plan).count}  # type: ignore[union-attr]
                                       if tiled else {})}
 
-    if opts.end_to_end:
+    if opts.end_to_end and sampler is not None:
         probe.start()
         for i in range(opts.warmup):
             t = pipe.run([plan], output_type="np", progress=False).timings
@@ -290,6 +297,40 @@ def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
         peaks.append(result.end_to_end["peak_memory_mb"])
     result.peak_memory_mb = max(peaks)
     return result
+
+
+def components_plan(backend: Any, assets: PipelineAssets, specs: dict[str, Any], opts: BenchOptions) -> Plan:
+    """The sizes and batches the sampler would run, for timing components of an export that lacks some
+    of the sampler's (the Sampler needs all four; timing one needs only that one): the same defaults
+    and the same size and batch checks against each measured component's range, before any call."""
+    missing = [c for c in opts.components if c not in specs]
+    if missing:
+        raise UsageError(f"{assets.origin or 'the backend'} has no {', '.join(missing)} (it holds {', '.join(specs)})")
+    if opts.vae_tile is not None:
+        raise UsageError("--vae-tile decodes through the sampler, which needs " + ", ".join(SAMPLER_COMPONENTS)
+                         + f"; {assets.origin or 'the backend'} has {', '.join(specs)}")
+    steps = assets.steps if opts.steps is None else opts.steps
+    guidance = assets.guidance if opts.guidance is None else float(opts.guidance)
+    if not np.isfinite(guidance) or guidance < 0:
+        raise UsageError(f"--guidance must be a finite number >= 0 (got {guidance})")
+    height = assets.height if opts.height is None else opts.height
+    width = assets.width if opts.width is None else opts.width
+    plan = Plan(opts.prompt, "", steps, guidance, opts.seed, height, width, opts.batch, np.zeros((0,), np.float32))
+    batches = component_batches(plan, assets)
+    for comp in opts.components:
+        spec = specs[comp]
+        if height <= 0 or width <= 0 or height % spec.size_multiple or width % spec.size_multiple:
+            raise UsageError(f"{comp}: --height and --width must be positive multiples of {spec.size_multiple} (got {height}x{width})")
+        r = assets.shape_ranges.get(comp)
+        probe = getattr(backend, "shape_range", None)
+        if probe is not None:
+            try:
+                r = probe(comp) or r
+            except (KeyError, UsageError):
+                pass
+        if r is not None:
+            r.check(comp, spec.spatial, height, width, batch=batches[comp], batch_what=f"batch {batches[comp]}")
+    return plan
 
 
 # ----- side by side -----------------------------------------------------------------------------------

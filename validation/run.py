@@ -153,6 +153,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
         raise
 
     checks: list[Check] = []
+    shown: list[Any] = []  # the end-to-end images per prompt, for --html (validation/html_report.py)
     try:
         # ----- the PyTorch reference -------------------------------------------------------------
         t0 = time.perf_counter()
@@ -233,6 +234,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
                                                  vae_tile=opts.vae_tile, scheduler=opts.scheduler, image_inputs=image_inputs,
                                                  cache_interval=opts.cache_interval, cache_branch=opts.cache_branch)
             measure(chk, traj, latents, images)
+            shown = prompt_images(traj, images, chk)
             chk.seconds = {opts.backend: round(secs, 3)}
             checks.append(chk)
             log(f"end_to_end: {'ok' if chk.passed else 'FAIL'} ({secs:.1f} s)")
@@ -263,7 +265,7 @@ def validate(opts: ValidateOptions, log: Log) -> dict[str, Any]:
         "backend_description": backend_desc, "reference": f"PyTorch FP32 diffusers pipeline ({source.ref})",
         **settings(opts, height, width), "guidance": source.sampler.guidance,
         "components": {c: precisions[c] for c in comps}, "end_to_end": run_e2e,
-        "checks": [c.to_json() for c in checks], "_checks": checks,
+        "checks": [c.to_json() for c in checks], "_checks": checks, "_images": shown,
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -295,12 +297,29 @@ def _image_inputs(given: dict[str, Any] | None, height: int, width: int) -> dict
 def finish(report: dict[str, Any]) -> dict[str, Any]:
     """Verdicts and failure lines from the checks (after a baseline was applied); JSON-ready."""
     checks: list[Check] = report.pop("_checks")
+    report.pop("_images", None)
     report["checks"] = [c.to_json() for c in checks]
     # Non-finite values first: they explain every other broken metric of that output.
     bad = sorted(((c, m) for c in checks for m in c.failures()), key=lambda cm: cm[1].metric != "nonfinite")
     report["failures"] = [f"{c.id}: {c.component}.{m.describe()}" for c, m in bad]
     report["passed"] = bool(checks) and not report["failures"]
     return report
+
+
+def prompt_images(traj: Any, images: list[np.ndarray], check: Check) -> list[Any]:
+    """Reference and candidate image of each end-to-end prompt with its PSNR and SSIM (--html)."""
+    from validation.html_report import PromptImages
+
+    p, s = check.outputs["images"]["psnr"], check.outputs["images"]["ssim"]
+    return [PromptImages(prompt, ref[0], cand[0], _finite_or(p[i], ref, cand), s[i])
+            for i, (prompt, ref, cand) in enumerate(zip(traj.prompts, traj.images, images))]
+
+
+def _finite_or(psnr: float | None, ref: np.ndarray, cand: np.ndarray) -> float | None:
+    """The JSON-safe PSNR is None both for identical images (inf) and for non-finite ones: tell them apart."""
+    if psnr is None and np.isfinite(cand).all() and np.array_equal(ref, cand):
+        return float("inf")
+    return psnr
 
 
 def _input_set(kind: str, description: str, feeds: list[dict[str, np.ndarray]]) -> Any:

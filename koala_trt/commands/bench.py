@@ -15,7 +15,7 @@ import click
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_trt.commands.cache_options import cache_options
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, json_option, log, print_json, progress_option, table, threads_option
 from koala_core.errors import KoalaError, UsageError
 
 
@@ -72,13 +72,17 @@ def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = Fal
 @click.option("--components", "-c", default="text_encoder,text_encoder_2,unet,vae_decoder", show_default=True,
               help="Components to time one by one (comma-separated; empty for none).")
 @click.option("--end-to-end/--no-end-to-end", default=True, show_default=True, help="Also time the whole text-to-image loop.")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@threads_option()
+@progress_option()
 @vae_tile_option()
 @scheduler_option()
 @cache_options()
 @cpu_precision_option()
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@json_option("the results")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write one CSV row per component and end to end.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
+              help="Also draw a PNG chart: the U-Net step and image time per entry with the spread of the runs and "
+                   "each entry's error against the first (needs matplotlib, the `plot` extra).")
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path),
               help="Side by side: hold an exclusive lock (flock) on this file while each backend runs, so that other heavy "
                    "jobs of a shared machine wait for it, and it for them, between backends.")
@@ -92,7 +96,8 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
               width: int | None, batch: int, steps: int | None, guidance: float | None, warmup: int, runs: int,
               components: str, end_to_end: bool, threads: int | None, vae_tile: int | None, cache_interval: int, cache_branch: int | None,
               cpu_precision: str | None, as_json: bool,
-              csv_path: Path | None, lock_path: Path | None, rounds: int, save_outputs: Path | None, scheduler: str | None = None) -> None:
+              csv_path: Path | None, lock_path: Path | None, rounds: int, save_outputs: Path | None,
+              plot_path: Path | None, scheduler: str | None = None) -> None:
     """Latency (median, p90; warm-up excluded), peak memory and images per minute of one backend: each
     component alone (text encoders, one U-Net step at the CFG batch, VAE decode) and end to end
     through the sampler (tokenize .. VAE decode). Several backends (`-b onnxruntime,openvino:bf16,torch`)
@@ -116,12 +121,19 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
     check_vae_tile(vae_tile)
     if csv_path is not None:
         check_out_file(csv_path, "--csv")
+    if plot_path is not None:
+        from validation.bench_plot import check_plot_path
+
+        check_out_file(plot_path, "--plot")
+        check_plot_path(plot_path)
+        if "unet" not in opts.components and not end_to_end:
+            raise UsageError("--plot draws the U-Net step and the image time: add unet to --components, or time end to end")
     if len(entries) > 1:
         check_list_sources(entries, artifacts, model, engines)
         if lock_path is not None:
             check_out_file(lock_path, "--lock")
         side_by_side(entries, artifacts=artifacts, engines=engines, model=model, threads=threads, opts=opts, components=components,
-                     as_json=as_json, csv_path=csv_path, lock_path=lock_path, rounds=rounds)
+                     as_json=as_json, csv_path=csv_path, lock_path=lock_path, rounds=rounds, plot_path=plot_path)
         return
     if lock_path is not None:
         raise UsageError("--lock is for a list of backends (-b a,b): one backend runs in this process; wrap it in flock(1)")
@@ -146,10 +158,19 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
 
         with staged_file(save_outputs) as tmp, tmp.open("wb") as f:
             np.savez(f, **result.outputs)
+    if plot_path is not None:
+        _plot(data, plot_path)
     if as_json:
         print_json(data)
     else:
         click.echo(result_table(data))
+
+
+def _plot(doc: dict[str, Any], path: Path) -> None:
+    from validation.bench_plot import plot
+
+    plot(doc, path)
+    log(f"chart: {path}")
 
 
 def bench_one(entry: Any, artifacts: Path | None, engines: Path | None, model: str | None, threads: int | None,
@@ -160,6 +181,7 @@ def bench_one(entry: Any, artifacts: Path | None, engines: Path | None, model: s
     from validation.bench import run_bench
 
     backend = entry.name
+    check_components(backend, artifacts, opts)
     pipe = open_pipeline(backend, artifacts=artifacts, engines=engines, model=model, threads=threads,
                          cpu_precision=entry.precision if backend == "openvino" else None,
                          torch_precision=entry.precision or "fp32" if backend == "torch" else "fp32", full_hash=False,
@@ -176,6 +198,23 @@ def bench_one(entry: Any, artifacts: Path | None, engines: Path | None, model: s
         data["cpu_precision"] = cpu
     data["source"] = str(engines or artifacts or pipe.model)
     return result, data
+
+
+def check_components(backend: str, artifacts: Path | None, opts: Any) -> None:
+    """The components this run times are in the artifacts folder of a backend that runs its graphs: end
+    to end needs the sampler's four, components alone only themselves (a U-Net-only export times its U-Net)."""
+    from exporter.manifest import load_manifest
+    from runtime.backend import ONNX_BACKENDS
+    from sampler.loop import SAMPLER_COMPONENTS
+
+    if artifacts is None or backend not in ONNX_BACKENDS:
+        return
+    held = list(load_manifest(artifacts).components)
+    missing = [c for c in (SAMPLER_COMPONENTS if opts.end_to_end else opts.components) if c not in held]
+    if missing:
+        why = (f"; end to end needs {', '.join(SAMPLER_COMPONENTS)}: time the components alone with --no-end-to-end"
+               if opts.end_to_end else "")
+        raise UsageError(f"{artifacts} has no {', '.join(missing)} (it holds {', '.join(held)}){why}")
 
 
 # ----- several backends side by side ---------------------------------------------------------------------
@@ -291,7 +330,7 @@ class _locked:
 
 def side_by_side(entries: list[Any], artifacts: Path | None, engines: Path | None, model: str | None, threads: int | None,
                  opts: Any, components: str, as_json: bool, csv_path: Path | None, lock_path: Path | None = None,
-                 rounds: int = 1) -> None:
+                 rounds: int = 1, plot_path: Path | None = None) -> None:
     """Each entry in its own `koala-trt bench` process, one after another, the whole list `rounds` times;
     one table (or JSON) with each entry's outputs compared with the first's (the same inputs: spec dummy
     inputs, prompt and seed; compared on the first round) and its speed-up paired round by round."""
@@ -340,6 +379,8 @@ def side_by_side(entries: list[Any], artifacts: Path | None, engines: Path | Non
     doc = {"backends": runs, "reference": reference["entry"] if reference else None, "rounds": rounds, "machine": machine_facts()}
     if csv_path is not None:
         write_csv(csv_path, rows, backend_column=True)
+    if plot_path is not None and any("error" not in r for r in runs):
+        _plot(doc, plot_path)
     if as_json:
         print_json(doc)
     else:

@@ -8,7 +8,7 @@ from exporter.tolerances import PRECISIONS
 
 from engines.libraries import LIBRARIES
 from koala_trt.commands.aid_options import aid_options, apply_aids
-from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json, table
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, json_option, log, print_json, progress_option, table
 
 GIB = 1 << 30
 
@@ -81,7 +81,8 @@ def print_plan(plan: object, dry_run: bool) -> None:
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Engine set: cards built at once (each in its own process).")
 @click.option("--verbose", is_flag=True, help="Show TensorRT's and Polygraphy's build log.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@progress_option()
+@json_option("the build plan and the engines built")
 def build_cmd(onnx_dirs: tuple[Path, ...], profile_ref: str, out: Path, components: tuple[str, ...],
               library: str | None, precision: str | None, batch: int | None, height: int | None, width: int | None,
               vae_tile: int | None, residency: str | None, weight_streaming: bool, weight_streaming_budget: float | None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import check_out_dir, check_out_file, log, print_json
+from koala_trt.commands.common import check_out_dir, check_out_file, json_option, log, print_json, progress_option
 from koala_core.errors import KoalaError
 
 
@@ -41,7 +41,8 @@ def _requirements_line(req: dict) -> str:
 @click.option("--level", default=1, show_default=True, type=click.IntRange(0, 9),
               help="gzip level; weights barely compress (about 7%): 0 stores them and packed ~8x faster here.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@progress_option()
+@json_option()
 def pack_cmd(artifacts: Path, engines: Path | None, cards: str | None, out: Path, graphs: bool, level: int, force: bool,
              as_json: bool) -> None:
     """Pack an artifacts folder (and engines: one folder, or an engine set) into one archive with every file's
@@ -66,7 +67,8 @@ def pack_cmd(artifacts: Path, engines: Path | None, cards: str | None, out: Path
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Folder to create (an artifacts folder usable as --artifacts).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@progress_option()
+@json_option()
 def unpack_cmd(bundle: Path, out: Path, force: bool, as_json: bool) -> None:
     """Unpack a bundle, checking every file's sha256 as it is written; refuses unsafe or partial archives."""
     from shipping.bundle import unpack

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, log, print_json
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, json_option, log, print_json, progress_option, threads_option
 
 
 @click.command("calibrate")
@@ -18,7 +18,9 @@ from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, log, print_json
 @click.option("--guidance", type=float, help="Guidance scale [default: the model's].")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of prompt 0 (prompt i uses seed + i).")
 @click.option("--force", is_flag=True, help="Replace OUT instead of resuming it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the calibration summary as JSON.")
+@threads_option(expose=False, what="PyTorch threads of the reference pipeline")
+@progress_option()
+@json_option("the calibration summary")
 def calibrate_cmd(model: str, out: Path, prompts_file: Path | None, num: int, steps: int, height: int | None,
                   width: int | None, guidance: float | None, seed: int, force: bool, as_json: bool) -> None:
     """Record the U-Net's inputs at every denoising step of the PyTorch reference pipeline (resumable)."""

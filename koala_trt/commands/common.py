@@ -85,3 +85,38 @@ def cpu_precision_option() -> Callable[[Any], Any]:
     return click.option("--cpu-precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
                         help="--backend openvino: auto = bf16 where the CPU has AMX-BF16 or AVX512-BF16 (the VAE decoder "
                              "stays fp32), else fp32; fp32/bf16 apply to every component [default: auto].")
+
+
+# ----- the options every long-running command shares (one definition each) --------------------------------
+
+def _set_progress(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    from koala_core.run_settings import set_progress
+
+    set_progress(not value)
+    return value
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    from koala_core.run_settings import set_threads
+
+    set_threads(value)
+    return value
+
+
+def progress_option(expose: bool = False) -> Callable[[Any], Any]:
+    """--no-progress: no progress bars or per-file progress lines on stderr (status lines stay). Applied
+    process-wide (koala_core.run_settings); `expose` also hands the flag to the command as `no_progress`."""
+    return click.option("--no-progress", is_flag=True, expose_value=expose, callback=_set_progress,
+                        help="No progress bars (or per-file progress lines) on stderr; status lines stay.")
+
+
+def json_option(what: str = "the result") -> Callable[[Any], Any]:
+    """--json: `what` as JSON on stdout (log lines stay on stderr), passed as `as_json`."""
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON.")
+
+
+def threads_option(expose: bool = True, what: str = "ONNX Runtime intra-op / OpenVINO threads") -> Callable[[Any], Any]:
+    """--threads N: CPU threads, applied process-wide too (ONNX Runtime sessions made without a count,
+    PyTorch's intra-op pool; koala_core.run_settings); `expose` hands it to the command as `threads`."""
+    return click.option("--threads", type=POSITIVE, expose_value=expose, callback=_set_threads,
+                        help=f"{what}; also PyTorch's [default: all cores].")

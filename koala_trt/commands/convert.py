@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from koala_trt.commands.accuracy_options import accuracy_options, make_check, print_report
-from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, json_option, log, print_json, progress_option, threads_option
 
 
 @click.command("convert")
@@ -22,7 +22,9 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, components_option
 @click.option("--keep-fp32", "keep_fp32", help="Comma-separated op types kept FP32 [default: normalizations].")
 @accuracy_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
+@threads_option(expose=False, what="ONNX Runtime threads of the range and accuracy runs")
+@progress_option()
+@json_option("the accuracy report")
 def convert_cmd(onnx_dir: Path, precision: str, out: Path, components: tuple[str, ...], vae_fp16: bool, vae_gemm_fp16: bool,
                 calib: Path | None,
                 samples: int, data_max: float, keep_fp32: str | None, heldout: Path | None, heldout_num: int, accuracy_steps: int,

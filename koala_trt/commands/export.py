@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json, table
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, json_option, log, print_json, progress_option, table, threads_option
 
 
 @click.command("export")
@@ -28,7 +28,9 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, components_option
 @click.option("--controlnet", metavar="DIR_OR_HUB_ID", help="Also export this ControlNet (a diffusers ControlNetModel folder or hub id; "
               "`random:` builds one from the U-Net's config) and the U-Net variant taking its residuals (unet_controlnet).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest's component summary as JSON.")
+@threads_option(expose=False, what="ONNX Runtime threads of the check against PyTorch")
+@progress_option()
+@json_option("the manifest's component summary")
 def export_cmd(model: str, out: Path, components: tuple[str, ...], vae_path: Path | None, opset: int, batch: int, height: int | None,
                width: int | None, check_size: int | None, no_check: bool, static: bool, max_prompt_chunks: int | None,
                loras: tuple[str, ...], cache_branch: int | None, controlnet: str | None, force: bool, as_json: bool) -> None:

@@ -11,7 +11,7 @@ import click
 from koala_trt.commands.aid_options import check_vae_tile, vae_tile_option
 from koala_trt.commands.image_options import image_args as image_args_of, image_options
 from koala_trt.commands.cache_options import cache_options, cache_record
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_backend_sources, check_out_file, cpu_precision_option, json_option, log, print_json, progress_option, table, threads_option
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_core.errors import UsageError
 
@@ -90,13 +90,13 @@ def timing_rows(summary: dict[str, Any], load_ms: float, png_ms: float, png_call
 @click.option("--control-guidance-end", type=float, help="Fraction of the steps after which the ControlNet stops acting [default: 1.0].")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("koala.png"), show_default=True,
               help="PNG to write; several images get numbered names (koala-0.png, koala-1.png, ...).")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@threads_option()
 @cpu_precision_option()
 @click.option("--verify", is_flag=True, help="Hash every artifact file (and openvino's compiled models) even where the record of "
               "verified files vouches for it (unchanged size, mtime and ctime since it was hashed).")
-@click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result (paths, settings, timings) as JSON.")
+@click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256 (faster start for big models).")
+@progress_option(expose=True)
+@json_option("the result (paths, settings, timings)")
 def generate_cmd(artifacts: Path | None, backend: str, engines: Path | None, model: str | None, prompt: str,
                  negative_prompt: str, steps: int | None, guidance: float | None, seed: int | None, height: int | None,
                  width: int | None, batch: int | None, latents: Path | None, image: Path | None, strength: float | None,

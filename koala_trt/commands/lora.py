@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from koala_trt.commands.common import check_out_dir, log, print_json
+from koala_trt.commands.common import check_out_dir, json_option, log, print_json, progress_option
 
 
 @click.command("lora")
@@ -13,7 +13,8 @@ from koala_trt.commands.common import check_out_dir, log, print_json
               help="LoRA adapter (diffusers/PEFT or kohya safetensors) at SCALE [default 1.0]; repeatable, applied in order.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifacts folder to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the adapters and patched weights as JSON.")
+@progress_option()
+@json_option("the adapters and patched weights")
 def lora_cmd(src: Path, loras: tuple[str, ...], out: Path, force: bool, as_json: bool) -> None:
     """Fuse LoRA adapters into an exported folder's ONNX initializers, as `export --lora` would, without re-exporting."""
     from calibration.lora_patch import patch_artifacts

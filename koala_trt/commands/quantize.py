@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from koala_trt.commands.accuracy_options import accuracy_options, make_check, print_report
-from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, log, print_json
+from koala_trt.commands.common import POSITIVE, check_out_dir, components_option, json_option, log, print_json, progress_option, threads_option
 
 
 @click.command("quantize")
@@ -27,10 +27,11 @@ from koala_trt.commands.common import POSITIVE, check_out_dir, components_option
 @click.option("--calib-method", type=click.Choice(["max", "mean"]), default="mean", show_default=True,
               help="Reduce per-sample ranges by max, or by mean (NVIDIA's min-mean collection, percentile 100).")
 @click.option("--samples", type=POSITIVE, default=64, show_default=True, help="Calibration samples for the activation ranges (spread over prompts and steps).")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime threads for the range pass.")
+@threads_option(what="ONNX Runtime threads for the range pass")
+@progress_option()
 @accuracy_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
+@json_option("the accuracy report")
 def quantize_cmd(onnx_dir: Path, calib: Path | None, out: Path, precision: str, target: str, components: tuple[str, ...], exclude: str | None, quantize_attention: bool,
                  full_range_weights: bool, calib_method: str, samples: int,
                  threads: int | None, heldout: Path | None, heldout_num: int, accuracy_steps: int, accuracy_size: int | None,

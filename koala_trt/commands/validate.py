@@ -11,7 +11,7 @@ from koala_trt.commands.aid_options import check_vae_tile
 from koala_trt.commands.image_options import image_args, image_options
 from koala_trt.commands.scheduler_option import check_scheduler, scheduler_option
 from koala_trt.commands.cache_options import cache_options
-from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_out_file, cpu_precision_option, components_option, log, print_json, table
+from koala_trt.commands.common import NON_NEGATIVE, POSITIVE, check_out_file, components_option, cpu_precision_option, json_option, log, print_json, progress_option, table, threads_option
 from koala_core.errors import CheckFailed, UsageError
 
 DEFAULT_PROMPTS = 2  # from calibration/heldout_prompts.txt when --prompts is not given
@@ -57,24 +57,28 @@ def _read_prompts(path: Path | None) -> list[str]:
 @click.option("--report", type=click.Path(path_type=Path), help="JSON report: every metric, its limit and verdict.")
 @click.option("--junit", type=click.Path(path_type=Path), help="JUnit XML report, one testcase per check.")
 @click.option("--markdown", type=click.Path(path_type=Path), help="Markdown summary table.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path),
+              help="Self-contained HTML report: the verdict, per prompt the reference and candidate images with an error "
+                   "heatmap, per check the metrics against their limits (failures first).")
 @click.option("--save-baseline", type=click.Path(path_type=Path), help="Write this run's metrics as a baseline.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="Fail metrics that got worse than this baseline beyond the margin.")
 @click.option("--baseline-margin", type=float, default=None, help="Relative margin over the baseline's error [default: 0.5].")
-@click.option("--threads", type=POSITIVE, help="ONNX Runtime intra-op / OpenVINO threads [default: all cores].")
+@threads_option()
+@progress_option()
 @cache_options()
 @cpu_precision_option()
 @click.option("--no-verify", is_flag=True, help="Check artifact file sizes only, not their sha256.")
 @scheduler_option()
 @image_options()
 @click.option("--verbose", is_flag=True, help="Polygraphy's comparison log on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the table.")
+@json_option("the report (every metric, its limit and verdict) instead of the table")
 def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str | None, components: tuple[str, ...],
                  height: int | None, width: int | None, steps: int, prompts: Path | None, seed: int, random_samples: int,
                  tolerances: tuple[str, ...], no_end_to_end: bool, report: Path | None, junit: Path | None,
                  markdown: Path | None, save_baseline: Path | None, baseline: Path | None, baseline_margin: float | None,
                  threads: int | None, cpu_precision: str | None, no_verify: bool, verbose: bool, as_json: bool,
                  vae_tile: int | None, scheduler: str | None, image: Path | None, strength: float | None, mask: Path | None,
-                 cache_interval: int, cache_branch: int | None) -> None:
+                 cache_interval: int, cache_branch: int | None, html_path: Path | None) -> None:
     """Check that an artifact still computes what the PyTorch model computes.
 
     Per component, on random inputs and on inputs from real prompts, at the artifact's real size:
@@ -108,7 +112,8 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
         raise UsageError("--vae-tile is for the end-to-end run; drop --no-end-to-end")
     if not Path(artifacts).is_dir():
         raise UsageError(f"--artifacts {artifacts} is not a folder")
-    for flag, out in (("--report", report), ("--junit", junit), ("--markdown", markdown), ("--save-baseline", save_baseline)):
+    for flag, out in (("--report", report), ("--junit", junit), ("--markdown", markdown), ("--html", html_path),
+                      ("--save-baseline", save_baseline)):
         if out is not None:
             check_out_file(out, flag)
     base = bl.read_baseline(baseline) if baseline is not None else None
@@ -127,6 +132,7 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
         summary = bl.apply(result["_checks"], base, bl.DEFAULT_MARGIN if baseline_margin is None else baseline_margin)
         result["baseline"] = {"path": str(baseline), **summary}
     saved = bl.baseline_json(result["_checks"], settings(opts, result["height"], result["width"]), str(artifacts))
+    images = result.pop("_images", [])
     data = finish(result)
     if report is not None:
         write_json(report, data, allow_nan=False)
@@ -134,6 +140,10 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
         write_junit(junit, data)
     if markdown is not None:
         write_markdown(markdown, data)
+    if html_path is not None:
+        from validation.html_report import write_html
+
+        write_html(html_path, data, images)
     if save_baseline is not None:
         write_json(save_baseline, saved, allow_nan=False)
     if as_json:
@@ -143,7 +153,8 @@ def validate_cmd(artifacts: Path, backend: str, engines: Path | None, model: str
         n = len(data["checks"])
         failed = sum(not c["passed"] for c in data["checks"])
         click.echo(f"{n - failed}/{n} checks passed ({data['seconds']:.1f} s)")
-    for path, what in ((report, "JSON report"), (junit, "JUnit XML"), (markdown, "Markdown"), (save_baseline, "baseline")):
+    for path, what in ((report, "JSON report"), (junit, "JUnit XML"), (markdown, "Markdown"), (html_path, "HTML report"),
+                       (save_baseline, "baseline")):
         if path is not None:
             log(f"{what}: {path}")
     if not data["passed"]:

@@ -110,10 +110,10 @@ def test_bad_cache_requests(cached_artifacts: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--cache-branch needs --cache-interval"):
         sampler.plan(dataclasses.replace(req, cache_branch=1))
     # A scheduler calling the U-Net twice per step (Heun's order 2) is refused, not cached per call.
-    heun_like = Sampler(sampler.backend, sampler.assets)
-    heun_like.scheduler.order = 2
     with pytest.raises(UsageError, match="calls it 2 times"):
-        heun_like.plan(dataclasses.replace(req, cache_interval=2))
+        sampler.plan(dataclasses.replace(req, cache_interval=2, scheduler="heun"))
+    for name in ("euler_a", "dpmpp_2m_karras", "ddim", "unipc", "lcm"):  # one U-Net call per step: cached
+        assert sampler.plan(dataclasses.replace(req, cache_interval=2, scheduler=name)).cache_interval == 2
     # An artifacts folder (or engines set) holding unet_deep without its shallow graph.
     partial = Sampler(sampler.backend, dataclasses.replace(sampler.assets, specs={k: v for k, v in m.specs().items() if k != "unet_shallow"}))
     partial.specs.pop("unet_shallow")

@@ -157,7 +157,7 @@ def test_run_bench_tiled_vae_decode(tiny_artifacts: Path) -> None:
     # counts are checked by Click's IntRange before any work, like every command's (issue 12 item 8)
     (["--runs", "0"], "Error: Invalid value for '--runs': 0 is not in the range x>=1.\n"),
     (["--warmup", "-1"], "Error: Invalid value for '--warmup': -1 is not in the range x>=0.\n"),
-    (["-c", "vae_encoder"], "cannot bench vae_encoder"),
+    (["-c", "vae_encoder"], "has no vae_encoder"),
     (["-c", "", "--no-end-to-end"], "nothing to measure"),
     (["--backend", "tensorrt"], "--backend tensorrt needs --engines"),
     (["--engines", "x"], "--engines is for --backend tensorrt"),

@@ -278,3 +278,14 @@ def test_served_image_equals_generate(cn_artifacts: Path, control: Path, tmp_pat
             client.infer("koala", inputs(th, **req(png[:, :, :150])))
         assert e.value.status() == "400" and "not a readable image" in e.value.message()
         assert client.is_server_ready()
+
+
+def test_bench_times_the_controlnet_step_alone(cn_artifacts: Path) -> None:
+    """`bench -c controlnet,unet_controlnet`: a ControlNet step's two networks, each at the CFG batch,
+    on an export without the plain unet (no end-to-end loop)."""
+    code, out, err = run_cli("bench", "-a", cn_artifacts, "-c", "controlnet,unet_controlnet", "--no-end-to-end",
+                             "--height", SIZE, "--width", SIZE, "--warmup", "0", "--runs", "1", "--json", "--no-progress")
+    assert code == 0, err
+    comps = json.loads(out)["components"]
+    assert set(comps) == {"controlnet", "unet_controlnet"}
+    assert all(c["batch"] == 2 and c["median"] > 0 for c in comps.values())

@@ -144,3 +144,20 @@ def test_validate_end_to_end_against_deepcache(cached_artifacts: Path, tmp_path:
     data = json.loads(report.read_text())
     assert data["cache_interval"] == 2 and data["cache_branch"] == BRANCH
     assert {"unet_deep", "unet_shallow", "end_to_end"} <= {c["component"] for c in data["checks"]}
+
+
+def test_bench_times_both_graphs_and_names_what_it_cannot(cached_artifacts: Path) -> None:
+    """`bench -c unet_deep,unet_shallow`: a refresh step and a cached step alone, at the CFG batch,
+    beside the end-to-end loop with caching; a component the artifacts lack is one line, exit 2."""
+    import json
+
+    code, out, err = run_cli("bench", "-a", cached_artifacts, "-c", "unet_deep,unet_shallow", "--steps", 3, "--cache-interval", 2,
+                             "--height", SIZE, "--width", SIZE, "--warmup", "0", "--runs", "1", "--json", "--no-progress")
+    assert code == 0, err
+    result = json.loads(out)
+    assert {k: v["batch"] for k, v in result["components"].items()} == {"unet_deep": 2, "unet_shallow": 2}
+    assert result["end_to_end"]["steps"] == 3
+    code, _, err = run_cli("bench", "-a", cached_artifacts, "-c", "controlnet", "--no-end-to-end", "--no-progress")
+    assert code == 2 and "has no controlnet" in err and "Traceback" not in err
+    code, _, err = run_cli("bench", "-a", cached_artifacts, "-c", "refiner", "--no-progress")
+    assert code == 2 and "unknown component 'refiner'" in err

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporter.specs import NUMPY_DTYPES
+from exporter.specs import CACHE_COMPONENTS, NUMPY_DTYPES, VARIANT_COMPONENTS
 from koala_core.errors import UsageError
 from koala_core.machine import machine_facts
 from koala_core.meter import Meter, process_peak_rss_mb
@@ -25,6 +25,13 @@ from sampler.api import Pipeline
 from sampler.loop import SAMPLER_COMPONENTS, Plan, PipelineAssets, Sampler, Timings
 
 DEFAULT_PROMPT = "a koala climbing a eucalyptus tree at sunset, photo"
+
+
+# Timed alone besides the sampler's four: the other U-Net graphs one step may run (a cached step's
+# shallow branch and refresh, a ControlNet step's two networks), each at the CFG batch, and the encoder
+# of img2img. The end-to-end loop stays text-to-image.
+U_NET_STEP_COMPONENTS = ("unet", *CACHE_COMPONENTS, *VARIANT_COMPONENTS)
+BENCH_COMPONENTS = (*SAMPLER_COMPONENTS, "vae_encoder", *CACHE_COMPONENTS, *VARIANT_COMPONENTS)
 
 
 @dataclass(frozen=True)
@@ -53,9 +60,9 @@ class BenchOptions:
             raise UsageError(f"--warmup must be >= 0 (got {self.warmup})")
         if self.runs < 1:
             raise UsageError(f"--runs must be >= 1 (got {self.runs})")
-        bad = [c for c in self.components if c not in SAMPLER_COMPONENTS]
+        bad = [c for c in self.components if c not in BENCH_COMPONENTS]
         if bad:
-            raise UsageError(f"cannot bench {', '.join(bad)}: the sampler's components are {', '.join(SAMPLER_COMPONENTS)}")
+            raise UsageError(f"cannot bench {', '.join(bad)}: the components it times are {', '.join(BENCH_COMPONENTS)}")
         from exporter.cache_branch import check_interval
 
         check_interval(self.cache_interval)
@@ -209,8 +216,9 @@ def component_batches(plan: Plan, sampler: Sampler | PipelineAssets) -> dict[str
     force_zeros_for_empty_prompt), the U-Net runs the CFG batch (2 x images), the VAE the images."""
     assets = sampler.assets if isinstance(sampler, Sampler) else sampler
     prompts = 2 if plan.encode_negative or (plan.cfg and not assets.force_zeros_for_empty_prompt) else 1
-    return {"text_encoder": prompts, "text_encoder_2": prompts, "unet": 2 * plan.batch if plan.cfg else plan.batch,
-            "vae_decoder": plan.batch}
+    step = 2 * plan.batch if plan.cfg else plan.batch
+    return {"text_encoder": prompts, "text_encoder_2": prompts, **{c: step for c in U_NET_STEP_COMPONENTS},
+            "vae_decoder": plan.batch, "vae_encoder": plan.batch}
 
 
 def run_bench(backend: Any, assets: PipelineAssets, opts: BenchOptions,
@@ -404,7 +412,8 @@ def parse_backends(text: str, cpu_precision: str | None = None) -> list[BackendE
 
 def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, Any]:
     """Each output the two runs share (same inputs: spec dummy inputs, the same seed and prompt): rel L2
-    and max abs error of the candidate against the reference; PSNR of the end-to-end images."""
+    and max abs error of the candidate against the reference; PSNR of the end-to-end images and of the
+    VAE decoder's image (its [-1, 1] range)."""
     from exporter.metrics import error_stats
     from validation.images import psnr
 
@@ -418,6 +427,9 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
         else:
             s = error_stats(reference[key], candidate[key])
             out[key] = {"rel_l2": s.rel_l2, "max_abs": s.max_abs}
+            if key == "vae_decoder.sample":
+                p = psnr(np.clip(reference[key], -1, 1), np.clip(candidate[key], -1, 1), data_range=2.0)
+                out[key]["psnr"] = None if p == float("inf") else p
     return out
 
 

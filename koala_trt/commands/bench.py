@@ -70,7 +70,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]], backend_column: bool = Fal
 @click.option("--warmup", type=NON_NEGATIVE, default=1, show_default=True, help="Untimed calls (and end-to-end runs) before the timed ones.")
 @click.option("--runs", type=POSITIVE, default=3, show_default=True, help="Timed calls per component and timed end-to-end runs.")
 @click.option("--components", "-c", default="text_encoder,text_encoder_2,unet,vae_decoder", show_default=True,
-              help="Components to time one by one (comma-separated; empty for none).")
+              help="Components to time one by one (comma-separated; empty for none): also vae_encoder, unet_deep, "
+                   "unet_shallow, controlnet, unet_controlnet where the artifacts hold them, each U-Net graph at the CFG batch.")
 @click.option("--end-to-end/--no-end-to-end", default=True, show_default=True, help="Also time the whole text-to-image loop.")
 @threads_option()
 @progress_option()
@@ -105,18 +106,16 @@ def bench_cmd(artifacts: Path | None, backend_list: str, engines: Path | None, m
 
     Memory is the peak RSS of this process for CPU backends and device memory for GPU ones."""
     from exporter.specs import parse_components
-    from sampler.loop import SAMPLER_COMPONENTS
-    from validation.bench import BenchOptions, parse_backends
+    from validation.bench import BENCH_COMPONENTS, BenchOptions, parse_backends
 
     entries = parse_backends(backend_list, cpu_precision)
     comps = tuple(parse_components([components], default=())) if components.strip() else ()
+    # In the table's order; a name it cannot time stays, for BenchOptions.check to name.
+    comps = (*(c for c in BENCH_COMPONENTS if c in comps), *(c for c in comps if c not in BENCH_COMPONENTS))
     opts = BenchOptions(height=height, width=width, steps=steps, guidance=guidance, batch=batch, warmup=warmup, runs=runs,
-                        components=tuple(c for c in SAMPLER_COMPONENTS if c in comps), end_to_end=end_to_end,
+                        components=comps, end_to_end=end_to_end,
                         keep_outputs=save_outputs is not None, vae_tile=vae_tile, scheduler=check_scheduler(scheduler),
                         cache_interval=cache_interval, cache_branch=cache_branch)
-    if comps and len(opts.components) != len(comps):
-        raise UsageError(f"cannot bench {', '.join(c for c in comps if c not in SAMPLER_COMPONENTS)}: "
-                         f"the sampler's components are {', '.join(SAMPLER_COMPONENTS)}")
     opts.check()
     check_vae_tile(vae_tile)
     if csv_path is not None:
@@ -204,16 +203,19 @@ def check_components(backend: str, artifacts: Path | None, opts: Any) -> None:
     """The components this run times are in the artifacts folder of a backend that runs its graphs: end
     to end needs the sampler's four, components alone only themselves (a U-Net-only export times its U-Net)."""
     from exporter.manifest import load_manifest
+    from exporter.specs import CACHE_COMPONENTS
     from runtime.backend import ONNX_BACKENDS
     from sampler.loop import SAMPLER_COMPONENTS
 
     if artifacts is None or backend not in ONNX_BACKENDS:
         return
     held = list(load_manifest(artifacts).components)
-    missing = [c for c in (SAMPLER_COMPONENTS if opts.end_to_end else opts.components) if c not in held]
+    # With caching the loop's U-Net steps are the pair's (sampler.loop.Sampler.components).
+    loop = SAMPLER_COMPONENTS if opts.cache_interval == 1 else (*(c for c in SAMPLER_COMPONENTS if c != "unet"), *CACHE_COMPONENTS)
+    missing = [c for c in dict.fromkeys([*(loop if opts.end_to_end else ()), *opts.components]) if c not in held]
     if missing:
-        why = (f"; end to end needs {', '.join(SAMPLER_COMPONENTS)}: time the components alone with --no-end-to-end"
-               if opts.end_to_end else "")
+        why = (f"; end to end needs {', '.join(loop)}: time the components alone with --no-end-to-end"
+               if opts.end_to_end and any(c in loop for c in missing) else "")
         raise UsageError(f"{artifacts} has no {', '.join(missing)} (it holds {', '.join(held)}){why}")
 
 
@@ -429,7 +431,7 @@ def side_by_side_table(doc: dict[str, Any]) -> str:
             elif k == "images":
                 vals.append("identical" if a["psnr"] is None else f"{a['psnr']:.1f}")
             else:
-                vals.append(f"{a['rel_l2']:.2g}")
+                vals.append(f"{a['rel_l2']:.2g}" + (f" ({a['psnr']:.1f} dB)" if a.get("psnr") else ""))
         rows.append([label, *vals])
     text = table(rows, ["stage", *(r["entry"] for r in runs)])
     for r in ok:  # the backend's own description (openvino's names the precision of each component and the ISA)

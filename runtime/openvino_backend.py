@@ -180,7 +180,8 @@ class OpenVinoBackend(Backend):
         key = cache_key(self.graph_files(component), self.version, self.simd, self.precision_of(component), self.threads)
         return self.cache_root / f"{component}-{key[:24]}"
 
-    def _config(self, component: str) -> dict[str, Any]:
+    def config(self, component: str) -> dict[str, Any]:
+        """The properties `component` compiles with (precision, latency hint, threads)."""
         cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[self.precision_of(component)],
                                "PERFORMANCE_HINT": "LATENCY"}
         if self.threads:
@@ -234,10 +235,14 @@ class OpenVinoBackend(Backend):
 
     def _graph(self, path: Path, component: str) -> Any:
         """What OpenVINO compiles: the file itself in FP32; in BF16 the graph with its phases kept FP32."""
-        if self.precision_of(component) == "fp32":
-            return str(path)
-        model = self._core.read_model(str(path))
-        keep_phases_fp32(self._core, model)
+        return str(path) if self.precision_of(component) == "fp32" else self.model(component)
+
+    def model(self, component: str) -> Any:
+        """The ov.Model `compiled` compiles for `component` (its phases FP32 in BF16): for tools that
+        compile it with properties of their own (scripts/profile_openvino.py)."""
+        model = self._core.read_model(str(self.manifest.onnx_path(component)))
+        if self.precision_of(component) != "fp32":
+            keep_phases_fp32(self._core, model)
         return model
 
     def compiled(self, component: str) -> Any:
@@ -261,7 +266,7 @@ class OpenVinoBackend(Backend):
                     hit = False
             if model is None:
                 try:
-                    model = self._core.compile_model(self._graph(path, component), "CPU", self._config(component))
+                    model = self._core.compile_model(self._graph(path, component), "CPU", self.config(component))
                 except Exception as e:
                     raise KoalaError(f"OpenVINO cannot compile {path}: {_first_line(e)}") from None
                 self._store(component, folder, model)
@@ -274,7 +279,7 @@ class OpenVinoBackend(Backend):
         """A compiled model from its exported blob, memory-mapped (not read into a Python bytes)."""
         data = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: writeable, as ov.Tensor asks, the file untouched
         self._mapped[component] = data  # OpenVINO may keep pointing into it: alive as long as the model
-        return self._core.import_model(self._ov.Tensor(data, shared_memory=True), "CPU", self._config(component))
+        return self._core.import_model(self._ov.Tensor(data, shared_memory=True), "CPU", self.config(component))
 
     def _store(self, component: str, folder: Path, model: Any) -> None:
         """Export `model` into its cache folder (written under a temporary name) and record it; a

@@ -87,11 +87,11 @@ def genai(a: argparse.Namespace, ov: Path) -> dict[str, float]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def koala(a: argparse.Namespace, art: Path) -> dict[str, float]:
+def koala(a: argparse.Namespace, art: Path, cache_interval: int = 1) -> dict[str, float]:
     cmd = [sys.executable, "-m", "koala_trt.cli", "generate", "-a", str(art), "-b", "openvino", "--cpu-precision", a.cpu_precision,
            "-p", PROMPT, "--steps", str(a.steps), "--guidance", str(a.guidance), "--height", str(a.size), "--width", str(a.size),
            "--seed", "1", "--no-progress", "--json", "-o", str(a.out / "koala.png"), *(["--threads", str(a.threads)] if a.threads else []),
-           *(["--cache-interval", str(a.cache_interval)] if a.cache_interval > 1 else [])]
+           *(["--cache-interval", str(cache_interval)] if cache_interval > 1 else [])]
     t0 = time.perf_counter()
     r = run(cmd, a.lock, cwd=REPO)
     wall = time.perf_counter() - t0
@@ -111,19 +111,30 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="both pipelines' threads [default: theirs]")
     ap.add_argument("--cpu-precision", default="auto", help="koala-trt's --cpu-precision (openvino-genai runs its default)")
-    ap.add_argument("--cache-interval", type=int, default=1, help="koala-trt's feature caching (needs artifacts with --cache-branch)")
+    ap.add_argument("--cache-interval", default="1",
+                    help="koala-trt's feature caching: an interval, or a list (1,3) run one after another in each round "
+                         "(> 1 needs artifacts exported with --cache-branch)")
     ap.add_argument("--lock", default=None, help="flock this file around each heavy process (e.g. /work/heavy.lock)")
     a = ap.parse_args()
     if not (GENAI_VENV / "bin" / "optimum-cli").exists():
         print(f"{GENAI_VENV} has no optimum-cli: run `make genai-venv` (or set KOALA_GENAI_VENV)", file=sys.stderr)
         return 2
+    try:
+        intervals = [int(x) for x in str(a.cache_interval).split(",")]
+        if min(intervals) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"--cache-interval takes whole numbers >= 1, comma-separated (got {a.cache_interval!r})", file=sys.stderr)
+        return 2
     a.out.mkdir(parents=True, exist_ok=True)
     ov, art = prepare(a)
+    entries = [("openvino-genai", lambda: genai(a, ov))]
+    entries += [(f"koala-trt openvino{f' cache {n}' if n > 1 else ''}", lambda n=n: koala(a, art, n)) for n in intervals]  # type: ignore[misc]
     rows = []
     for i in range(a.rounds):  # alternating, each in a fresh process
-        for name, fn, src in (("openvino-genai", genai, ov), ("koala-trt openvino", koala, art)):
+        for name, fn in entries:
             before = load()
-            r = fn(a, src)
+            r = fn()
             rows.append({"round": i + 1, "pipeline": name, **r, "load_avg_before": before})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{a.model}, {a.size}x{a.size}, {a.steps} steps, guidance {a.guidance}; {cpu()}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -117,12 +118,23 @@ def keep_phases_fp32(core: Any, model: Any) -> int:
     return len(marked)
 
 
-def cache_key(graph_files: dict[str, str], ov_version: str, flags: list[str], precision: str, threads: int | None) -> str:
-    """sha256 of what a compiled blob depends on (graph_files: path -> sha256); one folder per key, so
+Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (input name, static shape) per input, in the spec's order
+
+
+def cache_key(graph_files: dict[str, str], ov_version: str, flags: list[str], precision: str, threads: int | None,
+              shapes: Shapes | None = None) -> str:
+    """sha256 of what a compiled blob depends on (graph_files: path -> sha256; shapes: the static
+    input shapes it was compiled for, None for the graph's own dynamic ones); one folder per key, so
     each folder holds the blob of one compile configuration."""
     doc = {"graph": dict(sorted(graph_files.items())), "openvino": ov_version, "flags": sorted(flags),
            "precision": precision, "threads": threads, "edits": GRAPH_EDITS[precision]}
+    if shapes is not None:
+        doc["shapes"] = [[name, list(dims)] for name, dims in shapes]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def shapes_of(spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> Shapes:
+    return tuple((t.name, tuple(int(d) for d in np.shape(feeds[t.name]))) for t in spec.inputs)
 
 
 def _first_line(e: BaseException) -> str:
@@ -135,13 +147,20 @@ def _stderr(message: str) -> None:
 
 class OpenVinoBackend(Backend):
     """OpenVINO (CPU device) over an artifacts folder; components are compiled (or loaded from the
-    cache) on first use or by `load`, and kept until `close`."""
+    cache) on first use or by `load`, and kept until `close`.
+
+    With `static_shapes` (the default) each component is compiled for the input shapes it is called
+    with (the graph reshaped to them: OpenVINO then plans every kernel and buffer once), on the first
+    call at those shapes, and cached like any compiled model; a call at other shapes compiles (or loads)
+    those and frees the previous ones, so memory holds one compiled model a component. `load` then
+    imports the shapes each component ran at last, where their cache is trusted: the first call at the
+    same size starts at once."""
 
     name = "openvino"
 
     def __init__(self, manifest: Manifest, threads: int | None = None, cpu_precision: str | None = None,
                  cache_dir: Path | None = None, flags: set[str] | None = None,
-                 log: Callable[[str], None] = _stderr, verify: bool = False) -> None:
+                 log: Callable[[str], None] = _stderr, verify: bool = False, static_shapes: bool = True) -> None:
         from koala_core.machine import SIMD_FLAGS, all_cpu_flags, cpu_isa, resolve_cpu_precision
 
         self.manifest = manifest
@@ -162,6 +181,8 @@ class OpenVinoBackend(Backend):
         self._requests: dict[str, Any] = {}
         self._mapped: dict[str, Any] = {}
         self.cache_hits: dict[str, bool] = {}  # component -> whether its compiled model came from the cache
+        self.static_shapes = static_shapes
+        self._shapes: dict[str, Shapes | None] = {}  # component -> the static shapes its compiled model takes (None: dynamic)
 
     # ----- precision and cache ---------------------------------------------------------------------
     def precision_of(self, component: str) -> str:
@@ -176,9 +197,23 @@ class OpenVinoBackend(Backend):
             files = {path.name: sha256_file(path)}
         return files
 
-    def cache_dir(self, component: str) -> Path:
-        key = cache_key(self.graph_files(component), self.version, self.simd, self.precision_of(component), self.threads)
+    def cache_dir(self, component: str, shapes: Shapes | None = None) -> Path:
+        key = cache_key(self.graph_files(component), self.version, self.simd, self.precision_of(component), self.threads, shapes)
         return self.cache_root / f"{component}-{key[:24]}"
+
+    def _last_shapes(self, component: str) -> Shapes | None:
+        """The static shapes `component` was last compiled for in this cache (its newest record whose
+        folder is the one those shapes key), or None."""
+        found: list[tuple[int, Shapes]] = []
+        for record in self.cache_root.glob(f"{component}-*/{CACHE_RECORD}"):
+            try:
+                doc = json.loads(record.read_text(encoding="utf-8"))
+                shapes = tuple((str(n), tuple(int(d) for d in dims)) for n, dims in doc["shapes"]) if doc.get("shapes") else None
+                if doc.get("component") == component and shapes is not None and self.cache_dir(component, shapes) == record.parent:
+                    found.append((record.stat().st_mtime_ns, shapes))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return max(found)[1] if found else None
 
     def config(self, component: str) -> dict[str, Any]:
         """The properties `component` compiles with (precision, latency hint, threads)."""
@@ -222,20 +257,27 @@ class OpenVinoBackend(Backend):
         shutil.rmtree(folder, ignore_errors=True)
         return False
 
-    def _record(self, component: str, folder: Path) -> None:
+    def _record(self, component: str, folder: Path, shapes: Shapes | None = None) -> None:
         from koala_core.atomic import staged_file
 
         try:
             doc = {"component": component, "openvino": self.version, "isa": self.isa, "simd": self.simd,
-                   "graph": self.graph_files(component), "blobs": self._blobs(folder), "stats": self._stats(folder)}
+                   "graph": self.graph_files(component), "shapes": [[n, list(d)] for n, d in shapes] if shapes else None,
+                   "blobs": self._blobs(folder), "stats": self._stats(folder)}
             with staged_file(folder / CACHE_RECORD) as tmp:
                 tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
         except OSError as e:  # a read-only folder or a full disk: runs uncached next time
             self.log(f"warning: cannot record the openvino cache {folder} ({_first_line(e)})")
 
-    def _graph(self, path: Path, component: str) -> Any:
-        """What OpenVINO compiles: the file itself in FP32; in BF16 the graph with its phases kept FP32."""
-        return str(path) if self.precision_of(component) == "fp32" else self.model(component)
+    def _graph(self, path: Path, component: str, shapes: Shapes | None = None) -> Any:
+        """What OpenVINO compiles: the file itself in FP32; in BF16 the graph with its phases kept FP32;
+        with `shapes`, reshaped to them."""
+        if shapes is None and self.precision_of(component) == "fp32":
+            return str(path)
+        model = self.model(component)
+        if shapes is not None:
+            model.reshape({name: self._ov.PartialShape(list(dims)) for name, dims in shapes})
+        return model
 
     def model(self, component: str) -> Any:
         """The ov.Model `compiled` compiles for `component` (its phases FP32 in BF16): for tools that
@@ -245,17 +287,21 @@ class OpenVinoBackend(Backend):
             keep_phases_fp32(self._core, model)
         return model
 
-    def compiled(self, component: str) -> Any:
-        """The compiled model of `component`: imported straight from its cache folder when the record
-        there matches (no ONNX read, no graph edit, no hashing of the graph by OpenVINO), else
-        compiled from the graph and exported into the folder with its record."""
+    def compiled(self, component: str, shapes: Shapes | None = None) -> Any:
+        """The compiled model of `component` (for static `shapes`, or the graph's dynamic ones): imported
+        straight from its cache folder when the record there matches (no ONNX read, no graph edit, no
+        hashing of the graph by OpenVINO), else compiled from the graph and exported into the folder
+        with its record. A model of other shapes held for the component is freed first."""
+        if component in self._compiled and self._shapes.get(component) != shapes:
+            for held in (self._requests, self._compiled, self._mapped):
+                held.pop(component, None)
         if component not in self._compiled:
             if component not in self.specs:
                 raise UsageError(f"{self.manifest.root} has no {component} (it holds {', '.join(self.specs)})")
             path = self.manifest.onnx_path(component)
             if not path.is_file():
                 raise UsageError(f"missing ONNX file {path}")
-            folder = self.cache_dir(component)
+            folder = self.cache_dir(component, shapes)
             hit, model = self._trusted(folder), None
             if hit:
                 try:
@@ -266,11 +312,17 @@ class OpenVinoBackend(Backend):
                     hit = False
             if model is None:
                 try:
-                    model = self._core.compile_model(self._graph(path, component), "CPU", self.config(component))
+                    model = self._core.compile_model(self._graph(path, component, shapes), "CPU", self.config(component))
                 except Exception as e:
                     raise KoalaError(f"OpenVINO cannot compile {path}: {_first_line(e)}") from None
-                self._store(component, folder, model)
+                self._store(component, folder, model, shapes)
+            if hit and shapes is not None:
+                try:  # the record's mtime says which shapes ran last (_last_shapes)
+                    os.utime(folder / CACHE_RECORD)
+                except OSError:
+                    pass
             self.cache_hits[component] = hit
+            self._shapes[component] = shapes
             self._compiled[component] = model
             self._requests[component] = model.create_infer_request()
         return self._compiled[component]
@@ -281,7 +333,7 @@ class OpenVinoBackend(Backend):
         self._mapped[component] = data  # OpenVINO may keep pointing into it: alive as long as the model
         return self._core.import_model(self._ov.Tensor(data, shared_memory=True), "CPU", self.config(component))
 
-    def _store(self, component: str, folder: Path, model: Any) -> None:
+    def _store(self, component: str, folder: Path, model: Any, shapes: Shapes | None = None) -> None:
         """Export `model` into its cache folder (written under a temporary name) and record it; a
         folder that cannot be written leaves the run uncached next time, with one warning."""
         from koala_core.atomic import staged_file
@@ -293,12 +345,23 @@ class OpenVinoBackend(Backend):
         except (OSError, RuntimeError) as e:
             self.log(f"warning: cannot write the openvino cache {folder} ({_first_line(e)}); runs uncached next time")
             return
-        self._record(component, folder)
+        self._record(component, folder, shapes)
 
     # ----- the Backend interface -------------------------------------------------------------------
     def load(self, components: list[str]) -> None:
+        """Compile or import each component now: with static shapes, at the shapes it last ran at here
+        (a component never run yet is only checked to exist, and compiled at its first call)."""
         for name in components:
-            self.compiled(name)
+            if not self.static_shapes:
+                self.compiled(name)
+                continue
+            if name not in self.specs:
+                raise UsageError(f"{self.manifest.root} has no {name} (it holds {', '.join(self.specs)})")
+            if not self.manifest.onnx_path(name).is_file():
+                raise UsageError(f"missing ONNX file {self.manifest.onnx_path(name)}")
+            last = self._last_shapes(name)
+            if last is not None:
+                self.compiled(name, last)
 
     def shape_range(self, component: str) -> ShapeRange | None:
         return self.manifest.shape_range(component) if component in self.manifest.components else None
@@ -309,13 +372,16 @@ class OpenVinoBackend(Backend):
         return end_to_end_precision([artifact_precision, self.precision_of(component)])
 
     def describe(self) -> str:
-        used = ", ".join(f"{c} {self.precision_of(c)}" for c in self._compiled) or f"{self.precision} (no models yet)"
+        used = ", ".join(f"{c} {self.precision_of(c)}{' static' if self._shapes.get(c) else ''}" for c in self._compiled) \
+            or f"{self.precision} (no models yet)"
         return f"openvino {self.version.split('-')[0]} (CPU {self.isa}; {used})"
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.compiled(component)
+        if component not in self.specs:
+            raise UsageError(f"{self.manifest.root} has no {component} (it holds {', '.join(self.specs)})")
         spec = self.specs[component]
         spec.check_inputs(feeds)
+        self.compiled(component, shapes_of(spec, feeds) if self.static_shapes else None)
         result = self._requests[component].infer({t.name: np.ascontiguousarray(feeds[t.name]) for t in spec.inputs})
         by_name = {name: value for port, value in result.items() for name in port.get_names()}
         return {t.name: np.array(by_name[t.name], copy=True) for t in spec.outputs}
@@ -324,3 +390,4 @@ class OpenVinoBackend(Backend):
         self._requests.clear()
         self._compiled.clear()
         self._mapped.clear()
+        self._shapes.clear()

@@ -18,7 +18,7 @@ ov = pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO
 from exporter.manifest import load_manifest  # noqa: E402
 from exporter.tolerances import TOLERANCES, tolerance  # noqa: E402
 from runtime.backend import OnnxRuntimeBackend  # noqa: E402
-from runtime.openvino_backend import CACHE_RECORD, OpenVinoBackend, cache_key, keep_phases_fp32, phase_nodes  # noqa: E402
+from runtime.openvino_backend import CACHE_RECORD, OpenVinoBackend, cache_key, keep_phases_fp32, phase_nodes, shapes_of  # noqa: E402
 
 HAS_BF16 = resolve_cpu_precision("auto") == "bf16"
 
@@ -104,7 +104,7 @@ def test_cache_is_keyed_reused_and_rebuilt_when_corrupt(tiny_artifacts: Path, tm
     logs: list[str] = []
     first = OpenVinoBackend(m, threads=1, cpu_precision="fp32", cache_dir=tmp_path, log=logs.append)
     want = first.run("vae_decoder", feeds)["sample"]
-    folder = first.cache_dir("vae_decoder")
+    folder = first.cache_dir("vae_decoder", shapes_of(m.spec("vae_decoder"), feeds))  # compiled for these shapes
     blobs = [p for p in folder.iterdir() if p.name != CACHE_RECORD]
     assert first.cache_hits == {"vae_decoder": False} and len(blobs) == 1 and (folder / CACHE_RECORD).is_file()
 
@@ -124,7 +124,34 @@ def test_cache_is_keyed_reused_and_rebuilt_when_corrupt(tiny_artifacts: Path, tm
 
     # Another thread count or precision is another folder (another compiled model), never a hit.
     other = OpenVinoBackend(m, threads=2, cpu_precision="fp32", cache_dir=tmp_path, log=logs.append)
-    assert other.cache_dir("vae_decoder") != folder
+    assert other.cache_dir("vae_decoder", shapes_of(m.spec("vae_decoder"), feeds)) != folder
+
+
+def test_static_shapes_compile_per_size_and_load_the_last_one(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """Each size compiles (or loads) a model of its own static shapes, freeing the previous one; `load`
+    imports the shapes the component ran at last; the results equal the dynamic graph's (FP32)."""
+    m = load_manifest(tiny_artifacts)
+    spec, r = m.spec("vae_decoder"), m.shape_range("vae_decoder")
+    small = spec.dummy_inputs(1, r.height[0], r.width[0], seed=3)
+    large = spec.dummy_inputs(1, r.height[1], r.width[1], seed=3)
+    dynamic = OpenVinoBackend(m, threads=1, cpu_precision="fp32", cache_dir=tmp_path, static_shapes=False)
+    static = OpenVinoBackend(m, threads=1, cpu_precision="fp32", cache_dir=tmp_path)
+    for feeds in (small, large, small):
+        got, want = static.run("vae_decoder", feeds)["sample"], dynamic.run("vae_decoder", feeds)["sample"]
+        assert _rel_l2(got, want) < 1e-5
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) == 3  # the dynamic model's and one a size
+    assert static._shapes == {"vae_decoder": shapes_of(spec, small)} and len(static._compiled) == 1
+    assert "vae_decoder fp32 static" in static.describe() and "static" not in dynamic.describe()
+
+    warm = OpenVinoBackend(m, threads=1, cpu_precision="fp32", cache_dir=tmp_path)
+    warm.load(["vae_decoder"])  # the small shapes, run last: imported before any call
+    assert warm._shapes == {"vae_decoder": shapes_of(spec, small)} and warm.cache_hits == {"vae_decoder": True}
+    fresh = OpenVinoBackend(m, threads=1, cpu_precision="fp32", cache_dir=tmp_path / "none")
+    fresh.load(["vae_decoder"])  # never run here: compiled at the first call
+    assert fresh._compiled == {}
+    with pytest.raises(UsageError, match="has no controlnet"):
+        fresh.load(["controlnet"])
 
 
 def test_cache_key_covers_graph_version_and_cpu_features() -> None:

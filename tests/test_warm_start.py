@@ -77,7 +77,7 @@ def test_generate_refuses_a_tampered_graph_on_a_warm_start(artifacts: Path, tmp_
 
 def test_openvino_imports_its_compiled_model_and_refuses_a_tampered_blob(artifacts: Path, tmp_path: Path) -> None:
     pytest.importorskip("openvino")
-    from runtime.openvino_backend import BLOB, OpenVinoBackend
+    from runtime.openvino_backend import BLOB, OpenVinoBackend, shapes_of
 
     m = load_manifest(artifacts)
     feeds = m.spec("vae_decoder").dummy_inputs(1, 128, 128, seed=3)
@@ -88,7 +88,7 @@ def test_openvino_imports_its_compiled_model_and_refuses_a_tampered_blob(artifac
 
     first = backend()
     want = first.run("vae_decoder", feeds)["sample"]
-    blob = first.cache_dir("vae_decoder") / BLOB
+    blob = first.cache_dir("vae_decoder", shapes_of(m.spec("vae_decoder"), feeds)) / BLOB
     warm = backend()
     np.testing.assert_array_equal(warm.run("vae_decoder", feeds)["sample"], want)
     assert (first.cache_hits, warm.cache_hits, logs) == ({"vae_decoder": False}, {"vae_decoder": True}, [])

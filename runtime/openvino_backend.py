@@ -183,6 +183,7 @@ class OpenVinoBackend(Backend):
         self.cache_hits: dict[str, bool] = {}  # component -> whether its compiled model came from the cache
         self.static_shapes = static_shapes
         self._shapes: dict[str, Shapes | None] = {}  # component -> the static shapes its compiled model takes (None: dynamic)
+        self._loaded: list[str] = []  # what `load` was asked for
 
     # ----- precision and cache ---------------------------------------------------------------------
     def precision_of(self, component: str) -> str:
@@ -359,6 +360,7 @@ class OpenVinoBackend(Backend):
                 raise UsageError(f"{self.manifest.root} has no {name} (it holds {', '.join(self.specs)})")
             if not self.manifest.onnx_path(name).is_file():
                 raise UsageError(f"missing ONNX file {self.manifest.onnx_path(name)}")
+            self._loaded.append(name)
             last = self._last_shapes(name)
             if last is not None:
                 self.compiled(name, last)
@@ -372,7 +374,8 @@ class OpenVinoBackend(Backend):
         return end_to_end_precision([artifact_precision, self.precision_of(component)])
 
     def describe(self) -> str:
-        used = ", ".join(f"{c} {self.precision_of(c)}{' static' if self._shapes.get(c) else ''}" for c in self._compiled) \
+        names = dict.fromkeys([*self._compiled, *self._loaded])  # loaded: compiled at their first call (static shapes)
+        used = ", ".join(f"{c} {self.precision_of(c)}{' static' if self.static_shapes and c in self.specs else ''}" for c in names) \
             or f"{self.precision} (no models yet)"
         return f"openvino {self.version.split('-')[0]} (CPU {self.isa}; {used})"
 
@@ -391,3 +394,4 @@ class OpenVinoBackend(Backend):
         self._compiled.clear()
         self._mapped.clear()
         self._shapes.clear()
+        self._loaded.clear()

@@ -149,7 +149,7 @@ def test_static_shapes_compile_per_size_and_load_the_last_one(tiny_artifacts: Pa
     assert warm._shapes == {"vae_decoder": shapes_of(spec, small)} and warm.cache_hits == {"vae_decoder": True}
     fresh = OpenVinoBackend(m, threads=1, cpu_precision="fp32", cache_dir=tmp_path / "none")
     fresh.load(["vae_decoder"])  # never run here: compiled at the first call
-    assert fresh._compiled == {}
+    assert fresh._compiled == {} and "vae_decoder fp32 static" in fresh.describe()
     with pytest.raises(UsageError, match="has no controlnet"):
         fresh.load(["controlnet"])
 

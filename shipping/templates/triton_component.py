@@ -43,9 +43,8 @@ class TritonPythonModel:
             from runtime.openvino_backend import OpenVinoBackend
 
             cache = info.get("cache_dir")
-            # Dynamic shapes: Triton's dynamic batching hands this model a different batch from call to call.
             self.backend = OpenVinoBackend(load_manifest(here), cpu_precision=info.get("cpu_precision"),
-                                           cache_dir=Path(cache) if cache else None, static_shapes=False)
+                                           cache_dir=Path(cache) if cache else None)
         else:
             folder = {"engines": here} if info["runtime"] == "tensorrt" else {"artifacts": here}
             self.backend = open_backend(info["runtime"], **folder)

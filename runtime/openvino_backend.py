@@ -186,6 +186,15 @@ class OpenVinoBackend(Backend):
         self._loaded: list[str] = []  # what `load` was asked for
 
     # ----- precision and cache ---------------------------------------------------------------------
+    def _spec(self, component: str) -> ComponentSpec:
+        """`component`'s spec, its graph file checked to exist (one line each where not)."""
+        if component not in self.specs:
+            raise UsageError(f"{self.manifest.root} has no {component} (it holds {', '.join(self.specs)})")
+        path = self.manifest.onnx_path(component)
+        if not path.is_file():
+            raise UsageError(f"missing ONNX file {path}")
+        return self.specs[component]
+
     def precision_of(self, component: str) -> str:
         return component_precision(self.specs[component], self.precision, self.asked)
 
@@ -297,11 +306,8 @@ class OpenVinoBackend(Backend):
             for held in (self._requests, self._compiled, self._mapped):
                 held.pop(component, None)
         if component not in self._compiled:
-            if component not in self.specs:
-                raise UsageError(f"{self.manifest.root} has no {component} (it holds {', '.join(self.specs)})")
+            self._spec(component)
             path = self.manifest.onnx_path(component)
-            if not path.is_file():
-                raise UsageError(f"missing ONNX file {path}")
             folder = self.cache_dir(component, shapes)
             hit, model = self._trusted(folder), None
             if hit:
@@ -356,10 +362,7 @@ class OpenVinoBackend(Backend):
             if not self.static_shapes:
                 self.compiled(name)
                 continue
-            if name not in self.specs:
-                raise UsageError(f"{self.manifest.root} has no {name} (it holds {', '.join(self.specs)})")
-            if not self.manifest.onnx_path(name).is_file():
-                raise UsageError(f"missing ONNX file {self.manifest.onnx_path(name)}")
+            self._spec(name)
             self._loaded.append(name)
             last = self._last_shapes(name)
             if last is not None:
@@ -380,9 +383,7 @@ class OpenVinoBackend(Backend):
         return f"openvino {self.version.split('-')[0]} (CPU {self.isa}; {used})"
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if component not in self.specs:
-            raise UsageError(f"{self.manifest.root} has no {component} (it holds {', '.join(self.specs)})")
-        spec = self.specs[component]
+        spec = self._spec(component)
         spec.check_inputs(feeds)
         self.compiled(component, shapes_of(spec, feeds) if self.static_shapes else None)
         result = self._requests[component].infer({t.name: np.ascontiguousarray(feeds[t.name]) for t in spec.inputs})

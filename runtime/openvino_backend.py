@@ -187,13 +187,17 @@ class OpenVinoBackend(Backend):
 
     # ----- precision and cache ---------------------------------------------------------------------
     def _spec(self, component: str) -> ComponentSpec:
-        """`component`'s spec, its graph file checked to exist (one line each where not)."""
         if component not in self.specs:
             raise UsageError(f"{self.manifest.root} has no {component} (it holds {', '.join(self.specs)})")
+        return self.specs[component]
+
+    def _onnx_path(self, component: str) -> Path:
+        """The component's graph file, checked to exist (one line each where not): before compiling."""
+        self._spec(component)
         path = self.manifest.onnx_path(component)
         if not path.is_file():
             raise UsageError(f"missing ONNX file {path}")
-        return self.specs[component]
+        return path
 
     def precision_of(self, component: str) -> str:
         return component_precision(self.specs[component], self.precision, self.asked)
@@ -306,8 +310,7 @@ class OpenVinoBackend(Backend):
             for held in (self._requests, self._compiled, self._mapped):
                 held.pop(component, None)
         if component not in self._compiled:
-            self._spec(component)
-            path = self.manifest.onnx_path(component)
+            path = self._onnx_path(component)
             folder = self.cache_dir(component, shapes)
             hit, model = self._trusted(folder), None
             if hit:
@@ -362,7 +365,7 @@ class OpenVinoBackend(Backend):
             if not self.static_shapes:
                 self.compiled(name)
                 continue
-            self._spec(name)
+            self._onnx_path(name)
             self._loaded.append(name)
             last = self._last_shapes(name)
             if last is not None:
@@ -378,7 +381,7 @@ class OpenVinoBackend(Backend):
 
     def describe(self) -> str:
         names = dict.fromkeys([*self._compiled, *self._loaded])  # loaded: compiled at their first call (static shapes)
-        used = ", ".join(f"{c} {self.precision_of(c)}{' static' if self.static_shapes and c in self.specs else ''}" for c in names) \
+        used = ", ".join(f"{c} {self.precision_of(c)}{' static' if self.static_shapes else ''}" for c in names) \
             or f"{self.precision} (no models yet)"
         return f"openvino {self.version.split('-')[0]} (CPU {self.isa}; {used})"
 

@@ -30,6 +30,16 @@ F32 = np.float32
 SAMPLER_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
+def loop_components(cache_interval: int = 1, control: bool = False, image: bool = False, unet: str = "unet") -> list[str]:
+    """The networks one image request runs: the U-Net pair where it caches features, the ControlNet and
+    the U-Net taking its residuals where it has a control image, the VAE encoder where it starts from an
+    image; `unet` is the graph of a plain step."""
+    unets = ["unet_deep", "unet_shallow"] if cache_interval > 1 else [unet]
+    if control:
+        unets = [CONTROLNET, UNET_CONTROLNET]
+    return ["text_encoder", "text_encoder_2", *unets, "vae_decoder", *(["vae_encoder"] if image else [])]
+
+
 # ----- what the loop needs besides the networks ---------------------------------------------------
 
 @dataclass(frozen=True)
@@ -353,14 +363,10 @@ class Sampler:
                     cache_interval=cache_interval, cache_branch=cache_branch, control=control)
 
     def components(self, plan: Plan | None = None) -> list[str]:
-        """The components `plan` runs (what to load): the U-Net pair where it caches features, the
-        ControlNet and the U-Net taking its residuals where it has a control image, the VAE encoder where
-        it starts from an image."""
-        unets = ["unet_deep", "unet_shallow"] if plan is not None and plan.cache_interval > 1 else [self.unet.name]
-        if plan is not None and plan.control is not None:
-            unets = [CONTROLNET, UNET_CONTROLNET]
-        encoder = ["vae_encoder"] if plan is not None and plan.image_inputs is not None else []
-        return ["text_encoder", "text_encoder_2", *unets, "vae_decoder", *encoder]
+        """The components `plan` runs (what to load): loop_components of its options."""
+        if plan is None:
+            return loop_components(unet=self.unet.name)
+        return loop_components(plan.cache_interval, plan.control is not None, plan.image_inputs is not None, self.unet.name)
 
     def _image_inputs(self, req: Request, f: int) -> tuple[Any, int | None, int | None]:
         """img2img / inpainting inputs checked and preprocessed (sampler/img2img.py), with the run's

@@ -203,15 +203,13 @@ def check_components(backend: str, artifacts: Path | None, opts: Any) -> None:
     """The components this run times are in the artifacts folder of a backend that runs its graphs: end
     to end needs the sampler's four, components alone only themselves (a U-Net-only export times its U-Net)."""
     from exporter.manifest import load_manifest
-    from exporter.specs import CACHE_COMPONENTS
     from runtime.backend import ONNX_BACKENDS
-    from sampler.loop import SAMPLER_COMPONENTS
+    from sampler.loop import loop_components
 
     if artifacts is None or backend not in ONNX_BACKENDS:
         return
     held = list(load_manifest(artifacts).components)
-    # With caching the loop's U-Net steps are the pair's (sampler.loop.Sampler.components).
-    loop = SAMPLER_COMPONENTS if opts.cache_interval == 1 else (*(c for c in SAMPLER_COMPONENTS if c != "unet"), *CACHE_COMPONENTS)
+    loop = loop_components(opts.cache_interval)  # what the end-to-end text-to-image runs
     missing = [c for c in dict.fromkeys([*(loop if opts.end_to_end else ()), *opts.components]) if c not in held]
     if missing:
         why = (f"; end to end needs {', '.join(loop)}: time the components alone with --no-end-to-end"
